@@ -1,0 +1,315 @@
+//! The block model: keys, KV geometry, and the canonical layout of a parked block.
+//!
+//! A **block** is `tokens_per_block` tokens of KV for every layer. vLLM names a
+//! full block by its chained block hash (opaque bytes; sha256 by default, stable
+//! across restarts). kvpark's [`BlockKey`] is a 32-byte digest of the cache salt
+//! and that hash, so a block is never served across salts even if two salts
+//! ever produced the same vLLM hash bytes.
+//!
+//! A **parked block** is one contiguous record holding all layers in canonical
+//! head-major order, whatever vLLM's physical order is:
+//!
+//! ```text
+//! record = [layer 0][layer 1]...[layer L-1]
+//! layer  = [head 0][head 1]...[head H-1]            (H = KV heads)
+//! head   = [token 0]...[token N-1]                  (N = tokens per block)
+//! token  = [K: head_size_k elems][V: head_size_v elems]
+//! ```
+//!
+//! so a record written from a token-major (`LBNHC`) engine loads into a
+//! head-major (`LBHNC`) one and back. The copy engine gathers (save) and
+//! scatters (load) between this order and vLLM's strided views.
+
+use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::fmt;
+
+/// A parked block's identity: SHA-256 over (domain, salt, vLLM block hash).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+#[repr(C)]
+pub struct BlockKey(pub [u8; 32]);
+
+impl BlockKey {
+    /// Derives the key of a vLLM block hash under a cache salt (empty = no salt).
+    pub fn derive(salt: &[u8], vllm_hash: &[u8]) -> Self {
+        let mut h = Sha256::new();
+        h.update(b"kvpark-block-v1");
+        h.update((salt.len() as u64).to_le_bytes());
+        h.update(salt);
+        h.update((vllm_hash.len() as u64).to_le_bytes());
+        h.update(vllm_hash);
+        BlockKey(h.finalize().into())
+    }
+
+    /// First 8 bytes as an integer (for sharding and short display).
+    pub fn short(&self) -> u64 {
+        u64::from_le_bytes(self.0[..8].try_into().unwrap())
+    }
+
+    /// Lowercase hex of the whole key.
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+impl fmt::Debug for BlockKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "BlockKey({:016x})", self.short())
+    }
+}
+
+/// Element type of the KV cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[repr(u8)]
+pub enum Dtype {
+    /// IEEE half.
+    F16 = 1,
+    /// bfloat16.
+    Bf16 = 2,
+    /// IEEE single (the CPU backend's test models).
+    F32 = 3,
+    /// 8-bit float KV (e4m3 / e5m2).
+    Fp8 = 4,
+}
+
+impl Dtype {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::F16 | Dtype::Bf16 => 2,
+            Dtype::F32 => 4,
+            Dtype::Fp8 => 1,
+        }
+    }
+
+    /// From the C ABI / on-disk code.
+    pub fn from_code(c: u8) -> Result<Self> {
+        Ok(match c {
+            1 => Dtype::F16,
+            2 => Dtype::Bf16,
+            3 => Dtype::F32,
+            4 => Dtype::Fp8,
+            _ => return Err(Error::invalid(format!("unknown dtype code {c}"))),
+        })
+    }
+
+    /// Parses "bf16", "float16", "fp32", ...
+    pub fn parse(s: &str) -> Result<Self> {
+        Ok(match s.to_ascii_lowercase().trim_start_matches("torch.") {
+            "f16" | "fp16" | "float16" | "half" => Dtype::F16,
+            "bf16" | "bfloat16" => Dtype::Bf16,
+            "f32" | "fp32" | "float32" | "float" => Dtype::F32,
+            "fp8" | "float8_e4m3fn" | "float8_e5m2" | "uint8" | "int8" => Dtype::Fp8,
+            _ => return Err(Error::invalid(format!("unsupported KV dtype {s:?}"))),
+        })
+    }
+}
+
+/// Physical order of one layer's `[blocks, heads, tokens, content]` view.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[repr(u8)]
+pub enum KvLayout {
+    /// Head-major (`HND`): block page is `[H, N, C]` (CPU backend, offloading).
+    Lbhnc = 1,
+    /// Token-major (`NHD`): block page is `[N, H, C]` (FlashAttention default).
+    Lbnhc = 2,
+}
+
+/// Shape of the KV cache of one engine rank: what a block is made of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Geometry {
+    /// Attention layers that hold KV.
+    pub layers: u32,
+    /// KV heads on this rank.
+    pub kv_heads: u32,
+    /// Tokens per block (vLLM `block_size`).
+    pub block_tokens: u32,
+    /// K head size in elements.
+    pub head_size_k: u32,
+    /// V head size in elements.
+    pub head_size_v: u32,
+    /// Element type.
+    pub dtype: Dtype,
+}
+
+impl Geometry {
+    /// Checks that every dimension is non-zero and the block fits in 4 GiB.
+    pub fn validate(&self) -> Result<()> {
+        let dims = [
+            ("layers", self.layers),
+            ("kv_heads", self.kv_heads),
+            ("block_tokens", self.block_tokens),
+            ("head_size_k", self.head_size_k),
+        ];
+        for (name, v) in dims {
+            if v == 0 {
+                return Err(Error::invalid(format!("geometry: {name} must be > 0")));
+            }
+        }
+        if self.block_bytes_u128() > u32::MAX as u128 {
+            return Err(Error::invalid(format!(
+                "geometry: a block of {} bytes exceeds 4 GiB",
+                self.block_bytes_u128()
+            )));
+        }
+        Ok(())
+    }
+
+    fn block_bytes_u128(&self) -> u128 {
+        self.layers as u128 * self.layer_page_bytes() as u128
+    }
+
+    /// Elements per (head, token) row: K then V.
+    pub fn row_elems(&self) -> usize {
+        (self.head_size_k + self.head_size_v) as usize
+    }
+
+    /// Bytes per (head, token) row.
+    pub fn row_bytes(&self) -> usize {
+        self.row_elems() * self.dtype.size()
+    }
+
+    /// Bytes of one layer of one block.
+    pub fn layer_page_bytes(&self) -> usize {
+        self.kv_heads as usize * self.block_tokens as usize * self.row_bytes()
+    }
+
+    /// Bytes of one parked block (all layers).
+    pub fn block_bytes(&self) -> usize {
+        self.layers as usize * self.layer_page_bytes()
+    }
+
+    /// KV bytes per token over all layers.
+    pub fn bytes_per_token(&self) -> usize {
+        self.block_bytes() / self.block_tokens as usize
+    }
+
+    /// Byte offset of (layer, head, token) in the canonical record.
+    pub fn record_offset(&self, layer: usize, head: usize, token: usize) -> usize {
+        ((layer * self.kv_heads as usize + head) * self.block_tokens as usize + token)
+            * self.row_bytes()
+    }
+}
+
+/// One layer of vLLM's KV cache as a strided 4-D view in memory kvpark does not own.
+///
+/// Strides are in **elements** of the view's dtype, in the logical order
+/// `[block, head, token, content]`; the content stride must be 1. Several
+/// layers may point into the same storage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C)]
+pub struct LayerView {
+    /// Address of element `[0, 0, 0, 0]`.
+    pub base: u64,
+    /// Number of blocks in the view (block ids are `< num_blocks`).
+    pub num_blocks: u64,
+    /// Stride between blocks, in elements.
+    pub stride_block: u64,
+    /// Stride between KV heads, in elements.
+    pub stride_head: u64,
+    /// Stride between tokens, in elements.
+    pub stride_token: u64,
+}
+
+impl LayerView {
+    /// Classifies the view's physical order, or explains why it is unsupported.
+    pub fn layout(&self, g: &Geometry) -> Result<KvLayout> {
+        let row = g.row_elems() as u64;
+        let h = g.kv_heads as u64;
+        let n = g.block_tokens as u64;
+        if self.stride_token == row && self.stride_head == n * row {
+            Ok(KvLayout::Lbhnc)
+        } else if self.stride_head == row && self.stride_token == h * row {
+            Ok(KvLayout::Lbnhc)
+        } else {
+            Err(Error::invalid(format!(
+                "layer view strides (block {}, head {}, token {}) are neither LBHNC nor LBNHC for row {row}",
+                self.stride_block, self.stride_head, self.stride_token
+            )))
+        }
+    }
+
+    /// Checks the view against the geometry: known order, pages inside the
+    /// block stride, non-null base.
+    pub fn validate(&self, g: &Geometry) -> Result<KvLayout> {
+        if self.base == 0 {
+            return Err(Error::invalid("layer view base address is NULL"));
+        }
+        if self.num_blocks == 0 {
+            return Err(Error::invalid("layer view has zero blocks"));
+        }
+        let layout = self.layout(g)?;
+        let page_elems = (g.kv_heads as u64) * (g.block_tokens as u64) * g.row_elems() as u64;
+        if self.num_blocks > 1 && self.stride_block < page_elems {
+            return Err(Error::invalid(format!(
+                "layer view block stride {} is smaller than a page of {page_elems} elements",
+                self.stride_block
+            )));
+        }
+        Ok(layout)
+    }
+
+    /// Address of block `b`'s page.
+    pub fn page_addr(&self, g: &Geometry, b: u64) -> u64 {
+        self.base + b * self.stride_block * g.dtype.size() as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn llama8b() -> Geometry {
+        Geometry {
+            layers: 32,
+            kv_heads: 8,
+            block_tokens: 16,
+            head_size_k: 128,
+            head_size_v: 128,
+            dtype: Dtype::Bf16,
+        }
+    }
+
+    #[test]
+    fn llama8b_is_128_kib_per_token() {
+        let g = llama8b();
+        assert_eq!(g.bytes_per_token(), 128 * 1024);
+        assert_eq!(g.block_bytes(), 2 * 1024 * 1024);
+    }
+
+    #[test]
+    fn salt_changes_key() {
+        let h = [7u8; 32];
+        assert_ne!(BlockKey::derive(b"", &h), BlockKey::derive(b"a", &h));
+        assert_eq!(BlockKey::derive(b"a", &h), BlockKey::derive(b"a", &h));
+        // length prefixes keep (salt, hash) boundaries unambiguous
+        assert_ne!(BlockKey::derive(b"ab", b"c"), BlockKey::derive(b"a", b"bc"));
+    }
+
+    #[test]
+    fn layouts_are_classified() {
+        let g = llama8b();
+        let row = 256u64;
+        let hnd = LayerView {
+            base: 64,
+            num_blocks: 4,
+            stride_block: 8 * 16 * row,
+            stride_head: 16 * row,
+            stride_token: row,
+        };
+        assert_eq!(hnd.validate(&g).unwrap(), KvLayout::Lbhnc);
+        let nhd = LayerView {
+            stride_head: row,
+            stride_token: 8 * row,
+            ..hnd
+        };
+        assert_eq!(nhd.validate(&g).unwrap(), KvLayout::Lbnhc);
+        let bad = LayerView {
+            stride_token: 3,
+            ..hnd
+        };
+        assert!(bad.validate(&g).is_err());
+    }
+}

@@ -1,0 +1,1 @@
+//! CUDA copy engine (kernels from `cuda/`, batched DMA). See issue: CUDA data path.
