@@ -37,6 +37,7 @@
 
 #![warn(missing_docs)]
 
+pub mod benchkit;
 pub mod block;
 pub mod codec;
 pub mod config;

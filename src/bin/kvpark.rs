@@ -1,1 +1,2 @@
-fn main(){}
+//! The `kvpark` command line.
+fn main() {}

@@ -1,0 +1,1 @@
+//! Host tier: one arena of fixed-size slots (in progress).

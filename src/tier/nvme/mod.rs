@@ -1,0 +1,1 @@
+//! NVMe tier: log-structured segment files (in progress).
