@@ -1,0 +1,444 @@
+"""kvpark's vLLM V1 KV connector: a thin layer over libkvpark's C ABI.
+
+Load it with no change to vLLM::
+
+    vllm serve MODEL --kv-transfer-config '{"kv_connector":"KVParkConnector",
+      "kv_connector_module_path":"kvpark.vllm","kv_role":"kv_both",
+      "kv_load_failure_policy":"recompute",
+      "kv_connector_extra_config":{"host_bytes":"8GiB","nvme_dir":"/nvme/kvpark"}}'
+
+vLLM builds the class twice, in two processes: role SCHEDULER in the engine core (backed by a
+`kvpark_planner_*` handle) and role WORKER in every worker (backed by a `kvpark_mover_*`
+handle). The two halves talk only through vLLM's own channels:
+
+- scheduler -> workers: the step's plan, opaque bytes from `kvpark_planner_build_meta`,
+  inside `KVParkConnectorMetadata` (vLLM pickles it to the workers);
+- workers -> scheduler: opaque bytes from `kvpark_mover_take_worker_meta` inside
+  `KVParkWorkerMetadata` (aggregated across workers by vLLM's `KVOutputAggregator`), plus
+  the finished sets `finished_sending` / `finished_recving` and failed block ids.
+
+Python never parses a plan or a worker blob; it passes bytes, block ids and pointers.
+Time is passed to the library as wall-clock nanoseconds (`time.time_ns()`), the same clock
+in every process and across restarts.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+    KVConnectorWorkerMetadata,
+)
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+
+from . import _ffi
+from ._ffi import DTYPE_BF16, DTYPE_F16, DTYPE_F32, DTYPE_FP8, KvparkGeometry, KvparkLayerView
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+logger = logging.getLogger("kvpark")
+
+#: Key of kvpark's session hints inside a request's kv_transfer_params.
+HINT_KEY = "kvpark"
+
+#: Minimum interval between two metric snapshots sent through vLLM's connector stats.
+STATS_INTERVAL_NS = 1_000_000_000
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+_DTYPES = {
+    torch.float16: DTYPE_F16,
+    torch.bfloat16: DTYPE_BF16,
+    torch.float32: DTYPE_F32,
+    torch.uint8: DTYPE_FP8,  # fp8 KV caches are often stored as uint8
+}
+for _name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz"):
+    if hasattr(torch, _name):
+        _DTYPES[getattr(torch, _name)] = DTYPE_FP8
+
+
+class KVParkConnectorMetadata(KVConnectorMetadata):
+    """One step's plan from the scheduler to every worker: opaque bytes."""
+
+    def __init__(self, plan: bytes):
+        self.plan = plan
+
+    def __repr__(self) -> str:
+        return f"KVParkConnectorMetadata({len(self.plan)} bytes)"
+
+
+class KVParkWorkerMetadata(KVConnectorWorkerMetadata):
+    """Completions from the workers to the scheduler: one opaque blob per worker."""
+
+    def __init__(self, blobs: list[bytes]):
+        self.blobs = blobs
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        if not isinstance(other, KVParkWorkerMetadata):
+            return self
+        return KVParkWorkerMetadata(self.blobs + other.blobs)
+
+    def __repr__(self) -> str:
+        return f"KVParkWorkerMetadata({[len(b) for b in self.blobs]} bytes)"
+
+
+class KVParkStats(KVConnectorStats):
+    """kvpark metrics through vLLM's connector stats.
+
+    `data` = {"planner": {...}, "mover": {"<rank>": {...}}}: cumulative counter snapshots
+    from `kvpark_planner_metrics` / `kvpark_mover_metrics`. Aggregating keeps the newest
+    snapshot per source (they are cumulative, so summing over steps would double count);
+    `reduce` flattens them, summing numeric mover counters over ranks.
+    """
+
+    def reset(self):
+        self.data = {}
+
+    def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
+        if other is None or not other.data:
+            return self
+        merged: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in self.data.items()}
+        for key, value in other.data.items():
+            if key == "mover" and isinstance(value, dict):
+                merged.setdefault("mover", {}).update(value)
+            else:
+                merged[key] = value
+        return KVParkStats(data=merged)
+
+    def reduce(self) -> dict[str, int | float]:
+        out: dict[str, int | float] = {}
+        for k, v in (self.data.get("planner") or {}).items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[f"planner_{k}"] = v
+        for per_rank in (self.data.get("mover") or {}).values():
+            for k, v in (per_rank or {}).items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    out[f"mover_{k}"] = out.get(f"mover_{k}", 0) + v
+        return out
+
+    def is_empty(self) -> bool:
+        return not self.data
+
+
+def _now_ns() -> int:
+    return time.time_ns()
+
+
+def _request_view(request: "Request") -> _ffi.RequestView:
+    params = getattr(request, "kv_transfer_params", None) or {}
+    hint = params.get(HINT_KEY) if isinstance(params, dict) else None
+    return _ffi.RequestView(
+        request.request_id,
+        request.block_hashes,
+        salt=getattr(request, "cache_salt", None),
+        hint=hint,
+    )
+
+
+def layer_index(name: str) -> int | None:
+    """The layer number in a vLLM attention layer name ("model.layers.7.self_attn.attn" -> 7)."""
+    m = _LAYER_INDEX.search(name)
+    return int(m.group(1)) if m else None
+
+
+def order_layers(names: list[str]) -> list[str]:
+    """Layer names in model order: by parsed layer index; names without one keep their
+    relative order after the numbered ones."""
+    indexed = [(layer_index(n), i, n) for i, n in enumerate(names)]
+    numbered = sorted((idx, i, n) for idx, i, n in indexed if idx is not None)
+    rest = [n for idx, _, n in indexed if idx is None]
+    return [n for _, _, n in numbered] + rest
+
+
+def kv_geometry(kv_caches: dict[str, torch.Tensor], vllm_config: "VllmConfig | None"):
+    """(names in model order, KvparkGeometry, [KvparkLayerView], on_device) from the
+    tensors vLLM registers: each a 4-D view [num_blocks, kv_heads, block_size, k+v]."""
+    names = order_layers(list(kv_caches))
+    if not names:
+        raise ValueError("kvpark: register_kv_caches got no layers")
+    first = kv_caches[names[0]]
+    if first.dim() != 4:
+        raise ValueError(
+            f"kvpark: layer {names[0]} has a {first.dim()}-D KV tensor {tuple(first.shape)}; "
+            "expected the 4-D view [num_blocks, num_kv_heads, block_size, head_size_k + head_size_v]"
+        )
+    num_blocks, kv_heads, block_tokens, content = (int(x) for x in first.shape)
+    if first.dtype not in _DTYPES:
+        raise ValueError(f"kvpark: unsupported KV cache dtype {first.dtype}")
+    head_k, head_v = _head_sizes(content, vllm_config)
+    views = []
+    for n in names:
+        t = kv_caches[n]
+        if tuple(t.shape) != tuple(first.shape) or t.dtype != first.dtype or t.device != first.device:
+            raise ValueError(
+                f"kvpark: layer {n} has shape {tuple(t.shape)} {t.dtype} on {t.device}, "
+                f"unlike {names[0]} {tuple(first.shape)} {first.dtype} on {first.device}"
+            )
+        st = t.stride()
+        if st[3] != 1:
+            raise ValueError(f"kvpark: layer {n}: content stride is {st[3]}, expected 1 (strides {st})")
+        views.append(
+            KvparkLayerView(
+                base=t.data_ptr(),
+                num_blocks=num_blocks,
+                stride_block=st[0],
+                stride_head=st[1],
+                stride_token=st[2],
+            )
+        )
+    geom = KvparkGeometry(
+        layers=len(names),
+        kv_heads=kv_heads,
+        block_tokens=block_tokens,
+        head_size_k=head_k,
+        head_size_v=head_v,
+        dtype=_DTYPES[first.dtype],
+    )
+    return names, geom, views, first.device.type != "cpu"
+
+
+def _head_sizes(content: int, vllm_config: "VllmConfig | None") -> tuple[int, int]:
+    """K and V head sizes whose sum is the tensor's last dim."""
+    head = None
+    mc = getattr(vllm_config, "model_config", None) if vllm_config is not None else None
+    if mc is not None:
+        try:
+            head = int(mc.get_head_size())
+        except Exception:  # noqa: BLE001 - fall back to the tensor shape
+            head = None
+        if getattr(mc, "use_mla", False):
+            # MLA: one latent vector per token (kv_lora_rank + rope dims), no separate V.
+            return content, 0
+        hf = getattr(mc, "hf_text_config", None)
+        v = getattr(hf, "v_head_dim", None) if hf is not None else None
+        if isinstance(v, int) and 0 < v < content:
+            return content - v, v
+    if head is not None and 2 * head == content:
+        return head, head
+    if content % 2 == 0:
+        return content // 2, content // 2
+    raise ValueError(f"kvpark: cannot split KV content dim {content} into K and V halves")
+
+
+def _worker_rank() -> int:
+    try:
+        from vllm.distributed.parallel_state import get_world_group
+
+        return int(get_world_group().rank_in_group)
+    except Exception:  # noqa: BLE001 - no distributed group (tests, single process)
+        return 0
+
+
+class KVParkConnector(KVConnectorBase_V1):
+    """vLLM V1 connector that parks KV blocks in kvpark's host and NVMe tiers.
+
+    Best-effort cache: a failed or dropped save is a future miss, a failed load is
+    reported through `get_block_ids_with_load_errors` so vLLM recomputes (configure
+    `kv_load_failure_policy: "recompute"`).
+    """
+
+    def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole, kv_cache_config: "KVCacheConfig" = None):
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
+        # Fails at engine start with the offending key named.
+        self._config = _ffi.validate_config(extra)
+        self._raw_config = extra
+        self._block_size = int(vllm_config.cache_config.block_size)
+        self._planner: _ffi.Planner | None = None
+        self._mover: _ffi.Mover | None = None
+        self._layer_index: dict[str, int] = {}
+        self._failed_blocks: set[int] = set()
+        self._last_match: dict[str, bool] = {}
+        self._last_stats_ns = 0
+        self._rank = 0
+        #: Counters kept by the shim itself, exactly as vLLM passed the values
+        #: (independent of the library's own metrics).
+        self.shim_counters: dict[str, int] = {
+            "external_tokens": 0,  # sum of num_external_tokens in update_state_after_alloc
+            "async_loads": 0,
+            "delayed_frees": 0,
+            "finished_sending": 0,
+            "finished_recving": 0,
+            "load_error_blocks": 0,
+        }
+        if role == KVConnectorRole.SCHEDULER:
+            self._planner = _ffi.Planner(extra, self._block_size)
+            logger.info("kvpark: planner up (block_size %d, config %s)", self._block_size, self._config)
+        else:
+            self._rank = _worker_rank()
+            self._mover = _ffi.Mover(extra, self._rank)
+            logger.info("kvpark: mover up (rank %d, config %s)", self._rank, self._config)
+
+    # ------------------------------------------------------------------ common
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        """kvpark is a best-effort cache: a dropped save is only a future miss."""
+        return False
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The normalized config (defaults filled, sizes in bytes) from kvpark_config_validate."""
+        return dict(self._config)
+
+    def metrics(self) -> dict[str, Any]:
+        """This process's kvpark metrics: the library's snapshot (planner or mover JSON
+        object) plus the shim's own counters under "shim"."""
+        out: dict[str, Any] = {}
+        if self._planner is not None:
+            out = self._planner.metrics()
+        elif self._mover is not None:
+            out = self._mover.metrics()
+        return {**out, "shim": dict(self.shim_counters)}
+
+    def shutdown(self):
+        if self._mover is not None:
+            self._mover.close()
+            self._mover = None
+        if self._planner is not None:
+            self._planner.close()
+            self._planner = None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
+        return KVParkStats(data=data) if data is not None else KVParkStats()
+
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        now = _now_ns()
+        if now - self._last_stats_ns < STATS_INTERVAL_NS:
+            return None
+        self._last_stats_ns = now
+        if self._planner is not None:
+            return KVParkStats(data={"planner": self._planner.metrics()})
+        if self._mover is not None:
+            return KVParkStats(data={"mover": {str(self._rank): self._mover.metrics()}})
+        return None
+
+    # --------------------------------------------------------------- scheduler
+
+    def _p(self) -> _ffi.Planner:
+        if self._planner is None:
+            raise RuntimeError("kvpark: scheduler-side method called on a worker-role connector")
+        return self._planner
+
+    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
+        n, load_async = self._p().match(
+            _request_view(request), num_computed_tokens, request.num_tokens, _now_ns()
+        )
+        load_async = bool(load_async and n > 0)
+        if n > 0:
+            self._last_match[request.request_id] = load_async
+        return n, load_async
+
+    def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int):
+        ids = blocks.get_block_ids()
+        block_ids = list(ids[0]) if ids else []
+        self._p().on_alloc(request.request_id, block_ids, num_external_tokens)
+        if num_external_tokens > 0:
+            self.shim_counters["external_tokens"] += int(num_external_tokens)
+            self.shim_counters["async_loads"] += int(self._last_match.pop(request.request_id, False))
+
+    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
+        return KVParkConnectorMetadata(self._p().build_meta(_now_ns()))
+
+    def update_connector_output(self, connector_output: "KVConnectorOutput"):
+        meta = getattr(connector_output, "kv_connector_worker_meta", None)
+        if isinstance(meta, KVParkWorkerMetadata):
+            now = _now_ns()
+            for blob in meta.blobs:
+                if blob:
+                    self._p().on_worker_meta(blob, now)
+
+    def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        """Hands the finished turn to the planner, which decides whether to park it.
+
+        Returns delay_free=True only while a save of this request is planned: vLLM then keeps
+        the blocks until a worker reports the request in finished_sending.
+        """
+        delay = self._p().request_finished(
+            _request_view(request), list(block_ids), int(request.num_computed_tokens), _now_ns()
+        )
+        self.shim_counters["delayed_frees"] += int(delay)
+        self._last_match.pop(request.request_id, None)
+        return delay, None
+
+    # ------------------------------------------------------------------ worker
+
+    def _m(self) -> _ffi.Mover:
+        if self._mover is None:
+            raise RuntimeError("kvpark: worker-side method called on a scheduler-role connector")
+        return self._mover
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]):
+        names, geom, views, on_device = kv_geometry(kv_caches, self._vllm_config)
+        self._layer_index = {n: i for i, n in enumerate(names)}
+        self._m().register(geom, views, on_device)
+        logger.info(
+            "kvpark: registered %d layers, %d blocks x %d tokens, %d kv heads, head %d+%d, dtype %s, %s",
+            geom.layers,
+            views[0].num_blocks,
+            geom.block_tokens,
+            geom.kv_heads,
+            geom.head_size_k,
+            geom.head_size_v,
+            kv_caches[names[0]].dtype,
+            "device" if on_device else "host",
+        )
+
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        if isinstance(connector_metadata, KVParkConnectorMetadata):
+            self._m().bind(connector_metadata.plan)
+
+    def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
+        self._m().start_load()
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        idx = self._layer_index.get(layer_name)
+        if idx is not None:
+            self._m().wait_layer(idx)
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        """No-op: kvpark parks a turn when its request ends, not layer by layer.
+
+        `request_finished` plans the save; the worker gathers the blocks in its next step
+        (`wait_for_save`) and reports the request in `finished_sending`.
+        """
+
+    def wait_for_save(self):
+        self._m().wait_for_save()
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        done = self._m().get_finished()
+        self._failed_blocks.update(int(b) for b in done.get("failed_blocks") or ())
+        sending = set(done.get("sending") or ())
+        recving = set(done.get("recving") or ())
+        self.shim_counters["finished_sending"] += len(sending)
+        self.shim_counters["finished_recving"] += len(recving)
+        return (sending or None), (recving or None)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        failed, self._failed_blocks = self._failed_blocks, set()
+        if failed:
+            self.shim_counters["load_error_blocks"] += len(failed)
+            logger.warning("kvpark: %d block(s) failed to load; vLLM recomputes them", len(failed))
+        return failed
+
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        blob = self._m().take_worker_meta()
+        return KVParkWorkerMetadata([blob]) if blob else None

@@ -1,0 +1,126 @@
+"""The ctypes binding: library lookup, ABI version check, status -> exception mapping.
+
+A small C stub library (compiled here with the system C compiler) stands in for libkvpark
+where the test needs a library that misbehaves on purpose; the last tests use the real one.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import kvpark
+from kvpark import _ffi, errors
+
+STUB = r"""
+#include <stdint.h>
+#include <stddef.h>
+#include <string.h>
+typedef struct { uint8_t *ptr; size_t len; } KvparkBuf;
+static const char *last = "";
+static char out_json[] = "{\"ok\":true}";
+uint32_t kvpark_abi_version(void) { return ABI; }
+size_t kvpark_last_error(char *buf, size_t cap) {
+  size_t n = strlen(last);
+  if (cap) { size_t k = n < cap - 1 ? n : cap - 1; memcpy(buf, last, k); buf[k] = 0; }
+  return n;
+}
+void kvpark_buf_free(KvparkBuf b) { (void)b; }
+int32_t kvpark_config_validate(const uint8_t *j, size_t n, KvparkBuf *out) {
+  if (n >= 8 && memcmp(j, "{\"bogus\"", 8) == 0) { last = "unknown key `bogus` in kv_connector_extra_config"; return 6; }
+  out->ptr = (uint8_t *)out_json; out->len = sizeof(out_json) - 1; return 0;
+}
+#define STUBFN(name) int32_t name(void) { last = #name " is a stub"; return 8; }
+STUBFN(kvpark_planner_new) STUBFN(kvpark_planner_match) STUBFN(kvpark_planner_on_alloc)
+STUBFN(kvpark_planner_request_finished) STUBFN(kvpark_planner_build_meta)
+STUBFN(kvpark_planner_on_worker_meta) STUBFN(kvpark_planner_metrics) STUBFN(kvpark_mover_new)
+STUBFN(kvpark_mover_register) STUBFN(kvpark_mover_bind) STUBFN(kvpark_mover_start_load)
+STUBFN(kvpark_mover_wait_layer) STUBFN(kvpark_mover_wait_for_save) STUBFN(kvpark_mover_get_finished)
+STUBFN(kvpark_mover_take_worker_meta) STUBFN(kvpark_mover_metrics)
+void kvpark_planner_free(void *p) { (void)p; }
+void kvpark_mover_free(void *p) { (void)p; }
+"""
+
+
+def _stub(tmp_path: Path, abi: int) -> Path:
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("a C compiler (cc) is needed to build the ABI stub")
+    src = tmp_path / f"stub{abi}.c"
+    src.write_text(STUB)
+    lib = tmp_path / f"libstub{abi}.so"
+    subprocess.run([cc, "-shared", "-fPIC", f"-DABI={abi}", "-o", str(lib), str(src)], check=True)
+    return lib
+
+
+def test_abi_mismatch_names_both_versions(tmp_path):
+    lib = _stub(tmp_path, 99)
+    with pytest.raises(kvpark.AbiMismatchError) as ei:
+        _ffi.load_library(lib)
+    msg = str(ei.value)
+    assert "ABI version 99" in msg and f"ABI version {_ffi.ABI_VERSION}" in msg
+
+
+def test_missing_library_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVPARK_LIB", str(tmp_path / "nope.so"))
+    assert _ffi.library_path() == tmp_path / "nope.so"
+    with pytest.raises(kvpark.LibraryNotFoundError) as ei:
+        _ffi.load_library(_ffi.library_path())
+    assert "KVPARK_LIB" in str(ei.value) and "nope.so" in str(ei.value)
+
+
+def test_status_becomes_exception_with_last_error(tmp_path):
+    lib = _stub(tmp_path, _ffi.ABI_VERSION)
+    l = _ffi.load_library(lib)
+    raw = b'{"bogus": 1}'
+    out = _ffi.KvparkBuf()
+    with pytest.raises(kvpark.ConfigError) as ei:
+        _ffi._call(l, "kvpark_config_validate", *_ffi._bytes_ptr(raw), _ffi.ctypes.byref(out))
+    assert ei.value.status == 6
+    assert "unknown key `bogus`" in ei.value.message
+    assert "kvpark_config_validate" in str(ei.value)
+    with pytest.raises(kvpark.UnsupportedError) as ei:
+        _ffi._call(l, "kvpark_mover_start_load", None)
+    assert ei.value.message == "kvpark_mover_start_load is a stub"
+
+
+def test_every_status_has_its_class():
+    names = {
+        1: "NullPointerError", 2: "InvalidArgumentError", 3: "KvparkIOError", 4: "CorruptError",
+        5: "NoSpaceError", 6: "ConfigError", 7: "CudaError", 8: "UnsupportedError",
+        9: "NotFoundError", 10: "BusyError", 11: "ClosedError", 12: "InternalError",
+        13: "BufferTooSmallError",
+    }
+    for status, name in names.items():
+        e = errors.error_for_status(status, "m", "f")
+        assert type(e).__name__ == name and e.status == status and isinstance(e, kvpark.KvparkError)
+    e = errors.error_for_status(77, "m")
+    assert isinstance(e, errors.UnknownStatusError) and e.status == 77 and "77" in str(e)
+
+
+# ---- the real library -------------------------------------------------------------
+
+
+def test_real_library_version(libkvpark):
+    assert libkvpark.kvpark_abi_version() == _ffi.ABI_VERSION
+
+
+def test_config_validate_fills_defaults(libkvpark):
+    cfg = kvpark.validate_config({})
+    assert cfg["host_bytes"] == 1 << 30
+    cfg = kvpark.validate_config({"host_bytes": "8GiB", "codec": "lz4"})
+    assert cfg["host_bytes"] == 8 << 30 and cfg["codec"] == "lz4"
+
+
+@pytest.mark.parametrize(
+    "bad,key",
+    [({"no_such_knob": 1}, "no_such_knob"), ({"host_bytes": "lots"}, "host_bytes"), ({"codec": "zip"}, "codec")],
+)
+def test_config_validate_names_the_key(libkvpark, bad, key):
+    with pytest.raises(kvpark.ConfigError) as ei:
+        kvpark.validate_config(bad)
+    assert key in ei.value.message
