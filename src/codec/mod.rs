@@ -14,6 +14,7 @@
 //!
 //! Codecs are pure functions of their input: no state, no I/O, `Send + Sync`.
 
+pub mod bench;
 mod lz4;
 mod planes;
 
