@@ -31,11 +31,8 @@ pub fn bench_codecs(quick: bool) -> (Vec<Figure>, Vec<String>) {
     let per = Duration::from_millis(if quick { 60 } else { 300 });
     let rounds = if quick { 2 } else { 4 };
     let bytes = block.len() as u64;
-    let mut zbuf = Vec::new();
-    let zstd_ratio = {
-        zbuf = zstd::bulk::compress(&block, 1).expect("zstd compresses");
-        block.len() as f64 / zbuf.len() as f64
-    };
+    let mut zbuf = zstd::bulk::compress(&block, 1).expect("zstd compresses");
+    let zstd_ratio = block.len() as f64 / zbuf.len() as f64;
     let mut figs = Vec::new();
     let mut ratios = vec![format!("zstd-1 ratio {zstd_ratio:.3}x (baseline)")];
     for tag in [CodecTag::Lz4, CodecTag::Lz4Planes] {
@@ -63,15 +60,17 @@ pub fn bench_codecs(quick: bool) -> (Vec<Figure>, Vec<String>) {
         c.encode(&block, 2, &mut enc).expect("encode");
         let zc = zstd::bulk::compress(&block, 1).expect("zstd");
         let mut out = vec![0u8; block.len()];
+        let mut zout = vec![0u8; block.len()];
         let (m, b) = paired(
             bytes,
             rounds,
             per,
             || c.decode(&enc, 2, &mut out).expect("decode"),
             || {
-                zstd::bulk::decompress_to_buffer(&zc, &mut out).expect("zstd");
+                zstd::bulk::decompress_to_buffer(&zc, &mut zout).expect("zstd");
             },
         );
+        assert_eq!(zout, block, "zstd round trip");
         assert_eq!(out, block, "round trip");
         figs.push(Figure {
             name: format!("decode {} 2MiB bf16", tag.name()),

@@ -61,7 +61,7 @@ pub unsafe extern "C" fn kvpark_mover_new(
 #[no_mangle]
 pub unsafe extern "C" fn kvpark_mover_free(m: *mut KvparkMover) {
     if !m.is_null() {
-        let _ = std::panic::catch_unwind(|| drop(Box::from_raw(m)));
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(Box::from_raw(m))));
     }
 }
 

@@ -104,7 +104,7 @@ pub unsafe extern "C" fn kvpark_planner_new(
 #[no_mangle]
 pub unsafe extern "C" fn kvpark_planner_free(p: *mut KvparkPlanner) {
     if !p.is_null() {
-        let _ = std::panic::catch_unwind(|| drop(Box::from_raw(p)));
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(Box::from_raw(p))));
     }
 }
 

@@ -171,7 +171,7 @@ pub struct BlockEntry {
 }
 
 /// Number of entries per state.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct StateCounts {
     /// Entries in `Saving`.
     pub saving: usize,
