@@ -240,7 +240,9 @@ pub unsafe extern "C" fn kvpark_last_error(buf: *mut libc::c_char, cap: usize) -
 pub unsafe extern "C" fn kvpark_buf_free(buf: KvparkBuf) {
     let _ = catch_unwind(|| {
         if !buf.ptr.is_null() && buf.len > 0 {
-            drop(Box::from_raw(std::ptr::slice_from_raw_parts_mut(buf.ptr, buf.len)));
+            drop(Box::from_raw(std::ptr::slice_from_raw_parts_mut(
+                buf.ptr, buf.len,
+            )));
         }
     });
 }
@@ -299,7 +301,9 @@ mod tests {
         let st = unsafe { kvpark_config_validate(j.as_ptr(), j.len(), &mut out) };
         assert_eq!(st, KvparkStatus::Ok);
         let s = unsafe { std::slice::from_raw_parts(out.ptr, out.len) };
-        assert!(std::str::from_utf8(s).unwrap().contains("\"host_bytes\":4194304"));
+        assert!(std::str::from_utf8(s)
+            .unwrap()
+            .contains("\"host_bytes\":4194304"));
         unsafe { kvpark_buf_free(out) };
         let st = unsafe { kvpark_config_validate(j.as_ptr(), j.len(), std::ptr::null_mut()) };
         assert_eq!(st, KvparkStatus::NullPointer);

@@ -29,9 +29,6 @@ pub struct KvparkGeometry {
     pub dtype: u8,
 }
 
-/// One layer's 4-D view `[blocks, heads, tokens, K+V]`; strides in elements.
-pub type KvparkLayerView = LayerView;
-
 /// Creates a worker-side mover for `rank`.
 ///
 /// # Safety
@@ -74,7 +71,7 @@ pub unsafe extern "C" fn kvpark_mover_free(m: *mut KvparkMover) {
 pub unsafe extern "C" fn kvpark_mover_register(
     m: *mut KvparkMover,
     g: *const KvparkGeometry,
-    layers: *const KvparkLayerView,
+    layers: *const LayerView,
     num_layers: usize,
     on_device: u8,
 ) -> KvparkStatus {
@@ -113,33 +110,31 @@ pub unsafe extern "C" fn kvpark_mover_bind(
     })
 }
 
-macro_rules! simple_call {
-    ($(#[$doc:meta])* $name:ident, $method:ident) => {
-        $(#[$doc])*
-        ///
-        /// # Safety
-        /// `m` must be a live mover.
-        #[no_mangle]
-        pub unsafe extern "C" fn $name(m: *mut KvparkMover) -> KvparkStatus {
-            guard(stringify!($name), || {
-                let m = &*nn(m, "mover")?;
-                m.inner.lock().$method()?;
-                Ok(())
-            })
-        }
-    };
+/// `start_load_kv`: sync loads complete before return; async ones start.
+///
+/// # Safety
+/// `m` must be a live mover.
+#[no_mangle]
+pub unsafe extern "C" fn kvpark_mover_start_load(m: *mut KvparkMover) -> KvparkStatus {
+    guard("kvpark_mover_start_load", || {
+        let m = &*nn(m, "mover")?;
+        m.inner.lock().start_load()?;
+        Ok(())
+    })
 }
 
-simple_call!(
-    /// `start_load_kv`: sync loads complete before return; async ones start.
-    kvpark_mover_start_load,
-    start_load
-);
-simple_call!(
-    /// `wait_for_save`: parks the step's finished requests, runs tier moves.
-    kvpark_mover_wait_for_save,
-    wait_for_save
-);
+/// `wait_for_save`: parks the step's finished requests, runs tier moves.
+///
+/// # Safety
+/// `m` must be a live mover.
+#[no_mangle]
+pub unsafe extern "C" fn kvpark_mover_wait_for_save(m: *mut KvparkMover) -> KvparkStatus {
+    guard("kvpark_mover_wait_for_save", || {
+        let m = &*nn(m, "mover")?;
+        m.inner.lock().wait_for_save()?;
+        Ok(())
+    })
+}
 
 /// `wait_for_layer_load(layer)`.
 ///
@@ -195,7 +190,10 @@ pub unsafe extern "C" fn kvpark_mover_take_worker_meta(
 /// # Safety
 /// `out` valid for writing.
 #[no_mangle]
-pub unsafe extern "C" fn kvpark_mover_metrics(m: *mut KvparkMover, out: *mut KvparkBuf) -> KvparkStatus {
+pub unsafe extern "C" fn kvpark_mover_metrics(
+    m: *mut KvparkMover,
+    out: *mut KvparkBuf,
+) -> KvparkStatus {
     guard("kvpark_mover_metrics", || {
         let m = &*nn(m, "mover")?;
         nn(out, "out")?;

@@ -51,9 +51,10 @@ unsafe fn view<'a>(r: *const KvparkRequest) -> Result<RequestView<'a>, Fail> {
     let r = &*nn(r, "req")?;
     let id = utf8(bytes(r.req_id, r.req_id_len, "req.req_id")?, "req.req_id")?;
     let salt = bytes(r.salt, r.salt_len, "req.salt")?;
-    let total = r.hash_len.checked_mul(r.num_hashes).ok_or_else(|| {
-        crate::Error::invalid("req: hash_len * num_hashes overflows")
-    })?;
+    let total = r
+        .hash_len
+        .checked_mul(r.num_hashes)
+        .ok_or_else(|| crate::Error::invalid("req: hash_len * num_hashes overflows"))?;
     let hashes = bytes(r.hashes, total, "req.hashes")?;
     let hint_bytes = bytes(r.hint_json, r.hint_len, "req.hint_json")?;
     let hint = if hint_bytes.is_empty() {

@@ -200,12 +200,6 @@ impl Mover {
         Ok(())
     }
 
-    fn reg(&self) -> Result<&Arc<Registered>> {
-        self.reg
-            .as_ref()
-            .ok_or_else(|| Error::invalid("KV caches are not registered yet (register_kv_caches)"))
-    }
-
     /// `bind_connector_metadata`: the step's plan bytes.
     pub fn bind(&mut self, meta: &[u8]) -> Result<()> {
         self.plan = Some(if meta.is_empty() {
@@ -257,7 +251,9 @@ impl Mover {
             .failed_blocks
             .extend(l.blocks.iter().map(|b| b.1));
         if let Some(reg) = &self.reg {
-            reg.metrics.load_failed_blocks.fetch_add(l.blocks.len() as u64, Ordering::Relaxed);
+            reg.metrics
+                .load_failed_blocks
+                .fetch_add(l.blocks.len() as u64, Ordering::Relaxed);
         }
         let done = LoadDone {
             req_id: l.req_id.clone(),
@@ -338,7 +334,11 @@ impl Mover {
             acc.sending.extend(f.sending);
             acc.recving.extend(f.recving);
             acc.failed_blocks.extend(f.failed_blocks);
-            let writes = self.reg.as_ref().map(|r| r.writes.lock().len()).unwrap_or(0);
+            let writes = self
+                .reg
+                .as_ref()
+                .map(|r| r.writes.lock().len())
+                .unwrap_or(0);
             if (self.pending_async == 0 && writes == 0) || Instant::now() >= end {
                 return acc;
             }
@@ -511,7 +511,12 @@ impl Registered {
                 }
             };
             let now = self.now();
-            if self.index.lock().begin_save(key, s.session, seq, slot, now).is_err() {
+            if self
+                .index
+                .lock()
+                .begin_save(key, s.session, seq, slot, now)
+                .is_err()
+            {
                 let _ = self.arena.free(slot);
                 done.failed.push(key);
                 continue;
@@ -562,9 +567,12 @@ impl Registered {
     fn count_save(&self, done: SaveDone, t0: Instant) -> SaveDone {
         let m = &self.metrics;
         m.saves.fetch_add(1, Ordering::Relaxed);
-        m.saved_blocks.fetch_add(done.ok.len() as u64, Ordering::Relaxed);
-        m.save_failed_blocks.fetch_add(done.failed.len() as u64, Ordering::Relaxed);
-        m.save_ns.fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        m.saved_blocks
+            .fetch_add(done.ok.len() as u64, Ordering::Relaxed);
+        m.save_failed_blocks
+            .fetch_add(done.failed.len() as u64, Ordering::Relaxed);
+        m.save_ns
+            .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
         done
     }
 
@@ -573,7 +581,9 @@ impl Registered {
         let Some(store) = &self.nvme else { return };
         if let Some(until) = *self.nvme_paused_until.lock() {
             if Instant::now() < until {
-                self.metrics.demotions_skipped_full.fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .demotions_skipped_full
+                    .fetch_add(1, Ordering::Relaxed);
                 return;
             }
         }
@@ -598,7 +608,9 @@ impl Registered {
             }
             Err(_) => {
                 let _ = self.index.lock().finish_demote(&key, false);
-                self.metrics.nvme_write_errors.fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .nvme_write_errors
+                    .fetch_add(1, Ordering::Relaxed);
             }
         }
     }
@@ -606,7 +618,9 @@ impl Registered {
     /// Applies NVMe completions; waits up to `wait` for the first one.
     /// Returns true when at least one completion was processed.
     fn poll_nvme(&self, wait: Duration) -> bool {
-        let Some(rx) = &self.nvme_done else { return false };
+        let Some(rx) = &self.nvme_done else {
+            return false;
+        };
         let mut any = false;
         let mut first = if wait.is_zero() {
             rx.try_recv().ok()
@@ -615,7 +629,7 @@ impl Registered {
         };
         while let Some(c) = first.take().or_else(|| rx.try_recv().ok()) {
             any = true;
-            if c.kind != OpKind::Put {
+            if c.op != OpKind::Put {
                 continue;
             }
             let Some(key) = self.writes.lock().remove(&c.ticket.0) else {
@@ -627,7 +641,9 @@ impl Registered {
                 self.metrics.demoted_blocks.fetch_add(1, Ordering::Relaxed);
                 self.report.lock().on_nvme.push(key);
             } else {
-                self.metrics.nvme_write_errors.fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .nvme_write_errors
+                    .fetch_add(1, Ordering::Relaxed);
                 if matches!(&c.result, Err(e) if e.kind() == ErrorKind::NoSpace) {
                     self.metrics.nvme_full.fetch_add(1, Ordering::Relaxed);
                     *self.nvme_paused_until.lock() = Some(Instant::now() + Duration::from_secs(30));
@@ -647,11 +663,16 @@ impl Registered {
                 .ok_or_else(|| Error::not_found("block not parked"))?;
             if e.state.host_readable() {
                 idx.pin(key, now)?;
-                self.metrics.load_blocks_host.fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .load_blocks_host
+                    .fetch_add(1, Ordering::Relaxed);
                 return Ok(e.host.expect("host-readable block has a slot"));
             }
             if e.state != BlockState::Nvme {
-                return Err(Error::new(ErrorKind::Busy, format!("block in state {:?}", e.state)));
+                return Err(Error::new(
+                    ErrorKind::Busy,
+                    format!("block in state {:?}", e.state),
+                ));
             }
         }
         let store = self
@@ -672,7 +693,9 @@ impl Registered {
             Ok(_) => {
                 idx.finish_promote(key, true)?;
                 idx.pin(key, now)?;
-                self.metrics.load_blocks_nvme.fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .load_blocks_nvme
+                    .fetch_add(1, Ordering::Relaxed);
                 Ok(slot)
             }
             Err(e) => {
@@ -737,10 +760,14 @@ impl Registered {
         drop(idx);
         let m = &self.metrics;
         m.loads.fetch_add(1, Ordering::Relaxed);
-        m.loaded_blocks
-            .fetch_add((l.blocks.len() - done.failed.len()) as u64, Ordering::Relaxed);
-        m.load_failed_blocks.fetch_add(done.failed.len() as u64, Ordering::Relaxed);
-        m.load_ns.fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        m.loaded_blocks.fetch_add(
+            (l.blocks.len() - done.failed.len()) as u64,
+            Ordering::Relaxed,
+        );
+        m.load_failed_blocks
+            .fetch_add(done.failed.len() as u64, Ordering::Relaxed);
+        m.load_ns
+            .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
         (done, failed_blocks)
     }
 

@@ -74,10 +74,12 @@ pub mod bench;
 pub mod format;
 mod fsio;
 pub mod inspect;
+mod keys;
 pub mod scan;
 mod store;
 
 pub use inspect::{inspect, InspectReport};
+pub use keys::scan_keys;
 pub use scan::BadKind;
 pub use store::{Completion, GcReport, GetInfo, KeyInfo, NvmeStats, NvmeStore, OpKind, Ticket};
 
