@@ -714,6 +714,10 @@ impl Registered {
     }
 
     /// Loads one request's blocks; returns the report entry and failed vLLM block ids.
+    ///
+    /// Blocks are pinned in the host tier and scattered in batches: when the
+    /// host tier fills up (a prefix larger than the tier, read from NVMe), the
+    /// batch so far is scattered and unpinned, making its slots evictable.
     fn load(&self, l: &LoadReq) -> (LoadDone, Vec<u32>) {
         let t0 = Instant::now();
         let mut done = LoadDone {
@@ -721,43 +725,29 @@ impl Registered {
             failed: vec![],
         };
         let mut failed_blocks = vec![];
-        let mut pinned: Vec<(BlockKey, u32, SlotId)> = Vec::with_capacity(l.blocks.len());
+        let mut batch: Vec<(BlockKey, u32, SlotId)> = Vec::with_capacity(l.blocks.len());
         for &(key, block) in &l.blocks {
             if self.kv.check_block(block).is_err() {
                 done.failed.push(key);
                 failed_blocks.push(block);
                 continue;
             }
-            match self.pin_for_load(&key) {
-                Ok(slot) => pinned.push((key, block, slot)),
-                Err(_) => {
-                    done.failed.push(key);
-                    failed_blocks.push(block);
+            loop {
+                match self.pin_for_load(&key) {
+                    Ok(slot) => batch.push((key, block, slot)),
+                    Err(e) if e.kind() == ErrorKind::NoSpace && !batch.is_empty() => {
+                        self.scatter_batch(&mut batch, &mut done, &mut failed_blocks);
+                        continue;
+                    }
+                    Err(_) => {
+                        done.failed.push(key);
+                        failed_blocks.push(block);
+                    }
                 }
+                break;
             }
         }
-        let guards: Vec<_> = pinned.iter().map(|p| self.arena.slot(p.2)).collect();
-        let ok = guards.iter().all(|g| g.is_ok()) && {
-            let ops: Vec<ScatterOp<'_>> = pinned
-                .iter()
-                .zip(guards.iter())
-                .map(|(p, g)| ScatterOp {
-                    src: &g.as_ref().expect("checked")[..self.geom.block_bytes()],
-                    block: p.1,
-                })
-                .collect();
-            self.engine.scatter(&self.kv, &ops).is_ok()
-        };
-        drop(guards);
-        let mut idx = self.index.lock();
-        for (key, block, _) in &pinned {
-            let _ = idx.unpin(key);
-            if !ok {
-                done.failed.push(*key);
-                failed_blocks.push(*block);
-            }
-        }
-        drop(idx);
+        self.scatter_batch(&mut batch, &mut done, &mut failed_blocks);
         let m = &self.metrics;
         m.loads.fetch_add(1, Ordering::Relaxed);
         m.loaded_blocks.fetch_add(
@@ -769,6 +759,39 @@ impl Registered {
         m.load_ns
             .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
         (done, failed_blocks)
+    }
+
+    /// Scatters pinned blocks into vLLM and unpins them (empties `batch`).
+    fn scatter_batch(
+        &self,
+        batch: &mut Vec<(BlockKey, u32, SlotId)>,
+        done: &mut LoadDone,
+        failed_blocks: &mut Vec<u32>,
+    ) {
+        if batch.is_empty() {
+            return;
+        }
+        let guards: Vec<_> = batch.iter().map(|p| self.arena.slot(p.2)).collect();
+        let ok = guards.iter().all(|g| g.is_ok()) && {
+            let ops: Vec<ScatterOp<'_>> = batch
+                .iter()
+                .zip(guards.iter())
+                .map(|(p, g)| ScatterOp {
+                    src: &g.as_ref().expect("checked")[..self.geom.block_bytes()],
+                    block: p.1,
+                })
+                .collect();
+            self.engine.scatter(&self.kv, &ops).is_ok()
+        };
+        drop(guards);
+        let mut idx = self.index.lock();
+        for (key, block, _) in batch.drain(..) {
+            let _ = idx.unpin(&key);
+            if !ok {
+                done.failed.push(key);
+                failed_blocks.push(block);
+            }
+        }
     }
 
     fn apply_move(&self, kind: MoveKind, key: BlockKey) {
