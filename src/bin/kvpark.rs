@@ -63,7 +63,11 @@ fn run(cli: Cli) -> kvpark::Result<()> {
             }
             println!("{}", benchkit::header());
             if parts.contains(&"copy") {
-                return Err(kvpark::Error::unsupported("bench copy: not built yet"));
+                for blocks in [64usize, 256] {
+                    for f in kvpark::copy::bench::bench_copy(blocks, quick) {
+                        println!("{}", f.row());
+                    }
+                }
             }
             if parts.contains(&"nvme") {
                 for f in kvpark::tier::nvme::bench::bench_nvme(&dir, quick)? {
