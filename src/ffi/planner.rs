@@ -1,0 +1,248 @@
+//! Scheduler-role exports: `kvpark_planner_*`.
+
+use super::{bytes, guard, nn, put_buf, slice, utf8, Fail, KvparkBuf, KvparkStatus};
+use crate::config::Config;
+use crate::planner::{BlockPlanner, RequestHint, RequestView};
+use parking_lot::Mutex;
+
+/// Opaque scheduler-side handle.
+pub struct KvparkPlanner {
+    inner: Mutex<BlockPlanner>,
+}
+
+/// A request as passed by the scheduler role.
+#[repr(C)]
+pub struct KvparkRequest {
+    /// `request.request_id`, UTF-8.
+    pub req_id: *const u8,
+    /// Length of `req_id`.
+    pub req_id_len: usize,
+    /// `request.cache_salt` as UTF-8, or NULL.
+    pub salt: *const u8,
+    /// Length of `salt`.
+    pub salt_len: usize,
+    /// `request.block_hashes` concatenated, each `hash_len` bytes.
+    pub hashes: *const u8,
+    /// Bytes per hash.
+    pub hash_len: usize,
+    /// Number of hashes.
+    pub num_hashes: usize,
+    /// `kv_transfer_params["kvpark"]` as JSON, or NULL.
+    pub hint_json: *const u8,
+    /// Length of `hint_json`.
+    pub hint_len: usize,
+}
+
+/// Answer to `get_num_new_matched_tokens`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KvparkMatch {
+    /// Block-aligned tokens kvpark loads beyond vLLM's local hit.
+    pub external_tokens: u32,
+    /// 1 = asynchronous load.
+    pub load_async: u8,
+}
+
+/// Converts the C request.
+///
+/// # Safety
+/// `r` must point to a valid request whose pointers are valid for their lengths.
+unsafe fn view<'a>(r: *const KvparkRequest) -> Result<RequestView<'a>, Fail> {
+    let r = &*nn(r, "req")?;
+    let id = utf8(bytes(r.req_id, r.req_id_len, "req.req_id")?, "req.req_id")?;
+    let salt = bytes(r.salt, r.salt_len, "req.salt")?;
+    let total = r
+        .hash_len
+        .checked_mul(r.num_hashes)
+        .ok_or_else(|| crate::Error::invalid("req: hash_len * num_hashes overflows"))?;
+    let hashes = bytes(r.hashes, total, "req.hashes")?;
+    let hint_bytes = bytes(r.hint_json, r.hint_len, "req.hint_json")?;
+    let hint = if hint_bytes.is_empty() {
+        None
+    } else {
+        Some(RequestHint::parse(hint_bytes)?)
+    };
+    Ok(RequestView {
+        req_id: id,
+        salt,
+        hashes,
+        hash_len: r.hash_len,
+        hint,
+    })
+}
+
+/// Creates the scheduler-side planner from the extra config (JSON) and
+/// vLLM's block size in tokens.
+///
+/// # Safety
+/// `config_json` valid for `len` bytes (or NULL with 0); `out` valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn kvpark_planner_new(
+    config_json: *const u8,
+    len: usize,
+    block_size: u32,
+    out: *mut *mut KvparkPlanner,
+) -> KvparkStatus {
+    guard("kvpark_planner_new", || {
+        let cfg = Config::from_json(bytes(config_json, len, "config_json")?)?;
+        nn(out, "out")?;
+        let mut p = BlockPlanner::new(cfg.clone(), block_size)?;
+        if let Some(dir) = &cfg.nvme_dir {
+            p.recover(crate::mover::scan_parked(dir, 0)?);
+        }
+        let h = Box::new(KvparkPlanner {
+            inner: Mutex::new(p),
+        });
+        out.write(Box::into_raw(h));
+        Ok(())
+    })
+}
+
+/// Frees a planner. NULL is a no-op.
+///
+/// # Safety
+/// `p` must come from [`kvpark_planner_new`] and be freed once.
+#[no_mangle]
+pub unsafe extern "C" fn kvpark_planner_free(p: *mut KvparkPlanner) {
+    if !p.is_null() {
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(Box::from_raw(p))));
+    }
+}
+
+/// `get_num_new_matched_tokens`.
+///
+/// # Safety
+/// All pointers valid as documented in the header.
+#[no_mangle]
+pub unsafe extern "C" fn kvpark_planner_match(
+    p: *mut KvparkPlanner,
+    req: *const KvparkRequest,
+    num_computed_tokens: u32,
+    num_tokens: u32,
+    now_ns: u64,
+    out: *mut KvparkMatch,
+) -> KvparkStatus {
+    guard("kvpark_planner_match", || {
+        let p = &*nn(p, "planner")?;
+        let v = view(req)?;
+        nn(out, "out")?;
+        let m = p
+            .inner
+            .lock()
+            .match_request(&v, num_computed_tokens, num_tokens, now_ns)?;
+        out.write(KvparkMatch {
+            external_tokens: m.external_tokens,
+            load_async: m.load_async as u8,
+        });
+        Ok(())
+    })
+}
+
+/// `update_state_after_alloc`.
+///
+/// # Safety
+/// All pointers valid for their lengths.
+#[no_mangle]
+pub unsafe extern "C" fn kvpark_planner_on_alloc(
+    p: *mut KvparkPlanner,
+    req_id: *const u8,
+    req_id_len: usize,
+    block_ids: *const u32,
+    num_blocks: usize,
+    num_external_tokens: u32,
+) -> KvparkStatus {
+    guard("kvpark_planner_on_alloc", || {
+        let p = &*nn(p, "planner")?;
+        let id = utf8(bytes(req_id, req_id_len, "req_id")?, "req_id")?;
+        let ids = slice(block_ids, num_blocks, "block_ids")?;
+        p.inner.lock().on_alloc(id, ids, num_external_tokens)?;
+        Ok(())
+    })
+}
+
+/// `request_finished`: `*out_delay_free` = 1 while a save of this request is in flight.
+///
+/// # Safety
+/// All pointers valid for their lengths.
+#[no_mangle]
+pub unsafe extern "C" fn kvpark_planner_request_finished(
+    p: *mut KvparkPlanner,
+    req: *const KvparkRequest,
+    block_ids: *const u32,
+    num_blocks: usize,
+    num_computed_tokens: u32,
+    now_ns: u64,
+    out_delay_free: *mut u8,
+) -> KvparkStatus {
+    guard("kvpark_planner_request_finished", || {
+        let p = &*nn(p, "planner")?;
+        let v = view(req)?;
+        let ids = slice(block_ids, num_blocks, "block_ids")?;
+        nn(out_delay_free, "out_delay_free")?;
+        let d = p
+            .inner
+            .lock()
+            .request_finished(&v, ids, num_computed_tokens, now_ns)?;
+        out_delay_free.write(d as u8);
+        Ok(())
+    })
+}
+
+/// `build_connector_meta`: this step's plan as opaque bytes.
+///
+/// # Safety
+/// `out` valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn kvpark_planner_build_meta(
+    p: *mut KvparkPlanner,
+    now_ns: u64,
+    out: *mut KvparkBuf,
+) -> KvparkStatus {
+    guard("kvpark_planner_build_meta", || {
+        let p = &*nn(p, "planner")?;
+        nn(out, "out")?;
+        let v = p.inner.lock().build_meta(now_ns);
+        put_buf(out, v);
+        Ok(())
+    })
+}
+
+/// `update_connector_output`: one worker report (opaque bytes).
+///
+/// # Safety
+/// `meta` valid for `len` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn kvpark_planner_on_worker_meta(
+    p: *mut KvparkPlanner,
+    meta: *const u8,
+    len: usize,
+    now_ns: u64,
+) -> KvparkStatus {
+    guard("kvpark_planner_on_worker_meta", || {
+        let p = &*nn(p, "planner")?;
+        let m = bytes(meta, len, "meta")?;
+        if m.is_empty() {
+            return Ok(());
+        }
+        p.inner.lock().on_report(m, now_ns)?;
+        Ok(())
+    })
+}
+
+/// Metrics snapshot as a JSON object.
+///
+/// # Safety
+/// `out` valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn kvpark_planner_metrics(
+    p: *mut KvparkPlanner,
+    out: *mut KvparkBuf,
+) -> KvparkStatus {
+    guard("kvpark_planner_metrics", || {
+        let p = &*nn(p, "planner")?;
+        nn(out, "out")?;
+        let m = p.inner.lock().metrics();
+        put_buf(out, serde_json::to_vec(&m).expect("metrics serialize"));
+        Ok(())
+    })
+}

@@ -1,0 +1,65 @@
+//! Mover counters (atomics, read as a JSON snapshot).
+
+use serde::ser::{Serialize, SerializeMap, Serializer};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! counters {
+    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+        /// Counters of one mover. All monotonic.
+        #[derive(Debug, Default)]
+        pub struct MoverMetrics {
+            $($(#[$doc])* pub $name: AtomicU64,)*
+        }
+
+        impl Serialize for MoverMetrics {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                let mut m = s.serialize_map(None)?;
+                $(m.serialize_entry(stringify!($name), &self.$name.load(Ordering::Relaxed))?;)*
+                m.end()
+            }
+        }
+    };
+}
+
+counters! {
+    /// Save requests executed.
+    saves,
+    /// Blocks gathered into the host tier.
+    saved_blocks,
+    /// Blocks whose save failed.
+    save_failed_blocks,
+    /// Nanoseconds spent saving.
+    save_ns,
+    /// Load requests executed.
+    loads,
+    /// Blocks scattered into vLLM.
+    loaded_blocks,
+    /// Blocks loaded from a host copy.
+    load_blocks_host,
+    /// Blocks read from NVMe for a load.
+    load_blocks_nvme,
+    /// Blocks whose load failed (recomputed by vLLM).
+    load_failed_blocks,
+    /// NVMe records that failed their checksum on a load.
+    load_corrupt,
+    /// Nanoseconds spent loading.
+    load_ns,
+    /// Host blocks evicted to make room.
+    host_evictions,
+    /// Host blocks dropped without an NVMe copy.
+    dropped_blocks,
+    /// Times the host tier was full with nothing evictable.
+    host_full,
+    /// Blocks written to NVMe.
+    demoted_blocks,
+    /// NVMe write failures.
+    nvme_write_errors,
+    /// NVMe writes refused because the disk was full.
+    nvme_full,
+    /// Demotions skipped while the disk is full.
+    demotions_skipped_full,
+    /// Blocks indexed from NVMe at start.
+    recovered_blocks,
+    /// NVMe records of another geometry ignored at start.
+    recovered_wrong_geometry,
+}

@@ -1,0 +1,449 @@
+//! Plans (scheduler → workers) and reports (workers → scheduler).
+//!
+//! Both travel through vLLM as opaque bytes: Python never parses them. The
+//! encoding is little-endian binary with a magic and a version byte, so a
+//! worker of another kvpark version refuses a plan instead of misreading it:
+//!
+//! ```text
+//! plan   = "KVPP" version:u8 step:u64 saves loads ops
+//! report = "KVPR" version:u8 block_bytes:u64 saved loaded moves
+//! list   = count:u32 item*        string = len:u32 utf8        key = 32 bytes
+//! ```
+
+use crate::block::BlockKey;
+use crate::error::{Error, Result};
+
+const PLAN_MAGIC: &[u8; 4] = b"KVPP";
+const REPORT_MAGIC: &[u8; 4] = b"KVPR";
+const VERSION: u8 = 1;
+
+/// Park (gather) a finished request's new blocks into the host tier.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SaveReq {
+    /// vLLM request id; reported back in `finished_sending`.
+    pub req_id: String,
+    /// Session the blocks belong to.
+    pub session: u64,
+    /// (key, vLLM block id, position in the session's chain).
+    pub blocks: Vec<(BlockKey, u32, u32)>,
+}
+
+/// Load parked blocks into vLLM blocks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoadReq {
+    /// vLLM request id; async loads are reported in `finished_recving`.
+    pub req_id: String,
+    /// Synchronous: must be complete before the forward of this step.
+    pub sync: bool,
+    /// (key, destination vLLM block id), in chain order.
+    pub blocks: Vec<(BlockKey, u32)>,
+}
+
+/// Tier moves decided by the planner's policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum MoveKind {
+    /// Write the block to NVMe (keep the host copy).
+    Demote = 1,
+    /// Release the host copy (the block stays on NVMe if it is there).
+    EvictHost = 2,
+    /// Read the block from NVMe into the host tier ahead of its use.
+    Promote = 3,
+    /// Forget the block in every tier.
+    Drop = 4,
+}
+
+impl MoveKind {
+    fn from_u8(b: u8) -> Result<Self> {
+        Ok(match b {
+            1 => MoveKind::Demote,
+            2 => MoveKind::EvictHost,
+            3 => MoveKind::Promote,
+            4 => MoveKind::Drop,
+            _ => return Err(Error::corrupt(format!("plan: unknown move kind {b}"))),
+        })
+    }
+}
+
+/// One step's plan for every worker.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Scheduler step counter (diagnostics).
+    pub step: u64,
+    /// Saves to run in this step's `wait_for_save`.
+    pub saves: Vec<SaveReq>,
+    /// Loads to start in this step's `start_load_kv`.
+    pub loads: Vec<LoadReq>,
+    /// Tier moves (background).
+    pub moves: Vec<(MoveKind, BlockKey)>,
+}
+
+impl Plan {
+    /// True when the plan asks nothing of the workers.
+    pub fn is_empty(&self) -> bool {
+        self.saves.is_empty() && self.loads.is_empty() && self.moves.is_empty()
+    }
+}
+
+/// Outcome of one save request.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SaveDone {
+    /// The request id of the save.
+    pub req_id: String,
+    /// Blocks now in the host tier.
+    pub ok: Vec<BlockKey>,
+    /// Blocks that could not be parked (tier full, I/O error).
+    pub failed: Vec<BlockKey>,
+}
+
+/// Outcome of one load request.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LoadDone {
+    /// The request id of the load.
+    pub req_id: String,
+    /// Keys that could not be loaded (missing, corrupt); their vLLM blocks are recomputed.
+    pub failed: Vec<BlockKey>,
+}
+
+/// Where blocks went since the last report.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    /// Bytes of one parked block on this rank (0 until KV caches are registered).
+    pub block_bytes: u64,
+    /// Finished saves.
+    pub saved: Vec<SaveDone>,
+    /// Finished loads.
+    pub loaded: Vec<LoadDone>,
+    /// Blocks now on NVMe.
+    pub on_nvme: Vec<BlockKey>,
+    /// Blocks no longer in the host tier.
+    pub left_host: Vec<BlockKey>,
+    /// Blocks gone from every tier (dropped, corrupt, evicted without NVMe).
+    pub lost: Vec<BlockKey>,
+}
+
+impl Report {
+    /// True when there is nothing to tell the scheduler.
+    pub fn is_empty(&self) -> bool {
+        self.saved.is_empty()
+            && self.loaded.is_empty()
+            && self.on_nvme.is_empty()
+            && self.left_host.is_empty()
+            && self.lost.is_empty()
+    }
+}
+
+struct W(Vec<u8>);
+
+impl W {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v)
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes())
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes())
+    }
+    fn len(&mut self, n: usize) {
+        self.u32(u32::try_from(n).expect("list shorter than 4G"))
+    }
+    fn str(&mut self, s: &str) {
+        self.len(s.len());
+        self.0.extend_from_slice(s.as_bytes())
+    }
+    fn key(&mut self, k: &BlockKey) {
+        self.0.extend_from_slice(&k.0)
+    }
+    fn keys(&mut self, ks: &[BlockKey]) {
+        self.len(ks.len());
+        ks.iter().for_each(|k| self.key(k));
+    }
+}
+
+struct R<'a>(&'a [u8]);
+
+impl R<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8]> {
+        if self.0.len() < n {
+            return Err(Error::corrupt("plan/report: truncated"));
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Ok(a)
+    }
+    fn u8(&mut self) -> Result<u8> {
+        Ok(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
+    }
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
+    }
+    /// A list length, bounded by what the remaining bytes could hold.
+    fn len(&mut self, min_item: usize) -> Result<usize> {
+        let n = self.u32()? as usize;
+        if n.saturating_mul(min_item) > self.0.len() {
+            return Err(Error::corrupt("plan/report: list longer than the buffer"));
+        }
+        Ok(n)
+    }
+    fn str(&mut self) -> Result<String> {
+        let n = self.len(1)?;
+        String::from_utf8(self.take(n)?.to_vec())
+            .map_err(|_| Error::corrupt("plan/report: request id is not UTF-8"))
+    }
+    fn key(&mut self) -> Result<BlockKey> {
+        Ok(BlockKey(self.take(32)?.try_into().unwrap()))
+    }
+    fn keys(&mut self) -> Result<Vec<BlockKey>> {
+        let n = self.len(32)?;
+        (0..n).map(|_| self.key()).collect()
+    }
+    fn header(&mut self, magic: &[u8; 4]) -> Result<()> {
+        if self.take(4)? != magic {
+            return Err(Error::corrupt(
+                "plan/report: bad magic (not a kvpark message)",
+            ));
+        }
+        let v = self.u8()?;
+        if v != VERSION {
+            return Err(Error::corrupt(format!(
+                "plan/report: version {v}, this kvpark speaks {VERSION}"
+            )));
+        }
+        Ok(())
+    }
+    fn end(&self) -> Result<()> {
+        if !self.0.is_empty() {
+            return Err(Error::corrupt("plan/report: trailing bytes"));
+        }
+        Ok(())
+    }
+}
+
+impl Plan {
+    /// Encodes the plan.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = W(Vec::with_capacity(64));
+        w.0.extend_from_slice(PLAN_MAGIC);
+        w.u8(VERSION);
+        w.u64(self.step);
+        w.len(self.saves.len());
+        for s in &self.saves {
+            w.str(&s.req_id);
+            w.u64(s.session);
+            w.len(s.blocks.len());
+            for (k, b, seq) in &s.blocks {
+                w.key(k);
+                w.u32(*b);
+                w.u32(*seq);
+            }
+        }
+        w.len(self.loads.len());
+        for l in &self.loads {
+            w.str(&l.req_id);
+            w.u8(l.sync as u8);
+            w.len(l.blocks.len());
+            for (k, b) in &l.blocks {
+                w.key(k);
+                w.u32(*b);
+            }
+        }
+        w.len(self.moves.len());
+        for (m, k) in &self.moves {
+            w.u8(*m as u8);
+            w.key(k);
+        }
+        w.0
+    }
+
+    /// Decodes a plan; anything malformed is a Corrupt error.
+    pub fn decode(buf: &[u8]) -> Result<Self> {
+        let mut r = R(buf);
+        r.header(PLAN_MAGIC)?;
+        let step = r.u64()?;
+        let n = r.len(16)?;
+        let mut saves = Vec::with_capacity(n);
+        for _ in 0..n {
+            let req_id = r.str()?;
+            let session = r.u64()?;
+            let m = r.len(40)?;
+            let mut blocks = Vec::with_capacity(m);
+            for _ in 0..m {
+                blocks.push((r.key()?, r.u32()?, r.u32()?));
+            }
+            saves.push(SaveReq {
+                req_id,
+                session,
+                blocks,
+            });
+        }
+        let n = r.len(9)?;
+        let mut loads = Vec::with_capacity(n);
+        for _ in 0..n {
+            let req_id = r.str()?;
+            let sync = r.u8()? != 0;
+            let m = r.len(36)?;
+            let mut blocks = Vec::with_capacity(m);
+            for _ in 0..m {
+                blocks.push((r.key()?, r.u32()?));
+            }
+            loads.push(LoadReq {
+                req_id,
+                sync,
+                blocks,
+            });
+        }
+        let n = r.len(33)?;
+        let mut moves = Vec::with_capacity(n);
+        for _ in 0..n {
+            moves.push((MoveKind::from_u8(r.u8()?)?, r.key()?));
+        }
+        r.end()?;
+        Ok(Plan {
+            step,
+            saves,
+            loads,
+            moves,
+        })
+    }
+}
+
+impl Report {
+    /// Encodes the report.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = W(Vec::with_capacity(64));
+        w.0.extend_from_slice(REPORT_MAGIC);
+        w.u8(VERSION);
+        w.u64(self.block_bytes);
+        w.len(self.saved.len());
+        for s in &self.saved {
+            w.str(&s.req_id);
+            w.keys(&s.ok);
+            w.keys(&s.failed);
+        }
+        w.len(self.loaded.len());
+        for l in &self.loaded {
+            w.str(&l.req_id);
+            w.keys(&l.failed);
+        }
+        w.keys(&self.on_nvme);
+        w.keys(&self.left_host);
+        w.keys(&self.lost);
+        w.0
+    }
+
+    /// Decodes a report; anything malformed is a Corrupt error.
+    pub fn decode(buf: &[u8]) -> Result<Self> {
+        let mut r = R(buf);
+        r.header(REPORT_MAGIC)?;
+        let block_bytes = r.u64()?;
+        let n = r.len(12)?;
+        let mut saved = Vec::with_capacity(n);
+        for _ in 0..n {
+            saved.push(SaveDone {
+                req_id: r.str()?,
+                ok: r.keys()?,
+                failed: r.keys()?,
+            });
+        }
+        let n = r.len(8)?;
+        let mut loaded = Vec::with_capacity(n);
+        for _ in 0..n {
+            loaded.push(LoadDone {
+                req_id: r.str()?,
+                failed: r.keys()?,
+            });
+        }
+        let on_nvme = r.keys()?;
+        let left_host = r.keys()?;
+        let lost = r.keys()?;
+        r.end()?;
+        Ok(Report {
+            block_bytes,
+            saved,
+            loaded,
+            on_nvme,
+            left_host,
+            lost,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn k(i: u8) -> BlockKey {
+        BlockKey([i; 32])
+    }
+
+    #[test]
+    fn plan_round_trips() {
+        let p = Plan {
+            step: 7,
+            saves: vec![SaveReq {
+                req_id: "req-1".into(),
+                session: 42,
+                blocks: vec![(k(1), 5, 0), (k(2), 9, 1)],
+            }],
+            loads: vec![LoadReq {
+                req_id: "r2".into(),
+                sync: true,
+                blocks: vec![(k(3), 11)],
+            }],
+            moves: vec![(MoveKind::Demote, k(4)), (MoveKind::Drop, k(5))],
+        };
+        let bytes = p.encode();
+        assert_eq!(Plan::decode(&bytes).unwrap(), p);
+        // every truncation is an error, never a panic
+        for n in 0..bytes.len() {
+            assert!(Plan::decode(&bytes[..n]).is_err(), "prefix {n}");
+        }
+        let mut bad = bytes.clone();
+        bad[4] = 9;
+        assert!(Plan::decode(&bad)
+            .unwrap_err()
+            .message()
+            .contains("version 9"));
+    }
+
+    #[test]
+    fn report_round_trips() {
+        let r = Report {
+            block_bytes: 16384,
+            saved: vec![SaveDone {
+                req_id: "a".into(),
+                ok: vec![k(1)],
+                failed: vec![k(2)],
+            }],
+            loaded: vec![LoadDone {
+                req_id: "b".into(),
+                failed: vec![],
+            }],
+            on_nvme: vec![k(1)],
+            left_host: vec![k(7)],
+            lost: vec![k(8)],
+        };
+        let bytes = r.encode();
+        assert_eq!(Report::decode(&bytes).unwrap(), r);
+        for n in 0..bytes.len() {
+            assert!(Report::decode(&bytes[..n]).is_err());
+        }
+        assert!(Plan::decode(&bytes).is_err(), "a report is not a plan");
+    }
+
+    #[test]
+    fn huge_declared_list_is_corrupt_not_oom() {
+        let mut b = Vec::from(&PLAN_MAGIC[..]);
+        b.push(VERSION);
+        b.extend_from_slice(&0u64.to_le_bytes());
+        b.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(
+            Plan::decode(&b).unwrap_err().kind(),
+            crate::ErrorKind::Corrupt
+        );
+    }
+}

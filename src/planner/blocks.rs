@@ -1,0 +1,745 @@
+//! The scheduler-side block planner: what kvpark holds, what each request can
+//! load, and what each finished request parks.
+//!
+//! It lives in vLLM's engine-core process and sees only block hashes and
+//! block ids, never KV bytes. Its view of the tiers is what the workers have
+//! **reported** (see [`crate::plan::Report`]): a block counts as parked only
+//! after a worker confirmed the save, so a hit is never promised for bytes
+//! still in flight. A worker may still fail a planned load (a record turned
+//! out corrupt, a host slot was reclaimed); it then reports the keys, vLLM
+//! recomputes those blocks, and the planner forgets them.
+//!
+//! Request lifecycle as vLLM drives it:
+//!
+//! ```text
+//! match (0..n times) ─▶ on_alloc(n_ext > 0) ─▶ [plan: Load] ─▶ worker loads
+//!                                                   │ async: finished_recving
+//! request_finished ─▶ [plan: Save new blocks] ─▶ worker gathers ─▶ finished_sending
+//!                     delay_free = true while the save is in flight
+//! ```
+
+use crate::block::BlockKey;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::plan::{LoadReq, MoveKind, Plan, Report, SaveReq};
+use serde::Serialize;
+use std::collections::{HashMap, HashSet};
+
+/// Session hint a harness may attach (`kv_transfer_params["kvpark"]`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestHint {
+    /// Stable session id chosen by the harness.
+    pub session: Option<String>,
+    /// What the session waits on after this step: "tool" or "user".
+    pub awaiting: Option<String>,
+    /// The pending tool's name.
+    pub tool: Option<String>,
+}
+
+impl RequestHint {
+    /// Parses the hint JSON; unknown fields or bad `awaiting` are InvalidArgument.
+    pub fn parse(json: &[u8]) -> Result<Self> {
+        let h: RequestHint = serde_json::from_slice(json)
+            .map_err(|e| Error::invalid(format!("kvpark hint: {e}")))?;
+        if let Some(a) = &h.awaiting {
+            if a != "tool" && a != "user" {
+                return Err(Error::invalid(format!(
+                    "kvpark hint: awaiting must be \"tool\" or \"user\", got {a:?}"
+                )));
+            }
+        }
+        Ok(h)
+    }
+}
+
+/// A request as the scheduler sees it.
+#[derive(Clone, Debug)]
+pub struct RequestView<'a> {
+    /// vLLM request id.
+    pub req_id: &'a str,
+    /// `request.cache_salt` (empty = none).
+    pub salt: &'a [u8],
+    /// `request.block_hashes`, each `hash_len` bytes.
+    pub hashes: &'a [u8],
+    /// Bytes per hash.
+    pub hash_len: usize,
+    /// Optional harness hint.
+    pub hint: Option<RequestHint>,
+}
+
+impl RequestView<'_> {
+    /// Number of full-block hashes.
+    pub fn num_hashes(&self) -> usize {
+        self.hashes.len().checked_div(self.hash_len).unwrap_or(0)
+    }
+
+    fn keys(&self) -> Result<Vec<BlockKey>> {
+        if self.hash_len == 0 && !self.hashes.is_empty() {
+            return Err(Error::invalid("block hashes given with hash_len 0"));
+        }
+        if self.hash_len != 0 && self.hashes.len() % self.hash_len != 0 {
+            return Err(Error::invalid(format!(
+                "block hash bytes ({}) are not a multiple of hash_len {}",
+                self.hashes.len(),
+                self.hash_len
+            )));
+        }
+        Ok(self
+            .hashes
+            .chunks(self.hash_len.max(1))
+            .map(|h| BlockKey::derive(self.salt, h))
+            .collect())
+    }
+}
+
+/// Result of [`BlockPlanner::match_request`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Match {
+    /// Block-aligned tokens kvpark can load beyond vLLM's local hit.
+    pub external_tokens: u32,
+    /// Load asynchronously (request waits in WAITING_FOR_REMOTE_KVS).
+    pub load_async: bool,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Loc {
+    host: bool,
+    nvme: bool,
+    session: u64,
+    last_use: u64,
+    /// Loads planned and not yet reported: never dropped meanwhile.
+    loading: u32,
+}
+
+#[derive(Debug)]
+struct ReqState {
+    keys: Vec<BlockKey>,
+    local_blocks: usize,
+    ext_blocks: usize,
+    load_async: bool,
+}
+
+/// Counters exported as JSON.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PlannerMetrics {
+    /// `match` calls.
+    pub match_calls: u64,
+    /// Requests that got an external hit (counted at allocation).
+    pub hit_requests: u64,
+    /// Tokens loaded from kvpark (planned).
+    pub hit_tokens: u64,
+    /// Blocks planned to load that the host held.
+    pub hit_blocks_host: u64,
+    /// Blocks planned to load that only NVMe held.
+    pub hit_blocks_nvme: u64,
+    /// Loads planned synchronously / asynchronously.
+    pub loads_sync: u64,
+    /// Async loads planned.
+    pub loads_async: u64,
+    /// Blocks whose load a worker reported failed.
+    pub load_failed_blocks: u64,
+    /// Save requests planned.
+    pub saves: u64,
+    /// Blocks planned to save.
+    pub save_blocks: u64,
+    /// Blocks confirmed parked.
+    pub saved_blocks: u64,
+    /// Blocks whose save failed.
+    pub save_failed_blocks: u64,
+    /// Blocks known to kvpark now.
+    pub parked_blocks: u64,
+    /// Of which in the host tier.
+    pub parked_host_blocks: u64,
+    /// Of which on NVMe.
+    pub parked_nvme_blocks: u64,
+    /// Blocks found on NVMe at start (warm restart).
+    pub recovered_blocks: u64,
+    /// Bytes of one block as reported by a worker.
+    pub block_bytes: u64,
+    /// Sessions seen.
+    pub sessions: u64,
+}
+
+/// Scheduler-side state of kvpark.
+pub struct BlockPlanner {
+    cfg: Config,
+    block_size: u32,
+    block_bytes: u64,
+    blocks: HashMap<BlockKey, Loc>,
+    reqs: HashMap<String, ReqState>,
+    saving: HashMap<String, (u64, Vec<BlockKey>)>,
+    saving_keys: HashSet<BlockKey>,
+    outbox: Plan,
+    step: u64,
+    sessions: HashMap<String, u64>,
+    next_session: u64,
+    metrics: PlannerMetrics,
+}
+
+impl BlockPlanner {
+    /// A planner for vLLM's `block_size` (tokens per block).
+    pub fn new(cfg: Config, block_size: u32) -> Result<Self> {
+        if block_size == 0 {
+            return Err(Error::invalid("block_size must be > 0"));
+        }
+        Ok(BlockPlanner {
+            cfg,
+            block_size,
+            block_bytes: 0,
+            blocks: HashMap::new(),
+            reqs: HashMap::new(),
+            saving: HashMap::new(),
+            saving_keys: HashSet::new(),
+            outbox: Plan::default(),
+            step: 0,
+            sessions: HashMap::new(),
+            next_session: 1,
+            metrics: PlannerMetrics::default(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Registers blocks found on NVMe at start (warm restart): `(key, session, raw_len)`.
+    pub fn recover(&mut self, found: impl IntoIterator<Item = (BlockKey, u64, u64)>) {
+        for (key, session, raw_len) in found {
+            if self.block_bytes == 0 {
+                self.block_bytes = raw_len;
+            }
+            self.blocks.entry(key).or_insert(Loc {
+                host: false,
+                nvme: true,
+                session,
+                last_use: 0,
+                loading: 0,
+            });
+            self.next_session = self.next_session.max(session.wrapping_add(1));
+            self.metrics.recovered_blocks += 1;
+        }
+    }
+
+    fn session_for(&mut self, req: &RequestView<'_>, keys: &[BlockKey]) -> u64 {
+        if let Some(name) = req.hint.as_ref().and_then(|h| h.session.clone()) {
+            if let Some(&s) = self.sessions.get(&name) {
+                return s;
+            }
+            let s = self.new_session();
+            self.sessions.insert(name, s);
+            return s;
+        }
+        // No hint: the session that parked the deepest block of this chain.
+        keys.iter()
+            .rev()
+            .find_map(|k| self.blocks.get(k).map(|l| l.session))
+            .unwrap_or_else(|| self.new_session())
+    }
+
+    fn new_session(&mut self) -> u64 {
+        let s = self.next_session;
+        self.next_session += 1;
+        self.metrics.sessions += 1;
+        s
+    }
+
+    /// `get_num_new_matched_tokens`. `num_computed_tokens` is vLLM's
+    /// block-aligned local hit; `num_tokens` the request's token count.
+    pub fn match_request(
+        &mut self,
+        req: &RequestView<'_>,
+        num_computed_tokens: u32,
+        num_tokens: u32,
+        now: u64,
+    ) -> Result<Match> {
+        self.metrics.match_calls += 1;
+        if num_computed_tokens % self.block_size != 0 {
+            return Err(Error::invalid(format!(
+                "num_computed_tokens {num_computed_tokens} is not a multiple of block_size {}",
+                self.block_size
+            )));
+        }
+        let keys = req.keys()?;
+        let bs = self.block_size as usize;
+        let local = num_computed_tokens as usize / bs;
+        let mut n = 0;
+        let mut all_host = true;
+        for k in keys.iter().skip(local) {
+            match self.blocks.get(k) {
+                Some(l) if l.host || l.nvme => {
+                    all_host &= l.host;
+                    n += 1;
+                }
+                _ => break,
+            }
+        }
+        // Leave at least one token for vLLM to compute.
+        while n > 0 && (local + n) * bs >= num_tokens as usize {
+            n -= 1;
+        }
+        if n < self.cfg.min_park_blocks as usize {
+            n = 0;
+        }
+        let bytes = n as u64 * self.block_bytes;
+        let load_async = n > 0 && (!all_host || bytes > self.cfg.sync_load_budget_bytes);
+        for k in &keys[local..local + n] {
+            if let Some(l) = self.blocks.get_mut(k) {
+                l.last_use = now;
+            }
+        }
+        self.reqs.insert(
+            req.req_id.to_string(),
+            ReqState {
+                keys,
+                local_blocks: local,
+                ext_blocks: n,
+                load_async,
+            },
+        );
+        Ok(Match {
+            external_tokens: (n * bs) as u32,
+            load_async,
+        })
+    }
+
+    /// `update_state_after_alloc`: `block_ids` are all of the request's blocks.
+    pub fn on_alloc(
+        &mut self,
+        req_id: &str,
+        block_ids: &[u32],
+        num_external_tokens: u32,
+    ) -> Result<()> {
+        if num_external_tokens == 0 {
+            return Ok(());
+        }
+        let st = self.reqs.get(req_id).ok_or_else(|| {
+            Error::invalid(format!(
+                "on_alloc for request {req_id:?} that was never matched"
+            ))
+        })?;
+        let bs = self.block_size as usize;
+        let n = num_external_tokens as usize / bs;
+        if num_external_tokens as usize % bs != 0 || n > st.ext_blocks {
+            return Err(Error::invalid(format!(
+                "on_alloc: {num_external_tokens} external tokens but kvpark matched {} blocks of {bs}",
+                st.ext_blocks
+            )));
+        }
+        let (lo, hi) = (st.local_blocks, st.local_blocks + n);
+        if block_ids.len() < hi {
+            return Err(Error::invalid(format!(
+                "on_alloc: request has {} blocks, the load needs {hi}",
+                block_ids.len()
+            )));
+        }
+        let blocks: Vec<(BlockKey, u32)> = st.keys[lo..hi]
+            .iter()
+            .copied()
+            .zip(block_ids[lo..hi].iter().copied())
+            .collect();
+        let sync = !st.load_async;
+        for (k, _) in &blocks {
+            if let Some(l) = self.blocks.get_mut(k) {
+                l.loading += 1;
+                if l.host {
+                    self.metrics.hit_blocks_host += 1;
+                } else {
+                    self.metrics.hit_blocks_nvme += 1;
+                }
+            }
+        }
+        self.metrics.hit_requests += 1;
+        self.metrics.hit_tokens += num_external_tokens as u64;
+        if sync {
+            self.metrics.loads_sync += 1;
+        } else {
+            self.metrics.loads_async += 1;
+        }
+        self.outbox.loads.push(LoadReq {
+            req_id: req_id.to_string(),
+            sync,
+            blocks,
+        });
+        Ok(())
+    }
+
+    /// `request_finished`: plans parking of the request's new full blocks.
+    /// Returns true when vLLM must keep the blocks until the save is reported.
+    pub fn request_finished(
+        &mut self,
+        req: &RequestView<'_>,
+        block_ids: &[u32],
+        num_computed_tokens: u32,
+        now: u64,
+    ) -> Result<bool> {
+        let keys = match self.reqs.remove(req.req_id) {
+            Some(st) if st.keys.len() == req.num_hashes() => st.keys,
+            _ => req.keys()?,
+        };
+        let full = keys
+            .len()
+            .min(num_computed_tokens as usize / self.block_size as usize)
+            .min(block_ids.len());
+        if full < self.cfg.min_park_blocks as usize || full == 0 {
+            return Ok(false);
+        }
+        let session = self.session_for(req, &keys[..full]);
+        let mut blocks = Vec::new();
+        for (i, k) in keys[..full].iter().enumerate() {
+            match self.blocks.get_mut(k) {
+                Some(l) if l.host || l.nvme => l.last_use = now,
+                _ if self.saving_keys.contains(k) => {}
+                _ => {
+                    if block_ids[i] == 0 {
+                        return Err(Error::invalid(format!(
+                            "request {:?}: block {i} is vLLM's null block",
+                            req.req_id
+                        )));
+                    }
+                    blocks.push((*k, block_ids[i], i as u32));
+                }
+            }
+        }
+        if blocks.is_empty() {
+            return Ok(false);
+        }
+        self.metrics.saves += 1;
+        self.metrics.save_blocks += blocks.len() as u64;
+        let keys_saved: Vec<BlockKey> = blocks.iter().map(|b| b.0).collect();
+        self.saving_keys.extend(keys_saved.iter().copied());
+        self.saving
+            .insert(req.req_id.to_string(), (session, keys_saved));
+        self.outbox.saves.push(SaveReq {
+            req_id: req.req_id.to_string(),
+            session,
+            blocks,
+        });
+        Ok(true)
+    }
+
+    /// `build_connector_meta`: this step's plan, encoded.
+    pub fn build_meta(&mut self, _now: u64) -> Vec<u8> {
+        self.step += 1;
+        let mut plan = std::mem::take(&mut self.outbox);
+        plan.step = self.step;
+        plan.encode()
+    }
+
+    /// Queues a tier move for the workers.
+    pub fn push_move(&mut self, kind: MoveKind, key: BlockKey) {
+        self.outbox.moves.push((kind, key));
+    }
+
+    /// `update_connector_output`: a worker's report.
+    pub fn on_report(&mut self, bytes: &[u8], now: u64) -> Result<()> {
+        let r = Report::decode(bytes)?;
+        if r.block_bytes != 0 {
+            self.block_bytes = r.block_bytes;
+            self.metrics.block_bytes = r.block_bytes;
+        }
+        for s in r.saved {
+            let mut session = 0;
+            if let Some((sess, keys)) = self.saving.remove(&s.req_id) {
+                session = sess;
+                for k in &keys {
+                    self.saving_keys.remove(k);
+                }
+            }
+            for k in s.ok {
+                self.metrics.saved_blocks += 1;
+                let l = self.blocks.entry(k).or_insert(Loc {
+                    host: false,
+                    nvme: false,
+                    session,
+                    last_use: now,
+                    loading: 0,
+                });
+                l.host = true;
+                l.last_use = now;
+            }
+            self.metrics.save_failed_blocks += s.failed.len() as u64;
+        }
+        for l in r.loaded {
+            if let Some(st) = self.reqs.get(&l.req_id) {
+                let lo = st.local_blocks;
+                for k in &st.keys[lo..lo + st.ext_blocks] {
+                    if let Some(loc) = self.blocks.get_mut(k) {
+                        loc.loading = loc.loading.saturating_sub(1);
+                    }
+                }
+            }
+            self.metrics.load_failed_blocks += l.failed.len() as u64;
+            for k in l.failed {
+                self.blocks.remove(&k);
+            }
+        }
+        for k in r.on_nvme {
+            if let Some(l) = self.blocks.get_mut(&k) {
+                l.nvme = true;
+            }
+        }
+        for k in r.left_host {
+            if let Some(l) = self.blocks.get_mut(&k) {
+                l.host = false;
+                if !l.nvme {
+                    self.blocks.remove(&k);
+                }
+            }
+        }
+        for k in r.lost {
+            self.blocks.remove(&k);
+        }
+        Ok(())
+    }
+
+    fn refresh_counts(&mut self) {
+        let (mut h, mut n) = (0, 0);
+        for l in self.blocks.values() {
+            h += l.host as u64;
+            n += l.nvme as u64;
+        }
+        self.metrics.parked_blocks = self.blocks.len() as u64;
+        self.metrics.parked_host_blocks = h;
+        self.metrics.parked_nvme_blocks = n;
+    }
+
+    /// Metrics snapshot.
+    pub fn metrics(&mut self) -> PlannerMetrics {
+        self.refresh_counts();
+        self.metrics.clone()
+    }
+
+    /// Number of blocks kvpark holds (host or NVMe).
+    pub fn parked_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::{LoadDone, SaveDone};
+
+    const BS: u32 = 16;
+
+    fn hashes(n: usize, seed: u8) -> Vec<u8> {
+        (0..n)
+            .flat_map(|i| [seed, i as u8, 0, 0, 0, 0, 0, 0])
+            .collect()
+    }
+
+    fn view<'a>(id: &'a str, salt: &'a [u8], h: &'a [u8]) -> RequestView<'a> {
+        RequestView {
+            req_id: id,
+            salt,
+            hashes: h,
+            hash_len: 8,
+            hint: None,
+        }
+    }
+
+    /// Parks `n` blocks of `h` under `salt` through the full save round trip.
+    fn park(p: &mut BlockPlanner, id: &str, salt: &[u8], h: &[u8], n: usize) -> Vec<BlockKey> {
+        let ids: Vec<u32> = (1..=n as u32).collect();
+        let delay = p
+            .request_finished(&view(id, salt, h), &ids, n as u32 * BS, 10)
+            .unwrap();
+        assert!(delay);
+        let plan = Plan::decode(&p.build_meta(10)).unwrap();
+        assert_eq!(plan.saves.len(), 1);
+        let keys: Vec<BlockKey> = plan.saves[0].blocks.iter().map(|b| b.0).collect();
+        assert_eq!(keys.len(), n);
+        let rep = Report {
+            block_bytes: 4096,
+            saved: vec![SaveDone {
+                req_id: id.into(),
+                ok: keys.clone(),
+                failed: vec![],
+            }],
+            ..Default::default()
+        };
+        p.on_report(&rep.encode(), 11).unwrap();
+        keys
+    }
+
+    #[test]
+    fn saved_blocks_become_hits_beyond_the_local_hit() {
+        let mut p = BlockPlanner::new(Config::default(), BS).unwrap();
+        let h = hashes(8, 1);
+        park(&mut p, "a", b"", &h, 8);
+        // next turn: 8 full blocks + a partial one; vLLM itself still has 2 blocks
+        let m = p
+            .match_request(&view("b", b"", &h), 2 * BS, 8 * BS + 5, 20)
+            .unwrap();
+        assert_eq!(
+            m,
+            Match {
+                external_tokens: 6 * BS,
+                load_async: false
+            }
+        );
+        p.on_alloc("b", &(100..109).collect::<Vec<u32>>(), 6 * BS)
+            .unwrap();
+        let plan = Plan::decode(&p.build_meta(20)).unwrap();
+        assert_eq!(plan.loads.len(), 1);
+        let l = &plan.loads[0];
+        assert!(l.sync);
+        assert_eq!(
+            l.blocks.iter().map(|b| b.1).collect::<Vec<_>>(),
+            (102..108).collect::<Vec<u32>>()
+        );
+        assert_eq!(p.metrics().hit_tokens, 6 * BS as u64);
+    }
+
+    #[test]
+    fn leaves_one_token_to_compute() {
+        let mut p = BlockPlanner::new(Config::default(), BS).unwrap();
+        let h = hashes(4, 2);
+        park(&mut p, "a", b"", &h, 4);
+        // prompt is exactly 4 full blocks: only 3 may be loaded
+        let m = p.match_request(&view("b", b"", &h), 0, 4 * BS, 20).unwrap();
+        assert_eq!(m.external_tokens, 3 * BS);
+    }
+
+    #[test]
+    fn never_a_hit_across_salts() {
+        let mut p = BlockPlanner::new(Config::default(), BS).unwrap();
+        let h = hashes(4, 3);
+        park(&mut p, "a", b"tenant-1", &h, 4);
+        let m = p
+            .match_request(&view("b", b"tenant-2", &h), 0, 5 * BS, 20)
+            .unwrap();
+        assert_eq!(m.external_tokens, 0);
+        let m = p.match_request(&view("c", b"", &h), 0, 5 * BS, 20).unwrap();
+        assert_eq!(m.external_tokens, 0);
+        let m = p
+            .match_request(&view("d", b"tenant-1", &h), 0, 5 * BS, 20)
+            .unwrap();
+        assert_eq!(m.external_tokens, 4 * BS);
+    }
+
+    #[test]
+    fn nvme_only_or_over_budget_loads_async() {
+        let cfg = Config {
+            sync_load_budget_bytes: 3 * 4096,
+            ..Config::default()
+        };
+        let mut p = BlockPlanner::new(cfg, BS).unwrap();
+        let h = hashes(6, 4);
+        let keys = park(&mut p, "a", b"", &h, 6);
+        let m = p.match_request(&view("b", b"", &h), 0, 7 * BS, 20).unwrap();
+        assert!(
+            m.load_async,
+            "6 blocks of 4 KiB exceed a 12 KiB sync budget"
+        );
+        let m = p
+            .match_request(&view("b", b"", &h), 3 * BS, 7 * BS, 20)
+            .unwrap();
+        assert!(!m.load_async, "3 blocks fit");
+        // block 4 leaves the host but is on NVMe: async again
+        let rep = Report {
+            on_nvme: vec![keys[4]],
+            left_host: vec![keys[4]],
+            ..Default::default()
+        };
+        p.on_report(&rep.encode(), 30).unwrap();
+        let m = p
+            .match_request(&view("b", b"", &h), 3 * BS, 7 * BS, 31)
+            .unwrap();
+        assert_eq!(
+            m,
+            Match {
+                external_tokens: 3 * BS,
+                load_async: true
+            }
+        );
+    }
+
+    #[test]
+    fn failed_loads_are_forgotten_and_unsaved_blocks_no_hit() {
+        let mut p = BlockPlanner::new(Config::default(), BS).unwrap();
+        let h = hashes(4, 5);
+        let keys = park(&mut p, "a", b"", &h, 4);
+        p.match_request(&view("b", b"", &h), 0, 5 * BS, 20).unwrap();
+        p.on_alloc("b", &[1, 2, 3, 4, 5], 4 * BS).unwrap();
+        let rep = Report {
+            loaded: vec![LoadDone {
+                req_id: "b".into(),
+                failed: vec![keys[2]],
+            }],
+            ..Default::default()
+        };
+        p.on_report(&rep.encode(), 21).unwrap();
+        let m = p.match_request(&view("c", b"", &h), 0, 5 * BS, 22).unwrap();
+        assert_eq!(m.external_tokens, 2 * BS, "chain stops at the lost block");
+        assert_eq!(p.metrics().load_failed_blocks, 1);
+
+        // a save still in flight is not a hit, and is not planned twice
+        let h2 = hashes(3, 6);
+        assert!(p
+            .request_finished(&view("x", b"", &h2), &[7, 8, 9], 3 * BS, 30)
+            .unwrap());
+        assert_eq!(
+            p.match_request(&view("y", b"", &h2), 0, 4 * BS, 31)
+                .unwrap()
+                .external_tokens,
+            0
+        );
+        assert!(!p
+            .request_finished(&view("z", b"", &h2), &[7, 8, 9], 3 * BS, 32)
+            .unwrap());
+    }
+
+    #[test]
+    fn only_computed_blocks_are_parked() {
+        let mut p = BlockPlanner::new(Config::default(), BS).unwrap();
+        let h = hashes(4, 7);
+        // 4 hashes, but only 3 blocks' KV was computed (the last sampled token has no KV)
+        assert!(p
+            .request_finished(&view("a", b"", &h), &[1, 2, 3, 4], 4 * BS - 1, 1)
+            .unwrap());
+        let plan = Plan::decode(&p.build_meta(1)).unwrap();
+        assert_eq!(plan.saves[0].blocks.len(), 3);
+    }
+
+    #[test]
+    fn bad_input_is_an_error() {
+        let mut p = BlockPlanner::new(Config::default(), BS).unwrap();
+        let h = hashes(2, 8);
+        assert!(p.match_request(&view("a", b"", &h), 5, 40, 0).is_err());
+        assert!(p.on_alloc("never-matched", &[1], BS).is_err());
+        let odd = RequestView {
+            hash_len: 7,
+            ..view("a", b"", &h)
+        };
+        assert!(p.match_request(&odd, 0, 40, 0).is_err());
+        assert!(RequestHint::parse(br#"{"awaiting":"lunch"}"#).is_err());
+        assert!(RequestHint::parse(br#"{"sesion":"x"}"#).is_err());
+        assert!(BlockPlanner::new(Config::default(), 0).is_err());
+    }
+
+    #[test]
+    fn hinted_sessions_are_stable() {
+        let mut p = BlockPlanner::new(Config::default(), BS).unwrap();
+        let h = hashes(2, 9);
+        let mut v = view("a", b"", &h);
+        v.hint = Some(RequestHint {
+            session: Some("s-1".into()),
+            ..Default::default()
+        });
+        p.request_finished(&v, &[1, 2], 2 * BS, 0).unwrap();
+        let plan = Plan::decode(&p.build_meta(0)).unwrap();
+        let s1 = plan.saves[0].session;
+        let h2 = hashes(2, 10);
+        let mut v2 = view("b", b"", &h2);
+        v2.hint = Some(RequestHint {
+            session: Some("s-1".into()),
+            ..Default::default()
+        });
+        p.request_finished(&v2, &[3, 4], 2 * BS, 0).unwrap();
+        let plan = Plan::decode(&p.build_meta(0)).unwrap();
+        assert_eq!(plan.saves[0].session, s1);
+    }
+}

@@ -1,0 +1,169 @@
+//! File-system helpers: directories that are never symlinks, files opened
+//! with `O_NOFOLLOW`, the O_DIRECT probe, positional reads and writes.
+
+use super::aligned::AlignedBuf;
+use super::format::ALIGN;
+use crate::error::{Error, Result, ResultExt};
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+/// Mode of every directory the store creates.
+pub const DIR_MODE: u32 = 0o700;
+/// Mode of every file the store creates.
+pub const FILE_MODE: u32 = 0o600;
+
+/// Makes sure `dir` is a real directory (not a symlink), creating it (and
+/// missing parents) with mode 0700 when `create` is set. A directory the
+/// store creates gets exactly 0700 whatever the umask.
+pub fn ensure_dir(dir: &Path, create: bool) -> Result<()> {
+    match fs::symlink_metadata(dir) {
+        Ok(m) if m.file_type().is_symlink() => Err(Error::invalid(format!(
+            "nvme: {} is a symlink; refusing to follow it (give the real path)",
+            dir.display()
+        ))),
+        Ok(m) if !m.is_dir() => Err(Error::invalid(format!(
+            "nvme: {} exists and is not a directory",
+            dir.display()
+        ))),
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound && create => {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(DIR_MODE)
+                .create(dir)
+                .ctx(format!("nvme: create directory {}", dir.display()))?;
+            fs::set_permissions(dir, fs::Permissions::from_mode(DIR_MODE))
+                .ctx(format!("nvme: chmod 0700 {}", dir.display()))?;
+            // Re-check: something may have raced a symlink in.
+            ensure_dir(dir, false)
+        }
+        Err(e) => Err(Error::from(e).context(format!("nvme: stat {}", dir.display()))),
+    }
+}
+
+fn flags(direct: bool) -> i32 {
+    libc::O_NOFOLLOW | libc::O_CLOEXEC | if direct { libc::O_DIRECT } else { 0 }
+}
+
+/// Creates a new segment file (fails if it exists), mode 0600, read-write.
+pub fn create_file(path: &Path, direct: bool) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(FILE_MODE)
+        .custom_flags(flags(direct))
+        .open(path)
+        .map_err(|e| map_open_err(e, path, "create"))
+}
+
+/// Opens an existing file read-only without following a symlink, checking
+/// it is a regular file.
+pub fn open_read(path: &Path, direct: bool) -> Result<File> {
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(flags(direct))
+        .open(path)
+        .map_err(|e| map_open_err(e, path, "open"))?;
+    let m = f.metadata().ctx(format!("nvme: stat {}", path.display()))?;
+    if !m.is_file() {
+        return Err(Error::invalid(format!(
+            "nvme: {} is not a regular file",
+            path.display()
+        )));
+    }
+    Ok(f)
+}
+
+fn map_open_err(e: io::Error, path: &Path, what: &str) -> Error {
+    if e.raw_os_error() == Some(libc::ELOOP) {
+        return Error::invalid(format!(
+            "nvme: {what} {}: is a symlink; refusing to follow it",
+            path.display()
+        ));
+    }
+    Error::from(e).context(format!("nvme: {what} {}", path.display()))
+}
+
+/// Whether O_DIRECT works in `dir`: opens, writes and reads back one aligned
+/// block in a probe file. `Ok(None)` = works; `Ok(Some(reason))` = refused
+/// (EINVAL / EOPNOTSUPP), so the caller falls back to buffered I/O.
+pub fn probe_direct(dir: &Path) -> Result<Option<String>> {
+    let path = dir.join(".direct-probe");
+    let _ = fs::remove_file(&path);
+    let refused = |e: &io::Error| {
+        matches!(
+            e.raw_os_error(),
+            Some(libc::EINVAL) | Some(libc::EOPNOTSUPP)
+        )
+    };
+    let f = match OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(FILE_MODE)
+        .custom_flags(flags(true))
+        .open(&path)
+    {
+        Ok(f) => f,
+        Err(e) if refused(&e) => {
+            return Ok(Some(format!(
+                "O_DIRECT refused by the file system at open ({e}); using buffered I/O"
+            )))
+        }
+        Err(e) => return Err(map_open_err(e, &path, "probe O_DIRECT")),
+    };
+    let mut buf = AlignedBuf::new(ALIGN)?;
+    buf[..8].copy_from_slice(b"kvpark!!");
+    let res = f.write_all_at(&buf, 0).and_then(|_| {
+        buf.fill(0);
+        f.read_exact_at(&mut buf, 0)
+    });
+    drop(f);
+    let _ = fs::remove_file(&path);
+    match res {
+        Ok(()) if &buf[..8] == b"kvpark!!" => Ok(None),
+        Ok(()) => Ok(Some(
+            "O_DIRECT read back different bytes; using buffered I/O".into(),
+        )),
+        Err(e) if refused(&e) => Ok(Some(format!(
+            "O_DIRECT refused by the file system at write/read ({e}); using buffered I/O"
+        ))),
+        // ENOSPC and friends: O_DIRECT itself was accepted.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)) => Ok(None),
+        Err(e) => Err(Error::from(e).context(format!("nvme: probe O_DIRECT in {}", dir.display()))),
+    }
+}
+
+/// Reads up to `buf.len()` bytes at `off`, stopping early only at end of
+/// file. Returns the bytes read.
+pub fn read_full_at(f: &File, buf: &mut [u8], off: u64) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match f.read_at(&mut buf[done..], off + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+/// fdatasync.
+pub fn sync_data(f: &File) -> io::Result<()> {
+    f.sync_data()
+}
+
+/// fsync of a directory (makes a new file name durable).
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    let d = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(dir)
+        .ctx(format!("nvme: open directory {}", dir.display()))?;
+    d.sync_all()
+        .ctx(format!("nvme: fsync directory {}", dir.display()))
+}

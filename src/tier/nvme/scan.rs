@@ -1,0 +1,154 @@
+//! Walks one segment file record by record; shared by recovery at open and
+//! by [`super::inspect`].
+//!
+//! Rules (offsets are always multiples of 4 KiB):
+//! - a valid header whose payload fits in the file is a record; the walk
+//!   moves on by its padded length. With `verify`, the payload checksum is
+//!   checked too and a mismatch is a *corrupt* record (skipped by its length).
+//! - a valid header whose payload runs past end of file, or a header cut short
+//!   by end of file, is a *torn* record (a write that did not finish); the
+//!   walk ends there.
+//! - a block of zeros is a hole (space reserved by a write that never
+//!   happened); skipped, not counted.
+//! - a block with the magic but a bad header checksum (or an unknown version,
+//!   codec, or impossible field) is *corrupt*; the walk resynchronises on the
+//!   next 4 KiB block.
+//! - a non-zero block without the magic where a record was expected (file
+//!   start, or right after a record) is *corrupt*; the blocks that follow it
+//!   without the magic are its remains and are not counted again.
+
+use super::aligned::BufPool;
+use super::format::{RecordHeader, ALIGN, HEADER_LEN};
+use super::fsio::read_full_at;
+use crate::error::{Result, ResultExt};
+use std::fs::File;
+
+/// How a record was lost.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BadKind {
+    /// Cut short by the end of the file: an interrupted write.
+    Torn,
+    /// Failed a checksum or a field check.
+    Corrupt,
+}
+
+/// One step of the walk.
+pub enum ScanItem {
+    /// A valid record (payload checked only when the walk verifies).
+    Record {
+        /// Offset of the header in the segment.
+        off: u64,
+        /// The header.
+        hdr: RecordHeader,
+    },
+    /// A dropped record.
+    Bad {
+        /// Offset of the (would-be) header.
+        off: u64,
+        /// Torn or corrupt.
+        kind: BadKind,
+        /// Why, in words.
+        reason: String,
+    },
+}
+
+/// Walks `file` (of `file_len` bytes), calling `f` for each record or loss.
+pub fn scan_segment(
+    file: &File,
+    file_len: u64,
+    verify: bool,
+    pool: &BufPool,
+    mut f: impl FnMut(ScanItem),
+) -> Result<()> {
+    let mut off = 0u64;
+    let mut expect = true;
+    let mut hbuf = pool.get(ALIGN)?;
+    while off < file_len {
+        let n = read_full_at(file, &mut hbuf[..ALIGN], off).ctx(format!("scan offset {off}"))?;
+        let blk = &hbuf[..n];
+        if n < HEADER_LEN {
+            if !blk.iter().all(|&b| b == 0) {
+                f(ScanItem::Bad {
+                    off,
+                    kind: BadKind::Torn,
+                    reason: format!("header cut short by end of file ({n} of {HEADER_LEN} bytes)"),
+                });
+            }
+            break;
+        }
+        match RecordHeader::decode(blk) {
+            Ok(hdr) => {
+                let end = off + HEADER_LEN as u64 + hdr.stored_len as u64;
+                if end > file_len {
+                    f(ScanItem::Bad {
+                        off,
+                        kind: BadKind::Torn,
+                        reason: format!(
+                            "payload cut short by end of file ({} of {} bytes present)",
+                            file_len.saturating_sub(off + HEADER_LEN as u64),
+                            hdr.stored_len
+                        ),
+                    });
+                    break;
+                }
+                if verify {
+                    let padded = hdr.padded_len() as usize;
+                    let mut rbuf = pool.get(padded)?;
+                    let got = read_full_at(file, &mut rbuf[..padded], off)
+                        .ctx(format!("scan offset {off}"))?;
+                    let payload_end = HEADER_LEN + hdr.stored_len as usize;
+                    let crc = if got >= payload_end {
+                        Some(crc32c::crc32c(&rbuf[HEADER_LEN..payload_end]))
+                    } else {
+                        None
+                    };
+                    match crc {
+                        Some(c) if c == hdr.payload_crc => f(ScanItem::Record { off, hdr }),
+                        Some(c) => f(ScanItem::Bad {
+                            off,
+                            kind: BadKind::Corrupt,
+                            reason: format!(
+                                "payload checksum mismatch (stored {:08x}, computed {c:08x})",
+                                hdr.payload_crc
+                            ),
+                        }),
+                        None => {
+                            f(ScanItem::Bad {
+                                off,
+                                kind: BadKind::Torn,
+                                reason: "payload cut short while reading".into(),
+                            });
+                            break;
+                        }
+                    }
+                } else {
+                    f(ScanItem::Record { off, hdr });
+                }
+                off += hdr.padded_len();
+                expect = true;
+            }
+            Err(super::format::HeaderError::BadMagic) => {
+                if !blk.iter().all(|&b| b == 0) && expect {
+                    f(ScanItem::Bad {
+                        off,
+                        kind: BadKind::Corrupt,
+                        reason: "bad magic where a record was expected".into(),
+                    });
+                    expect = false;
+                }
+                off += ALIGN as u64;
+            }
+            Err(e) => {
+                f(ScanItem::Bad {
+                    off,
+                    kind: BadKind::Corrupt,
+                    reason: e.to_string(),
+                });
+                expect = false;
+                off += ALIGN as u64;
+            }
+        }
+    }
+    Ok(())
+}

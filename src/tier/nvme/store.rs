@@ -1,0 +1,1218 @@
+//! [`NvmeStore`]: the segment log of one rank, its in-memory index, the
+//! I/O threads and garbage collection. See the module docs of
+//! [`super`] for the invariants.
+
+use super::aligned::BufPool;
+use super::format::{padded_len, RecordHeader, HEADER_LEN};
+use super::fsio;
+use super::scan::{scan_segment, BadKind, ScanItem};
+use super::{FsyncPolicy, NvmeConfig};
+use crate::block::BlockKey;
+use crate::codec::{self, CodecTag};
+use crate::error::{Error, ErrorKind, Result, ResultExt};
+use crossbeam_channel::{Receiver, Sender};
+use parking_lot::Mutex;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::{self, File};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+/// What a successful [`NvmeStore::get`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GetInfo {
+    /// Session the record was written for.
+    pub session: u64,
+    /// Caller's sequence number.
+    pub seq: u32,
+    /// Decoded length.
+    pub raw_len: u32,
+    /// Bytes stored on disk (payload, before padding).
+    pub stored_len: u32,
+    /// Codec of the stored payload.
+    pub codec: CodecTag,
+}
+
+/// One indexed key, for a warm restart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeyInfo {
+    /// Block key.
+    pub key: BlockKey,
+    /// Session the record was written for.
+    pub session: u64,
+    /// Caller's sequence number.
+    pub seq: u32,
+    /// Decoded length (size of the buffer a get needs).
+    pub raw_len: u32,
+    /// Payload bytes on disk.
+    pub stored_len: u32,
+    /// Codec of the payload.
+    pub codec: CodecTag,
+}
+
+/// Counters and gauges of one store (a JSON-able snapshot).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct NvmeStats {
+    /// Rank this store serves.
+    pub rank: u32,
+    /// Segment directory.
+    pub dir: String,
+    /// Whether O_DIRECT is in use.
+    pub direct: bool,
+    /// Why O_DIRECT is not in use, when it was asked for and refused.
+    pub direct_fallback: Option<String>,
+    /// Codec new records are written with.
+    pub codec: &'static str,
+    /// Keys in the index.
+    pub records: u64,
+    /// Bytes (padded) of live records.
+    pub live_bytes: u64,
+    /// Bytes of superseded, removed or lost records not yet collected.
+    pub dead_bytes: u64,
+    /// live + dead: what the segment files occupy.
+    pub used_bytes: u64,
+    /// The capacity cap.
+    pub capacity_bytes: u64,
+    /// Segment files.
+    pub segments: u64,
+    /// Records indexed by the scan at open (newest per key).
+    pub recovered_records: u64,
+    /// Records dropped at open because a write did not finish.
+    pub dropped_torn: u64,
+    /// Records dropped at open because they failed a check.
+    pub dropped_corrupt: u64,
+    /// Records dropped because a read found them corrupt (never served).
+    pub read_corrupt: u64,
+    /// Completed puts.
+    pub puts: u64,
+    /// Raw bytes of completed puts.
+    pub put_raw_bytes: u64,
+    /// Stored (payload) bytes of completed puts.
+    pub put_stored_bytes: u64,
+    /// Completed gets that returned data.
+    pub gets: u64,
+    /// Gets of keys not in the index.
+    pub get_misses: u64,
+    /// Puts refused for lack of space (cap or file system).
+    pub no_space_errors: u64,
+    /// Other I/O failures.
+    pub io_errors: u64,
+    /// Garbage collection passes.
+    pub gc_runs: u64,
+    /// Segment files deleted by GC.
+    pub gc_segments_deleted: u64,
+    /// Live records GC copied forward.
+    pub gc_records_moved: u64,
+    /// Bytes GC gave back.
+    pub gc_bytes_freed: u64,
+}
+
+/// What one GC pass did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct GcReport {
+    /// Segment files deleted.
+    pub segments_deleted: u64,
+    /// Live records copied forward.
+    pub records_moved: u64,
+    /// Records found corrupt while copying (dropped, counted in `read_corrupt`).
+    pub records_dropped_corrupt: u64,
+    /// Bytes given back (deleted segment bytes minus bytes copied forward).
+    pub bytes_freed: u64,
+}
+
+/// Identifies a submitted request in its [`Completion`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Ticket(pub u64);
+
+/// Kind of an asynchronous request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpKind {
+    /// `submit_put`.
+    Put,
+    /// `submit_get`.
+    Get,
+}
+
+/// The outcome of a submitted request, delivered on [`NvmeStore::completions`].
+#[derive(Debug)]
+pub struct Completion {
+    /// The ticket `submit_*` returned.
+    pub ticket: Ticket,
+    /// The request's key.
+    pub key: BlockKey,
+    /// Put or get.
+    pub op: OpKind,
+    /// Put: the caller's buffer handed back for reuse. Get: the block's raw
+    /// bytes — meaningful only when `result` is `Ok`.
+    pub data: Vec<u8>,
+    /// `Ok(None)` for a put, `Ok(Some(info))` for a get.
+    pub result: Result<Option<GetInfo>>,
+}
+
+enum Job {
+    Put {
+        ticket: Ticket,
+        key: BlockKey,
+        session: u64,
+        seq: u32,
+        data: Vec<u8>,
+    },
+    Get {
+        ticket: Ticket,
+        key: BlockKey,
+        data: Vec<u8>,
+    },
+}
+
+/// Where a key's newest record lives.
+#[derive(Clone, Copy, Debug)]
+struct Loc {
+    seg: u32,
+    off: u64,
+    len: u64,
+    lsn: u64,
+    session: u64,
+    seq: u32,
+    raw: u32,
+    stored: u32,
+    codec: CodecTag,
+}
+
+impl Loc {
+    fn same_place(&self, o: &Loc) -> bool {
+        self.seg == o.seg && self.off == o.off && self.lsn == o.lsn
+    }
+}
+
+struct Seg {
+    file: Arc<File>,
+    /// Bytes reserved (appended or being written), a multiple of 4 KiB
+    /// except for a torn tail found at open.
+    len: u64,
+    /// Padded bytes of records the index points to.
+    live: u64,
+    /// Writes reserved but not completed.
+    pending: u32,
+    sealed: bool,
+}
+
+struct State {
+    index: HashMap<BlockKey, Loc>,
+    segs: BTreeMap<u32, Seg>,
+    active: Option<u32>,
+    next_seg: u32,
+    next_lsn: u64,
+    used: u64,
+    closed: bool,
+}
+
+struct Reservation {
+    seg: u32,
+    off: u64,
+    len: u64,
+    lsn: u64,
+    file: Arc<File>,
+}
+
+#[derive(Default)]
+struct Counters {
+    recovered: AtomicU64,
+    dropped_torn: AtomicU64,
+    dropped_corrupt: AtomicU64,
+    read_corrupt: AtomicU64,
+    puts: AtomicU64,
+    put_raw: AtomicU64,
+    put_stored: AtomicU64,
+    gets: AtomicU64,
+    get_misses: AtomicU64,
+    no_space: AtomicU64,
+    io_errors: AtomicU64,
+    gc_runs: AtomicU64,
+    gc_deleted: AtomicU64,
+    gc_moved: AtomicU64,
+    gc_freed: AtomicU64,
+}
+
+struct Inner {
+    cfg: NvmeConfig,
+    rank_dir: PathBuf,
+    direct: bool,
+    direct_fallback: Option<String>,
+    state: Mutex<State>,
+    gc_lock: Mutex<()>,
+    pool: BufPool,
+    c: Counters,
+}
+
+/// The NVMe segment store of one rank. `Send + Sync`; share it with `Arc`.
+pub struct NvmeStore {
+    inner: Arc<Inner>,
+    jobs: Mutex<Option<Sender<Job>>>,
+    done_rx: Receiver<Completion>,
+    workers: Mutex<Vec<JoinHandle<()>>>,
+    next_ticket: AtomicU64,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+fn seg_name(id: u32) -> String {
+    format!("seg-{id:06}.kvp")
+}
+
+/// Parses `seg-NNNNNN.kvp`.
+pub(crate) fn parse_seg_name(name: &str) -> Option<u32> {
+    let digits = name.strip_prefix("seg-")?.strip_suffix(".kvp")?;
+    if digits.len() < 6 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// Segment files of a rank directory, sorted by id.
+pub(crate) fn list_segments(dir: &Path) -> Result<Vec<(u32, PathBuf)>> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir).ctx(format!("nvme: list {}", dir.display()))? {
+        let e = e.ctx(format!("nvme: list {}", dir.display()))?;
+        if let Some(id) = e.file_name().to_str().and_then(parse_seg_name) {
+            out.push((id, e.path()));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+impl NvmeStore {
+    /// Opens (or creates) the store of `cfg.rank` under `cfg.dir`, recovering
+    /// the index from the segment headers, and starts the I/O threads.
+    pub fn open(cfg: NvmeConfig) -> Result<NvmeStore> {
+        cfg.validate()?;
+        fsio::ensure_dir(&cfg.dir, true)?;
+        let rank_dir = cfg.dir.join(format!("rank{}", cfg.rank));
+        fsio::ensure_dir(&rank_dir, true)?;
+        fs::set_permissions(
+            &rank_dir,
+            std::os::unix::fs::PermissionsExt::from_mode(fsio::DIR_MODE),
+        )
+        .ctx(format!("nvme: chmod 0700 {}", rank_dir.display()))?;
+
+        let (direct, direct_fallback) = if cfg.direct {
+            match probe_direct_for(&rank_dir)? {
+                None => (true, None),
+                Some(reason) => {
+                    eprintln!("kvpark nvme rank {}: {reason}", cfg.rank);
+                    (false, Some(reason))
+                }
+            }
+        } else {
+            (false, None)
+        };
+
+        let inner = Inner {
+            rank_dir,
+            direct,
+            direct_fallback,
+            state: Mutex::new(State {
+                index: HashMap::new(),
+                segs: BTreeMap::new(),
+                active: None,
+                next_seg: 1,
+                next_lsn: 1,
+                used: 0,
+                closed: false,
+            }),
+            gc_lock: Mutex::new(()),
+            pool: BufPool::new(cfg.io_threads + 4),
+            c: Counters::default(),
+            cfg,
+        };
+        inner.recover()?;
+        let inner = Arc::new(inner);
+
+        let (job_tx, job_rx) = crossbeam_channel::bounded::<Job>(inner.cfg.queue_depth);
+        let (done_tx, done_rx) = crossbeam_channel::unbounded::<Completion>();
+        let mut workers = Vec::new();
+        for i in 0..inner.cfg.io_threads {
+            let inner = inner.clone();
+            let rx = job_rx.clone();
+            let tx = done_tx.clone();
+            let h = std::thread::Builder::new()
+                .name(format!("kvpark-nvme{}-io{i}", inner.cfg.rank))
+                .spawn(move || io_thread(&inner, rx, tx))
+                .ctx("nvme: spawn I/O thread")?;
+            workers.push(h);
+        }
+        Ok(NvmeStore {
+            inner,
+            jobs: Mutex::new(Some(job_tx)),
+            done_rx,
+            workers: Mutex::new(workers),
+            next_ticket: AtomicU64::new(1),
+        })
+    }
+
+    /// The directory holding this rank's segments (`<dir>/rank<R>`).
+    pub fn rank_dir(&self) -> &Path {
+        &self.inner.rank_dir
+    }
+
+    /// Whether O_DIRECT is in use (false after a fallback).
+    pub fn is_direct(&self) -> bool {
+        self.inner.direct
+    }
+
+    /// Stores `raw` under `key`, replacing any older record of the key.
+    /// Returns once the record is written (and synced, per the fsync policy).
+    pub fn put(&self, key: &BlockKey, session: u64, seq: u32, raw: &[u8]) -> Result<()> {
+        self.inner.put(key, session, seq, raw)
+    }
+
+    /// Reads `key` into `dst` (whose length must be the record's raw
+    /// length). The payload checksum is verified on every read; a corrupt
+    /// record is dropped from the index and reported as
+    /// [`ErrorKind::Corrupt`] — never served.
+    pub fn get(&self, key: &BlockKey, dst: &mut [u8]) -> Result<GetInfo> {
+        self.inner.get(key, dst)
+    }
+
+    /// Whether `key` is indexed.
+    pub fn contains(&self, key: &BlockKey) -> bool {
+        self.inner.state.lock().index.contains_key(key)
+    }
+
+    /// Raw length of `key`'s record, if indexed.
+    pub fn raw_len(&self, key: &BlockKey) -> Option<u32> {
+        self.inner.state.lock().index.get(key).map(|l| l.raw)
+    }
+
+    /// Drops `key` from the index; its bytes become dead and GC reclaims
+    /// them. Returns whether the key was present.
+    pub fn remove(&self, key: &BlockKey) -> bool {
+        let mut st = self.inner.state.lock();
+        match st.index.remove(key) {
+            Some(loc) => {
+                if let Some(s) = st.segs.get_mut(&loc.seg) {
+                    s.live -= loc.len;
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Keys in the index.
+    pub fn len(&self) -> usize {
+        self.inner.state.lock().index.len()
+    }
+
+    /// Whether the index is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A snapshot of every indexed key (for a warm restart), sorted by
+    /// (session, seq, key).
+    pub fn keys(&self) -> Vec<KeyInfo> {
+        let st = self.inner.state.lock();
+        let mut v: Vec<KeyInfo> = st
+            .index
+            .iter()
+            .map(|(k, l)| KeyInfo {
+                key: *k,
+                session: l.session,
+                seq: l.seq,
+                raw_len: l.raw,
+                stored_len: l.stored,
+                codec: l.codec,
+            })
+            .collect();
+        v.sort_by_key(|k| (k.session, k.seq, k.key));
+        v
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> NvmeStats {
+        self.inner.stats()
+    }
+
+    /// Collects garbage: deletes segments holding only dead records and
+    /// compacts sealed segments that are at least a quarter dead.
+    pub fn gc(&self) -> Result<GcReport> {
+        self.inner.gc(None)
+    }
+
+    /// Makes every completed write durable (fdatasync of all segments with
+    /// data written since open).
+    pub fn sync(&self) -> Result<()> {
+        let files: Vec<(u32, Arc<File>)> = {
+            let st = self.inner.state.lock();
+            st.segs.iter().map(|(i, s)| (*i, s.file.clone())).collect()
+        };
+        for (id, f) in files {
+            fsio::sync_data(&f).ctx(format!("nvme: fdatasync {}", seg_name(id)))?;
+        }
+        Ok(())
+    }
+
+    /// The receiver of completions of `submit_put` / `submit_get`. Every
+    /// clone sees the same queue; poll it with `try_recv` to never block.
+    pub fn completions(&self) -> Receiver<Completion> {
+        self.done_rx.clone()
+    }
+
+    /// Queues a put on the I/O threads (compression runs there). Blocks only
+    /// while `queue_depth` requests are already queued.
+    pub fn submit_put(
+        &self,
+        key: BlockKey,
+        session: u64,
+        seq: u32,
+        data: Vec<u8>,
+    ) -> Result<Ticket> {
+        let ticket = Ticket(self.next_ticket.fetch_add(1, Relaxed));
+        self.send(Job::Put {
+            ticket,
+            key,
+            session,
+            seq,
+            data,
+        })?;
+        Ok(ticket)
+    }
+
+    /// Queues a get of a record of `raw_len` bytes; the completion carries
+    /// the bytes.
+    pub fn submit_get(&self, key: BlockKey, raw_len: usize) -> Result<Ticket> {
+        self.submit_get_into(key, vec![0u8; raw_len])
+    }
+
+    /// Like [`NvmeStore::submit_get`], reading into `buf` (its length is the
+    /// raw length), so callers can recycle buffers.
+    pub fn submit_get_into(&self, key: BlockKey, buf: Vec<u8>) -> Result<Ticket> {
+        let ticket = Ticket(self.next_ticket.fetch_add(1, Relaxed));
+        self.send(Job::Get {
+            ticket,
+            key,
+            data: buf,
+        })?;
+        Ok(ticket)
+    }
+
+    fn send(&self, job: Job) -> Result<()> {
+        let tx = self
+            .jobs
+            .lock()
+            .clone()
+            .ok_or_else(|| Error::new(ErrorKind::Closed, "nvme store is closed"))?;
+        tx.send(job)
+            .map_err(|_| Error::new(ErrorKind::Closed, "nvme I/O threads have stopped"))
+    }
+
+    /// Stops the I/O threads after the queued requests, then syncs per the
+    /// fsync policy. Called by drop; calling it twice is harmless.
+    pub fn close(&self) -> Result<()> {
+        self.jobs.lock().take();
+        let workers: Vec<JoinHandle<()>> = std::mem::take(&mut *self.workers.lock());
+        for w in workers {
+            let _ = w.join();
+        }
+        let was_closed = std::mem::replace(&mut self.inner.state.lock().closed, true);
+        if !was_closed && self.inner.cfg.fsync != FsyncPolicy::Never {
+            self.sync()?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for NvmeStore {
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            eprintln!("kvpark nvme rank {}: close: {e}", self.inner.cfg.rank);
+        }
+    }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Test hook: makes the O_DIRECT probe report a refusal.
+    pub(crate) static FAKE_DIRECT_REFUSAL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn probe_direct_for(dir: &Path) -> Result<Option<String>> {
+    #[cfg(test)]
+    if FAKE_DIRECT_REFUSAL.with(|c| c.get()) {
+        return Ok(Some(
+            "O_DIRECT refused by the file system at open (Invalid argument (os error 22)); using buffered I/O".into(),
+        ));
+    }
+    fsio::probe_direct(dir)
+}
+
+fn io_thread(inner: &Inner, rx: Receiver<Job>, tx: Sender<Completion>) {
+    while let Ok(job) = rx.recv() {
+        let done = match job {
+            Job::Put {
+                ticket,
+                key,
+                session,
+                seq,
+                data,
+            } => {
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    inner.put(&key, session, seq, &data)
+                }));
+                Completion {
+                    ticket,
+                    key,
+                    op: OpKind::Put,
+                    data,
+                    result: flatten(r).map(|_| None),
+                }
+            }
+            Job::Get {
+                ticket,
+                key,
+                mut data,
+            } => {
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    inner.get(&key, &mut data)
+                }));
+                Completion {
+                    ticket,
+                    key,
+                    op: OpKind::Get,
+                    data,
+                    result: flatten(r).map(Some),
+                }
+            }
+        };
+        // The receiver lives in the store; if every clone is gone, nobody waits.
+        let _ = tx.send(done);
+    }
+}
+
+fn flatten<T>(r: std::thread::Result<Result<T>>) -> Result<T> {
+    match r {
+        Ok(r) => r,
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(Error::internal(format!("nvme I/O thread panicked: {msg}")))
+        }
+    }
+}
+
+impl Inner {
+    fn rank(&self) -> u32 {
+        self.cfg.rank
+    }
+
+    /// Rebuilds the index from the segment files.
+    fn recover(&self) -> Result<()> {
+        let mut st = self.state.lock();
+        // A probe file left by a crash is garbage.
+        let _ = fs::remove_file(self.rank_dir.join(".direct-probe"));
+        let mut max_lsn = 0u64;
+        for (id, path) in list_segments(&self.rank_dir)? {
+            let file = fsio::open_read(&path, self.direct)?;
+            let file_len = file
+                .metadata()
+                .ctx(format!("nvme: stat {}", path.display()))?
+                .len();
+            st.next_seg = st.next_seg.max(id + 1);
+            if file_len == 0 {
+                fs::remove_file(&path).ctx(format!("nvme: remove empty {}", path.display()))?;
+                continue;
+            }
+            let mut found: Vec<(u64, RecordHeader)> = Vec::new();
+            scan_segment(
+                &file,
+                file_len,
+                self.cfg.verify_on_open,
+                &self.pool,
+                |item| match item {
+                    ScanItem::Record { off, hdr } => found.push((off, hdr)),
+                    ScanItem::Bad { off, kind, reason } => {
+                        let c = match kind {
+                            BadKind::Torn => &self.c.dropped_torn,
+                            BadKind::Corrupt => &self.c.dropped_corrupt,
+                        };
+                        c.fetch_add(1, Relaxed);
+                        eprintln!(
+                            "kvpark nvme rank {}: {} offset {off}: dropped {:?} record: {reason}",
+                            self.rank(),
+                            seg_name(id),
+                            kind
+                        );
+                    }
+                },
+            )
+            .ctx(format!("nvme: recover {}", path.display()))?;
+            let len = super::format::align_up(file_len);
+            st.segs.insert(
+                id,
+                Seg {
+                    file: Arc::new(file),
+                    len,
+                    live: 0,
+                    pending: 0,
+                    sealed: true,
+                },
+            );
+            st.used += len;
+            for (off, hdr) in found {
+                max_lsn = max_lsn.max(hdr.lsn);
+                let loc = Loc {
+                    seg: id,
+                    off,
+                    len: hdr.padded_len(),
+                    lsn: hdr.lsn,
+                    session: hdr.session,
+                    seq: hdr.seq,
+                    raw: hdr.raw_len,
+                    stored: hdr.stored_len,
+                    codec: hdr.codec,
+                };
+                install(&mut st, hdr.key, loc);
+            }
+        }
+        st.next_lsn = max_lsn + 1;
+        self.c.recovered.store(st.index.len() as u64, Relaxed);
+        Ok(())
+    }
+
+    fn put(&self, key: &BlockKey, session: u64, seq: u32, raw: &[u8]) -> Result<()> {
+        let raw_len = u32::try_from(raw.len()).map_err(|_| {
+            Error::invalid(format!(
+                "nvme put: a record of {} bytes exceeds the 4 GiB record limit",
+                raw.len()
+            ))
+        })?;
+        let codec_tag = self.cfg.codec;
+        SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            let (tag, payload): (CodecTag, &[u8]) = if codec_tag == CodecTag::None {
+                (CodecTag::None, raw)
+            } else {
+                let t = codec::encode_best(
+                    codec::by_tag(codec_tag),
+                    raw,
+                    self.cfg.elem_size,
+                    &mut scratch,
+                )
+                .ctx("nvme put: encode")?;
+                (t, &scratch[..])
+            };
+            let stored_len = payload.len() as u32;
+            let padded = padded_len(stored_len);
+            let mut buf = self.pool.get(padded as usize)?;
+            let end = HEADER_LEN + payload.len();
+            buf[HEADER_LEN..end].copy_from_slice(payload);
+            buf[end..padded as usize].fill(0);
+            let mut hdr = RecordHeader {
+                key: *key,
+                session,
+                lsn: 0,
+                seq,
+                codec: tag,
+                elem_size: self.cfg.elem_size as u8,
+                raw_len,
+                stored_len,
+                payload_crc: crc32c::crc32c(payload),
+            };
+            let res = self.reserve_for_put(padded)?;
+            hdr.lsn = res.lsn;
+            hdr.encode(&mut buf[..HEADER_LEN]);
+            let loc = Loc {
+                seg: res.seg,
+                off: res.off,
+                len: padded,
+                lsn: res.lsn,
+                session,
+                seq,
+                raw: raw_len,
+                stored: stored_len,
+                codec: tag,
+            };
+            let r = self.write_record(&res, &buf[..padded as usize]);
+            drop(buf);
+            self.complete_write(res, *key, loc, r, None)?;
+            self.c.puts.fetch_add(1, Relaxed);
+            self.c.put_raw.fetch_add(raw_len as u64, Relaxed);
+            self.c.put_stored.fetch_add(stored_len as u64, Relaxed);
+            Ok(())
+        })
+    }
+
+    fn write_record(&self, res: &Reservation, bytes: &[u8]) -> Result<()> {
+        let ctx = || {
+            format!(
+                "nvme write rank {} {} offset {}",
+                self.rank(),
+                seg_name(res.seg),
+                res.off
+            )
+        };
+        res.file.write_all_at(bytes, res.off).ctx(ctx())?;
+        if self.cfg.fsync == FsyncPolicy::EveryRecord {
+            fsio::sync_data(&res.file).ctx(ctx())?;
+        }
+        Ok(())
+    }
+
+    /// Reserves `len` bytes for a new record, collecting garbage when the
+    /// capacity cap would be exceeded.
+    fn reserve_for_put(&self, len: u64) -> Result<Reservation> {
+        let cap = self.cfg.capacity_bytes;
+        if len > cap {
+            self.c.no_space.fetch_add(1, Relaxed);
+            return Err(Error::no_space(format!(
+                "nvme rank {}: a record of {len} bytes on disk exceeds the capacity cap of {cap} bytes",
+                self.rank()
+            )));
+        }
+        for attempt in 0..2 {
+            {
+                let mut st = self.state.lock();
+                if st.closed {
+                    return Err(Error::new(ErrorKind::Closed, "nvme store is closed"));
+                }
+                if st.used + len <= cap {
+                    return self.reserve(&mut st, len, None);
+                }
+                if attempt == 1 {
+                    let live: u64 = st.segs.values().map(|s| s.live).sum();
+                    self.c.no_space.fetch_add(1, Relaxed);
+                    return Err(Error::no_space(format!(
+                        "nvme rank {}: capacity cap of {cap} bytes reached ({} used: {live} live, {} dead; \
+                         the record needs {len}) and garbage collection freed too little; remove records first",
+                        self.rank(),
+                        st.used,
+                        st.used - live
+                    )));
+                }
+            }
+            self.gc(Some(len))?;
+        }
+        unreachable!("the second attempt returns")
+    }
+
+    /// Reserves `len` bytes at the end of the active segment (rolling to a
+    /// new one when it would overflow). `lsn` = keep this lsn (GC copies).
+    fn reserve(&self, st: &mut State, len: u64, lsn: Option<u64>) -> Result<Reservation> {
+        let roll = match st.active {
+            None => true,
+            Some(a) => {
+                let s = &st.segs[&a];
+                s.len > 0 && s.len + len > self.cfg.segment_bytes
+            }
+        };
+        if roll {
+            self.roll(st)?;
+        }
+        let id = st.active.expect("active after roll");
+        let lsn = lsn.unwrap_or_else(|| {
+            let l = st.next_lsn;
+            st.next_lsn += 1;
+            l
+        });
+        let s = st.segs.get_mut(&id).expect("active segment");
+        let off = s.len;
+        s.len += len;
+        s.pending += 1;
+        let file = s.file.clone();
+        st.used += len;
+        Ok(Reservation {
+            seg: id,
+            off,
+            len,
+            lsn,
+            file,
+        })
+    }
+
+    /// Seals the active segment and opens a new one.
+    fn roll(&self, st: &mut State) -> Result<()> {
+        let id = st.next_seg;
+        let path = self.rank_dir.join(seg_name(id));
+        let file = fsio::create_file(&path, self.direct).map_err(|e| {
+            self.count_err(&e);
+            e
+        })?;
+        if self.cfg.fsync != FsyncPolicy::Never {
+            fsio::sync_dir(&self.rank_dir)?;
+        }
+        st.next_seg += 1;
+        if let Some(old) = st.active.take() {
+            let s = st.segs.get_mut(&old).expect("active segment");
+            s.sealed = true;
+            if s.pending == 0 && self.cfg.fsync == FsyncPolicy::PerSegment {
+                fsio::sync_data(&s.file).ctx(format!("nvme: fdatasync {}", seg_name(old)))?;
+            }
+        }
+        st.segs.insert(
+            id,
+            Seg {
+                file: Arc::new(file),
+                len: 0,
+                live: 0,
+                pending: 0,
+                sealed: false,
+            },
+        );
+        st.active = Some(id);
+        Ok(())
+    }
+
+    fn count_err(&self, e: &Error) {
+        match e.kind() {
+            ErrorKind::NoSpace => self.c.no_space.fetch_add(1, Relaxed),
+            _ => self.c.io_errors.fetch_add(1, Relaxed),
+        };
+    }
+
+    /// Finishes a reserved write: indexes the record on success (unless a
+    /// newer record of the key won meanwhile, or — for a GC copy — the key
+    /// moved on: `gc_from`), gives the space back on failure.
+    fn complete_write(
+        &self,
+        res: Reservation,
+        key: BlockKey,
+        loc: Loc,
+        r: Result<()>,
+        gc_from: Option<Loc>,
+    ) -> Result<()> {
+        let mut sync_sealed = None;
+        let out = {
+            let mut st = self.state.lock();
+            let s = st.segs.get_mut(&res.seg).expect("reserved segment exists");
+            s.pending -= 1;
+            if s.sealed && s.pending == 0 && self.cfg.fsync == FsyncPolicy::PerSegment {
+                sync_sealed = Some(s.file.clone());
+            }
+            match r {
+                Ok(()) => {
+                    match gc_from {
+                        None => install(&mut st, key, loc),
+                        Some(from) => {
+                            let still = st.index.get(&key).is_some_and(|l| l.same_place(&from));
+                            if still {
+                                st.index.insert(key, loc);
+                                if let Some(fs) = st.segs.get_mut(&from.seg) {
+                                    fs.live -= from.len;
+                                }
+                                st.segs.get_mut(&res.seg).expect("segment").live += loc.len;
+                            }
+                        }
+                    }
+                    Ok(())
+                }
+                Err(e) => {
+                    self.count_err(&e);
+                    if s.len == res.off + res.len {
+                        // The tail reservation: cut the partial record off so
+                        // the space (and the file) are as before.
+                        s.len = res.off;
+                        st.used -= res.len;
+                        let _ = res.file.set_len(res.off);
+                    }
+                    Err(e)
+                }
+            }
+        };
+        if let Some(f) = sync_sealed {
+            fsio::sync_data(&f).ctx(format!("nvme: fdatasync {}", seg_name(res.seg)))?;
+        }
+        out
+    }
+
+    fn get(&self, key: &BlockKey, dst: &mut [u8]) -> Result<GetInfo> {
+        let (loc, file) = {
+            let st = self.state.lock();
+            match st.index.get(key) {
+                Some(l) => (*l, st.segs[&l.seg].file.clone()),
+                None => {
+                    self.c.get_misses.fetch_add(1, Relaxed);
+                    return Err(Error::not_found(format!(
+                        "nvme rank {}: no record for key {}",
+                        self.rank(),
+                        key.to_hex()
+                    )));
+                }
+            }
+        };
+        if dst.len() != loc.raw as usize {
+            return Err(Error::invalid(format!(
+                "nvme get: destination holds {} bytes but the record's raw length is {}",
+                dst.len(),
+                loc.raw
+            )));
+        }
+        let mut buf = self.pool.get(loc.len as usize)?;
+        let hdr = self.read_verified(key, &loc, &file, &mut buf)?;
+        let payload = &buf[HEADER_LEN..HEADER_LEN + hdr.stored_len as usize];
+        if let Err(e) = codec::by_tag(hdr.codec).decode(payload, hdr.elem_size as usize, dst) {
+            return Err(self.drop_corrupt(key, &loc, &format!("decode failed: {e}")));
+        }
+        self.c.gets.fetch_add(1, Relaxed);
+        Ok(GetInfo {
+            session: hdr.session,
+            seq: hdr.seq,
+            raw_len: hdr.raw_len,
+            stored_len: hdr.stored_len,
+            codec: hdr.codec,
+        })
+    }
+
+    /// Reads the record at `loc` into `buf` and checks header, identity and
+    /// payload checksum. On a mismatch the key is dropped (Corrupt).
+    fn read_verified(
+        &self,
+        key: &BlockKey,
+        loc: &Loc,
+        file: &File,
+        buf: &mut [u8],
+    ) -> Result<RecordHeader> {
+        let n = loc.len as usize;
+        let got = fsio::read_full_at(file, &mut buf[..n], loc.off)
+            .map_err(|e| {
+                let e = Error::from(e);
+                self.count_err(&e);
+                e
+            })
+            .ctx(format!(
+                "nvme read rank {} {} offset {}",
+                self.rank(),
+                seg_name(loc.seg),
+                loc.off
+            ))?;
+        let need = HEADER_LEN + loc.stored as usize;
+        if got < need {
+            return Err(self.drop_corrupt(
+                key,
+                loc,
+                &format!("record cut short ({got} of {need} bytes)"),
+            ));
+        }
+        let hdr = match RecordHeader::decode(&buf[..HEADER_LEN]) {
+            Ok(h) => h,
+            Err(e) => return Err(self.drop_corrupt(key, loc, &e.to_string())),
+        };
+        if hdr.key != *key
+            || hdr.lsn != loc.lsn
+            || hdr.stored_len != loc.stored
+            || hdr.raw_len != loc.raw
+        {
+            return Err(self.drop_corrupt(key, loc, "header does not match the index"));
+        }
+        let crc = crc32c::crc32c(&buf[HEADER_LEN..need]);
+        if crc != hdr.payload_crc {
+            return Err(self.drop_corrupt(
+                key,
+                loc,
+                &format!(
+                    "payload checksum mismatch (stored {:08x}, computed {crc:08x})",
+                    hdr.payload_crc
+                ),
+            ));
+        }
+        Ok(hdr)
+    }
+
+    fn drop_corrupt(&self, key: &BlockKey, loc: &Loc, why: &str) -> Error {
+        {
+            let mut st = self.state.lock();
+            if st.index.get(key).is_some_and(|l| l.same_place(loc)) {
+                st.index.remove(key);
+                if let Some(s) = st.segs.get_mut(&loc.seg) {
+                    s.live -= loc.len;
+                }
+            }
+        }
+        self.c.read_corrupt.fetch_add(1, Relaxed);
+        Error::corrupt(format!(
+            "nvme rank {} {} offset {} key {}: {why}; record dropped, never served",
+            self.rank(),
+            seg_name(loc.seg),
+            loc.off,
+            key.to_hex()
+        ))
+    }
+
+    /// One GC pass. `need = Some(n)`: free space until `n` more bytes fit
+    /// under the cap (any dead bytes qualify). `None`: explicit pass.
+    fn gc(&self, need: Option<u64>) -> Result<GcReport> {
+        let _g = self.gc_lock.lock();
+        self.c.gc_runs.fetch_add(1, Relaxed);
+        let mut report = GcReport::default();
+        let mut tried = HashSet::new();
+        loop {
+            let (victim, vfile, moves) = {
+                let mut st = self.state.lock();
+                if let Some(n) = need {
+                    if st.used + n <= self.cfg.capacity_bytes {
+                        break;
+                    }
+                }
+                let pick = st
+                    .segs
+                    .iter()
+                    .filter(|(id, s)| s.pending == 0 && s.len > s.live && !tried.contains(*id))
+                    .filter(|(_, s)| need.is_some() || s.live == 0 || (s.len - s.live) * 4 >= s.len)
+                    .max_by_key(|(_, s)| s.len - s.live)
+                    .map(|(id, _)| *id);
+                let Some(victim) = pick else { break };
+                tried.insert(victim);
+                if st.active == Some(victim) {
+                    self.roll(&mut st)?;
+                    // The new, empty active segment is never a victim.
+                    let a = st.active.expect("active");
+                    tried.insert(a);
+                }
+                let s = &st.segs[&victim];
+                if s.live == 0 {
+                    let len = s.len;
+                    st.segs.remove(&victim);
+                    st.used -= len;
+                    drop(st);
+                    self.delete_segment(victim)?;
+                    report.segments_deleted += 1;
+                    report.bytes_freed += len;
+                    continue;
+                }
+                let file = s.file.clone();
+                let moves: Vec<(BlockKey, Loc)> = st
+                    .index
+                    .iter()
+                    .filter(|(_, l)| l.seg == victim)
+                    .map(|(k, l)| (*k, *l))
+                    .collect();
+                (victim, file, moves)
+            };
+            let mut moved_bytes = 0;
+            for (key, loc) in moves {
+                match self.copy_forward(&key, &loc, &vfile)? {
+                    true => {
+                        report.records_moved += 1;
+                        moved_bytes += loc.len;
+                    }
+                    false => report.records_dropped_corrupt += 1,
+                }
+            }
+            let mut st = self.state.lock();
+            let s = &st.segs[&victim];
+            if s.live != 0 {
+                // Only a concurrent bug could leave live data here.
+                return Err(Error::internal(format!(
+                    "nvme gc: {} still holds {} live bytes after compaction",
+                    seg_name(victim),
+                    s.live
+                )));
+            }
+            let len = s.len;
+            st.segs.remove(&victim);
+            st.used -= len;
+            drop(st);
+            self.delete_segment(victim)?;
+            report.segments_deleted += 1;
+            report.bytes_freed += len.saturating_sub(moved_bytes);
+        }
+        self.c
+            .gc_deleted
+            .fetch_add(report.segments_deleted, Relaxed);
+        self.c.gc_moved.fetch_add(report.records_moved, Relaxed);
+        self.c.gc_freed.fetch_add(report.bytes_freed, Relaxed);
+        Ok(report)
+    }
+
+    fn delete_segment(&self, id: u32) -> Result<()> {
+        let path = self.rank_dir.join(seg_name(id));
+        fs::remove_file(&path).ctx(format!("nvme gc: remove {}", path.display()))
+    }
+
+    /// Copies one live record to the active segment byte for byte (its lsn
+    /// kept). Returns false when the record turned out corrupt (dropped).
+    fn copy_forward(&self, key: &BlockKey, loc: &Loc, file: &File) -> Result<bool> {
+        let mut buf = self.pool.get(loc.len as usize)?;
+        match self.read_verified(key, loc, file, &mut buf) {
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::Corrupt => return Ok(false),
+            Err(e) => return Err(e),
+        }
+        let res = {
+            let mut st = self.state.lock();
+            self.reserve(&mut st, loc.len, Some(loc.lsn))?
+        };
+        let new = Loc {
+            seg: res.seg,
+            off: res.off,
+            ..*loc
+        };
+        let r = self.write_record(&res, &buf[..loc.len as usize]);
+        self.complete_write(res, *key, new, r, Some(*loc))?;
+        Ok(true)
+    }
+
+    fn stats(&self) -> NvmeStats {
+        let st = self.state.lock();
+        let live: u64 = st.segs.values().map(|s| s.live).sum();
+        let c = &self.c;
+        NvmeStats {
+            rank: self.cfg.rank,
+            dir: self.rank_dir.display().to_string(),
+            direct: self.direct,
+            direct_fallback: self.direct_fallback.clone(),
+            codec: self.cfg.codec.name(),
+            records: st.index.len() as u64,
+            live_bytes: live,
+            dead_bytes: st.used - live,
+            used_bytes: st.used,
+            capacity_bytes: self.cfg.capacity_bytes,
+            segments: st.segs.len() as u64,
+            recovered_records: c.recovered.load(Relaxed),
+            dropped_torn: c.dropped_torn.load(Relaxed),
+            dropped_corrupt: c.dropped_corrupt.load(Relaxed),
+            read_corrupt: c.read_corrupt.load(Relaxed),
+            puts: c.puts.load(Relaxed),
+            put_raw_bytes: c.put_raw.load(Relaxed),
+            put_stored_bytes: c.put_stored.load(Relaxed),
+            gets: c.gets.load(Relaxed),
+            get_misses: c.get_misses.load(Relaxed),
+            no_space_errors: c.no_space.load(Relaxed),
+            io_errors: c.io_errors.load(Relaxed),
+            gc_runs: c.gc_runs.load(Relaxed),
+            gc_segments_deleted: c.gc_deleted.load(Relaxed),
+            gc_records_moved: c.gc_moved.load(Relaxed),
+            gc_bytes_freed: c.gc_freed.load(Relaxed),
+        }
+    }
+}
+
+/// Indexes `loc` for `key` if it is newer than what the index holds; the
+/// loser's bytes are dead.
+fn install(st: &mut State, key: BlockKey, loc: Loc) {
+    match st.index.get(&key) {
+        Some(old) if old.lsn >= loc.lsn => {
+            // An older write finishing after a newer one: it is dead on arrival.
+        }
+        Some(old) => {
+            let old = *old;
+            if let Some(s) = st.segs.get_mut(&old.seg) {
+                s.live -= old.len;
+            }
+            st.index.insert(key, loc);
+            st.segs.get_mut(&loc.seg).expect("segment").live += loc.len;
+        }
+        None => {
+            st.index.insert(key, loc);
+            st.segs.get_mut(&loc.seg).expect("segment").live += loc.len;
+        }
+    }
+}

@@ -1,0 +1,344 @@
+//! Unit tests of the NVMe store (fault tests live in tests/nvme_*.rs).
+
+use super::*;
+use crate::block::BlockKey;
+use crate::error::ErrorKind;
+use std::time::Duration;
+
+fn key(i: u64) -> BlockKey {
+    BlockKey::derive(b"t", &i.to_le_bytes())
+}
+
+/// bf16-like bytes: random low byte, skewed high byte (compressible by planes).
+fn kv_like(n: usize, seed: u64) -> Vec<u8> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|i| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            if i % 2 == 0 {
+                s as u8
+            } else {
+                0x3c + (s % 4) as u8
+            }
+        })
+        .collect()
+}
+
+fn cfg(dir: &std::path::Path) -> NvmeConfig {
+    let mut c = NvmeConfig::new(dir, 3, 64 << 20);
+    c.segment_bytes = 1 << 20;
+    c.fsync = FsyncPolicy::Never;
+    c
+}
+
+fn read(s: &NvmeStore, k: &BlockKey) -> Vec<u8> {
+    let mut v = vec![0u8; s.raw_len(k).expect("indexed") as usize];
+    s.get(k, &mut v).unwrap();
+    v
+}
+
+#[test]
+fn round_trip_every_codec_and_reopen() {
+    for codec in [CodecTag::None, CodecTag::Lz4, CodecTag::Lz4Planes] {
+        let t = tempfile::tempdir().unwrap();
+        let mut c = cfg(t.path());
+        c.codec = codec;
+        let blocks: Vec<Vec<u8>> = (0..12)
+            .map(|i| kv_like(120_000 + i * 977, i as u64))
+            .collect();
+        {
+            let s = NvmeStore::open(c.clone()).unwrap();
+            for (i, b) in blocks.iter().enumerate() {
+                s.put(&key(i as u64), 77, i as u32, b).unwrap();
+            }
+            for (i, b) in blocks.iter().enumerate() {
+                let mut dst = vec![0u8; b.len()];
+                let info = s.get(&key(i as u64), &mut dst).unwrap();
+                assert_eq!(&dst, b);
+                assert_eq!(
+                    (info.session, info.seq, info.raw_len),
+                    (77, i as u32, b.len() as u32)
+                );
+                if codec == CodecTag::Lz4Planes {
+                    assert_eq!(info.codec, CodecTag::Lz4Planes);
+                    assert!(info.stored_len < info.raw_len);
+                }
+            }
+            let st = s.stats();
+            assert_eq!(st.puts, 12);
+            assert_eq!(st.records, 12);
+            assert!(st.segments >= 2, "1 MiB segments roll: {}", st.segments);
+        }
+        let s = NvmeStore::open(c).unwrap();
+        assert_eq!(s.len(), 12);
+        assert_eq!(s.stats().recovered_records, 12);
+        for (i, b) in blocks.iter().enumerate() {
+            assert_eq!(&read(&s, &key(i as u64)), b, "{} block {i}", codec.name());
+        }
+        let keys = s.keys();
+        assert_eq!(keys.len(), 12);
+        assert_eq!(keys[5].seq, 5);
+        assert_eq!(keys[5].raw_len as usize, blocks[5].len());
+    }
+}
+
+#[test]
+fn files_and_dirs_have_private_modes() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().join("store");
+    let s = NvmeStore::open(cfg(&root)).unwrap();
+    s.put(&key(1), 1, 1, &[7u8; 100]).unwrap();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&root), 0o700);
+    assert_eq!(mode(s.rank_dir()), 0o700);
+    assert_eq!(s.rank_dir(), root.join("rank3"));
+    assert_eq!(mode(&s.rank_dir().join("seg-000001.kvp")), 0o600);
+}
+
+#[test]
+fn rewritten_key_newest_wins_and_old_bytes_are_dead() {
+    let t = tempfile::tempdir().unwrap();
+    let c = cfg(t.path());
+    {
+        let s = NvmeStore::open(c.clone()).unwrap();
+        s.put(&key(1), 1, 0, &[1u8; 5000]).unwrap();
+        s.put(&key(2), 1, 1, &[2u8; 5000]).unwrap();
+        s.put(&key(1), 2, 9, &[3u8; 7000]).unwrap();
+        let st = s.stats();
+        assert_eq!(st.records, 2);
+        assert_eq!(st.live_bytes, 3 * 8192 - 8192);
+        assert_eq!(st.dead_bytes, 8192);
+        assert_eq!(read(&s, &key(1)), vec![3u8; 7000]);
+    }
+    let s = NvmeStore::open(c).unwrap();
+    assert_eq!(read(&s, &key(1)), vec![3u8; 7000]);
+    let mut d = vec![0u8; 7000];
+    assert_eq!(s.get(&key(1), &mut d).unwrap().session, 2);
+    let st = s.stats();
+    assert_eq!((st.records, st.dead_bytes), (2, 8192));
+}
+
+#[test]
+fn wrong_dst_len_and_missing_key_are_clear_errors() {
+    let t = tempfile::tempdir().unwrap();
+    let s = NvmeStore::open(cfg(t.path())).unwrap();
+    s.put(&key(1), 1, 0, &[1u8; 10]).unwrap();
+    let e = s.get(&key(1), &mut [0u8; 9]).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+    assert!(e.message().contains("raw length is 10"), "{e}");
+    let e = s.get(&key(2), &mut [0u8; 10]).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound);
+    assert_eq!(s.stats().get_misses, 1);
+    let mut bad = cfg(t.path());
+    bad.segment_bytes = 1000;
+    let e = NvmeStore::open(bad).err().unwrap();
+    assert_eq!(e.kind(), ErrorKind::Config);
+    assert!(e.message().contains("segment_bytes"));
+}
+
+#[test]
+fn capacity_cap_runs_gc_then_refuses_with_no_space() {
+    let t = tempfile::tempdir().unwrap();
+    let mut c = cfg(t.path());
+    c.capacity_bytes = 10 * 36_864; // ten records of 32 KiB + header block
+    c.segment_bytes = 4 * 36_864;
+    let s = NvmeStore::open(c).unwrap();
+    let block = |i: u64| kv_like(32 * 1024, i);
+    for i in 0..10 {
+        s.put(&key(i), 1, i as u32, &block(i)).unwrap();
+    }
+    let e = s.put(&key(10), 1, 10, &block(10)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NoSpace);
+    assert!(e.message().contains("capacity cap"), "{e}");
+    assert_eq!(s.stats().no_space_errors, 1);
+    // Everything stored is still there.
+    for i in 0..10 {
+        assert_eq!(read(&s, &key(i)), block(i));
+    }
+    // Free two records of the first (sealed) segment: the next puts trigger GC,
+    // which copies the segment's two live records forward and deletes it.
+    assert!(s.remove(&key(0)));
+    assert!(s.remove(&key(1)));
+    assert!(!s.remove(&key(1)));
+    s.put(&key(10), 1, 10, &block(10)).unwrap();
+    s.put(&key(11), 1, 11, &block(11)).unwrap();
+    let st = s.stats();
+    assert!(st.gc_segments_deleted >= 1, "{st:?}");
+    assert!(st.used_bytes <= 10 * 36_864 + 4 * 36_864, "{st:?}");
+    for i in 2..12 {
+        assert_eq!(read(&s, &key(i)), block(i), "key {i}");
+    }
+    assert!(!s.contains(&key(0)));
+    let e = s.put(&key(99), 1, 0, &vec![0u8; 11 * 36_864]).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NoSpace);
+    assert!(e.message().contains("exceeds the capacity cap"), "{e}");
+}
+
+#[test]
+fn explicit_gc_compacts_and_survives_reopen() {
+    let t = tempfile::tempdir().unwrap();
+    let c = cfg(t.path());
+    let block = |i: u64| kv_like(200_000, i);
+    {
+        let s = NvmeStore::open(c.clone()).unwrap();
+        for i in 0..20 {
+            s.put(&key(i), 1, i as u32, &block(i)).unwrap();
+        }
+        let before = s.stats();
+        for i in (0..20).filter(|i| i % 3 != 0) {
+            s.remove(&key(i));
+        }
+        let r = s.gc().unwrap();
+        assert!(r.segments_deleted >= 3, "{r:?}");
+        assert!(r.bytes_freed > 0);
+        let after = s.stats();
+        assert_eq!(after.records, 7);
+        assert!(after.used_bytes < before.used_bytes);
+        assert_eq!(after.gc_records_moved, r.records_moved);
+        for i in (0..20).filter(|i| i % 3 == 0) {
+            assert_eq!(read(&s, &key(i)), block(i));
+        }
+    }
+    let s = NvmeStore::open(c).unwrap();
+    for i in (0..20).filter(|i| i % 3 == 0) {
+        assert_eq!(read(&s, &key(i)), block(i), "key {i} after reopen");
+    }
+    // GC copies keep their lsn: no key is duplicated, every moved record is
+    // the only live one.
+    assert_eq!(s.len(), s.keys().len());
+}
+
+#[test]
+fn async_requests_complete_with_bytes_and_tickets() {
+    let t = tempfile::tempdir().unwrap();
+    let mut c = cfg(t.path());
+    c.codec = CodecTag::Lz4Planes;
+    c.io_threads = 3;
+    c.queue_depth = 2;
+    let s = NvmeStore::open(c).unwrap();
+    let rx = s.completions();
+    let mut tickets = std::collections::HashMap::new();
+    for i in 0..16u64 {
+        let t = s
+            .submit_put(key(i), 5, i as u32, kv_like(60_000, i))
+            .unwrap();
+        tickets.insert(t, i);
+    }
+    let mut seen = 0;
+    while seen < 16 {
+        let c = rx.recv_timeout(Duration::from_secs(20)).unwrap();
+        assert_eq!(c.op, OpKind::Put);
+        let i = tickets.remove(&c.ticket).expect("known ticket");
+        assert_eq!(c.key, key(i));
+        assert!(c.result.unwrap().is_none());
+        assert_eq!(c.data, kv_like(60_000, i), "the put buffer comes back");
+        seen += 1;
+    }
+    assert!(rx.try_recv().is_err(), "nothing extra");
+    for i in 0..16u64 {
+        let t = s.submit_get(key(i), 60_000).unwrap();
+        tickets.insert(t, i);
+    }
+    let t = s.submit_get(key(99), 10).unwrap();
+    let mut misses = 0;
+    for _ in 0..17 {
+        let c = rx.recv_timeout(Duration::from_secs(20)).unwrap();
+        if c.ticket == t {
+            assert_eq!(c.result.unwrap_err().kind(), ErrorKind::NotFound);
+            misses += 1;
+            continue;
+        }
+        let i = tickets.remove(&c.ticket).unwrap();
+        let info = c.result.unwrap().unwrap();
+        assert_eq!(info.codec, CodecTag::Lz4Planes);
+        assert_eq!(c.data, kv_like(60_000, i));
+    }
+    assert_eq!(misses, 1);
+    assert!(tickets.is_empty());
+    s.close().unwrap();
+    assert_eq!(
+        s.submit_get(key(1), 1).unwrap_err().kind(),
+        ErrorKind::Closed
+    );
+}
+
+#[test]
+fn direct_refusal_falls_back_to_buffered_with_reason() {
+    let t = tempfile::tempdir().unwrap();
+    store::FAKE_DIRECT_REFUSAL.with(|f| f.set(true));
+    let s = NvmeStore::open(cfg(t.path()));
+    store::FAKE_DIRECT_REFUSAL.with(|f| f.set(false));
+    let s = s.unwrap();
+    assert!(!s.is_direct());
+    let st = s.stats();
+    assert!(!st.direct);
+    assert!(st
+        .direct_fallback
+        .as_deref()
+        .unwrap()
+        .contains("O_DIRECT refused"));
+    s.put(&key(1), 1, 1, &[9u8; 3000]).unwrap();
+    assert_eq!(read(&s, &key(1)), vec![9u8; 3000]);
+    let json = serde_json::to_string(&st).unwrap();
+    assert!(json.contains("\"direct_fallback\":\"O_DIRECT refused"));
+}
+
+#[test]
+fn direct_io_is_used_on_this_fs_when_it_allows() {
+    // The probe either succeeds (O_DIRECT on) or records why not; never silent.
+    let t = tempfile::tempdir().unwrap();
+    let s = NvmeStore::open(cfg(t.path())).unwrap();
+    let st = s.stats();
+    assert_eq!(st.direct, st.direct_fallback.is_none());
+    s.put(&key(1), 1, 1, &kv_like(12_345, 1)).unwrap();
+    assert_eq!(read(&s, &key(1)), kv_like(12_345, 1));
+}
+
+#[test]
+fn inspect_reports_codecs_and_dead_records() {
+    let t = tempfile::tempdir().unwrap();
+    let mut c = cfg(t.path());
+    c.codec = CodecTag::Lz4Planes;
+    {
+        let s = NvmeStore::open(c.clone()).unwrap();
+        for i in 0..4 {
+            s.put(&key(i), 1, i as u32, &kv_like(64 * 1024, i)).unwrap();
+        }
+        s.put(&key(0), 1, 0, &kv_like(64 * 1024, 100)).unwrap();
+        let mut noise = vec![0u8; 8192];
+        let mut x = 0x1234_5678_9abc_def1u64;
+        for b in noise.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = (x >> 24) as u8;
+        }
+        s.put(&key(9), 1, 9, &noise).unwrap(); // incompressible: stored raw
+    }
+    let r = inspect(t.path(), true).unwrap();
+    assert_eq!(r.ranks.len(), 1);
+    let rk = &r.ranks[0];
+    assert_eq!(rk.rank, Some(3));
+    assert_eq!((rk.records, rk.live_records, rk.dead_records), (6, 5, 1));
+    assert_eq!(rk.checksum_ok, 6);
+    assert_eq!((rk.torn, rk.corrupt), (0, 0));
+    let planes = rk.codecs.iter().find(|c| c.codec == "lz4-planes").unwrap();
+    assert_eq!(planes.records, 4);
+    assert_eq!(planes.raw_bytes, 4 * 64 * 1024);
+    assert!(planes.ratio > 1.05, "{}", planes.ratio);
+    let none = rk.codecs.iter().find(|c| c.codec == "none").unwrap();
+    assert_eq!(
+        (none.records, none.raw_bytes, none.stored_bytes),
+        (1, 8192, 8192)
+    );
+    let text = r.to_string();
+    assert!(text.contains("lz4-planes"), "{text}");
+    assert!(text.contains("torn 0   corrupt 0"), "{text}");
+    // A rank directory can be inspected directly, too.
+    let r2 = inspect(&t.path().join("rank3"), false).unwrap();
+    assert_eq!(r2.ranks[0].live_records, 5);
+    assert!(inspect(&t.path().join("nope"), false).is_err());
+}

@@ -1,0 +1,365 @@
+//! NVMe store faults that really happen: flipped bytes on disk, a full file
+//! system (a real 8 MiB tmpfs), the capacity cap, symlinks, file modes.
+//!
+//! The disk-full test mounts a tmpfs and therefore needs CAP_SYS_ADMIN (root
+//! outside an unprivileged container). Where mounting is refused it FAILS
+//! with a message saying the fault was not exercised; it never passes
+//! without filling a disk.
+
+use kvpark::block::BlockKey;
+use kvpark::codec::CodecTag;
+use kvpark::tier::nvme::{inspect, BadKind, FsyncPolicy, NvmeConfig, NvmeStore};
+use kvpark::ErrorKind;
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+fn key(i: u64) -> BlockKey {
+    BlockKey::derive(b"faults", &i.to_le_bytes())
+}
+
+fn block(i: u64, len: usize) -> Vec<u8> {
+    let mut s = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 24) as u8
+        })
+        .collect()
+}
+
+fn cfg(dir: &Path) -> NvmeConfig {
+    let mut c = NvmeConfig::new(dir, 0, 1 << 30);
+    c.fsync = FsyncPolicy::Never;
+    c.codec = CodecTag::None;
+    c
+}
+
+fn read(s: &NvmeStore, k: &BlockKey) -> Vec<u8> {
+    let mut v = vec![0u8; s.raw_len(k).expect("indexed") as usize];
+    s.get(k, &mut v).unwrap();
+    v
+}
+
+fn flip(path: &Path, at: u64) {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, at).unwrap();
+    b[0] ^= 0x40;
+    f.write_all_at(&b, at).unwrap();
+    f.sync_all().unwrap();
+}
+
+const LEN: usize = 10_000; // 128 + 10000 bytes -> 12288 on disk
+const REC: u64 = 12288;
+
+#[test]
+fn flipped_payload_byte_is_corrupt_and_never_served() {
+    let t = tempfile::tempdir().unwrap();
+    let seg = t.path().join("rank0/seg-000001.kvp");
+    {
+        let s = NvmeStore::open(cfg(t.path())).unwrap();
+        for i in 0..4 {
+            s.put(&key(i), 1, i as u32, &block(i, LEN)).unwrap();
+        }
+        // A flip under a live store (its next read goes to the disk).
+        flip(&seg, 3 * REC + 128 + 9_999);
+        let mut dst = vec![0u8; LEN];
+        let e = s.get(&key(3), &mut dst).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Corrupt);
+        assert!(e.message().contains("payload checksum mismatch"), "{e}");
+        assert!(e.message().contains("never served"), "{e}");
+        assert_eq!(s.stats().read_corrupt, 1);
+        assert!(!s.contains(&key(3)));
+        assert_eq!(
+            s.get(&key(3), &mut dst).unwrap_err().kind(),
+            ErrorKind::NotFound,
+            "a corrupt record is a miss from then on"
+        );
+    }
+    // A flip in a closed store, found by the first read after reopen.
+    flip(&seg, REC + 128 + 500);
+    let s = NvmeStore::open(cfg(t.path())).unwrap();
+    assert_eq!(s.stats().dropped_corrupt, 0, "headers only at open");
+    let mut dst = vec![0u8; LEN];
+    let e = s.get(&key(1), &mut dst).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt);
+    let st = s.stats();
+    assert_eq!((st.read_corrupt, st.gets), (1, 0));
+    assert!(!s.contains(&key(1)));
+    assert_eq!(read(&s, &key(0)), block(0, LEN));
+    assert_eq!(read(&s, &key(2)), block(2, LEN));
+    drop(s);
+
+    // inspect --verify lists both, at their offsets.
+    let r = inspect(t.path(), true).unwrap();
+    let rk = &r.ranks[0];
+    let mut p: Vec<(u64, BadKind)> = rk.problems.iter().map(|p| (p.offset, p.kind)).collect();
+    p.sort_by_key(|x| x.0);
+    assert_eq!(
+        p,
+        vec![(REC, BadKind::Corrupt), (3 * REC, BadKind::Corrupt)]
+    );
+    assert!(rk
+        .problems
+        .iter()
+        .all(|p| p.reason.contains("payload checksum mismatch")));
+    assert_eq!((rk.checksum_ok, rk.checksum_failed), (2, 2));
+    assert!(
+        r.to_string()
+            .contains("offset 12288: payload checksum mismatch"),
+        "{r}"
+    );
+
+    // With verify_on_open the scan drops them at open, counted.
+    let mut c = cfg(t.path());
+    c.verify_on_open = true;
+    let s = NvmeStore::open(c).unwrap();
+    let st = s.stats();
+    assert_eq!(
+        (st.dropped_corrupt, st.dropped_torn, st.recovered_records),
+        (2, 0, 2)
+    );
+    assert_eq!(s.len(), 2);
+}
+
+#[test]
+fn flipped_header_bytes_are_dropped_at_reopen_and_counted() {
+    let t = tempfile::tempdir().unwrap();
+    {
+        let s = NvmeStore::open(cfg(t.path())).unwrap();
+        for i in 0..5 {
+            s.put(&key(i), 1, i as u32, &block(i, LEN)).unwrap();
+        }
+    }
+    let seg = t.path().join("rank0/seg-000001.kvp");
+    flip(&seg, REC + 44); // record 1: a session byte
+    flip(&seg, 3 * REC + 1); // record 3: the magic
+    let s = NvmeStore::open(cfg(t.path())).unwrap();
+    let st = s.stats();
+    assert_eq!((st.dropped_corrupt, st.dropped_torn), (2, 0), "{st:?}");
+    assert_eq!(st.recovered_records, 3);
+    for i in [0, 2, 4] {
+        assert_eq!(read(&s, &key(i)), block(i, LEN));
+    }
+    assert!(!s.contains(&key(1)) && !s.contains(&key(3)));
+    drop(s);
+    let r = inspect(t.path(), false).unwrap();
+    let rk = &r.ranks[0];
+    assert_eq!((rk.corrupt, rk.live_records), (2, 3));
+    assert_eq!(rk.problems[0].offset, REC);
+    assert!(rk.problems[0].reason.contains("header checksum mismatch"));
+    assert_eq!(rk.problems[1].offset, 3 * REC);
+    assert!(rk.problems[1].reason.contains("bad magic"));
+}
+
+/// A tmpfs mounted for one test; unmounted (lazily, so it cannot fail on a
+/// busy file) when dropped, also on panic.
+struct TmpfsMount {
+    path: PathBuf,
+}
+
+impl TmpfsMount {
+    fn mount(path: &Path, size: &str) -> Result<Self, String> {
+        let target = CString::new(path.as_os_str().as_bytes()).unwrap();
+        let opts = CString::new(format!("size={size},mode=0700")).unwrap();
+        // SAFETY: every pointer is a valid NUL-terminated string for the call.
+        let rc = unsafe {
+            libc::mount(
+                c"tmpfs".as_ptr(),
+                target.as_ptr(),
+                c"tmpfs".as_ptr(),
+                0,
+                opts.as_ptr() as *const libc::c_void,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error().to_string());
+        }
+        Ok(TmpfsMount {
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        let target = CString::new(self.path.as_os_str().as_bytes()).unwrap();
+        // SAFETY: valid NUL-terminated path.
+        let rc = unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+        if rc != 0 {
+            eprintln!(
+                "umount {}: {}",
+                self.path.display(),
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
+#[test]
+fn full_file_system_is_no_space_and_the_store_stays_usable() {
+    let t = tempfile::tempdir().unwrap();
+    let mnt = t.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let _guard = match TmpfsMount::mount(&mnt, "8m") {
+        Ok(g) => g,
+        Err(e) => panic!(
+            "DISK-FULL FAULT NOT EXERCISED: mounting an 8 MiB tmpfs at {} was refused ({e}). \
+             This test needs CAP_SYS_ADMIN (root, not in an unprivileged container); a loop-mounted \
+             image would need the same privilege, so there is no fallback. Run it where mounting works.",
+            mnt.display()
+        ),
+    };
+    let statfs_total = {
+        let p = CString::new(mnt.as_os_str().as_bytes()).unwrap();
+        let mut sf: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: valid path and out pointer.
+        assert_eq!(unsafe { libc::statvfs(p.as_ptr(), &mut sf) }, 0);
+        sf.f_blocks * sf.f_frsize
+    };
+    assert_eq!(statfs_total, 8 << 20, "the mount is the small tmpfs");
+
+    let rec = 1 << 20; // 1 MiB + 4 KiB on disk
+    let mut c = NvmeConfig::new(&mnt, 0, 1 << 30); // the cap is far: the fs is the limit
+    c.segment_bytes = 4 << 20; // three records per segment
+    c.fsync = FsyncPolicy::PerSegment;
+    c.codec = CodecTag::None;
+    let s = NvmeStore::open(c.clone()).unwrap();
+    let mut stored = Vec::new();
+    let err = loop {
+        let i = stored.len() as u64;
+        assert!(i < 16, "8 MiB cannot hold 16 records of 1 MiB");
+        match s.put(&key(i), 1, i as u32, &block(i, rec)) {
+            Ok(()) => stored.push(i),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(err.kind(), ErrorKind::NoSpace, "{err}");
+    assert!(err.message().contains("No space left on device"), "{err}");
+    assert!(err.message().contains("nvme write rank 0"), "{err}");
+    assert!(stored.len() >= 5, "{} records fit", stored.len());
+    let st = s.stats();
+    assert_eq!(st.no_space_errors, 1);
+    assert_eq!(st.records as usize, stored.len());
+    // Everything acknowledged reads back byte-exact; the store keeps serving.
+    for &i in &stored {
+        assert_eq!(read(&s, &key(i)), block(i, rec), "record {i} after ENOSPC");
+    }
+    let again = s.put(&key(99), 1, 99, &block(99, rec)).unwrap_err();
+    assert_eq!(again.kind(), ErrorKind::NoSpace);
+    assert!(!s.contains(&key(99)));
+    assert_eq!(read(&s, &key(stored[0])), block(stored[0], rec));
+
+    // Free the first segment (records 0..3) and collect it: puts work again.
+    for i in 0..3 {
+        assert!(s.remove(&key(i)));
+    }
+    let r = s.gc().unwrap();
+    assert!(r.segments_deleted >= 1, "{r:?}");
+    for i in 100..102u64 {
+        s.put(&key(i), 2, i as u32, &block(i, rec)).unwrap();
+    }
+    for &i in stored.iter().filter(|&&i| i >= 3).chain(&[100, 101]) {
+        assert_eq!(read(&s, &key(i)), block(i, rec));
+    }
+    drop(s);
+
+    // Reopen: the failed writes left no record (tail cut back), nothing torn.
+    let s = NvmeStore::open(c).unwrap();
+    let st = s.stats();
+    assert_eq!((st.dropped_torn, st.dropped_corrupt), (0, 0), "{st:?}");
+    assert_eq!(s.len(), stored.len() - 3 + 2);
+    for &i in stored.iter().filter(|&&i| i >= 3).chain(&[100, 101]) {
+        assert_eq!(read(&s, &key(i)), block(i, rec), "record {i} after reopen");
+    }
+}
+
+#[test]
+fn capacity_cap_is_no_space_until_gc_frees_room() {
+    let t = tempfile::tempdir().unwrap();
+    let mut c = cfg(t.path());
+    c.capacity_bytes = 6 * REC;
+    c.segment_bytes = 2 * REC;
+    let s = NvmeStore::open(c).unwrap();
+    for i in 0..6 {
+        s.put(&key(i), 1, i as u32, &block(i, LEN)).unwrap();
+    }
+    let e = s.put(&key(6), 1, 6, &block(6, LEN)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NoSpace);
+    assert!(
+        e.message().contains("capacity cap of 73728 bytes reached"),
+        "{e}"
+    );
+    assert!(e.message().contains("remove records first"), "{e}");
+    assert_eq!(s.stats().used_bytes, 6 * REC);
+    for i in 0..6 {
+        assert_eq!(read(&s, &key(i)), block(i, LEN));
+    }
+    // Remove one record of each of two segments: the put's GC compacts one.
+    s.remove(&key(0));
+    s.remove(&key(2));
+    s.put(&key(6), 1, 6, &block(6, LEN)).unwrap();
+    let st = s.stats();
+    assert!(st.gc_runs >= 1 && st.gc_segments_deleted >= 1, "{st:?}");
+    assert!(st.used_bytes <= 6 * REC, "{st:?}");
+    for i in [1, 3, 4, 5, 6] {
+        assert_eq!(read(&s, &key(i)), block(i, LEN), "record {i}");
+    }
+}
+
+#[test]
+fn symlinks_are_refused_and_modes_are_private() {
+    let t = tempfile::tempdir().unwrap();
+    let real = t.path().join("real");
+    std::fs::create_dir(&real).unwrap();
+    let link = t.path().join("link");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let e = NvmeStore::open(cfg(&link))
+        .err()
+        .expect("symlinked dir refused");
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+    assert!(e.message().contains("symlink"), "{e}");
+
+    // A rank directory that is a symlink is refused too.
+    let root = t.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    std::os::unix::fs::symlink(&real, root.join("rank0")).unwrap();
+    let e = NvmeStore::open(cfg(&root))
+        .err()
+        .expect("symlinked rank dir refused");
+    assert!(e.message().contains("symlink"), "{e}");
+
+    // A segment file that is a symlink is not followed.
+    let root2 = t.path().join("root2");
+    {
+        let s = NvmeStore::open(cfg(&root2)).unwrap();
+        s.put(&key(1), 1, 1, &block(1, LEN)).unwrap();
+        let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&root2), 0o700);
+        assert_eq!(mode(&root2.join("rank0")), 0o700);
+        assert_eq!(mode(&root2.join("rank0/seg-000001.kvp")), 0o600);
+    }
+    std::fs::rename(
+        root2.join("rank0/seg-000001.kvp"),
+        real.join("elsewhere.kvp"),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(
+        real.join("elsewhere.kvp"),
+        root2.join("rank0/seg-000001.kvp"),
+    )
+    .unwrap();
+    let e = NvmeStore::open(cfg(&root2))
+        .err()
+        .expect("symlinked segment refused");
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+    assert!(e.message().contains("refusing to follow"), "{e}");
+}
