@@ -122,17 +122,26 @@ class KVParkStats(KVConnectorStats):
 
     def reduce(self) -> dict[str, int | float]:
         out: dict[str, int | float] = {}
-        for k, v in (self.data.get("planner") or {}).items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                out[f"planner_{k}"] = v
+        _flatten("planner", self.data.get("planner") or {}, out)
         for per_rank in (self.data.get("mover") or {}).values():
-            for k, v in (per_rank or {}).items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    out[f"mover_{k}"] = out.get(f"mover_{k}", 0) + v
+            flat: dict[str, int | float] = {}
+            _flatten("mover", per_rank or {}, flat)
+            for k, v in flat.items():
+                out[k] = out.get(k, 0) + v
         return out
 
     def is_empty(self) -> bool:
         return not self.data
+
+
+def _flatten(prefix: str, d: dict, out: dict) -> None:
+    """Numeric leaves of a nested dict as out["prefix_a_b"] (booleans and strings skipped)."""
+    for k, v in d.items():
+        key = f"{prefix}_{k}"
+        if isinstance(v, dict):
+            _flatten(key, v, out)
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[key] = v
 
 
 def _now_ns() -> int:

@@ -258,3 +258,35 @@ def test_unknown_config_key_fails_engine_start(vllm_unit_utils, tiny_model, libk
     with pytest.raises(kvpark.ConfigError) as ei:
         vllm_unit_utils.create_scheduler(cfg, num_blocks=NUM_BLOCKS)
     assert "host_bytez" in str(ei.value)
+
+
+def test_connector_stats_reach_vllm(make):
+    """Metrics flow through vLLM's connector stats: the scheduler's stats payload holds
+    kvpark's snapshots, vLLM rebuilds them with build_kv_connector_stats, and reducing
+    sums the cumulative counters of each source once (newest snapshot wins)."""
+    from kvpark.vllm import KVParkStats
+
+    h = make({"host_bytes": "4MiB"})
+    park_one(h, prompt(2 * BS + 1, 9))
+    h.connector._last_stats_ns = 0
+    st = h.connector.get_kv_connector_stats()
+    assert isinstance(st, KVParkStats)
+    assert st.data["planner"]["saved_blocks"] == 2
+    h.worker._last_stats_ns = 0
+    wst = h.worker.get_kv_connector_stats()
+    assert wst.data["mover"]["0"]["counters"]["saved_blocks"] == 2
+    # as vLLM does: worker stats aggregated with scheduler stats, shipped as a dict,
+    # rebuilt by the connector class, accumulated over intervals, reduced for the log
+    payload = wst.aggregate(st).to_dict()
+    rebuilt = KVParkConnector.build_kv_connector_stats(payload)
+    again = rebuilt.aggregate(KVConnectorStatsLike(payload))
+    red = again.reduce()
+    assert red["planner_saved_blocks"] == 2
+    assert red["mover_counters_saved_blocks"] == 2
+    assert not again.is_empty()
+
+
+def KVConnectorStatsLike(data):
+    from kvpark.vllm import KVParkStats
+
+    return KVParkStats(data=data)

@@ -39,18 +39,31 @@ CONFIG = {
 BUILD_TAG = "tiny-llama-v1"
 
 
-def build(out_dir: str | os.PathLike, seed: int = 1234) -> Path:
+#: A larger (still random) model for benches/vllm_ttft.py: 8 layers, 16 KiB of fp32 KV per
+#: token, so prefill and KV movement both cost something measurable on a CPU.
+BENCH_OVERRIDES = {
+    "hidden_size": 512,
+    "intermediate_size": 1536,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 64,
+    "num_hidden_layers": 8,
+}
+
+
+def build(out_dir: str | os.PathLike, seed: int = 1234, overrides: dict | None = None) -> Path:
     """Writes config, seeded safetensors weights and a tokenizer into out_dir (idempotent)."""
     out = Path(out_dir)
     stamp = out / ".kvpark-build"
-    if stamp.exists() and stamp.read_text() == BUILD_TAG:
+    tag = BUILD_TAG + (json.dumps(overrides, sort_keys=True) if overrides else "")
+    if stamp.exists() and stamp.read_text() == tag:
         return out
     import torch
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
-    c = CONFIG
+    c = {**CONFIG, **(overrides or {})}
     h, inter, v = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
     hd = c["head_dim"]
     nq, nkv = c["num_attention_heads"], c["num_key_value_heads"]
@@ -82,7 +95,7 @@ def build(out_dir: str | os.PathLike, seed: int = 1234) -> Path:
         json.dumps({"bos_token_id": 1, "eos_token_id": 2, "do_sample": False})
     )
     _write_tokenizer(out)
-    stamp.write_text(BUILD_TAG)
+    stamp.write_text(tag)
     return out
 
 
@@ -114,4 +127,5 @@ def _write_tokenizer(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    print(build(sys.argv[1]))
+    bench = len(sys.argv) > 2 and sys.argv[2] == "--bench"
+    print(build(sys.argv[1], overrides=BENCH_OVERRIDES if bench else None))
