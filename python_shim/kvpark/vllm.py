@@ -40,6 +40,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
 from . import _ffi
+from . import errors as kvpark_errors
 from ._ffi import DTYPE_BF16, DTYPE_F16, DTYPE_F32, DTYPE_FP8, KvparkGeometry, KvparkLayerView
 
 if TYPE_CHECKING:
@@ -148,9 +149,9 @@ def _now_ns() -> int:
     return time.time_ns()
 
 
-def _request_view(request: "Request") -> _ffi.RequestView:
+def _request_view(request: "Request", with_hint: bool = True) -> _ffi.RequestView:
     params = getattr(request, "kv_transfer_params", None) or {}
-    hint = params.get(HINT_KEY) if isinstance(params, dict) else None
+    hint = params.get(HINT_KEY) if (with_hint and isinstance(params, dict)) else None
     return _ffi.RequestView(
         request.request_id,
         request.block_hashes,
@@ -284,6 +285,7 @@ class KVParkConnector(KVConnectorBase_V1):
             "finished_sending": 0,
             "finished_recving": 0,
             "load_error_blocks": 0,
+            "bad_hints": 0,
         }
         if role == KVConnectorRole.SCHEDULER:
             self._planner = _ffi.Planner(extra, self._block_size)
@@ -345,9 +347,23 @@ class KVParkConnector(KVConnectorBase_V1):
             raise RuntimeError("kvpark: scheduler-side method called on a worker-role connector")
         return self._planner
 
+    def _with_hint_fallback(self, request: "Request", call):
+        """Runs call(view); a malformed kvpark hint (client input) must not fail the engine:
+        the request is retried without it and counted in shim_counters["bad_hints"]."""
+        view = _request_view(request)
+        try:
+            return call(view)
+        except kvpark_errors.InvalidArgumentError as e:
+            if view.struct.hint_len == 0:
+                raise
+            self.shim_counters["bad_hints"] += 1
+            logger.warning("kvpark: ignoring the hint of request %s: %s", request.request_id, e.message)
+            return call(_request_view(request, with_hint=False))
+
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
-        n, load_async = self._p().match(
-            _request_view(request), num_computed_tokens, request.num_tokens, _now_ns()
+        now = _now_ns()
+        n, load_async = self._with_hint_fallback(
+            request, lambda v: self._p().match(v, num_computed_tokens, request.num_tokens, now)
         )
         load_async = bool(load_async and n > 0)
         if n > 0:
@@ -379,8 +395,10 @@ class KVParkConnector(KVConnectorBase_V1):
         Returns delay_free=True only while a save of this request is planned: vLLM then keeps
         the blocks until a worker reports the request in finished_sending.
         """
-        delay = self._p().request_finished(
-            _request_view(request), list(block_ids), int(request.num_computed_tokens), _now_ns()
+        now = _now_ns()
+        ids = list(block_ids)
+        delay = self._with_hint_fallback(
+            request, lambda v: self._p().request_finished(v, ids, int(request.num_computed_tokens), now)
         )
         self.shim_counters["delayed_frees"] += int(delay)
         self._last_match.pop(request.request_id, None)

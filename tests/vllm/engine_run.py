@@ -10,6 +10,8 @@ scheduler and both connector instances are inspectable.
 SPEC = {
   "model": dir, "block_size": 32, "kv_bytes": int, "max_model_len": int,
   "kvpark": null | {extra config},   # null = reference engine without the connector
+  "executor": null | "mp",            # "mp": worker in its own process (worker connector
+                                      # and its metrics then not inspectable here)
   "history": {session: [token ids]},  # optional, carried over from an earlier run
   "ops": [
     {"op": "turn", "sessions": [s, ...], "new_tokens": n, "max_tokens": m,
@@ -66,6 +68,10 @@ def build_llm(spec: dict):
         enable_prefix_caching=True,
         seed=0,
     )
+    if spec.get("executor"):
+        # "mp": the worker runs in its own (spawned) process, so the plan and the worker
+        # metadata really cross a process boundary (serialized by vLLM's message queue).
+        kw["distributed_executor_backend"] = spec["executor"]
     if spec.get("kvpark") is not None:
         kw["kv_transfer_config"] = {
             "kv_connector": "KVParkConnector",

@@ -6,7 +6,8 @@ run the same turns (prompts are built from each session's own history, so a dive
 would also change later prompts) and must produce the same greedy tokens and top-5
 logprobs (|Δ| <= 1e-4).
 
-Phases (each a fresh engine process on the same NVMe store directory):
+Phases (each a fresh engine process on the same NVMe store directory; B with its worker in
+a separate process, so plans and worker metadata cross a process boundary):
   A  host hit after vLLM's prefix cache was reset; NVMe hit after the small host tier
      evicted the session; many interleaved sessions overflowing the GPU cache, then a
      leak check of the scheduler.
@@ -163,7 +164,9 @@ def runs(tmp_path_factory, tiny_model, libkvpark):
         base_spec(tiny_model, None, PHASE_A + [{"op": "reset_prefix_cache"}] + PHASE_B + [{"op": "reset_prefix_cache"}] + PHASE_C),
     )
     a = run_engine(tmp, "A", base_spec(tiny_model, cfg, PHASE_A))
-    b = run_engine(tmp, "B", base_spec(tiny_model, cfg, PHASE_B, prev=a))
+    # B also runs its worker in a separate process: plans and worker metadata are
+    # serialized across the process boundary as in a real deployment.
+    b = run_engine(tmp, "B", {**base_spec(tiny_model, cfg, PHASE_B, prev=a), "executor": "mp"})
     flipped = flip_payload_bytes(nvme)
     c = run_engine(tmp, "C", base_spec(tiny_model, cfg, PHASE_C, prev=b))
     return {"ref": ref, "A": a, "B": b, "C": c, "flipped": flipped, "tmp": tmp}
@@ -200,6 +203,7 @@ def test_a_host_hit_after_prefix_cache_reset(runs):
     p = snaps(a)["a.after_host"]["planner"]
     assert p["hit_blocks_host"] == want // BS
     assert p["loads_sync"] == 1 and p["loads_async"] == 0
+    assert p["shim"]["bad_hints"] == 0  # the session hints were accepted
     # the reference engine had nothing cached after the reset
     assert turns(runs["ref"])["a.s1.t2.host"]["sessions"]["s1"]["num_cached_tokens"] == 0
 

@@ -290,3 +290,19 @@ def KVConnectorStatsLike(data):
     from kvpark.vllm import KVParkStats
 
     return KVParkStats(data=data)
+
+
+def test_bad_hint_is_ignored_not_fatal(make):
+    """A malformed kvpark hint is client input: the request is served without it."""
+    h = make({"host_bytes": "4MiB"})
+    p = prompt(2 * BS + 3, 11)
+    park_one(h, p, rid="h1")
+    assert h.scheduler.reset_prefix_cache()
+    r = h.request("h2", p, max_tokens=1)
+    r.kv_transfer_params = {"kvpark": {"session": "x", "awaiting": "lunch"}}
+    h.scheduler.add_request(r)
+    h.step()
+    assert h.connector.shim_counters["bad_hints"] >= 1
+    assert h.connector.shim_counters["external_tokens"] == 2 * BS
+    h.run_until_empty()
+    h.u.assert_scheduler_empty(h.scheduler)
