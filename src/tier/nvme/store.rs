@@ -842,10 +842,7 @@ impl Inner {
     fn roll(&self, st: &mut State) -> Result<()> {
         let id = st.next_seg;
         let path = self.rank_dir.join(seg_name(id));
-        let file = fsio::create_file(&path, self.direct).map_err(|e| {
-            self.count_err(&e);
-            e
-        })?;
+        let file = fsio::create_file(&path, self.direct).inspect_err(|e| self.count_err(e))?;
         if self.cfg.fsync != FsyncPolicy::Never {
             fsio::sync_dir(&self.rank_dir)?;
         }
