@@ -1,1 +1,4 @@
-//! CUDA copy engine (kernels from `cuda/`, batched DMA). See issue: CUDA data path.
+//! CUDA copy engine (kernels from `cuda/`, batched DMA).
+pub mod dl;
+pub mod kernels;
+pub mod nvrtc;
