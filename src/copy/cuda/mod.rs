@@ -2,3 +2,4 @@
 pub mod dl;
 pub mod kernels;
 pub mod nvrtc;
+pub mod plan;
