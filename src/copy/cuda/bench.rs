@@ -1,0 +1,1 @@
+//! Self-test and benchmark (filled in below).
