@@ -802,3 +802,146 @@ impl CopyEngine for CudaEngine {
         h.wait_all()
     }
 }
+
+/// Device memory allocated through an engine (tests, benchmarks): freed on
+/// drop, keeps the engine's context alive. Never used for vLLM's memory.
+pub struct DeviceBuffer {
+    inner: Arc<Inner>,
+    buf: Option<DevBuf>,
+}
+
+// SAFETY: device memory is addressed by value; calls push the context.
+unsafe impl Send for DeviceBuffer {}
+
+impl DeviceBuffer {
+    /// Device address.
+    pub fn ptr(&self) -> u64 {
+        self.buf.as_ref().map_or(0, |b| b.ptr)
+    }
+    /// Bytes.
+    pub fn len(&self) -> usize {
+        self.buf.as_ref().map_or(0, |b| b.len)
+    }
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Copies `data` to `offset` (synchronous, waits for the whole device).
+    pub fn upload(&self, offset: usize, data: &[u8]) -> Result<()> {
+        if offset + data.len() > self.len() {
+            return Err(Error::invalid("upload past the end of the device buffer"));
+        }
+        let _g = CtxGuard::push(self.inner.ctx)?;
+        // SAFETY: range checked; synchronous copy from a live slice.
+        unsafe {
+            check(cu::cuCtxSynchronize(), "cuCtxSynchronize")?;
+            check(
+                cu::cuMemcpyHtoD_v2(self.ptr() + offset as u64, data.as_ptr() as *const c_void, data.len()),
+                "cuMemcpyHtoD",
+            )
+        }
+    }
+    /// Copies `out.len()` bytes from `offset` (synchronous, does not wait for
+    /// other streams: reading what an onload is still writing is a race the
+    /// caller rules out, e.g. with `wait_layer`).
+    pub fn download(&self, offset: usize, out: &mut [u8]) -> Result<()> {
+        if offset + out.len() > self.len() {
+            return Err(Error::invalid("download past the end of the device buffer"));
+        }
+        let _g = CtxGuard::push(self.inner.ctx)?;
+        let mut s: CUstream = std::ptr::null_mut();
+        // SAFETY: range checked; a private non-blocking stream so the copy
+        // does not wait for the engine's streams.
+        unsafe {
+            check(cu::cuStreamCreate(&mut s, 1), "cuStreamCreate")?;
+            let r = cu::cuMemcpyAsync(out.as_mut_ptr() as u64, self.ptr() + offset as u64, out.len(), s);
+            let r2 = cu::cuStreamSynchronize(s);
+            cu::cuStreamDestroy_v2(s);
+            check(r, "cuMemcpyAsync (download)")?;
+            check(r2, "cuStreamSynchronize (download)")
+        }
+    }
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        if let Ok(_g) = CtxGuard::push(self.inner.ctx) {
+            // SAFETY: wait for queued work that may still use it, then free.
+            unsafe { cu::cuCtxSynchronize() };
+            self.buf = None;
+        }
+    }
+}
+
+/// Pinned, device-mapped host memory (`cuMemHostAlloc`, portable + mapped,
+/// not write-combined) for tests and benchmarks.
+pub struct PinnedBuffer {
+    inner: Arc<Inner>,
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: plain host memory.
+unsafe impl Send for PinnedBuffer {}
+
+impl PinnedBuffer {
+    /// The bytes.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: ptr/len from cuMemHostAlloc, owned by self.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: as above.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+    /// Host address.
+    pub fn ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+}
+
+impl Drop for PinnedBuffer {
+    fn drop(&mut self) {
+        if let Ok(_g) = CtxGuard::push(self.inner.ctx) {
+            // SAFETY: wait for transfers that may still use it, then free.
+            unsafe {
+                cu::cuCtxSynchronize();
+                cu::cuMemFreeHost(self.ptr as *mut c_void);
+            }
+        }
+    }
+}
+
+impl CudaEngine {
+    /// Allocates zeroed device memory on this engine's device.
+    pub fn alloc_device(&self, bytes: usize) -> Result<DeviceBuffer> {
+        let _g = CtxGuard::push(self.inner.ctx)?;
+        let buf = DevBuf::alloc(bytes)?;
+        // SAFETY: fresh allocation of `bytes`.
+        check(unsafe { cu::cuMemsetD8_v2(buf.ptr, 0, bytes) }, "cuMemsetD8")?;
+        Ok(DeviceBuffer { inner: self.inner.clone(), buf: Some(buf) })
+    }
+
+    /// Allocates zeroed pinned, device-mapped host memory.
+    pub fn alloc_pinned(&self, bytes: usize) -> Result<PinnedBuffer> {
+        let _g = CtxGuard::push(self.inner.ctx)?;
+        let mut p: *mut c_void = std::ptr::null_mut();
+        // SAFETY: out-pointer valid; flags PORTABLE | DEVICEMAP.
+        check(unsafe { cu::cuMemHostAlloc(&mut p, bytes.max(1), 0x01 | 0x02) }, "cuMemHostAlloc")
+            .map_err(|e| e.context(format!("{bytes} bytes")))?;
+        // SAFETY: fresh allocation.
+        unsafe { std::ptr::write_bytes(p as *mut u8, 0, bytes) };
+        Ok(PinnedBuffer { inner: self.inner.clone(), ptr: p as *mut u8, len: bytes })
+    }
+
+    /// Waits for both engine streams.
+    pub fn synchronize(&self) -> Result<()> {
+        let _g = CtxGuard::push(self.inner.ctx)?;
+        for s in self.inner.streams {
+            // SAFETY: live streams.
+            check(unsafe { cu::cuStreamSynchronize(s) }, "cuStreamSynchronize")?;
+        }
+        Ok(())
+    }
+}
