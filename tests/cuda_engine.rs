@@ -71,7 +71,11 @@ const BLOCKS: u64 = 6;
 
 /// All layers in one storage (vLLM's KVCacheTensor), layer l at l * region.
 fn views(base: u64, g: &Geometry, layout: KvLayout) -> Vec<LayerView> {
-    let (h, n, c) = (g.kv_heads as u64, g.block_tokens as u64, g.row_elems() as u64);
+    let (h, n, c) = (
+        g.kv_heads as u64,
+        g.block_tokens as u64,
+        g.row_elems() as u64,
+    );
     let (sh, sn) = match layout {
         KvLayout::Lbhnc => (n * c, c),
         KvLayout::Lbnhc => (c, h * c),
@@ -105,7 +109,10 @@ fn image(g: &Geometry, layout: KvLayout, f: impl Fn(u64, u64, u64, u64, u64) -> 
                 for t in 0..g.block_tokens as u64 {
                     for cb in 0..g.row_bytes() as u64 {
                         let off = view.base
-                            + (b * view.stride_block + h * view.stride_head + t * view.stride_token) * es
+                            + (b * view.stride_block
+                                + h * view.stride_head
+                                + t * view.stride_token)
+                                * es
                             + cb;
                         img[off as usize] = f(l as u64, b, h, t, cb);
                     }
@@ -141,24 +148,48 @@ fn body(engine: &dyn CopyEngine, mem: &dyn Mem) {
             // gather blocks 3 and 1 from a filled cache
             let base = mem.alloc(bytes);
             mem.write(base, &image(&g, src_layout, val));
-            let kv = unsafe { KvCaches::new(g, views(base, &g, src_layout), mem.on_device()) }.unwrap();
+            let kv =
+                unsafe { KvCaches::new(g, views(base, &g, src_layout), mem.on_device()) }.unwrap();
             assert_eq!(kv.layout(), src_layout);
             let r3 = mem.record(g.block_bytes());
             let r1 = mem.record(g.block_bytes());
             r3.fill(0xEE); // poison: every byte must be written
             r1.fill(0xEE);
             engine
-                .gather(&kv, &mut [GatherOp { block: 3, dst: r3 }, GatherOp { block: 1, dst: r1 }])
+                .gather(
+                    &kv,
+                    &mut [
+                        GatherOp { block: 3, dst: r3 },
+                        GatherOp { block: 1, dst: r1 },
+                    ],
+                )
                 .unwrap();
-            assert!(r3[..] == record_of(&g, 3)[..], "{dtype:?} {src_layout:?}: record of block 3");
-            assert!(r1[..] == record_of(&g, 1)[..], "{dtype:?} {src_layout:?}: record of block 1");
+            assert!(
+                r3[..] == record_of(&g, 3)[..],
+                "{dtype:?} {src_layout:?}: record of block 3"
+            );
+            assert!(
+                r1[..] == record_of(&g, 1)[..],
+                "{dtype:?} {src_layout:?}: record of block 1"
+            );
 
             for dst_layout in [KvLayout::Lbhnc, KvLayout::Lbnhc] {
                 // scatter block 3's record into block 5 and block 1's into
                 // block 2 of an empty cache: layers 1.. first, then layer 0
                 let dbase = mem.alloc(bytes);
-                let dkv = unsafe { KvCaches::new(g, views(dbase, &g, dst_layout), mem.on_device()) }.unwrap();
-                let ops = [ScatterOp { src: &*r3, block: 5 }, ScatterOp { src: &*r1, block: 2 }];
+                let dkv =
+                    unsafe { KvCaches::new(g, views(dbase, &g, dst_layout), mem.on_device()) }
+                        .unwrap();
+                let ops = [
+                    ScatterOp {
+                        src: &*r3,
+                        block: 5,
+                    },
+                    ScatterOp {
+                        src: &*r1,
+                        block: 2,
+                    },
+                ];
                 let nl = g.layers as usize;
                 engine.scatter_layers(&dkv, &ops, 1..nl).unwrap();
                 let mut got = vec![0u8; bytes];
@@ -169,7 +200,10 @@ fn body(engine: &dyn CopyEngine, mem: &dyn Mem) {
                     (_, 2) => val(l, 1, h, t, cb),
                     _ => 0,
                 });
-                assert!(got == want_partial, "{dtype:?} {src_layout:?}->{dst_layout:?}: layers 1.. only");
+                assert!(
+                    got == want_partial,
+                    "{dtype:?} {src_layout:?}->{dst_layout:?}: layers 1.. only"
+                );
                 engine.scatter_layers(&dkv, &ops, 0..1).unwrap();
                 mem.read(dbase, &mut got);
                 let want = image(&g, dst_layout, |l, b, h, t, cb| match b {
@@ -177,19 +211,37 @@ fn body(engine: &dyn CopyEngine, mem: &dyn Mem) {
                     2 => val(l, 1, h, t, cb),
                     _ => 0,
                 });
-                assert!(got == want, "{dtype:?} {src_layout:?}->{dst_layout:?}: all layers");
+                assert!(
+                    got == want,
+                    "{dtype:?} {src_layout:?}->{dst_layout:?}: all layers"
+                );
             }
 
             // bad input is an error, not a panic
             let short = mem.record(10);
             assert_eq!(
-                engine.gather(&kv, &mut [GatherOp { block: 0, dst: short }]).unwrap_err().kind(),
+                engine
+                    .gather(
+                        &kv,
+                        &mut [GatherOp {
+                            block: 0,
+                            dst: short
+                        }]
+                    )
+                    .unwrap_err()
+                    .kind(),
                 ErrorKind::InvalidArgument
             );
             let rec = mem.record(g.block_bytes());
             assert_eq!(
                 engine
-                    .gather(&kv, &mut [GatherOp { block: BLOCKS as u32, dst: rec }])
+                    .gather(
+                        &kv,
+                        &mut [GatherOp {
+                            block: BLOCKS as u32,
+                            dst: rec
+                        }]
+                    )
                     .unwrap_err()
                     .kind(),
                 ErrorKind::InvalidArgument
@@ -200,7 +252,12 @@ fn body(engine: &dyn CopyEngine, mem: &dyn Mem) {
 
 #[test]
 fn cpu_engine_runs_the_shared_body() {
-    body(&CpuEngine, &HostMem { bufs: RefCell::new(Vec::new()) });
+    body(
+        &CpuEngine,
+        &HostMem {
+            bufs: RefCell::new(Vec::new()),
+        },
+    );
 }
 
 fn libcuda_present() -> bool {
@@ -216,7 +273,11 @@ fn cuda_engine_without_a_driver_is_a_cuda_error_not_a_panic() {
     if !libcuda_present() {
         let e = r.unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Cuda);
-        assert!(e.message().contains("no CUDA driver (libcuda.so.1 not found)"), "{e}");
+        assert!(
+            e.message()
+                .contains("no CUDA driver (libcuda.so.1 not found)"),
+            "{e}"
+        );
         println!("no driver here: CudaEngine::new(0) -> {e}");
     } else if let Err(e) = r {
         assert_eq!(e.kind(), ErrorKind::Cuda, "{e}");
@@ -233,7 +294,9 @@ fn engine_or_skip() -> CudaEngine {
         Ok(e) => e,
         Err(e) => {
             println!("SKIPPED: no CUDA device ({e})");
-            panic!("SKIPPED: no CUDA device ({e}); this test needs a GPU and does not count as a pass");
+            panic!(
+                "SKIPPED: no CUDA device ({e}); this test needs a GPU and does not count as a pass"
+            );
         }
     }
 }
@@ -292,7 +355,9 @@ fn cuda_engine_runs_the_shared_body_with_every_strategy() {
                 pinned,
                 dev: RefCell::new(Vec::new()),
                 pin: RefCell::new(Vec::new()),
-                host: HostMem { bufs: RefCell::new(Vec::new()) },
+                host: HostMem {
+                    bufs: RefCell::new(Vec::new()),
+                },
             };
             println!("strategy {} pinned {pinned}", strat.name());
             body(&engine, &mem);
@@ -304,23 +369,37 @@ fn cuda_engine_runs_the_shared_body_with_every_strategy() {
         pinned: true,
         dev: RefCell::new(Vec::new()),
         pin: RefCell::new(Vec::new()),
-        host: HostMem { bufs: RefCell::new(Vec::new()) },
+        host: HostMem {
+            bufs: RefCell::new(Vec::new()),
+        },
     };
     body(&engine, &mem);
     let s = engine.stats();
-    assert!(s.transfers.iter().all(|&t| t > 0), "every strategy ran: {s:?}");
+    assert!(
+        s.transfers.iter().all(|&t| t > 0),
+        "every strategy ran: {s:?}"
+    );
 }
 
 #[test]
 #[ignore = "needs a CUDA device"]
 fn cuda_onload_wait_layer_orders_each_layer() {
     let engine = engine_or_skip();
-    let g = Geometry { layers: 8, kv_heads: 8, block_tokens: 16, head_size_k: 128, head_size_v: 128, dtype: Dtype::Bf16 };
+    let g = Geometry {
+        layers: 8,
+        kv_heads: 8,
+        block_tokens: 16,
+        head_size_k: 128,
+        head_size_v: 128,
+        dtype: Dtype::Bf16,
+    };
     let blocks = 64u64;
     let page = g.layer_page_bytes();
     for strat in Strategy::ALL {
         engine.set_selector(Selector::forced(strat));
-        let dev = engine.alloc_device(g.layers as usize * blocks as usize * page).unwrap();
+        let dev = engine
+            .alloc_device(g.layers as usize * blocks as usize * page)
+            .unwrap();
         let v: Vec<LayerView> = (0..g.layers as u64)
             .map(|l| LayerView {
                 base: dev.ptr() + l * blocks * page as u64,
@@ -331,21 +410,31 @@ fn cuda_onload_wait_layer_orders_each_layer() {
             })
             .collect();
         let kv = unsafe { KvCaches::new(g, v, true) }.unwrap();
-        let mut host = engine.alloc_pinned(blocks as usize * g.block_bytes()).unwrap();
+        let mut host = engine
+            .alloc_pinned(blocks as usize * g.block_bytes())
+            .unwrap();
         for (i, b) in host.as_mut_slice().iter_mut().enumerate() {
             *b = (i % 253 + 1) as u8;
         }
         let ops: Vec<HostRecord> = (0..blocks as u32)
-            .map(|b| HostRecord { block: b, host: unsafe { host.ptr().add(b as usize * g.block_bytes()) } })
+            .map(|b| HostRecord {
+                block: b,
+                host: unsafe { host.ptr().add(b as usize * g.block_bytes()) },
+            })
             .collect();
         let mut h = unsafe { engine.submit_onload(&kv, &ops, 0..g.layers as usize, None) }.unwrap();
         for l in 0..g.layers as usize {
             h.wait_layer(l).unwrap();
             let mut got = vec![0u8; page];
             for b in [0usize, 63] {
-                dev.download((l * blocks as usize + b) * page, &mut got).unwrap();
+                dev.download((l * blocks as usize + b) * page, &mut got)
+                    .unwrap();
                 let want = &host.as_slice()[b * g.block_bytes() + l * page..][..page];
-                assert!(got == want, "{}: layer {l} block {b} in place after wait_layer", strat.name());
+                assert!(
+                    got == want,
+                    "{}: layer {l} block {b} in place after wait_layer",
+                    strat.name()
+                );
             }
         }
         h.wait_all().unwrap();

@@ -25,7 +25,11 @@ const HOWTO: &str = "NVRTC not found. Install it (no GPU needed): \
 fn python_nvrtc() -> Option<String> {
     let py = std::env::var("KVPARK_PYTHON")
         .ok()
-        .or_else(|| std::env::var("VIRTUAL_ENV").ok().map(|v| format!("{v}/bin/python")))
+        .or_else(|| {
+            std::env::var("VIRTUAL_ENV")
+                .ok()
+                .map(|v| format!("{v}/bin/python"))
+        })
         .unwrap_or_else(|| "python3".into());
     let out = Command::new(&py)
         .args([
@@ -112,11 +116,18 @@ fn wide_kernels_use_16_byte_accesses_and_compile_to_sass() {
     // body of the u128 gather entry: from its .entry to the next .entry
     let start = ptx.find(".entry kvpark_gather_u128").unwrap();
     let body = &ptx[start..];
-    let body = &body[..body[1..].find(".entry").map(|i| i + 1).unwrap_or(body.len())];
-    assert!(body.contains("ld.v4.u32") || body.contains("ld.global.v4.u32"),
-        "u128 gather has no 16-byte load");
-    assert!(body.contains("st.v4.u32") || body.contains("st.global.v4.u32"),
-        "u128 gather has no 16-byte store");
+    let body = &body[..body[1..]
+        .find(".entry")
+        .map(|i| i + 1)
+        .unwrap_or(body.len())];
+    assert!(
+        body.contains("ld.v4.u32") || body.contains("ld.global.v4.u32"),
+        "u128 gather has no 16-byte load"
+    );
+    assert!(
+        body.contains("st.v4.u32") || body.contains("st.global.v4.u32"),
+        "u128 gather has no 16-byte store"
+    );
     // a real-architecture compile must give SASS (what the engine loads)
     let c = nv
         .compile(src.text, src.file, &["--gpu-architecture=sm_90"])

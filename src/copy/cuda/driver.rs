@@ -78,8 +78,12 @@ pub fn init() -> Result<&'static Driver> {
 }
 
 fn load() -> Result<Driver> {
-    let lib = Library::open("libcuda.so.1")
-        .map_err(|e| Error::cuda(format!("no CUDA driver (libcuda.so.1 not found): {}", e.message())))?;
+    let lib = Library::open("libcuda.so.1").map_err(|e| {
+        Error::cuda(format!(
+            "no CUDA driver (libcuda.so.1 not found): {}",
+            e.message()
+        ))
+    })?;
     // cudarc's loader panics instead of returning errors; contain it.
     let bound = std::panic::catch_unwind(|| {
         // SAFETY: culib only loads the library and resolves symbols.
@@ -143,9 +147,12 @@ pub struct CtxGuard(());
 
 impl CtxGuard {
     /// Pushes `ctx`.
-    pub fn push(ctx: CUcontext) -> Result<CtxGuard> {
-        // SAFETY: ctx is a live context retained by the caller.
-        check(unsafe { cu::cuCtxPushCurrent_v2(ctx) }, "cuCtxPushCurrent")?;
+    ///
+    /// # Safety
+    /// `ctx` must be a live context (retained by the caller) and the guard
+    /// must be dropped on the thread that created it.
+    pub unsafe fn push(ctx: CUcontext) -> Result<CtxGuard> {
+        check(cu::cuCtxPushCurrent_v2(ctx), "cuCtxPushCurrent")?;
         Ok(CtxGuard(()))
     }
 }
@@ -175,8 +182,11 @@ impl DevBuf {
     pub fn alloc(len: usize) -> Result<DevBuf> {
         let mut ptr = 0;
         // SAFETY: out-pointer valid; context current per contract.
-        check(unsafe { cu::cuMemAlloc_v2(&mut ptr, len.max(1)) }, "cuMemAlloc")
-            .map_err(|e| e.context(format!("{len} bytes")))?;
+        check(
+            unsafe { cu::cuMemAlloc_v2(&mut ptr, len.max(1)) },
+            "cuMemAlloc",
+        )
+        .map_err(|e| e.context(format!("{len} bytes")))?;
         Ok(DevBuf { ptr, len })
     }
 }
@@ -240,7 +250,10 @@ pub unsafe fn host_register(addr: *mut u8, len: usize) -> Result<()> {
 /// No transfer may still use the range.
 pub unsafe fn host_unregister(addr: *mut u8) -> Result<()> {
     init()?;
-    check(cu::cuMemHostUnregister(addr as *mut c_void), "cuMemHostUnregister")
+    check(
+        cu::cuMemHostUnregister(addr as *mut c_void),
+        "cuMemHostUnregister",
+    )
 }
 
 #[cfg(test)]

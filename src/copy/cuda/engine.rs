@@ -17,7 +17,10 @@
 //!   direction's stream, so reuse is ordered by the stream; growing it first
 //!   synchronises that stream.
 
-use super::driver::{self as drv, check, CUcontext, CUdevice, CUevent, CUfunction, CUmodule, CUstream, CtxGuard, DevBuf};
+use super::driver::{
+    self as drv, check, CUcontext, CUdevice, CUevent, CUfunction, CUmodule, CUstream, CtxGuard,
+    DevBuf,
+};
 use super::kernels::{self, KvOps, KvShape, MAX_OPS};
 use super::nvrtc::Nvrtc;
 use super::plan::{self, Caps, Copy, DevShape, Direction, Selector, Shape, Strategy};
@@ -147,7 +150,10 @@ impl CudaEngine {
             check(cu::cuDeviceGet(&mut dev, device_ordinal), "cuDeviceGet")?;
             let attr = |a: cu::CUdevice_attribute| -> Result<i32> {
                 let mut v = 0;
-                check(cu::cuDeviceGetAttribute(&mut v, a, dev), "cuDeviceGetAttribute")?;
+                check(
+                    cu::cuDeviceGetAttribute(&mut v, a, dev),
+                    "cuDeviceGetAttribute",
+                )?;
                 Ok(v)
             };
             use cu::CUdevice_attribute::*;
@@ -157,28 +163,53 @@ impl CudaEngine {
                 attr(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
             );
             let mut ctx: CUcontext = std::ptr::null_mut();
-            check(cu::cuDevicePrimaryCtxRetain(&mut ctx, dev), "cuDevicePrimaryCtxRetain")?;
-            let mut partial = Partial { dev, ctx, streams: vec![], module: None };
+            check(
+                cu::cuDevicePrimaryCtxRetain(&mut ctx, dev),
+                "cuDevicePrimaryCtxRetain",
+            )?;
+            let mut partial = Partial {
+                dev,
+                ctx,
+                streams: vec![],
+                module: None,
+            };
             let _g = CtxGuard::push(ctx)?;
             for _ in 0..2 {
                 let mut s: CUstream = std::ptr::null_mut();
-                check(cu::cuStreamCreate(&mut s, 1 /* NON_BLOCKING */), "cuStreamCreate")?;
+                check(
+                    cu::cuStreamCreate(&mut s, 1 /* NON_BLOCKING */),
+                    "cuStreamCreate",
+                )?;
                 partial.streams.push(s);
             }
             let image = compile_for(&nvrtc, arch)?;
             let mut module: CUmodule = std::ptr::null_mut();
-            check(cu::cuModuleLoadData(&mut module, image.as_ptr() as *const c_void), "cuModuleLoadData")?;
+            check(
+                cu::cuModuleLoadData(&mut module, image.as_ptr() as *const c_void),
+                "cuModuleLoadData",
+            )?;
             partial.module = Some(module);
             let func = |name: &str| -> Result<CUfunction> {
                 let c = std::ffi::CString::new(name).unwrap_or_default();
                 let mut f: CUfunction = std::ptr::null_mut();
-                check(cu::cuModuleGetFunction(&mut f, module, c.as_ptr()), "cuModuleGetFunction")
-                    .map_err(|e| e.context(name.to_string()))?;
+                check(
+                    cu::cuModuleGetFunction(&mut f, module, c.as_ptr()),
+                    "cuModuleGetFunction",
+                )
+                .map_err(|e| e.context(name.to_string()))?;
                 Ok(f)
             };
             let funcs = [
-                [func("kvpark_gather_u128")?, func("kvpark_gather_u32")?, func("kvpark_gather_u8")?],
-                [func("kvpark_scatter_u128")?, func("kvpark_scatter_u32")?, func("kvpark_scatter_u8")?],
+                [
+                    func("kvpark_gather_u128")?,
+                    func("kvpark_gather_u32")?,
+                    func("kvpark_gather_u8")?,
+                ],
+                [
+                    func("kvpark_scatter_u128")?,
+                    func("kvpark_scatter_u32")?,
+                    func("kvpark_scatter_u8")?,
+                ],
             ];
             let streams = [partial.streams[0], partial.streams[1]];
             std::mem::forget(partial);
@@ -194,15 +225,23 @@ impl CudaEngine {
                 batch: driver.memcpy_batch,
                 selector: RwLock::new(Selector::default()),
                 staging: [
-                    Mutex::new(Staging { buf: None, cap: DEFAULT_STAGING_BYTES }),
-                    Mutex::new(Staging { buf: None, cap: DEFAULT_STAGING_BYTES }),
+                    Mutex::new(Staging {
+                        buf: None,
+                        cap: DEFAULT_STAGING_BYTES,
+                    }),
+                    Mutex::new(Staging {
+                        buf: None,
+                        cap: DEFAULT_STAGING_BYTES,
+                    }),
                 ],
                 tables: Mutex::new(HashMap::new()),
                 events: Mutex::new(Vec::new()),
                 bytes: Default::default(),
                 transfers: Default::default(),
             };
-            Ok(CudaEngine { inner: Arc::new(inner) })
+            Ok(CudaEngine {
+                inner: Arc::new(inner),
+            })
         }
     }
 
@@ -239,10 +278,28 @@ impl CudaEngine {
     }
 
     /// The strategy the engine would use for a transfer of `ops` in `dir`.
-    pub fn strategy_for(&self, kv: &KvCaches, dir: Direction, blocks: usize, layers: usize, host_mapped: bool) -> Strategy {
+    pub fn strategy_for(
+        &self,
+        kv: &KvCaches,
+        dir: Direction,
+        blocks: usize,
+        layers: usize,
+        host_mapped: bool,
+    ) -> Strategy {
         let g = kv.geometry();
-        let shape = Shape { dir, layout: kv.layout(), page_bytes: g.layer_page_bytes(), pages: blocks * layers };
-        self.inner.selector.read().pick(&shape, Caps { batch_dma: self.inner.batch.is_some(), host_mapped })
+        let shape = Shape {
+            dir,
+            layout: kv.layout(),
+            page_bytes: g.layer_page_bytes(),
+            pages: blocks * layers,
+        };
+        self.inner.selector.read().pick(
+            &shape,
+            Caps {
+                batch_dma: self.inner.batch.is_some(),
+                host_mapped,
+            },
+        )
     }
 
     /// Starts gathering `ops` (whole blocks) into their host records on the
@@ -254,9 +311,18 @@ impl CudaEngine {
     /// Every `host` must point to `block_bytes` writable bytes that stay valid
     /// and untouched until the handle reports completion (or is dropped);
     /// `after_stream` must be a live stream of this device's primary context.
-    pub unsafe fn submit_offload(&self, kv: &KvCaches, ops: &[HostRecord], after_stream: Option<u64>) -> Result<OffloadHandle> {
+    pub unsafe fn submit_offload(
+        &self,
+        kv: &KvCaches,
+        ops: &[HostRecord],
+        after_stream: Option<u64>,
+    ) -> Result<OffloadHandle> {
         let event = self.inner.offload(kv, ops, after_stream)?;
-        Ok(OffloadHandle { inner: self.inner.clone(), event, waited: false })
+        Ok(OffloadHandle {
+            inner: self.inner.clone(),
+            event,
+            waited: false,
+        })
     }
 
     /// Starts scattering the records of `ops` into their blocks, layers
@@ -267,9 +333,20 @@ impl CudaEngine {
     /// and unchanged until the handle reports completion (or is dropped); the
     /// target blocks must not be read by the model before the matching
     /// [`OnloadHandle::wait_layer`] / [`OnloadHandle::stream_wait_layer`].
-    pub unsafe fn submit_onload(&self, kv: &KvCaches, ops: &[HostRecord], layers: Range<usize>, after_stream: Option<u64>) -> Result<OnloadHandle> {
+    pub unsafe fn submit_onload(
+        &self,
+        kv: &KvCaches,
+        ops: &[HostRecord],
+        layers: Range<usize>,
+        after_stream: Option<u64>,
+    ) -> Result<OnloadHandle> {
         let events = self.inner.onload(kv, ops, layers.clone(), after_stream)?;
-        Ok(OnloadHandle { inner: self.inner.clone(), layers, events, waited: false })
+        Ok(OnloadHandle {
+            inner: self.inner.clone(),
+            layers,
+            events,
+            waited: false,
+        })
     }
 }
 
@@ -352,7 +429,10 @@ fn check_kv(kv: &KvCaches, ops: &[HostRecord]) -> Result<()> {
     for op in ops {
         check_len(kv, op.block, bb)?;
         if op.host.is_null() {
-            return Err(Error::invalid(format!("host record of block {} is NULL", op.block)));
+            return Err(Error::invalid(format!(
+                "host record of block {} is NULL",
+                op.block
+            )));
         }
     }
     Ok(())
@@ -365,7 +445,12 @@ impl Inner {
         }
         let mut e: CUevent = std::ptr::null_mut();
         // SAFETY: context pushed by the caller.
-        check(unsafe { cu::cuEventCreate(&mut e, 2 /* DISABLE_TIMING */) }, "cuEventCreate")?;
+        check(
+            unsafe {
+                cu::cuEventCreate(&mut e, 2 /* DISABLE_TIMING */)
+            },
+            "cuEventCreate",
+        )?;
         Ok(e)
     }
 
@@ -382,7 +467,9 @@ impl Inner {
         let buf = DevBuf::alloc(bases.len() * 8)?;
         // SAFETY: buf holds bases.len() u64; synchronous copy from a live slice.
         check(
-            unsafe { cu::cuMemcpyHtoD_v2(buf.ptr, bases.as_ptr() as *const c_void, bases.len() * 8) },
+            unsafe {
+                cu::cuMemcpyHtoD_v2(buf.ptr, bases.as_ptr() as *const c_void, bases.len() * 8)
+            },
             "cuMemcpyHtoD (layer table)",
         )?;
         let p = buf.ptr;
@@ -395,11 +482,17 @@ impl Inner {
         let want = s.cap.max(need);
         if s.buf.as_ref().map_or(true, |b| b.len < need) {
             // SAFETY: the old buffer may still be in use by queued work.
-            check(unsafe { cu::cuStreamSynchronize(self.streams[dir_idx(dir)]) }, "cuStreamSynchronize")?;
+            check(
+                unsafe { cu::cuStreamSynchronize(self.streams[dir_idx(dir)]) },
+                "cuStreamSynchronize",
+            )?;
             s.buf = None;
             s.buf = Some(DevBuf::alloc(want)?);
         }
-        let b = s.buf.as_ref().ok_or_else(|| Error::internal("staging buffer missing"))?;
+        let b = s
+            .buf
+            .as_ref()
+            .ok_or_else(|| Error::internal("staging buffer missing"))?;
         Ok((b.ptr, b.len))
     }
 
@@ -414,7 +507,9 @@ impl Inner {
 
     /// Device-usable addresses of the records, when all are mapped.
     fn mapped(&self, ops: &[HostRecord], len: u64) -> Option<Vec<u64>> {
-        ops.iter().map(|o| drv::mapped_device_ptr(o.host as u64, len)).collect()
+        ops.iter()
+            .map(|o| drv::mapped_device_ptr(o.host as u64, len))
+            .collect()
     }
 
     fn wait_stream(&self, stream: CUstream, after: Option<u64>) -> Result<()> {
@@ -422,7 +517,10 @@ impl Inner {
             let e = self.event()?;
             // SAFETY: caller guarantees `s` is a live stream of this context.
             unsafe {
-                check(cu::cuEventRecord(e, s as CUstream), "cuEventRecord (after_stream)")?;
+                check(
+                    cu::cuEventRecord(e, s as CUstream),
+                    "cuEventRecord (after_stream)",
+                )?;
                 check(cu::cuStreamWaitEvent(stream, e, 0), "cuStreamWaitEvent")?;
             }
             self.recycle(&[e]);
@@ -431,13 +529,26 @@ impl Inner {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn launch(&self, dir: Direction, stream: CUstream, table: u64, d: &DevShape, kv: &KvCaches, blocks: &[u32], recs: &[u64], layers: Range<usize>) -> Result<()> {
+    fn launch(
+        &self,
+        dir: Direction,
+        stream: CUstream,
+        table: u64,
+        d: &DevShape,
+        kv: &KvCaches,
+        blocks: &[u32],
+        recs: &[u64],
+        layers: Range<usize>,
+    ) -> Result<()> {
         let g = kv.geometry();
         let row = g.row_bytes() as u64;
         let vec = plan::vector_width(d, row, recs);
         let f = self.funcs[dir_idx(dir)][vec_idx(vec)];
         for c in plan::chunks(blocks.len(), MAX_OPS) {
-            let mut ops = KvOps { rec: [0; MAX_OPS], block: [0; MAX_OPS] };
+            let mut ops = KvOps {
+                rec: [0; MAX_OPS],
+                block: [0; MAX_OPS],
+            };
             for (i, j) in c.clone().enumerate() {
                 ops.rec[i] = recs[j];
                 ops.block[i] = blocks[j];
@@ -487,14 +598,22 @@ impl Inner {
     fn dma(&self, dir: Direction, stream: CUstream, copies: &[Copy], batch: bool) -> Result<()> {
         if let (true, Some(f)) = (batch, self.batch) {
             let (dev, host) = (
-                drv::MemLocation { kind: 1, id: self.ordinal },
+                drv::MemLocation {
+                    kind: 1,
+                    id: self.ordinal,
+                },
                 drv::MemLocation { kind: 2, id: 0 },
             );
             let (src_loc, dst_loc) = match dir {
                 Direction::D2H => (dev, host),
                 Direction::H2D => (host, dev),
             };
-            let mut attrs = drv::MemcpyAttributes { src_access_order: 1, src_loc_hint: src_loc, dst_loc_hint: dst_loc, flags: 1 };
+            let mut attrs = drv::MemcpyAttributes {
+                src_access_order: 1,
+                src_loc_hint: src_loc,
+                dst_loc_hint: dst_loc,
+                flags: 1,
+            };
             for part in copies.chunks(4096) {
                 let mut dsts: Vec<u64> = part.iter().map(|c| c.dst).collect();
                 let mut srcs: Vec<u64> = part.iter().map(|c| c.src).collect();
@@ -504,15 +623,29 @@ impl Inner {
                 // SAFETY: arrays of `part.len()` entries, one attribute applying
                 // from index 0; the driver reads them during the call.
                 let r = unsafe {
-                    f(dsts.as_mut_ptr(), srcs.as_mut_ptr(), sizes.as_mut_ptr(), part.len(), &mut attrs, idx.as_mut_ptr(), 1, &mut fail, stream)
+                    f(
+                        dsts.as_mut_ptr(),
+                        srcs.as_mut_ptr(),
+                        sizes.as_mut_ptr(),
+                        part.len(),
+                        &mut attrs,
+                        idx.as_mut_ptr(),
+                        1,
+                        &mut fail,
+                        stream,
+                    )
                 };
-                check(r, "cuMemcpyBatchAsync").map_err(|e| e.context(format!("copy {fail} of {}", part.len())))?;
+                check(r, "cuMemcpyBatchAsync")
+                    .map_err(|e| e.context(format!("copy {fail} of {}", part.len())))?;
             }
             return Ok(());
         }
         for c in copies {
             // SAFETY: unified addressing; ranges valid per the submit contract.
-            check(unsafe { cu::cuMemcpyAsync(c.dst, c.src, c.len as usize, stream) }, "cuMemcpyAsync")?;
+            check(
+                unsafe { cu::cuMemcpyAsync(c.dst, c.src, c.len as usize, stream) },
+                "cuMemcpyAsync",
+            )?;
         }
         Ok(())
     }
@@ -524,15 +657,23 @@ impl Inner {
 
     fn offload(&self, kv: &KvCaches, ops: &[HostRecord], after: Option<u64>) -> Result<CUevent> {
         check_kv(kv, ops)?;
-        let _g = CtxGuard::push(self.ctx)?;
+        let _g = unsafe { CtxGuard::push(self.ctx) }?;
         let g = kv.geometry();
         let bb = g.block_bytes() as u64;
         let layers = g.layers as usize;
         let stream = self.streams[0];
         let d = Self::dev_shape(kv);
         let mapped = self.mapped(ops, bb);
-        let caps = Caps { batch_dma: self.batch.is_some(), host_mapped: mapped.is_some() };
-        let shape = Shape { dir: Direction::D2H, layout: kv.layout(), page_bytes: d.page as usize, pages: ops.len() * layers };
+        let caps = Caps {
+            batch_dma: self.batch.is_some(),
+            host_mapped: mapped.is_some(),
+        };
+        let shape = Shape {
+            dir: Direction::D2H,
+            layout: kv.layout(),
+            page_bytes: d.page as usize,
+            pages: ops.len() * layers,
+        };
         let strat = self.selector.read().pick(&shape, caps);
         let blocks: Vec<u32> = ops.iter().map(|o| o.block).collect();
         let hosts: Vec<u64> = ops.iter().map(|o| o.host as u64).collect();
@@ -541,8 +682,18 @@ impl Inner {
             match strat {
                 Strategy::KernelMapped => {
                     let table = self.layer_table(&d.layer_base)?;
-                    let recs = mapped.ok_or_else(|| Error::internal("mapped strategy without mapped records"))?;
-                    self.launch(Direction::D2H, stream, table, &d, kv, &blocks, &recs, 0..layers)?;
+                    let recs = mapped
+                        .ok_or_else(|| Error::internal("mapped strategy without mapped records"))?;
+                    self.launch(
+                        Direction::D2H,
+                        stream,
+                        table,
+                        &d,
+                        kv,
+                        &blocks,
+                        &recs,
+                        0..layers,
+                    )?;
                 }
                 Strategy::KernelStaged => {
                     let table = self.layer_table(&d.layer_base)?;
@@ -550,12 +701,33 @@ impl Inner {
                     let per = ((cap as u64 / bb) as usize).clamp(1, MAX_OPS);
                     for c in plan::chunks(ops.len(), per) {
                         let recs: Vec<u64> = (0..c.len() as u64).map(|i| stage + i * bb).collect();
-                        self.launch(Direction::D2H, stream, table, &d, kv, &blocks[c.clone()], &recs, 0..layers)?;
+                        self.launch(
+                            Direction::D2H,
+                            stream,
+                            table,
+                            &d,
+                            kv,
+                            &blocks[c.clone()],
+                            &recs,
+                            0..layers,
+                        )?;
                         let mut copies = Vec::with_capacity(c.len());
                         for (i, j) in c.clone().enumerate() {
-                            plan::push_merged(&mut copies, Copy { src: recs[i], dst: hosts[j], len: bb });
+                            plan::push_merged(
+                                &mut copies,
+                                Copy {
+                                    src: recs[i],
+                                    dst: hosts[j],
+                                    len: bb,
+                                },
+                            );
                         }
-                        self.dma(Direction::D2H, stream, &copies, caps.batch_dma && caps.host_mapped)?;
+                        self.dma(
+                            Direction::D2H,
+                            stream,
+                            &copies,
+                            caps.batch_dma && caps.host_mapped,
+                        )?;
                     }
                 }
                 Strategy::DmaBatch | Strategy::DmaEach => {
@@ -571,19 +743,36 @@ impl Inner {
         Ok(e)
     }
 
-    fn onload(&self, kv: &KvCaches, ops: &[HostRecord], layers: Range<usize>, after: Option<u64>) -> Result<Vec<CUevent>> {
+    fn onload(
+        &self,
+        kv: &KvCaches,
+        ops: &[HostRecord],
+        layers: Range<usize>,
+        after: Option<u64>,
+    ) -> Result<Vec<CUevent>> {
         check_kv(kv, ops)?;
         let g = kv.geometry();
         if layers.start >= layers.end || layers.end > g.layers as usize {
-            return Err(Error::invalid(format!("layer range {layers:?} outside 0..{}", g.layers)));
+            return Err(Error::invalid(format!(
+                "layer range {layers:?} outside 0..{}",
+                g.layers
+            )));
         }
-        let _g = CtxGuard::push(self.ctx)?;
+        let _g = unsafe { CtxGuard::push(self.ctx) }?;
         let bb = g.block_bytes() as u64;
         let stream = self.streams[1];
         let d = Self::dev_shape(kv);
         let mapped = self.mapped(ops, bb);
-        let caps = Caps { batch_dma: self.batch.is_some(), host_mapped: mapped.is_some() };
-        let shape = Shape { dir: Direction::H2D, layout: kv.layout(), page_bytes: d.page as usize, pages: ops.len() * layers.len() };
+        let caps = Caps {
+            batch_dma: self.batch.is_some(),
+            host_mapped: mapped.is_some(),
+        };
+        let shape = Shape {
+            dir: Direction::H2D,
+            layout: kv.layout(),
+            page_bytes: d.page as usize,
+            pages: ops.len() * layers.len(),
+        };
         let strat = self.selector.read().pick(&shape, caps);
         let blocks: Vec<u32> = ops.iter().map(|o| o.block).collect();
         let hosts: Vec<u64> = ops.iter().map(|o| o.host as u64).collect();
@@ -602,8 +791,19 @@ impl Inner {
                 if !ops.is_empty() {
                     match strat {
                         Strategy::KernelMapped => {
-                            let recs = mapped.as_ref().ok_or_else(|| Error::internal("mapped strategy without mapped records"))?;
-                            self.launch(Direction::H2D, stream, table, &d, kv, &blocks, recs, l..l + 1)?;
+                            let recs = mapped.as_ref().ok_or_else(|| {
+                                Error::internal("mapped strategy without mapped records")
+                            })?;
+                            self.launch(
+                                Direction::H2D,
+                                stream,
+                                table,
+                                &d,
+                                kv,
+                                &blocks,
+                                recs,
+                                l..l + 1,
+                            )?;
                         }
                         Strategy::KernelStaged => {
                             let (base, cap) = stage.ok_or_else(|| Error::internal("no staging"))?;
@@ -613,12 +813,33 @@ impl Inner {
                                 let mut recs = Vec::with_capacity(c.len());
                                 for (i, j) in c.clone().enumerate() {
                                     let slot = base + i as u64 * d.page;
-                                    plan::push_merged(&mut copies, Copy { src: hosts[j] + l as u64 * d.page, dst: slot, len: d.page });
+                                    plan::push_merged(
+                                        &mut copies,
+                                        Copy {
+                                            src: hosts[j] + l as u64 * d.page,
+                                            dst: slot,
+                                            len: d.page,
+                                        },
+                                    );
                                     // the kernel adds layer * page to the record address
                                     recs.push(slot.wrapping_sub(l as u64 * d.page));
                                 }
-                                self.dma(Direction::H2D, stream, &copies, caps.batch_dma && caps.host_mapped)?;
-                                self.launch(Direction::H2D, stream, table, &d, kv, &blocks[c.clone()], &recs, l..l + 1)?;
+                                self.dma(
+                                    Direction::H2D,
+                                    stream,
+                                    &copies,
+                                    caps.batch_dma && caps.host_mapped,
+                                )?;
+                                self.launch(
+                                    Direction::H2D,
+                                    stream,
+                                    table,
+                                    &d,
+                                    kv,
+                                    &blocks[c.clone()],
+                                    &recs,
+                                    l..l + 1,
+                                )?;
                             }
                         }
                         Strategy::DmaBatch | Strategy::DmaEach => {
@@ -661,7 +882,7 @@ impl OffloadHandle {
         if self.waited {
             return Ok(true);
         }
-        let _g = CtxGuard::push(self.inner.ctx)?;
+        let _g = unsafe { CtxGuard::push(self.inner.ctx) }?;
         // SAFETY: live event.
         let r = unsafe { cu::cuEventQuery(self.event) };
         if r == cu::CUresult::CUDA_ERROR_NOT_READY {
@@ -675,9 +896,12 @@ impl OffloadHandle {
         if self.waited {
             return Ok(());
         }
-        let _g = CtxGuard::push(self.inner.ctx)?;
+        let _g = unsafe { CtxGuard::push(self.inner.ctx) }?;
         // SAFETY: live event.
-        check(unsafe { cu::cuEventSynchronize(self.event) }, "cuEventSynchronize (offload)")?;
+        check(
+            unsafe { cu::cuEventSynchronize(self.event) },
+            "cuEventSynchronize (offload)",
+        )?;
         self.waited = true;
         Ok(())
     }
@@ -716,10 +940,13 @@ impl OnloadHandle {
     /// layer and, by stream order, the layers before it).
     pub fn wait_layer(&self, layer: usize) -> Result<()> {
         let e = self.event_of(layer)?;
-        let _g = CtxGuard::push(self.inner.ctx)?;
+        let _g = unsafe { CtxGuard::push(self.inner.ctx) }?;
         // SAFETY: live event.
-        check(unsafe { cu::cuEventSynchronize(e) }, "cuEventSynchronize (layer)")
-            .map_err(|e| e.context(format!("onload layer {layer}")))
+        check(
+            unsafe { cu::cuEventSynchronize(e) },
+            "cuEventSynchronize (layer)",
+        )
+        .map_err(|e| e.context(format!("onload layer {layer}")))
     }
 
     /// Makes `stream` (a raw `CUstream` of this device, e.g. PyTorch's
@@ -729,14 +956,19 @@ impl OnloadHandle {
     /// `stream` must be a live stream of this device's primary context.
     pub unsafe fn stream_wait_layer(&self, layer: usize, stream: u64) -> Result<()> {
         let e = self.event_of(layer)?;
-        let _g = CtxGuard::push(self.inner.ctx)?;
-        check(cu::cuStreamWaitEvent(stream as CUstream, e, 0), "cuStreamWaitEvent (layer)")
+        let _g = unsafe { CtxGuard::push(self.inner.ctx) }?;
+        check(
+            cu::cuStreamWaitEvent(stream as CUstream, e, 0),
+            "cuStreamWaitEvent (layer)",
+        )
     }
 
     /// Whether every layer is in place.
     pub fn is_done(&self) -> Result<bool> {
-        let Some(&e) = self.events.last() else { return Ok(true) };
-        let _g = CtxGuard::push(self.inner.ctx)?;
+        let Some(&e) = self.events.last() else {
+            return Ok(true);
+        };
+        let _g = unsafe { CtxGuard::push(self.inner.ctx) }?;
         // SAFETY: live event.
         let r = unsafe { cu::cuEventQuery(e) };
         if r == cu::CUresult::CUDA_ERROR_NOT_READY {
@@ -751,9 +983,12 @@ impl OnloadHandle {
             return Ok(());
         }
         if let Some(&last) = self.events.last() {
-            let _g = CtxGuard::push(self.inner.ctx)?;
+            let _g = unsafe { CtxGuard::push(self.inner.ctx) }?;
             // SAFETY: live event; the stream runs layers in order.
-            check(unsafe { cu::cuEventSynchronize(last) }, "cuEventSynchronize (onload)")?;
+            check(
+                unsafe { cu::cuEventSynchronize(last) },
+                "cuEventSynchronize (onload)",
+            )?;
         }
         self.waited = true;
         Ok(())
@@ -778,14 +1013,22 @@ impl CopyEngine for CudaEngine {
         }
         let recs: Vec<HostRecord> = ops
             .iter_mut()
-            .map(|o| HostRecord { block: o.block, host: o.dst.as_mut_ptr() })
+            .map(|o| HostRecord {
+                block: o.block,
+                host: o.dst.as_mut_ptr(),
+            })
             .collect();
         // SAFETY: the records are the caller's &mut buffers, alive across the wait.
         let mut h = unsafe { self.submit_offload(kv, &recs, None)? };
         h.wait()
     }
 
-    fn scatter_layers(&self, kv: &KvCaches, ops: &[ScatterOp<'_>], layers: Range<usize>) -> Result<()> {
+    fn scatter_layers(
+        &self,
+        kv: &KvCaches,
+        ops: &[ScatterOp<'_>],
+        layers: Range<usize>,
+    ) -> Result<()> {
         for op in ops {
             check_len(kv, op.block, op.src.len())?;
         }
@@ -794,7 +1037,10 @@ impl CopyEngine for CudaEngine {
         }
         let recs: Vec<HostRecord> = ops
             .iter()
-            .map(|o| HostRecord { block: o.block, host: o.src.as_ptr() as *mut u8 })
+            .map(|o| HostRecord {
+                block: o.block,
+                host: o.src.as_ptr() as *mut u8,
+            })
             .collect();
         // SAFETY: the records are the caller's buffers, alive across the
         // wait; scatter only reads them.
@@ -831,12 +1077,16 @@ impl DeviceBuffer {
         if offset + data.len() > self.len() {
             return Err(Error::invalid("upload past the end of the device buffer"));
         }
-        let _g = CtxGuard::push(self.inner.ctx)?;
+        let _g = unsafe { CtxGuard::push(self.inner.ctx) }?;
         // SAFETY: range checked; synchronous copy from a live slice.
         unsafe {
             check(cu::cuCtxSynchronize(), "cuCtxSynchronize")?;
             check(
-                cu::cuMemcpyHtoD_v2(self.ptr() + offset as u64, data.as_ptr() as *const c_void, data.len()),
+                cu::cuMemcpyHtoD_v2(
+                    self.ptr() + offset as u64,
+                    data.as_ptr() as *const c_void,
+                    data.len(),
+                ),
                 "cuMemcpyHtoD",
             )
         }
@@ -848,13 +1098,18 @@ impl DeviceBuffer {
         if offset + out.len() > self.len() {
             return Err(Error::invalid("download past the end of the device buffer"));
         }
-        let _g = CtxGuard::push(self.inner.ctx)?;
+        let _g = unsafe { CtxGuard::push(self.inner.ctx) }?;
         let mut s: CUstream = std::ptr::null_mut();
         // SAFETY: range checked; a private non-blocking stream so the copy
         // does not wait for the engine's streams.
         unsafe {
             check(cu::cuStreamCreate(&mut s, 1), "cuStreamCreate")?;
-            let r = cu::cuMemcpyAsync(out.as_mut_ptr() as u64, self.ptr() + offset as u64, out.len(), s);
+            let r = cu::cuMemcpyAsync(
+                out.as_mut_ptr() as u64,
+                self.ptr() + offset as u64,
+                out.len(),
+                s,
+            );
             let r2 = cu::cuStreamSynchronize(s);
             cu::cuStreamDestroy_v2(s);
             check(r, "cuMemcpyAsync (download)")?;
@@ -865,7 +1120,7 @@ impl DeviceBuffer {
 
 impl Drop for DeviceBuffer {
     fn drop(&mut self) {
-        if let Ok(_g) = CtxGuard::push(self.inner.ctx) {
+        if let Ok(_g) = unsafe { CtxGuard::push(self.inner.ctx) } {
             // SAFETY: wait for queued work that may still use it, then free.
             unsafe { cu::cuCtxSynchronize() };
             self.buf = None;
@@ -903,7 +1158,7 @@ impl PinnedBuffer {
 
 impl Drop for PinnedBuffer {
     fn drop(&mut self) {
-        if let Ok(_g) = CtxGuard::push(self.inner.ctx) {
+        if let Ok(_g) = unsafe { CtxGuard::push(self.inner.ctx) } {
             // SAFETY: wait for transfers that may still use it, then free.
             unsafe {
                 cu::cuCtxSynchronize();
@@ -916,28 +1171,73 @@ impl Drop for PinnedBuffer {
 impl CudaEngine {
     /// Allocates zeroed device memory on this engine's device.
     pub fn alloc_device(&self, bytes: usize) -> Result<DeviceBuffer> {
-        let _g = CtxGuard::push(self.inner.ctx)?;
+        let _g = unsafe { CtxGuard::push(self.inner.ctx) }?;
         let buf = DevBuf::alloc(bytes)?;
         // SAFETY: fresh allocation of `bytes`.
-        check(unsafe { cu::cuMemsetD8_v2(buf.ptr, 0, bytes) }, "cuMemsetD8")?;
-        Ok(DeviceBuffer { inner: self.inner.clone(), buf: Some(buf) })
+        check(
+            unsafe { cu::cuMemsetD8_v2(buf.ptr, 0, bytes) },
+            "cuMemsetD8",
+        )?;
+        Ok(DeviceBuffer {
+            inner: self.inner.clone(),
+            buf: Some(buf),
+        })
     }
 
     /// Allocates zeroed pinned, device-mapped host memory.
     pub fn alloc_pinned(&self, bytes: usize) -> Result<PinnedBuffer> {
-        let _g = CtxGuard::push(self.inner.ctx)?;
+        let _g = unsafe { CtxGuard::push(self.inner.ctx) }?;
         let mut p: *mut c_void = std::ptr::null_mut();
         // SAFETY: out-pointer valid; flags PORTABLE | DEVICEMAP.
-        check(unsafe { cu::cuMemHostAlloc(&mut p, bytes.max(1), 0x01 | 0x02) }, "cuMemHostAlloc")
-            .map_err(|e| e.context(format!("{bytes} bytes")))?;
+        check(
+            unsafe { cu::cuMemHostAlloc(&mut p, bytes.max(1), 0x01 | 0x02) },
+            "cuMemHostAlloc",
+        )
+        .map_err(|e| e.context(format!("{bytes} bytes")))?;
         // SAFETY: fresh allocation.
         unsafe { std::ptr::write_bytes(p as *mut u8, 0, bytes) };
-        Ok(PinnedBuffer { inner: self.inner.clone(), ptr: p as *mut u8, len: bytes })
+        Ok(PinnedBuffer {
+            inner: self.inner.clone(),
+            ptr: p as *mut u8,
+            len: bytes,
+        })
+    }
+
+    /// Copies `len` bytes from any device address to host memory on a
+    /// private stream, synchronously, without waiting for the engine's
+    /// streams (used to check what an onload has written so far).
+    ///
+    /// # Safety
+    /// `src` must be `len` readable device bytes, `dst` `len` writable bytes.
+    pub unsafe fn peek(&self, src: u64, dst: *mut u8, len: usize) -> Result<()> {
+        let _g = unsafe { CtxGuard::push(self.inner.ctx) }?;
+        let mut s: CUstream = std::ptr::null_mut();
+        check(cu::cuStreamCreate(&mut s, 1), "cuStreamCreate")?;
+        let r = cu::cuMemcpyAsync(dst as u64, src, len, s);
+        let r2 = cu::cuStreamSynchronize(s);
+        cu::cuStreamDestroy_v2(s);
+        check(r, "cuMemcpyAsync (peek)")?;
+        check(r2, "cuStreamSynchronize (peek)")
+    }
+
+    /// One plain `cuMemcpyAsync` of `len` bytes on the offload stream,
+    /// synchronised: the benchmarks' same-run baseline.
+    ///
+    /// # Safety
+    /// Both ranges must be valid (device or pinned host) for `len` bytes.
+    pub unsafe fn copy_raw(&self, dst: u64, src: u64, len: usize) -> Result<()> {
+        let _g = unsafe { CtxGuard::push(self.inner.ctx) }?;
+        let s = self.inner.streams[0];
+        check(
+            cu::cuMemcpyAsync(dst, src, len, s),
+            "cuMemcpyAsync (baseline)",
+        )?;
+        check(cu::cuStreamSynchronize(s), "cuStreamSynchronize")
     }
 
     /// Waits for both engine streams.
     pub fn synchronize(&self) -> Result<()> {
-        let _g = CtxGuard::push(self.inner.ctx)?;
+        let _g = unsafe { CtxGuard::push(self.inner.ctx) }?;
         for s in self.inner.streams {
             // SAFETY: live streams.
             check(unsafe { cu::cuStreamSynchronize(s) }, "cuStreamSynchronize")?;

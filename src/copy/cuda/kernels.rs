@@ -113,14 +113,30 @@ mod tests {
     /// z-slice and thread) and compares with the CPU engine's record.
     #[test]
     fn kernel_index_math_matches_the_cpu_engine() {
-        for (layout, vec) in [(KvLayout::Lbhnc, 16u64), (KvLayout::Lbnhc, 16), (KvLayout::Lbnhc, 4), (KvLayout::Lbnhc, 1)] {
-            let g = Geometry { layers: 3, kv_heads: 3, block_tokens: 5, head_size_k: 8, head_size_v: 8, dtype: Dtype::Bf16 };
+        for (layout, vec) in [
+            (KvLayout::Lbhnc, 16u64),
+            (KvLayout::Lbnhc, 16),
+            (KvLayout::Lbnhc, 4),
+            (KvLayout::Lbnhc, 1),
+        ] {
+            let g = Geometry {
+                layers: 3,
+                kv_heads: 3,
+                block_tokens: 5,
+                head_size_k: 8,
+                head_size_v: 8,
+                dtype: Dtype::Bf16,
+            };
             let page = g.layer_page_bytes();
             let blocks = 4u64;
             let mut buf: Vec<u8> = (0..g.layers as usize * blocks as usize * page)
                 .map(|i| (i * 7 + i / 251) as u8)
                 .collect();
-            let (h, n, c) = (g.kv_heads as u64, g.block_tokens as u64, g.row_elems() as u64);
+            let (h, n, c) = (
+                g.kv_heads as u64,
+                g.block_tokens as u64,
+                g.row_elems() as u64,
+            );
             let (sh, sn) = match layout {
                 KvLayout::Lbhnc => (n * c, c),
                 KvLayout::Lbnhc => (c, h * c),
@@ -136,7 +152,15 @@ mod tests {
                 .collect();
             let kv = unsafe { KvCaches::new(g, views.clone(), false) }.unwrap();
             let mut want = vec![0u8; g.block_bytes()];
-            CpuEngine.gather(&kv, &mut [GatherOp { block: 2, dst: &mut want }]).unwrap();
+            CpuEngine
+                .gather(
+                    &kv,
+                    &mut [GatherOp {
+                        block: 2,
+                        dst: &mut want,
+                    }],
+                )
+                .unwrap();
 
             let s = KvShape {
                 stride_block_bytes: page as u64,
@@ -165,7 +189,10 @@ mod tests {
                     }
                 }
             }
-            assert!(hits.iter().all(|&h| h == 1), "{layout:?} v{vec}: every byte written once");
+            assert!(
+                hits.iter().all(|&h| h == 1),
+                "{layout:?} v{vec}: every byte written once"
+            );
             assert_eq!(got, want, "{layout:?} v{vec}");
         }
     }
@@ -181,7 +208,10 @@ mod tests {
         // the whole parameter list stays under CUDA's 4 KiB launch limit
         assert!(8 + std::mem::size_of::<KvOps>() + std::mem::size_of::<KvShape>() <= 4096);
         for e in KV_COPY.entries {
-            assert!(KV_COPY.text.contains(&format!("void {e}(")), "{e} not in source");
+            assert!(
+                KV_COPY.text.contains(&format!("void {e}(")),
+                "{e} not in source"
+            );
         }
     }
 }

@@ -122,8 +122,8 @@ impl Nvrtc {
         // exact signature (nvrtc.h, CUDA 11.1+).
         unsafe {
             macro_rules! f {
-                ($name:literal) => {
-                    std::mem::transmute::<*mut c_void, _>(lib.require($name)?)
+                ($name:literal, $t:ty) => {
+                    std::mem::transmute::<*mut c_void, $t>(lib.require($name)?)
                 };
             }
             let cubin_size = lib
@@ -133,15 +133,15 @@ impl Nvrtc {
                 .sym("nvrtcGetCUBIN")
                 .map(|p| std::mem::transmute::<*mut c_void, FnGet>(p));
             Ok(Nvrtc {
-                version: f!("nvrtcVersion"),
-                create: f!("nvrtcCreateProgram"),
-                compile: f!("nvrtcCompileProgram"),
-                log_size: f!("nvrtcGetProgramLogSize"),
-                log: f!("nvrtcGetProgramLog"),
-                ptx_size: f!("nvrtcGetPTXSize"),
-                ptx: f!("nvrtcGetPTX"),
-                destroy: f!("nvrtcDestroyProgram"),
-                err: f!("nvrtcGetErrorString"),
+                version: f!("nvrtcVersion", FnVersion),
+                create: f!("nvrtcCreateProgram", FnCreate),
+                compile: f!("nvrtcCompileProgram", FnCompile),
+                log_size: f!("nvrtcGetProgramLogSize", FnSize),
+                log: f!("nvrtcGetProgramLog", FnGet),
+                ptx_size: f!("nvrtcGetPTXSize", FnSize),
+                ptx: f!("nvrtcGetPTX", FnGet),
+                destroy: f!("nvrtcDestroyProgram", FnDestroy),
+                err: f!("nvrtcGetErrorString", FnErr),
                 cubin_size,
                 cubin,
                 lib,
@@ -226,7 +226,12 @@ impl Nvrtc {
 
     /// # Safety
     /// `prog` must be a live NVRTC program.
-    unsafe fn compile_prog(&self, prog: Prog, name: &str, opts: &[*const c_char]) -> Result<Compiled> {
+    unsafe fn compile_prog(
+        &self,
+        prog: Prog,
+        name: &str,
+        opts: &[*const c_char],
+    ) -> Result<Compiled> {
         let r = (self.compile)(prog, opts.len() as c_int, opts.as_ptr());
         let mut n = 0usize;
         let log = if (self.log_size)(prog, &mut n) == 0 && n > 1 {
@@ -262,7 +267,9 @@ impl Nvrtc {
             }
         }
         if ptx.is_empty() && cubin.is_none() {
-            return Err(Error::cuda(format!("compiling {name}: NVRTC produced neither PTX nor a cubin")));
+            return Err(Error::cuda(format!(
+                "compiling {name}: NVRTC produced neither PTX nor a cubin"
+            )));
         }
         Ok(Compiled { ptx, cubin, log })
     }

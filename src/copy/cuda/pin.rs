@@ -47,6 +47,10 @@ impl CudaPinner {
     }
 }
 
+// The hook's shape (safe fns taking raw pointers) is the host tier's trait;
+// its contract — the arena owns and keeps mapped every range it passes — is
+// what makes the driver calls sound.
+#[allow(clippy::not_unsafe_ptr_arg_deref)]
 impl PinHook for CudaPinner {
     fn pin(&self, addr: *mut u8, len: usize) -> Result<()> {
         // SAFETY: the hook's contract: the arena owns [addr, addr+len) and
@@ -115,7 +119,12 @@ impl PinningJob {
     /// The range must stay mapped until the job has finished (or was
     /// dropped) and, for chunks it pinned, until they are unpinned
     /// ([`PinningJob::unpin_all`]).
-    pub unsafe fn start(base: *mut u8, len: usize, chunk: usize, register: RegisterFn) -> Result<PinningJob> {
+    pub unsafe fn start(
+        base: *mut u8,
+        len: usize,
+        chunk: usize,
+        register: RegisterFn,
+    ) -> Result<PinningJob> {
         if base.is_null() || len == 0 {
             return Err(Error::invalid("pinning job: empty or NULL range"));
         }
@@ -140,7 +149,10 @@ impl PinningJob {
             .name("kvpark-pin".into())
             .spawn(move || run(&s, &*register))
             .map_err(|e| Error::internal(format!("pinning job: cannot spawn thread: {e}")))?;
-        Ok(PinningJob { shared, thread: Some(thread) })
+        Ok(PinningJob {
+            shared,
+            thread: Some(thread),
+        })
     }
 
     /// [`PinningJob::start`] with [`CudaPinner`].
@@ -198,14 +210,18 @@ impl PinningJob {
     /// Whether every chunk under `[offset, offset+len)` is pinned.
     pub fn is_pinned(&self, offset: usize, len: usize) -> Result<bool> {
         let r = self.chunks_of(offset, len)?;
-        Ok(self.shared.states.lock()[r].iter().all(|c| *c == ChunkState::Pinned))
+        Ok(self.shared.states.lock()[r]
+            .iter()
+            .all(|c| *c == ChunkState::Pinned))
     }
 
     /// Whether every chunk under the range is settled (pinned or failed):
     /// the range may then take offloads.
     pub fn is_settled(&self, offset: usize, len: usize) -> Result<bool> {
         let r = self.chunks_of(offset, len)?;
-        Ok(self.shared.states.lock()[r].iter().all(|c| *c != ChunkState::Pending))
+        Ok(self.shared.states.lock()[r]
+            .iter()
+            .all(|c| *c != ChunkState::Pending))
     }
 
     /// Waits up to `timeout` for the range to settle; returns whether it did.
@@ -225,7 +241,11 @@ impl PinningJob {
 
     /// Whether the background thread has settled every chunk.
     pub fn is_finished(&self) -> bool {
-        self.shared.states.lock().iter().all(|c| *c != ChunkState::Pending)
+        self.shared
+            .states
+            .lock()
+            .iter()
+            .all(|c| *c != ChunkState::Pending)
     }
 
     /// Waits for the background thread to finish.
@@ -252,7 +272,9 @@ impl PinningJob {
             match unregister(addr, len) {
                 Ok(()) => {
                     self.shared.states.lock()[i] = ChunkState::Pending;
-                    self.shared.pinned_bytes.fetch_sub(len as u64, Ordering::Relaxed);
+                    self.shared
+                        .pinned_bytes
+                        .fetch_sub(len as u64, Ordering::Relaxed);
                 }
                 Err(e) => {
                     first.get_or_insert(e);
@@ -322,7 +344,10 @@ mod tests {
         );
         let p = job.progress();
         assert_eq!(p.pinned_bytes, arena.len() as u64);
-        assert_eq!((p.failed_chunks, p.settled_chunks, p.total_chunks), (0, 3, 3));
+        assert_eq!(
+            (p.failed_chunks, p.settled_chunks, p.total_chunks),
+            (0, 3, 3)
+        );
         assert!(job.is_pinned(0, arena.len()).unwrap());
         assert!(job.is_pinned(arena.len(), 1).is_err());
         // unpin gives back every pinned chunk exactly once
@@ -387,7 +412,9 @@ mod tests {
         });
         let job = unsafe { PinningJob::start(base, arena.len(), 4096, reg) }.unwrap();
         assert!(!job.is_settled(0, 4096).unwrap());
-        assert!(!job.wait_settled(0, 4096, Duration::from_millis(20)).unwrap());
+        assert!(!job
+            .wait_settled(0, 4096, Duration::from_millis(20))
+            .unwrap());
         let release = |n| {
             let (m, c) = &*gate;
             *m.lock().unwrap() += n;
@@ -396,10 +423,15 @@ mod tests {
         release(1);
         assert!(job.wait_settled(0, 4096, Duration::from_secs(10)).unwrap());
         assert!(job.is_pinned(0, 4096).unwrap());
-        assert!(!job.is_settled(0, 2 * 4096).unwrap(), "chunk 1 still pending");
+        assert!(
+            !job.is_settled(0, 2 * 4096).unwrap(),
+            "chunk 1 still pending"
+        );
         assert_eq!(job.pinned_bytes(), 4096);
         release(2);
-        assert!(job.wait_settled(0, 3 * 4096, Duration::from_secs(10)).unwrap());
+        assert!(job
+            .wait_settled(0, 3 * 4096, Duration::from_secs(10))
+            .unwrap());
         assert!(job.is_finished());
     }
 
@@ -408,7 +440,9 @@ mod tests {
         let mut a = vec![0u8; 4096];
         let reg: RegisterFn = Arc::new(|_, _| Ok(()));
         assert!(unsafe { PinningJob::start(a.as_mut_ptr(), 4096, 1000, reg.clone()) }.is_err());
-        assert!(unsafe { PinningJob::start(std::ptr::null_mut(), 4096, 4096, reg.clone()) }.is_err());
+        assert!(
+            unsafe { PinningJob::start(std::ptr::null_mut(), 4096, 4096, reg.clone()) }.is_err()
+        );
         assert!(unsafe { PinningJob::start(a.as_mut_ptr(), 0, 4096, reg) }.is_err());
     }
 

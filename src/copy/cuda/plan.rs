@@ -148,7 +148,9 @@ pub struct Rule {
     pub strategy: Strategy,
 }
 
-fn de_layout<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<KvLayout>, D::Error> {
+fn de_layout<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<KvLayout>, D::Error> {
     let s: Option<String> = Option::deserialize(d)?;
     match s.as_deref().map(str::to_ascii_lowercase).as_deref() {
         None => Ok(None),
@@ -206,7 +208,14 @@ impl Selector {
         vec![
             r(None, Lbnhc, None, None, Some([0, 4 << 20]), KernelMapped),
             r(None, Lbnhc, None, None, None, KernelStaged),
-            r(Some(Direction::H2D), Lbhnc, Some([0, 28 << 10]), Some([16, u64::MAX]), None, KernelMapped),
+            r(
+                Some(Direction::H2D),
+                Lbhnc,
+                Some([0, 28 << 10]),
+                Some([16, u64::MAX]),
+                None,
+                KernelMapped,
+            ),
             r(None, Lbhnc, None, None, None, DmaBatch),
         ]
     }
@@ -308,7 +317,12 @@ impl DevShape {
 /// DMA copies for head-major pages, op-major (all layers of a block, then
 /// the next block), so layers that are adjacent in device memory (block-outer
 /// storage) merge into one copy. `recs[i]` is op i's record address.
-pub fn dma_copies_d2h(d: &DevShape, blocks: &[u32], recs: &[u64], layers: Range<usize>) -> Vec<Copy> {
+pub fn dma_copies_d2h(
+    d: &DevShape,
+    blocks: &[u32],
+    recs: &[u64],
+    layers: Range<usize>,
+) -> Vec<Copy> {
     let mut v = Vec::with_capacity(blocks.len() * layers.len());
     for (b, r) in blocks.iter().zip(recs) {
         for l in layers.clone() {
@@ -405,12 +419,30 @@ mod tests {
         let s = Selector::default();
         // llama-8b page: 8 heads * 16 tokens * 512 B = 64 KiB
         let p = 64 << 10;
-        assert_eq!(s.pick(&shape(Direction::D2H, Lbhnc, p, 32), ALL_CAPS), DmaBatch);
-        assert_eq!(s.pick(&shape(Direction::H2D, Lbhnc, p, 32 * 64), ALL_CAPS), DmaBatch);
-        assert_eq!(s.pick(&shape(Direction::H2D, Lbhnc, 16 << 10, 16), ALL_CAPS), KernelMapped);
-        assert_eq!(s.pick(&shape(Direction::H2D, Lbhnc, 16 << 10, 15), ALL_CAPS), DmaBatch);
-        assert_eq!(s.pick(&shape(Direction::D2H, Lbnhc, p, 32), ALL_CAPS), KernelMapped);
-        assert_eq!(s.pick(&shape(Direction::D2H, Lbnhc, p, 64), ALL_CAPS), KernelStaged);
+        assert_eq!(
+            s.pick(&shape(Direction::D2H, Lbhnc, p, 32), ALL_CAPS),
+            DmaBatch
+        );
+        assert_eq!(
+            s.pick(&shape(Direction::H2D, Lbhnc, p, 32 * 64), ALL_CAPS),
+            DmaBatch
+        );
+        assert_eq!(
+            s.pick(&shape(Direction::H2D, Lbhnc, 16 << 10, 16), ALL_CAPS),
+            KernelMapped
+        );
+        assert_eq!(
+            s.pick(&shape(Direction::H2D, Lbhnc, 16 << 10, 15), ALL_CAPS),
+            DmaBatch
+        );
+        assert_eq!(
+            s.pick(&shape(Direction::D2H, Lbnhc, p, 32), ALL_CAPS),
+            KernelMapped
+        );
+        assert_eq!(
+            s.pick(&shape(Direction::D2H, Lbnhc, p, 64), ALL_CAPS),
+            KernelStaged
+        );
     }
 
     #[test]
@@ -428,7 +460,10 @@ mod tests {
             host_mapped: true,
         };
         assert_eq!(resolve(DmaBatch, Lbhnc, pinned_old_driver), DmaEach);
-        assert_eq!(resolve(KernelMapped, Lbnhc, pinned_old_driver), KernelMapped);
+        assert_eq!(
+            resolve(KernelMapped, Lbnhc, pinned_old_driver),
+            KernelMapped
+        );
     }
 
     #[test]
@@ -438,11 +473,23 @@ mod tests {
         )
         .unwrap();
         let p = 64 << 10;
-        assert_eq!(s.pick(&shape(Direction::D2H, Lbhnc, p, 99), ALL_CAPS), DmaEach);
-        assert_eq!(s.pick(&shape(Direction::D2H, Lbhnc, p, 100), ALL_CAPS), DmaBatch);
-        assert_eq!(s.pick(&shape(Direction::H2D, Lbhnc, p, 99), ALL_CAPS), DmaBatch);
+        assert_eq!(
+            s.pick(&shape(Direction::D2H, Lbhnc, p, 99), ALL_CAPS),
+            DmaEach
+        );
+        assert_eq!(
+            s.pick(&shape(Direction::D2H, Lbhnc, p, 100), ALL_CAPS),
+            DmaBatch
+        );
+        assert_eq!(
+            s.pick(&shape(Direction::H2D, Lbhnc, p, 99), ALL_CAPS),
+            DmaBatch
+        );
         let forced = Selector::from_json(r#"[{"strategy":"kernel_staged"}]"#).unwrap();
-        assert_eq!(forced.pick(&shape(Direction::H2D, Lbhnc, p, 1), ALL_CAPS), KernelStaged);
+        assert_eq!(
+            forced.pick(&shape(Direction::H2D, Lbhnc, p, 1), ALL_CAPS),
+            KernelStaged
+        );
         for bad in [
             r#"[{"strategy":"warp_drive"}]"#,
             r#"[{"layout":"bhlnc","strategy":"dma_each"}]"#,
@@ -452,17 +499,21 @@ mod tests {
             let e = Selector::from_json(bad).unwrap_err();
             assert_eq!(e.kind(), crate::ErrorKind::Config, "{bad}");
         }
-        assert!(Selector::from_json(r#"[{"layout":"bhlnc","strategy":"dma_each"}]"#)
-            .unwrap_err()
-            .message()
-            .contains("bhlnc"));
+        assert!(
+            Selector::from_json(r#"[{"layout":"bhlnc","strategy":"dma_each"}]"#)
+                .unwrap_err()
+                .message()
+                .contains("bhlnc")
+        );
         assert_eq!(Strategy::parse("dma_batch").unwrap(), DmaBatch);
         assert!(Strategy::parse("x").is_err());
     }
 
     fn dev(layers: usize, page: u64, stride: u64, layer_gap: u64) -> DevShape {
         DevShape {
-            layer_base: (0..layers as u64).map(|l| 0x1000_0000 + l * layer_gap).collect(),
+            layer_base: (0..layers as u64)
+                .map(|l| 0x1000_0000 + l * layer_gap)
+                .collect(),
             stride_block: stride,
             page,
         }
@@ -475,8 +526,22 @@ mod tests {
         let recs = [0x9000_0000u64, 0xA000_0000];
         let v = dma_copies_d2h(&d, &[5, 7], &recs, 0..3);
         assert_eq!(v.len(), 6);
-        assert_eq!(v[0], Copy { src: 0x1000_0000 + 5 * 4096, dst: 0x9000_0000, len: 4096 });
-        assert_eq!(v[4], Copy { src: 0x1010_0000 + 7 * 4096, dst: 0xA000_0000 + 4096, len: 4096 });
+        assert_eq!(
+            v[0],
+            Copy {
+                src: 0x1000_0000 + 5 * 4096,
+                dst: 0x9000_0000,
+                len: 4096
+            }
+        );
+        assert_eq!(
+            v[4],
+            Copy {
+                src: 0x1010_0000 + 7 * 4096,
+                dst: 0xA000_0000 + 4096,
+                len: 4096
+            }
+        );
         assert_eq!(v.iter().map(|c| c.len).sum::<u64>(), 6 * 4096);
     }
 
@@ -487,10 +552,24 @@ mod tests {
         let d = dev(4, 4096, 4 * 4096, 4096);
         let v = dma_copies_d2h(&d, &[2, 3], &[0x9000_0000, 0x9000_0000 + 4 * 4096], 0..4);
         // blocks 2 and 3 are adjacent and so are their records: one copy
-        assert_eq!(v, vec![Copy { src: 0x1000_0000 + 2 * 4 * 4096, dst: 0x9000_0000, len: 8 * 4096 }]);
+        assert_eq!(
+            v,
+            vec![Copy {
+                src: 0x1000_0000 + 2 * 4 * 4096,
+                dst: 0x9000_0000,
+                len: 8 * 4096
+            }]
+        );
         let h = dma_copies_h2d_layer(&d, &[2, 3], &[0x9000_0000, 0x9000_0000 + 4 * 4096], 1);
         assert_eq!(h.len(), 2);
-        assert_eq!(h[1], Copy { src: 0x9000_0000 + 4 * 4096 + 4096, dst: 0x1000_0000 + 4096 + 3 * 4 * 4096, len: 4096 });
+        assert_eq!(
+            h[1],
+            Copy {
+                src: 0x9000_0000 + 4 * 4096 + 4096,
+                dst: 0x1000_0000 + 4096 + 3 * 4 * 4096,
+                len: 4096
+            }
+        );
     }
 
     #[test]
