@@ -5,15 +5,15 @@
 #   eval "$(scripts/nvrtc_env.sh .nvrtc/bin/python)"
 #   cargo test --test cuda_ptx
 #
-# Argument: the Python whose site-packages hold nvidia-cuda-nvrtc-cu12
+# Argument: the Python whose site-packages hold NVRTC's wheel
+# (nvidia-cuda-nvrtc-cu12: nvidia/cuda_nvrtc/lib; CUDA 13's nvidia-cuda-nvrtc: nvidia/cu13/lib)
 # (default: python3). Exits 1 with a message on stderr when it is not there.
 set -eu
 PY="${1:-python3}"
-LIB=$("$PY" -c 'import nvidia.cuda_nvrtc as m, os, glob
-d = os.path.join(list(m.__path__)[0], "lib")
-c = sorted(glob.glob(os.path.join(d, "libnvrtc.so*")))
-c = [p for p in c if "builtins" not in p and ".alt." not in p]
-print(c[-1])' 2>/dev/null) || {
+LIB=$("$PY" -c 'import nvidia, os, glob
+c = [p for d in nvidia.__path__ for p in glob.glob(os.path.join(d, "*", "lib", "libnvrtc.so*"))
+     if "builtins" not in p and ".alt." not in p]
+print(sorted(c)[-1])' 2>/dev/null) || {
     echo "nvrtc_env.sh: $PY has no nvidia-cuda-nvrtc-cu12; run: $PY -m pip install nvidia-cuda-nvrtc-cu12" >&2
     exit 1
 }

@@ -442,3 +442,62 @@ fn cuda_onload_wait_layer_orders_each_layer() {
         assert!(h.wait_layer(g.layers as usize).is_err());
     }
 }
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn cuda_pinning_job_registers_an_arena_the_engine_maps() {
+    use kvpark::copy::cuda::{CudaPinner, PinHook, PinningJob};
+    use std::time::Duration;
+    let engine = engine_or_skip();
+    let g = geom(Dtype::Bf16);
+    let bytes = (g.layers as u64 * BLOCKS) as usize * g.layer_page_bytes();
+    let dev = engine.alloc_device(bytes).unwrap();
+    dev.upload(0, &image(&g, KvLayout::Lbnhc, val)).unwrap();
+    let kv = unsafe { KvCaches::new(g, views(dev.ptr(), &g, KvLayout::Lbnhc), true) }.unwrap();
+
+    let chunk = 2 << 20;
+    let mut arena = memmap2::MmapMut::map_anon(3 * chunk).unwrap();
+    let mut job =
+        unsafe { PinningJob::start_cuda(arena.as_mut_ptr(), arena.len(), chunk) }.unwrap();
+    assert!(job
+        .wait_settled(0, arena.len(), Duration::from_secs(60))
+        .unwrap());
+    assert_eq!(job.failed_chunks(), 0);
+    assert_eq!(job.pinned_bytes(), 3 * chunk as u64);
+
+    // records straddling no chunk boundary, in chunks 0 and 2
+    for (strat, off) in [
+        (Strategy::KernelMapped, 4096usize),
+        (Strategy::DmaBatch, 2 * chunk + 8192),
+    ] {
+        engine.set_selector(Selector::forced(strat));
+        let before = engine.stats();
+        arena[off..off + g.block_bytes()].fill(0xEE);
+        let ops = [HostRecord {
+            block: 4,
+            host: unsafe { arena.as_mut_ptr().add(off) },
+        }];
+        unsafe { engine.submit_offload(&kv, &ops, None) }
+            .unwrap()
+            .wait()
+            .unwrap();
+        assert!(
+            arena[off..off + g.block_bytes()] == record_of(&g, 4)[..],
+            "{}",
+            strat.name()
+        );
+        let after = engine.stats();
+        // the registered arena is recognised as mapped: the mapped strategy is not degraded
+        if strat == Strategy::KernelMapped {
+            assert_eq!(
+                after.transfers[0],
+                before.transfers[0] + 1,
+                "kernel_mapped ran: {after:?}"
+            );
+        }
+    }
+    engine.set_selector(Selector::default());
+    let p = CudaPinner::new().unwrap();
+    job.unpin_all(&|a, l| p.unpin(a, l)).unwrap();
+    assert_eq!(job.pinned_bytes(), 0);
+}

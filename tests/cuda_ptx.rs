@@ -5,7 +5,8 @@
 //! NVRTC comes from the PyPI wheel `nvidia-cuda-nvrtc-cu12` (no GPU needed).
 //! The test finds it through, in order:
 //! 1. `KVPARK_NVRTC_LIB=/path/to/libnvrtc.so.12`;
-//! 2. the `nvidia.cuda_nvrtc` package of the Python named by `KVPARK_PYTHON`,
+//! 2. NVRTC's wheel (`nvidia/cuda_nvrtc/lib` for CUDA 12, `nvidia/cu13/lib` for
+//!    CUDA 13) in the site-packages of the Python named by `KVPARK_PYTHON`,
 //!    else `$VIRTUAL_ENV/bin/python`, else `python3`;
 //! 3. kvpark's own search (`libnvrtc.so.12` by soname, `LD_LIBRARY_PATH`).
 //!
@@ -34,9 +35,11 @@ fn python_nvrtc() -> Option<String> {
     let out = Command::new(&py)
         .args([
             "-c",
-            "import nvidia.cuda_nvrtc as m, os, glob; \
-             d = os.path.join(list(m.__path__)[0], 'lib'); \
-             print(sorted(glob.glob(os.path.join(d, 'libnvrtc.so*')))[-1])",
+            "import nvidia, os, glob; \
+             c = [p for d in nvidia.__path__ \
+                  for p in glob.glob(os.path.join(d, '*', 'lib', 'libnvrtc.so*')) \
+                  if 'builtins' not in p and '.alt.' not in p]; \
+             print(sorted(c)[-1])",
         ])
         .output()
         .ok()?;

@@ -50,11 +50,11 @@ def nvrtc_env():
     if os.environ.get("KVPARK_NVRTC_LIB"):
         return
     try:
-        import nvidia.cuda_nvrtc as m  # noqa: F401
-        d = os.path.join(list(m.__path__)[0], "lib")
-        c = [p for p in sorted(glob.glob(os.path.join(d, "libnvrtc.so*"))) if "builtins" not in p]
+        import nvidia  # namespace package of NVIDIA's wheels (cu12: cuda_nvrtc/, cu13: cu13/)
+        c = [p for d in nvidia.__path__ for p in glob.glob(os.path.join(d, "*", "lib", "libnvrtc.so*"))
+             if "builtins" not in p and ".alt." not in p]
         if c:
-            os.environ["KVPARK_NVRTC_LIB"] = c[-1]
+            os.environ["KVPARK_NVRTC_LIB"] = sorted(c)[-1]
     except ImportError:
         pass
 

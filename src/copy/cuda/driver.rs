@@ -46,8 +46,8 @@ pub struct MemcpyAttributes {
     pub flags: u32,
 }
 
-/// `cuMemcpyBatchAsync` as exported under that name (CUDA 12.8 ABI; CUDA 13
-/// drivers keep it beside `_v2`).
+/// `cuMemcpyBatchAsync` with its CUDA 12.8 signature (CUDA 13's `_v2` drops
+/// `fail_idx`; [`init`] asks the driver for the 12.8 variant explicitly).
 pub type MemcpyBatchFn = unsafe extern "C" fn(
     dsts: *mut CUdeviceptr,
     srcs: *mut CUdeviceptr,
@@ -102,8 +102,7 @@ fn load() -> Result<Driver> {
         let mut version = 0;
         check(cu::cuDriverGetVersion(&mut version), "cuDriverGetVersion")?;
         let memcpy_batch = if version >= 12080 {
-            lib.sym("cuMemcpyBatchAsync")
-                .map(|p| std::mem::transmute::<*mut c_void, MemcpyBatchFn>(p))
+            batch_entry(&lib)
         } else {
             None
         };
@@ -113,6 +112,28 @@ fn load() -> Result<Driver> {
             _lib: lib,
         })
     }
+}
+
+/// `cuMemcpyBatchAsync` with the CUDA 12.8 signature: asked of the driver
+/// by ABI version (`cuGetProcAddress(..., 12080)`, which CUDA 13 drivers
+/// answer with the 12.8 variant, not `_v2`), else by plain symbol name.
+///
+/// # Safety
+/// The driver must be initialised.
+unsafe fn batch_entry(lib: &Library) -> Option<MemcpyBatchFn> {
+    let name = c"cuMemcpyBatchAsync";
+    let mut pfn: *mut c_void = std::ptr::null_mut();
+    let mut status = cu::CUdriverProcAddressQueryResult::CU_GET_PROC_ADDRESS_SUCCESS;
+    let r = cu::cuGetProcAddress_v2(name.as_ptr(), &mut pfn, 12080, 0, &mut status);
+    let p = if r == cu::CUresult::CUDA_SUCCESS
+        && status == cu::CUdriverProcAddressQueryResult::CU_GET_PROC_ADDRESS_SUCCESS
+        && !pfn.is_null()
+    {
+        Some(pfn)
+    } else {
+        lib.sym("cuMemcpyBatchAsync")
+    };
+    p.map(|p| std::mem::transmute::<*mut c_void, MemcpyBatchFn>(p))
 }
 
 /// Turns a `CUresult` into a kvpark error naming `what`.

@@ -375,20 +375,39 @@ impl Drop for Partial {
     }
 }
 
-/// Compiles `cuda/kv_copy.cu` to SASS for `sm_XY`; where this NVRTC does not
-/// know the architecture, to PTX for `compute_80` (the driver JITs it).
+/// Compiles `cuda/kv_copy.cu` to SASS for `sm_XY` (loads on any driver of
+/// the same major version); where this NVRTC does not know the architecture,
+/// to PTX for the newest virtual architecture it knows that the device can
+/// run (the driver JITs it).
 fn compile_for(nv: &Nvrtc, arch: (i32, i32)) -> Result<Vec<u8>> {
     let src = &kernels::KV_COPY;
     let sm = format!("--gpu-architecture=sm_{}{}", arch.0, arch.1);
-    if let Ok(c) = nv.compile(src.text, src.file, &[&sm]) {
-        if let Some(cubin) = c.cubin {
-            return Ok(cubin);
+    let mut last = None;
+    match nv.compile(src.text, src.file, &[&sm]) {
+        Ok(c) => {
+            if let Some(cubin) = c.cubin {
+                return Ok(cubin);
+            }
+        }
+        Err(e) => last = Some(e),
+    }
+    let dev = arch.0 * 10 + arch.1;
+    let mut virt: Vec<i32> = vec![dev, 90, 89, 86, 80, 75, 70];
+    virt.retain(|v| *v <= dev);
+    for v in virt {
+        match nv.compile(
+            src.text,
+            src.file,
+            &[&format!("--gpu-architecture=compute_{v}")],
+        ) {
+            Ok(c) if !c.ptx.is_empty() => return Ok(c.ptx),
+            Ok(_) => {}
+            Err(e) => last = Some(e),
         }
     }
-    let c = nv
-        .compile(src.text, src.file, &["--gpu-architecture=compute_80"])
-        .map_err(|e| e.context("compiling kernels"))?;
-    Ok(c.ptx)
+    Err(last
+        .unwrap_or_else(|| Error::cuda("NVRTC produced no image"))
+        .context(format!("compiling kernels for sm_{}{}", arch.0, arch.1)))
 }
 
 impl Drop for Inner {
@@ -424,6 +443,13 @@ fn check_kv(kv: &KvCaches, ops: &[HostRecord]) -> Result<()> {
         return Err(Error::unsupported(
             "the CUDA engine moves device KV caches; these views are host memory (use the CPU engine)",
         ));
+    }
+    let s0 = kv.layers()[0].stride_block;
+    if let Some(i) = kv.layers().iter().position(|l| l.stride_block != s0) {
+        return Err(Error::unsupported(format!(
+            "layer {i} has block stride {} but layer 0 has {s0}: the CUDA engine needs one block stride",
+            kv.layers()[i].stride_block
+        )));
     }
     let bb = kv.geometry().block_bytes();
     for op in ops {

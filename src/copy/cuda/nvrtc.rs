@@ -114,9 +114,36 @@ pub fn candidates() -> Vec<String> {
     c
 }
 
+/// Loads (and keeps loaded) `libnvrtc-builtins.so.*` from `lib`'s folder,
+/// so NVRTC's own `dlopen` by soname finds it already in the process.
+fn preload_builtins(lib: &Path) {
+    let Some(dir) = lib.parent().filter(|d| !d.as_os_str().is_empty()) else {
+        return;
+    };
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut names: Vec<PathBuf> = rd
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libnvrtc-builtins.so"))
+        })
+        .collect();
+    names.sort();
+    for n in names {
+        // a Library is never closed: the builtins stay loaded for the process
+        let _ = Library::open(&n.to_string_lossy());
+    }
+}
+
 impl Nvrtc {
-    /// Opens NVRTC at `path` (a file path or soname).
+    /// Opens NVRTC at `path` (a file path or soname). For a file path the
+    /// `libnvrtc-builtins` beside it is loaded first: NVRTC 13 looks it up by
+    /// soname only, which fails where its folder is on no search path.
     pub fn open(path: &str) -> Result<Nvrtc> {
+        preload_builtins(Path::new(path));
         let lib = Library::open(path)?;
         // SAFETY: each symbol is NVRTC's documented C function with this
         // exact signature (nvrtc.h, CUDA 11.1+).
