@@ -23,7 +23,7 @@ use super::driver::{
 };
 use super::kernels::{self, KvOps, KvShape, MAX_OPS};
 use super::nvrtc::Nvrtc;
-use super::plan::{self, Caps, Copy, DevShape, Direction, Selector, Shape, Strategy};
+use super::plan::{self, Caps, Cmd, Copy, DevShape, Direction, Selector, Shape, Strategy};
 use crate::block::KvLayout;
 use crate::copy::{check_len, CopyEngine, GatherOp, KvCaches, ScatterOp};
 use crate::error::{Error, Result};
@@ -317,7 +317,13 @@ impl CudaEngine {
         ops: &[HostRecord],
         after_stream: Option<u64>,
     ) -> Result<OffloadHandle> {
-        let event = self.inner.offload(kv, ops, after_stream)?;
+        let layers = 0..kv.geometry().layers as usize;
+        let mut ev = self
+            .inner
+            .transfer(Direction::D2H, kv, ops, layers, after_stream)?;
+        let event = ev
+            .pop()
+            .ok_or_else(|| Error::internal("offload recorded no event"))?;
         Ok(OffloadHandle {
             inner: self.inner.clone(),
             event,
@@ -340,7 +346,9 @@ impl CudaEngine {
         layers: Range<usize>,
         after_stream: Option<u64>,
     ) -> Result<OnloadHandle> {
-        let events = self.inner.onload(kv, ops, layers.clone(), after_stream)?;
+        let events = self
+            .inner
+            .transfer(Direction::H2D, kv, ops, layers.clone(), after_stream)?;
         Ok(OnloadHandle {
             inner: self.inner.clone(),
             layers,
@@ -681,96 +689,12 @@ impl Inner {
         self.transfers[strat_idx(s)].fetch_add(1, Ordering::Relaxed);
     }
 
-    fn offload(&self, kv: &KvCaches, ops: &[HostRecord], after: Option<u64>) -> Result<CUevent> {
-        check_kv(kv, ops)?;
-        let _g = unsafe { CtxGuard::push(self.ctx) }?;
-        let g = kv.geometry();
-        let bb = g.block_bytes() as u64;
-        let layers = g.layers as usize;
-        let stream = self.streams[0];
-        let d = Self::dev_shape(kv);
-        let mapped = self.mapped(ops, bb);
-        let caps = Caps {
-            batch_dma: self.batch.is_some(),
-            host_mapped: mapped.is_some(),
-        };
-        let shape = Shape {
-            dir: Direction::D2H,
-            layout: kv.layout(),
-            page_bytes: d.page as usize,
-            pages: ops.len() * layers,
-        };
-        let strat = self.selector.read().pick(&shape, caps);
-        let blocks: Vec<u32> = ops.iter().map(|o| o.block).collect();
-        let hosts: Vec<u64> = ops.iter().map(|o| o.host as u64).collect();
-        self.wait_stream(stream, after)?;
-        if !ops.is_empty() {
-            match strat {
-                Strategy::KernelMapped => {
-                    let table = self.layer_table(&d.layer_base)?;
-                    let recs = mapped
-                        .ok_or_else(|| Error::internal("mapped strategy without mapped records"))?;
-                    self.launch(
-                        Direction::D2H,
-                        stream,
-                        table,
-                        &d,
-                        kv,
-                        &blocks,
-                        &recs,
-                        0..layers,
-                    )?;
-                }
-                Strategy::KernelStaged => {
-                    let table = self.layer_table(&d.layer_base)?;
-                    let (stage, cap) = self.staging(Direction::D2H, bb as usize)?;
-                    let per = ((cap as u64 / bb) as usize).clamp(1, MAX_OPS);
-                    for c in plan::chunks(ops.len(), per) {
-                        let recs: Vec<u64> = (0..c.len() as u64).map(|i| stage + i * bb).collect();
-                        self.launch(
-                            Direction::D2H,
-                            stream,
-                            table,
-                            &d,
-                            kv,
-                            &blocks[c.clone()],
-                            &recs,
-                            0..layers,
-                        )?;
-                        let mut copies = Vec::with_capacity(c.len());
-                        for (i, j) in c.clone().enumerate() {
-                            plan::push_merged(
-                                &mut copies,
-                                Copy {
-                                    src: recs[i],
-                                    dst: hosts[j],
-                                    len: bb,
-                                },
-                            );
-                        }
-                        self.dma(
-                            Direction::D2H,
-                            stream,
-                            &copies,
-                            caps.batch_dma && caps.host_mapped,
-                        )?;
-                    }
-                }
-                Strategy::DmaBatch | Strategy::DmaEach => {
-                    let copies = plan::dma_copies_d2h(&d, &blocks, &hosts, 0..layers);
-                    self.dma(Direction::D2H, stream, &copies, strat == Strategy::DmaBatch)?;
-                }
-            }
-        }
-        let e = self.event()?;
-        // SAFETY: context pushed; e and stream live.
-        check(unsafe { cu::cuEventRecord(e, stream) }, "cuEventRecord")?;
-        self.count(strat, bb * ops.len() as u64);
-        Ok(e)
-    }
-
-    fn onload(
+    /// Plans and queues a transfer on its direction's stream; returns the
+    /// events recorded (one at the end for an offload, one per layer for an
+    /// onload).
+    fn transfer(
         &self,
+        dir: Direction,
         kv: &KvCaches,
         ops: &[HostRecord],
         layers: Range<usize>,
@@ -786,7 +710,7 @@ impl Inner {
         }
         let _g = unsafe { CtxGuard::push(self.ctx) }?;
         let bb = g.block_bytes() as u64;
-        let stream = self.streams[1];
+        let stream = self.streams[dir_idx(dir)];
         let d = Self::dev_shape(kv);
         let mapped = self.mapped(ops, bb);
         let caps = Caps {
@@ -794,7 +718,7 @@ impl Inner {
             host_mapped: mapped.is_some(),
         };
         let shape = Shape {
-            dir: Direction::H2D,
+            dir,
             layout: kv.layout(),
             page_bytes: d.page as usize,
             pages: ops.len() * layers.len(),
@@ -802,87 +726,59 @@ impl Inner {
         let strat = self.selector.read().pick(&shape, caps);
         let blocks: Vec<u32> = ops.iter().map(|o| o.block).collect();
         let hosts: Vec<u64> = ops.iter().map(|o| o.host as u64).collect();
-        self.wait_stream(stream, after)?;
+        let staging = match strat {
+            Strategy::KernelStaged => Some(self.staging(dir, plan::staging_need(dir, d.page, bb))?),
+            _ => None,
+        };
         let table = match strat {
             Strategy::KernelMapped | Strategy::KernelStaged => self.layer_table(&d.layer_base)?,
             _ => 0,
         };
-        let stage = match strat {
-            Strategy::KernelStaged => Some(self.staging(Direction::H2D, d.page as usize)?),
-            _ => None,
-        };
-        let mut events = Vec::with_capacity(layers.len());
-        let result = (|| -> Result<()> {
-            for l in layers.clone() {
-                if !ops.is_empty() {
-                    match strat {
-                        Strategy::KernelMapped => {
-                            let recs = mapped.as_ref().ok_or_else(|| {
-                                Error::internal("mapped strategy without mapped records")
-                            })?;
-                            self.launch(
-                                Direction::H2D,
-                                stream,
-                                table,
-                                &d,
-                                kv,
-                                &blocks,
-                                recs,
-                                l..l + 1,
-                            )?;
-                        }
-                        Strategy::KernelStaged => {
-                            let (base, cap) = stage.ok_or_else(|| Error::internal("no staging"))?;
-                            let per = ((cap as u64 / d.page) as usize).clamp(1, MAX_OPS);
-                            for c in plan::chunks(ops.len(), per) {
-                                let mut copies = Vec::with_capacity(c.len());
-                                let mut recs = Vec::with_capacity(c.len());
-                                for (i, j) in c.clone().enumerate() {
-                                    let slot = base + i as u64 * d.page;
-                                    plan::push_merged(
-                                        &mut copies,
-                                        Copy {
-                                            src: hosts[j] + l as u64 * d.page,
-                                            dst: slot,
-                                            len: d.page,
-                                        },
-                                    );
-                                    // the kernel adds layer * page to the record address
-                                    recs.push(slot.wrapping_sub(l as u64 * d.page));
-                                }
-                                self.dma(
-                                    Direction::H2D,
-                                    stream,
-                                    &copies,
-                                    caps.batch_dma && caps.host_mapped,
-                                )?;
-                                self.launch(
-                                    Direction::H2D,
-                                    stream,
-                                    table,
-                                    &d,
-                                    kv,
-                                    &blocks[c.clone()],
-                                    &recs,
-                                    l..l + 1,
-                                )?;
-                            }
-                        }
-                        Strategy::DmaBatch | Strategy::DmaEach => {
-                            let copies = plan::dma_copies_h2d_layer(&d, &blocks, &hosts, l);
-                            self.dma(Direction::H2D, stream, &copies, strat == Strategy::DmaBatch)?;
-                        }
+        let cmds = plan::plan_transfer(
+            &plan::TransferPlan {
+                dev: &d,
+                strategy: strat,
+                blocks: &blocks,
+                hosts: &hosts,
+                mapped: mapped.as_deref(),
+                staging,
+                batch_ok: caps.batch_dma && caps.host_mapped,
+                record_bytes: bb,
+            },
+            dir,
+            layers.clone(),
+        )?;
+        self.wait_stream(stream, after)?;
+        let mut events = Vec::new();
+        let run = (|| -> Result<()> {
+            for c in &cmds {
+                match c {
+                    Cmd::Launch {
+                        dir,
+                        blocks,
+                        recs,
+                        layers,
+                    } => self.launch(*dir, stream, table, &d, kv, blocks, recs, layers.clone())?,
+                    Cmd::Dma { copies, batch } => self.dma(dir, stream, copies, *batch)?,
+                    Cmd::LayerDone(_) => {
+                        let e = self.event()?;
+                        events.push(e);
+                        // SAFETY: context pushed; e and stream live.
+                        check(unsafe { cu::cuEventRecord(e, stream) }, "cuEventRecord")?;
                     }
                 }
+            }
+            if dir == Direction::D2H {
                 let e = self.event()?;
                 events.push(e);
-                // SAFETY: context pushed; e and stream live.
+                // SAFETY: as above.
                 check(unsafe { cu::cuEventRecord(e, stream) }, "cuEventRecord")?;
             }
             Ok(())
         })();
-        if let Err(e) = result {
-            // SAFETY: queued work must finish before the events are reused.
+        if let Err(e) = run {
+            // queued work must finish before its events are reused
+            // SAFETY: live stream.
             unsafe { cu::cuStreamSynchronize(stream) };
             self.recycle(&events);
             return Err(e);
