@@ -14,7 +14,9 @@
 //! - A handle that is dropped waits for its transfer first: the host
 //!   records a transfer reads or writes stay in use until then.
 //! - The staging buffer of a direction is only touched by work on that
-//!   direction's stream, so reuse is ordered by the stream; growing it first
+//!   direction's stream, so reuse is ordered by the stream; submissions of
+//!   one direction are serialised (the staging lock is held while a transfer
+//!   is queued) so two transfers never interleave over it; growing it first
 //!   synchronises that stream.
 
 use super::driver::{
@@ -511,8 +513,9 @@ impl Inner {
         Ok(p)
     }
 
-    fn staging(&self, dir: Direction, need: usize) -> Result<(u64, usize)> {
-        let mut s = self.staging[dir_idx(dir)].lock();
+    /// The staging buffer of `dir`, grown to `need`; `s` is that
+    /// direction's lock, held by the caller for the whole submission.
+    fn staging(&self, s: &mut Staging, dir: Direction, need: usize) -> Result<(u64, usize)> {
         let want = s.cap.max(need);
         if s.buf.as_ref().map_or(true, |b| b.len < need) {
             // SAFETY: the old buffer may still be in use by queued work.
@@ -709,6 +712,9 @@ impl Inner {
             )));
         }
         let _g = unsafe { CtxGuard::push(self.ctx) }?;
+        // One submission per direction at a time: commands of two transfers
+        // must not interleave on the stream while they share the staging buffer.
+        let mut st = self.staging[dir_idx(dir)].lock();
         let bb = g.block_bytes() as u64;
         let stream = self.streams[dir_idx(dir)];
         let d = Self::dev_shape(kv);
@@ -727,7 +733,9 @@ impl Inner {
         let blocks: Vec<u32> = ops.iter().map(|o| o.block).collect();
         let hosts: Vec<u64> = ops.iter().map(|o| o.host as u64).collect();
         let staging = match strat {
-            Strategy::KernelStaged => Some(self.staging(dir, plan::staging_need(dir, d.page, bb))?),
+            Strategy::KernelStaged => {
+                Some(self.staging(&mut st, dir, plan::staging_need(dir, d.page, bb))?)
+            }
             _ => None,
         };
         let table = match strat {
