@@ -375,10 +375,13 @@ fn cuda_engine_runs_the_shared_body_with_every_strategy() {
     };
     body(&engine, &mem);
     let s = engine.stats();
-    assert!(
-        s.transfers.iter().all(|&t| t > 0),
-        "every strategy ran: {s:?}"
-    );
+    // [kernel_mapped, kernel_staged, dma_batch, dma_each]; dma_batch needs CUDA >= 12.8
+    let want_batch = engine.has_batch_dma();
+    for (i, st) in Strategy::ALL.iter().enumerate() {
+        if *st != Strategy::DmaBatch || want_batch {
+            assert!(s.transfers[i] > 0, "{} never ran: {s:?}", st.name());
+        }
+    }
 }
 
 #[test]
