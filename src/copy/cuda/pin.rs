@@ -3,9 +3,8 @@
 //! compress it), done in chunks on a background thread so the engine starts at
 //! once and offloads are admitted as chunks come online.
 //!
-//! - [`PinHook`]: the host tier's hook shape (a local copy of
-//!   `crate::tier::host::PinHook`; the two are identical so the arena can take
-//!   [`CudaPinner`] directly once both live on one branch).
+//! - [`PinHook`]: the host tier's hook (re-exported from `crate::tier::host`),
+//!   so [`crate::tier::host::HostArena::pin_with`] takes a [`CudaPinner`].
 //! - [`CudaPinner`]: the hook on the real driver.
 //! - [`PinningJob`]: chunked background registration with progress
 //!   (`pinned_bytes`, `failed_chunks`). Its register function is injectable,
@@ -27,13 +26,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// Pins and unpins host memory ranges (the host tier's hook).
-pub trait PinHook: Send + Sync {
-    /// Makes `[addr, addr+len)` pinned and device-mapped.
-    fn pin(&self, addr: *mut u8, len: usize) -> Result<()>;
-    /// Undoes [`PinHook::pin`] for the same range.
-    fn unpin(&self, addr: *mut u8, len: usize) -> Result<()>;
-}
+pub use crate::tier::host::PinHook;
 
 /// [`PinHook`] on the CUDA driver (`cuMemHostRegister`, portable + mapped).
 #[derive(Clone, Copy, Debug)]
