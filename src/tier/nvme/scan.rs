@@ -1,5 +1,5 @@
 //! Walks one segment file record by record; shared by recovery at open and
-//! by [`super::inspect`].
+//! by [`mod@super::inspect`].
 //!
 //! Rules (offsets are always multiples of 4 KiB):
 //! - a valid header whose payload fits in the file is a record; the walk

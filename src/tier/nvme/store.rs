@@ -842,10 +842,7 @@ impl Inner {
     fn roll(&self, st: &mut State) -> Result<()> {
         let id = st.next_seg;
         let path = self.rank_dir.join(seg_name(id));
-        let file = fsio::create_file(&path, self.direct).map_err(|e| {
-            self.count_err(&e);
-            e
-        })?;
+        let file = fsio::create_file(&path, self.direct).inspect_err(|e| self.count_err(e))?;
         if self.cfg.fsync != FsyncPolicy::Never {
             fsio::sync_dir(&self.rank_dir)?;
         }
@@ -1217,7 +1214,7 @@ impl Inner {
 
 /// Copies `src` into `dst` (same length) and returns the crc32c of the
 /// bytes, in cache-sized chunks so memory is streamed once.
-fn copy_with_crc(src: &[u8], dst: &mut [u8]) -> u32 {
+pub(crate) fn copy_with_crc(src: &[u8], dst: &mut [u8]) -> u32 {
     const CHUNK: usize = 64 << 10;
     let mut crc = 0;
     for (s, d) in src.chunks(CHUNK).zip(dst.chunks_mut(CHUNK)) {
