@@ -3,7 +3,7 @@
 //! [`super`] for the invariants.
 
 use super::aligned::BufPool;
-use super::format::{padded_len, RecordHeader, HEADER_LEN};
+use super::format::{padded_len, RecordHeader, ALIGN, HEADER_LEN};
 use super::fsio;
 use super::scan::{scan_segment, BadKind, ScanItem};
 use super::{FsyncPolicy, NvmeConfig};
@@ -919,6 +919,13 @@ impl Inner {
                         s.len = res.off;
                         st.used -= res.len;
                         let _ = res.file.set_len(res.off);
+                    } else if let Ok(mut zero) = self.pool.get(ALIGN) {
+                        // A later record follows: turn this one's header into
+                        // a hole (best effort; the block is already allocated
+                        // when the header got written), so recovery never
+                        // indexes the partial record over an older good one.
+                        zero[..ALIGN].fill(0);
+                        let _ = res.file.write_all_at(&zero[..ALIGN], res.off);
                     }
                     Err(e)
                 }
