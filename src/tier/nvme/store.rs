@@ -1220,8 +1220,21 @@ impl Inner {
 }
 
 /// Copies `src` into `dst` (same length) and returns the crc32c of the
-/// bytes, in cache-sized chunks so memory is streamed once.
+/// bytes, streaming memory once. On x86-64 with SSE 4.2 the copy and three
+/// interleaved crc32 streams share one loop (the crc32 instruction has a
+/// latency of 3 and a throughput of 1), so the checksum costs little more
+/// than the copy; elsewhere, cache-sized chunks are copied then checksummed.
 pub(crate) fn copy_with_crc(src: &[u8], dst: &mut [u8]) -> u32 {
+    assert_eq!(src.len(), dst.len(), "copy_with_crc: lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("sse4.2") {
+        // SAFETY: the CPU supports SSE 4.2 (checked just above).
+        return unsafe { copy_with_crc_sse42(src, dst) };
+    }
+    copy_with_crc_chunked(src, dst)
+}
+
+fn copy_with_crc_chunked(src: &[u8], dst: &mut [u8]) -> u32 {
     const CHUNK: usize = 64 << 10;
     let mut crc = 0;
     for (s, d) in src.chunks(CHUNK).zip(dst.chunks_mut(CHUNK)) {
@@ -1229,6 +1242,43 @@ pub(crate) fn copy_with_crc(src: &[u8], dst: &mut [u8]) -> u32 {
         crc = crc32c::crc32c_append(crc, d);
     }
     crc
+}
+
+/// # Safety
+///
+/// The CPU must support SSE 4.2; `src` and `dst` must have the same length.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "sse4.2")]
+unsafe fn copy_with_crc_sse42(src: &[u8], dst: &mut [u8]) -> u32 {
+    use std::arch::x86_64::_mm_crc32_u64;
+    let words = src.len() / 24; // u64 words per stream
+    let part = words * 8;
+    let sp = src.as_ptr() as *const u64;
+    let dp = dst.as_mut_ptr() as *mut u64;
+    let (mut s0, mut s1, mut s2) = (!0u64, !0u64, !0u64);
+    for i in 0..words {
+        // SAFETY: i, words + i and 2 * words + i are below 3 * words, and
+        // 3 * words * 8 <= len; unaligned reads and writes are allowed.
+        unsafe {
+            let a = sp.add(i).read_unaligned();
+            let b = sp.add(words + i).read_unaligned();
+            let c = sp.add(2 * words + i).read_unaligned();
+            dp.add(i).write_unaligned(a);
+            dp.add(words + i).write_unaligned(b);
+            dp.add(2 * words + i).write_unaligned(c);
+            s0 = _mm_crc32_u64(s0, a);
+            s1 = _mm_crc32_u64(s1, b);
+            s2 = _mm_crc32_u64(s2, c);
+        }
+    }
+    let mut crc = !(s0 as u32);
+    if part > 0 {
+        crc = crc32c::crc32c_combine(crc, !(s1 as u32), part);
+        crc = crc32c::crc32c_combine(crc, !(s2 as u32), part);
+    }
+    let tail = 3 * part;
+    dst[tail..].copy_from_slice(&src[tail..]);
+    crc32c::crc32c_append(crc, &src[tail..])
 }
 
 /// Indexes `loc` for `key` if it is newer than what the index holds; the
@@ -1257,10 +1307,18 @@ fn install(st: &mut State, key: BlockKey, loc: Loc) {
 mod tests {
     #[test]
     fn fused_copy_crc_equals_plain_crc() {
-        let src: Vec<u8> = (0..300_001u32).map(|i| (i * 7 + i / 13) as u8).collect();
-        let mut dst = vec![0u8; src.len()];
-        assert_eq!(super::copy_with_crc(&src, &mut dst), crc32c::crc32c(&src));
-        assert_eq!(dst, src);
+        let all: Vec<u8> = (0..300_001u32).map(|i| (i * 7 + i / 13) as u8).collect();
+        for len in [0, 1, 7, 23, 24, 25, 47, 48, 1000, 4096, 65_537, 300_001] {
+            for start in [0, 1, 5] {
+                let src = &all[start..start + len.min(all.len() - start)];
+                let mut dst = vec![0u8; src.len() + 1];
+                let crc = super::copy_with_crc(src, &mut dst[1..]);
+                assert_eq!(crc, crc32c::crc32c(src), "len {len} start {start}");
+                assert_eq!(&dst[1..], src);
+                let mut d2 = vec![0u8; src.len()];
+                assert_eq!(super::copy_with_crc_chunked(src, &mut d2), crc);
+            }
+        }
     }
 
     #[test]
