@@ -6,6 +6,23 @@
 #include <stddef.h>
 #include <stdint.h>
 
+// `CU_MEMHOSTREGISTER_PORTABLE | CU_MEMHOSTREGISTER_DEVICEMAP` — never
+// write-combined: the CPU reads the arena to compress it.
+#define HOST_REGISTER_FLAGS (1 | 2)
+
+// Default size of each direction's device staging buffer.
+#define DEFAULT_STAGING_BYTES (64 << 20)
+
+// Ops per launch: must equal `KVPARK_MAX_OPS` in `cuda/kv_copy.cu`.
+#define MAX_OPS 256
+
+// Default registration chunk (1 GiB: registering takes ~0.1–0.3 s per GiB,
+// so the first chunk is online quickly).
+#define DEFAULT_CHUNK (1 << 30)
+
+// Threads per CTA of the copy kernels.
+#define THREADS 256
+
 // ABI version: bumped on every incompatible change of this header.
 #define KVPARK_ABI_VERSION 1
 
@@ -64,6 +81,9 @@ typedef struct KvparkMover KvparkMover;
 
 // Opaque scheduler-side handle.
 typedef struct KvparkPlanner KvparkPlanner;
+
+// How a transfer is moved (see the module docs).
+typedef struct Strategy Strategy;
 
 // Bytes owned by kvpark, returned to the caller; release with [`kvpark_buf_free`].
 typedef struct KvparkBuf {
@@ -139,6 +159,8 @@ typedef struct KvparkMatch {
 
 
 
+
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -166,6 +188,27 @@ void kvpark_buf_free(struct KvparkBuf buf);
 // `json` must be valid for `len` bytes; `out` must be valid for writing.
 enum KvparkStatus kvpark_config_validate(const uint8_t *json, uintptr_t len, struct KvparkBuf *out);
 
+// Runs the CUDA engine's self-test on `device`; writes a text report.
+//
+// # Safety
+// `out` valid for `out_len` bytes.
+enum KvparkStatus kvpark_cuda_selftest(int32_t device, char *out, uintptr_t out_len);
+
+// Runs the CUDA transfer benchmark described by `json_in` (NUL-terminated);
+// writes JSON results.
+//
+// # Safety
+// `json_in` a NUL-terminated string; `out` valid for `out_len` bytes.
+enum KvparkStatus kvpark_cuda_bench(const char *json_in, char *out, uintptr_t out_len);
+
+// One transfer between caller-owned device tensors and host records
+// (raw addresses in `json_in`); test and benchmark use only.
+//
+// # Safety
+// `json_in` a NUL-terminated string whose addresses describe live memory of
+// the sizes it states; `out` valid for `out_len` bytes.
+enum KvparkStatus kvpark_cuda_transfer(const char *json_in, char *out, uintptr_t out_len);
+
 // Creates a worker-side mover for `rank`.
 //
 // # Safety
@@ -182,6 +225,7 @@ enum KvparkStatus kvpark_mover_new(const uint8_t *config_json,
 void kvpark_mover_free(struct KvparkMover *m);
 
 // `register_kv_caches`: the geometry and one view per layer, in model order.
+// `on_device`: 0 = host memory (CPU backend); `n > 0` = CUDA device `n - 1`.
 //
 // # Safety
 // `g` valid; `layers` valid for `num_layers` views describing memory that

@@ -28,7 +28,7 @@
 //! | [`policy`]   | predict, block                                       | tier, copy, ffi, io |
 //! | [`predict`]  | (pure)                                               | everything with I/O |
 //! | [`tier`]     | codec, block, error                                  | planner, policy     |
-//! | [`copy`]     | block, error                                         | tier, planner       |
+//! | [`copy`]     | block, error (`copy::cuda` implements `tier::host::PinHook`) | planner, mover |
 //! | [`sim`]      | planner, policy, predict                             | ffi, tier, copy     |
 //!
 //! `policy` and `predict` are pure code: no threads, no I/O, no clock reads.

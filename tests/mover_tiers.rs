@@ -76,7 +76,7 @@ fn key(i: u32) -> BlockKey {
 
 fn mover(cfg: &Config, cache: &mut Cache) -> Mover {
     let mut m = Mover::new(cfg.clone(), 0).unwrap();
-    unsafe { m.register(geom(), cache.views(), false) }.unwrap();
+    unsafe { m.register(geom(), cache.views(), None) }.unwrap();
     m
 }
 

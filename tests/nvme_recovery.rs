@@ -21,12 +21,12 @@ fn key(i: u64) -> BlockKey {
     BlockKey::derive(b"recovery", &i.to_le_bytes())
 }
 
-/// 16 MiB of bf16-like bytes, generated once.
+/// 8 MiB of bf16-like bytes, generated once.
 fn base() -> &'static [u8] {
     static BASE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
     BASE.get_or_init(|| {
         let mut s = 0x9E37_79B9_7F4A_7C15u64;
-        (0..(16 << 20) + 4096)
+        (0..(8 << 20) + 4096)
             .map(|j| {
                 s ^= s << 13;
                 s ^= s >> 7;
@@ -53,7 +53,7 @@ fn block(i: u64) -> Vec<u8> {
 /// Large blocks for the buffered writer round (a kill most likely lands in a write).
 fn big_block(i: u64) -> Vec<u8> {
     let start = (i as usize * 13) % 4096;
-    base()[start..start + (16 << 20)].to_vec()
+    base()[start..start + (8 << 20)].to_vec()
 }
 
 fn expected(i: u64) -> Vec<u8> {
@@ -85,7 +85,7 @@ fn run_writer(dir: &str) -> ! {
     let first: u64 = std::env::var(WRITER_FIRST_ENV).unwrap().parse().unwrap();
     let mut c = cfg(Path::new(dir));
     if first >= BIG_FROM {
-        // Buffered, unsynced, 16 MiB records: the kill most likely lands
+        // Buffered, unsynced, 8 MiB records: the kill most likely lands
         // inside a write(2), which a fatal signal cuts short (a torn record).
         c.direct = false;
         c.fsync = FsyncPolicy::Never;
@@ -121,7 +121,7 @@ fn sigkill_mid_stream_keeps_every_acknowledged_record() {
     let mut torn_seen = 0;
     let mut unacked_before = 0u64;
     // Five writer lives on one store, each recovering what the last one
-    // left: O_DIRECT + fdatasync per record twice, then buffered with 16 MiB
+    // left: O_DIRECT + fdatasync per record twice, then buffered with 8 MiB
     // records three times, killed a little after an acknowledgement so that
     // the kill tends to land inside the next record's write(2).
     for (round, kill_after, delay_ms) in [

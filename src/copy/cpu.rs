@@ -1,13 +1,30 @@
-//! The CPU copy engine: gathers and scatters with `memcpy` over host memory.
+//! The CPU copy engine: gathers and scatters over host memory on the calling
+//! thread.
 //!
 //! Head-major (`LBHNC`) pages are contiguous and move as one copy per layer;
 //! token-major (`LBNHC`) pages are transposed row by row (one row = one
 //! token of one head, K then V) into the canonical head-major record.
+//!
+//! A call that moves at least [`STREAM_MIN_BYTES`] writes its destination
+//! with non-temporal stores (x86-64), as `memcpy` itself does for large
+//! copies: the bytes go straight to DRAM without first reading every
+//! destination line into the cache, and a big batch does not evict the
+//! working set. Smaller calls use ordinary stores, so a record that is
+//! compressed right after its gather is still in cache. Either way the call
+//! ends with a store fence, so the bytes are visible to whichever thread
+//! receives the buffer next.
 
 use super::{check_len, CopyEngine, GatherOp, KvCaches, ScatterOp};
 use crate::block::KvLayout;
 use crate::error::{Error, Result};
 use std::ops::Range;
+
+/// Calls moving at least this many bytes use non-temporal stores.
+pub const STREAM_MIN_BYTES: usize = 16 << 20;
+
+/// Bytes of the next source page hinted into the cache before the current
+/// page is copied (the hardware prefetcher cannot guess a jump).
+const PREFETCH_BYTES: usize = 1024;
 
 /// Copies between host-memory views and records on the calling thread.
 #[derive(Clone, Copy, Debug, Default)]
@@ -24,49 +41,153 @@ impl CpuEngine {
     }
 }
 
+/// Raw byte copies, optionally with non-temporal stores.
+mod raw {
+    /// Copies `len` bytes from `src` to `dst`.
+    ///
+    /// # Safety
+    /// `src` readable and `dst` writable for `len` bytes, not overlapping.
+    #[inline(always)]
+    pub(super) unsafe fn copy(dst: *mut u8, src: *const u8, len: usize, stream: bool) {
+        #[cfg(target_arch = "x86_64")]
+        if stream && len >= 128 {
+            return stream_copy(dst, src, len);
+        }
+        let _ = stream;
+        std::ptr::copy_nonoverlapping(src, dst, len)
+    }
+
+    /// Unaligned loads, 16-byte aligned non-temporal stores, one cache
+    /// line per iteration; head and tail with ordinary copies.
+    ///
+    /// # Safety
+    /// As [`copy`].
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn stream_copy(mut dst: *mut u8, mut src: *const u8, mut len: usize) {
+        use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_stream_si128};
+        let head = dst.align_offset(16).min(len);
+        if head > 0 {
+            std::ptr::copy_nonoverlapping(src, dst, head);
+            src = src.add(head);
+            dst = dst.add(head);
+            len -= head;
+        }
+        while len >= 64 {
+            let s = src as *const __m128i;
+            let d = dst as *mut __m128i;
+            let (a, b, c, e) = (
+                _mm_loadu_si128(s),
+                _mm_loadu_si128(s.add(1)),
+                _mm_loadu_si128(s.add(2)),
+                _mm_loadu_si128(s.add(3)),
+            );
+            _mm_stream_si128(d, a);
+            _mm_stream_si128(d.add(1), b);
+            _mm_stream_si128(d.add(2), c);
+            _mm_stream_si128(d.add(3), e);
+            src = src.add(64);
+            dst = dst.add(64);
+            len -= 64;
+        }
+        while len >= 16 {
+            _mm_stream_si128(dst as *mut __m128i, _mm_loadu_si128(src as *const __m128i));
+            src = src.add(16);
+            dst = dst.add(16);
+            len -= 16;
+        }
+        std::ptr::copy_nonoverlapping(src, dst, len);
+    }
+
+    /// Hints the first `len` bytes at `addr` into the cache. Never faults.
+    #[inline(always)]
+    pub(super) fn prefetch(addr: *const u8, len: usize) {
+        #[cfg(target_arch = "x86_64")]
+        for off in (0..len).step_by(64) {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            // SAFETY: prefetch is a hint; it never faults, whatever the address.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(addr.wrapping_add(off) as *const i8) }
+        }
+        let _ = (addr, len);
+    }
+
+    /// Orders the non-temporal stores before whatever the caller does next.
+    #[inline]
+    pub(super) fn fence(stream: bool) {
+        #[cfg(target_arch = "x86_64")]
+        if stream {
+            // SAFETY: sfence has no preconditions (SSE is part of x86-64).
+            unsafe { std::arch::x86_64::_mm_sfence() }
+        }
+        let _ = stream;
+    }
+}
+
+/// Which way a page moves.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Dir {
+    /// vLLM page → record.
+    Gather,
+    /// record → vLLM page.
+    Scatter,
+}
+
+/// Moves one layer page between vLLM's order at `page` and the canonical
+/// head-major order at `rec`.
+///
+/// # Safety
+/// Both ranges hold `h * n * row` bytes, valid for the direction's reads
+/// and writes, not overlapping.
+#[inline(always)]
+unsafe fn move_page(
+    layout: KvLayout,
+    dir: Dir,
+    page: *mut u8,
+    rec: *mut u8,
+    (h, n, row): (usize, usize, usize),
+    stream: bool,
+) {
+    match (layout, dir) {
+        (KvLayout::Lbhnc, Dir::Gather) => raw::copy(rec, page, h * n * row, stream),
+        (KvLayout::Lbhnc, Dir::Scatter) => raw::copy(page, rec, h * n * row, stream),
+        // Token-major page: row (t, hd) at (t * h + hd) * row; record row at
+        // (hd * n + t) * row. Read the source sequentially (the hardware
+        // prefetcher follows it); the strided side is the store side, where
+        // full-line (streaming) stores do not care about order.
+        (KvLayout::Lbnhc, Dir::Gather) => {
+            for t in 0..n {
+                for hd in 0..h {
+                    raw::copy(
+                        rec.add((hd * n + t) * row),
+                        page.add((t * h + hd) * row),
+                        row,
+                        stream,
+                    )
+                }
+            }
+        }
+        (KvLayout::Lbnhc, Dir::Scatter) => {
+            for hd in 0..h {
+                for t in 0..n {
+                    raw::copy(
+                        page.add((t * h + hd) * row),
+                        rec.add((hd * n + t) * row),
+                        row,
+                        stream,
+                    )
+                }
+            }
+        }
+    }
+}
+
 impl CopyEngine for CpuEngine {
     fn name(&self) -> &'static str {
         "cpu"
     }
 
     fn gather(&self, kv: &KvCaches, ops: &mut [GatherOp<'_>]) -> Result<()> {
-        Self::check_host(kv)?;
-        for op in ops.iter() {
-            check_len(kv, op.block, op.dst.len())?;
-        }
-        let g = *kv.geometry();
-        let page = g.layer_page_bytes();
-        let row = g.row_bytes();
-        let (h, n) = (g.kv_heads as usize, g.block_tokens as usize);
-        for op in ops.iter_mut() {
-            for (l, view) in kv.layers().iter().enumerate() {
-                let src = view.page_addr(&g, op.block as u64) as *const u8;
-                let dst = &mut op.dst[l * page..(l + 1) * page];
-                match kv.layout() {
-                    // SAFETY: KvCaches::new's contract: the page lies inside the view.
-                    KvLayout::Lbhnc => unsafe {
-                        std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), page)
-                    },
-                    KvLayout::Lbnhc => {
-                        for t in 0..n {
-                            for hd in 0..h {
-                                let s = (t * h + hd) * row;
-                                let d = (hd * n + t) * row;
-                                // SAFETY: as above; `s + row <= page`.
-                                unsafe {
-                                    std::ptr::copy_nonoverlapping(
-                                        src.add(s),
-                                        dst.as_mut_ptr().add(d),
-                                        row,
-                                    )
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        Ok(())
+        gather_impl(kv, ops, None)
     }
 
     fn scatter_layers(
@@ -75,51 +196,97 @@ impl CopyEngine for CpuEngine {
         ops: &[ScatterOp<'_>],
         layers: Range<usize>,
     ) -> Result<()> {
-        Self::check_host(kv)?;
-        if layers.end > kv.layers().len() || layers.start > layers.end {
-            return Err(Error::invalid(format!(
-                "layer range {layers:?} outside 0..{}",
-                kv.layers().len()
-            )));
-        }
-        for op in ops {
-            check_len(kv, op.block, op.src.len())?;
-        }
-        let g = *kv.geometry();
-        let page = g.layer_page_bytes();
-        let row = g.row_bytes();
-        let (h, n) = (g.kv_heads as usize, g.block_tokens as usize);
-        for op in ops {
-            for l in layers.clone() {
-                let view = &kv.layers()[l];
-                let dst = view.page_addr(&g, op.block as u64) as *mut u8;
-                let src = &op.src[l * page..(l + 1) * page];
-                match kv.layout() {
-                    // SAFETY: KvCaches::new's contract: the page lies inside the view.
-                    KvLayout::Lbhnc => unsafe {
-                        std::ptr::copy_nonoverlapping(src.as_ptr(), dst, page)
-                    },
-                    KvLayout::Lbnhc => {
-                        for t in 0..n {
-                            for hd in 0..h {
-                                let d = (t * h + hd) * row;
-                                let s = (hd * n + t) * row;
-                                // SAFETY: as above; `d + row <= page`.
-                                unsafe {
-                                    std::ptr::copy_nonoverlapping(
-                                        src.as_ptr().add(s),
-                                        dst.add(d),
-                                        row,
-                                    )
-                                }
-                            }
-                        }
-                    }
-                }
+        scatter_impl(kv, ops, layers, None)
+    }
+}
+
+/// `stream`: force (`Some`) or pick by size (`None`) non-temporal stores.
+fn gather_impl(kv: &KvCaches, ops: &mut [GatherOp<'_>], stream: Option<bool>) -> Result<()> {
+    CpuEngine::check_host(kv)?;
+    for op in ops.iter() {
+        check_len(kv, op.block, op.dst.len())?;
+    }
+    let g = *kv.geometry();
+    let page = g.layer_page_bytes();
+    let dims = (g.kv_heads as usize, g.block_tokens as usize, g.row_bytes());
+    let stream = stream.unwrap_or(ops.len().saturating_mul(g.block_bytes()) >= STREAM_MIN_BYTES);
+    let nl = kv.layers().len();
+    for i in 0..ops.len() {
+        let block = ops[i].block as u64;
+        let dst = ops[i].dst.as_mut_ptr();
+        for (l, view) in kv.layers().iter().enumerate() {
+            let src = view.page_addr(&g, block) as *mut u8;
+            // The next page starts somewhere else: start its stream early.
+            let next = match (l + 1 < nl, ops.get(i + 1)) {
+                (true, _) => Some(kv.layers()[l + 1].page_addr(&g, block)),
+                (false, Some(o)) => Some(kv.layers()[0].page_addr(&g, o.block as u64)),
+                (false, None) => None,
+            };
+            if let Some(a) = next {
+                raw::prefetch(a as *const u8, PREFETCH_BYTES);
+            }
+            // SAFETY: KvCaches::new's contract: the page lies inside the
+            // view; check_len: the record holds every layer's page.
+            unsafe {
+                move_page(
+                    kv.layout(),
+                    Dir::Gather,
+                    src,
+                    dst.add(l * page),
+                    dims,
+                    stream,
+                )
             }
         }
-        Ok(())
     }
+    raw::fence(stream);
+    Ok(())
+}
+
+fn scatter_impl(
+    kv: &KvCaches,
+    ops: &[ScatterOp<'_>],
+    layers: Range<usize>,
+    stream: Option<bool>,
+) -> Result<()> {
+    CpuEngine::check_host(kv)?;
+    if layers.end > kv.layers().len() || layers.start > layers.end {
+        return Err(Error::invalid(format!(
+            "layer range {layers:?} outside 0..{}",
+            kv.layers().len()
+        )));
+    }
+    for op in ops {
+        check_len(kv, op.block, op.src.len())?;
+    }
+    let g = *kv.geometry();
+    let page = g.layer_page_bytes();
+    let dims = (g.kv_heads as usize, g.block_tokens as usize, g.row_bytes());
+    let stream =
+        stream.unwrap_or(ops.len().saturating_mul(layers.len() * page) >= STREAM_MIN_BYTES);
+    for (i, op) in ops.iter().enumerate() {
+        // Only read through this pointer: Dir::Scatter never writes the record.
+        let src = op.src.as_ptr() as *mut u8;
+        if let Some(next) = ops.get(i + 1) {
+            raw::prefetch(next.src[layers.start * page..].as_ptr(), PREFETCH_BYTES);
+        }
+        for l in layers.clone() {
+            let dst = kv.layers()[l].page_addr(&g, op.block as u64) as *mut u8;
+            // SAFETY: as in gather; the record is only read.
+            unsafe {
+                move_page(
+                    kv.layout(),
+                    Dir::Scatter,
+                    dst,
+                    src.add(l * page),
+                    dims,
+                    stream,
+                )
+            }
+        }
+    }
+    raw::fence(stream);
+    Ok(())
 }
 
 #[cfg(test)]
@@ -279,5 +446,74 @@ mod tests {
             )
             .is_err());
         assert!(unsafe { KvCaches::new(g, v[..2].to_vec(), false) }.is_err());
+    }
+
+    /// Streaming and ordinary stores give the same bytes, for rows that are
+    /// not a multiple of 16 bytes and records that start off alignment.
+    #[test]
+    fn streaming_and_plain_stores_move_the_same_bytes() {
+        for (hk, hv) in [(3u32, 2u32), (16, 16), (7, 9)] {
+            let g = Geometry {
+                layers: 2,
+                kv_heads: 3,
+                block_tokens: 5,
+                head_size_k: hk,
+                head_size_v: hv,
+                dtype: Dtype::F32,
+            };
+            let blocks = 4u64;
+            for layout in [KvLayout::Lbhnc, KvLayout::Lbnhc] {
+                let total = (g.layers as u64 * blocks) as usize * g.layer_page_bytes() / 4;
+                let mut buf = vec![0f32; total];
+                let v = views(&mut buf, &g, blocks, layout);
+                fill(&mut buf, &v, &g);
+                let kv = unsafe { KvCaches::new(g, v, false) }.unwrap();
+                let bb = g.block_bytes();
+                // records at offsets 0 and 4 of one buffer: aligned and not
+                let mut plain = vec![0u8; bb + 4];
+                let mut streamed = vec![0u8; bb + 8];
+                gather_impl(
+                    &kv,
+                    &mut [GatherOp {
+                        block: 2,
+                        dst: &mut plain[..bb],
+                    }],
+                    Some(false),
+                )
+                .unwrap();
+                gather_impl(
+                    &kv,
+                    &mut [GatherOp {
+                        block: 2,
+                        dst: &mut streamed[4..bb + 4],
+                    }],
+                    Some(true),
+                )
+                .unwrap();
+                assert_eq!(plain[..bb], streamed[4..bb + 4], "{layout:?} k{hk} v{hv}");
+                // scatter the streamed record into block 0 and read it back plainly
+                scatter_impl(
+                    &kv,
+                    &[ScatterOp {
+                        src: &streamed[4..bb + 4],
+                        block: 0,
+                    }],
+                    0..2,
+                    Some(true),
+                )
+                .unwrap();
+                let mut back = vec![0u8; bb];
+                gather_impl(
+                    &kv,
+                    &mut [GatherOp {
+                        block: 0,
+                        dst: &mut back,
+                    }],
+                    Some(false),
+                )
+                .unwrap();
+                assert_eq!(back, plain[..bb], "{layout:?} k{hk} v{hv} scatter");
+            }
+        }
     }
 }

@@ -12,9 +12,11 @@
 //! No business logic lives here: each export converts arguments and calls
 //! [`crate::planner`] or [`crate::mover`].
 
+mod cuda;
 mod mover;
 mod planner;
 
+pub use cuda::*;
 pub use mover::*;
 pub use planner::*;
 

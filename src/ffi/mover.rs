@@ -63,6 +63,7 @@ pub unsafe extern "C" fn kvpark_mover_free(m: *mut KvparkMover) {
 }
 
 /// `register_kv_caches`: the geometry and one view per layer, in model order.
+/// `on_device`: 0 = host memory (CPU backend); `n > 0` = CUDA device `n - 1`.
 ///
 /// # Safety
 /// `g` valid; `layers` valid for `num_layers` views describing memory that
@@ -88,7 +89,11 @@ pub unsafe extern "C" fn kvpark_mover_register(
             head_size_v: g.head_size_v,
             dtype: Dtype::from_code(g.dtype)?,
         };
-        m.inner.lock().register(geom, views, on_device != 0)?;
+        let device = match on_device {
+            0 => None,
+            d => Some(i32::from(d) - 1),
+        };
+        m.inner.lock().register(geom, views, device)?;
         Ok(())
     })
 }

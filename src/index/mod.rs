@@ -25,20 +25,34 @@
 //! | `Promoting`    | yes       | yes     | read NVMe → host slot           | no            |
 //!
 //! ```text
-//!             begin_save                finish_save(ok)          begin_demote
-//!  (absent) ─────────────▶ Saving ─────────────────────▶ Host ─────────────────▶ Demoting
-//!     ▲                      │                           ▲  ▲  ◀──────────────────  │
-//!     │  finish_save(!ok)    │                           │  │  finish_demote(!ok)   │ finish_demote(ok)
-//!     └──────────────────────┘ slot returned             │  │                       ▼
-//!                                            forget_nvme │  └─────────────────── HostAndNvme ◀───┐
-//!                                                        └─────────────────────┘  │              │
-//!                                                                  release_host   │ slot         │ finish_promote(ok)
-//!                                  insert_nvme                                    ▼ returned     │
-//!                     (absent) ───────────────────────────────────────────────▶ Nvme ──────▶ Promoting
-//!                                                              finish_promote(!ok) ◀──────    begin_promote
-//!                                                                     slot returned
+//!  (absent)
+//!     │ begin_save
+//!     ▼
+//!   Saving ───── finish_save(!ok): slot returned ─────▶ (absent)
+//!     │ finish_save(ok)
+//!     ▼
+//!    Host ◀─────────────────── forget_nvme ──────────────────┐
+//!     │  ▲                                                   │
+//!     │  └── finish_demote(!ok) ──┐                          │
+//!     │ begin_demote              │                          │
+//!     ▼                           │                          │
+//!  Demoting ──────────────────────┘                          │
+//!     │ finish_demote(ok)                                    │
+//!     ▼                                                      │
+//!  HostAndNvme ──────────────────────────────────────────────┘
+//!     │  ▲
+//!     │  └───────── finish_promote(ok) ─────────┐
+//!     │ release_host: slot returned             │
+//!     ▼                                         │
+//!    Nvme ───────── begin_promote ─────────▶ Promoting
+//!     ▲  ▲                                      │
+//!     │  └─ finish_promote(!ok): slot returned ─┘
+//!     │
+//!     │ insert_nvme
+//!  (absent)
 //!
-//!  remove: Host | HostAndNvme | Nvme ──▶ (absent), host slot (if any) returned; refused while pinned
+//!  remove: Host | HostAndNvme | Nvme ──▶ (absent), its host slot (if any)
+//!          returned; refused while pinned or in flight
 //! ```
 //!
 //! # Transitions

@@ -101,7 +101,11 @@ pub struct Mover {
     finished: Finished,
     loader: Option<Loader>,
     pending_async: usize,
+    pinning: Option<crate::copy::cuda::PinningJob>,
 }
+
+/// Host arena pinning granularity on CUDA machines.
+const PIN_CHUNK_BYTES: usize = 1 << 30;
 
 impl Mover {
     /// A mover for `rank` with the CPU copy engine.
@@ -115,6 +119,7 @@ impl Mover {
             finished: Finished::default(),
             loader: None,
             pending_async: 0,
+            pinning: None,
         })
     }
 
@@ -126,22 +131,28 @@ impl Mover {
     /// `register_kv_caches`: sizes the host arena to whole blocks and opens
     /// the NVMe store (indexing the blocks it already holds).
     ///
+    /// `device`: `None` for KV caches in host memory (vLLM's CPU backend),
+    /// `Some(ordinal)` for a CUDA device; the CUDA copy engine is then opened
+    /// on the device's primary context (a typed Cuda error without a driver).
+    ///
     /// # Safety
     /// The views must stay valid for the life of this mover (see [`KvCaches::new`]).
     pub unsafe fn register(
         &mut self,
         geom: Geometry,
         layers: Vec<LayerView>,
-        on_device: bool,
+        device: Option<i32>,
     ) -> Result<()> {
         if self.reg.is_some() {
             return Err(Error::invalid("KV caches are already registered"));
         }
-        let kv = KvCaches::new(geom, layers, on_device)?;
-        if on_device && self.engine.name() == "cpu" {
-            return Err(Error::unsupported(
-                "KV caches are on a device but this kvpark mover has only the CPU copy engine",
-            ));
+        let kv = KvCaches::new(geom, layers, device.is_some())?;
+        if let Some(ordinal) = device {
+            if self.engine.name() == "cpu" {
+                let e = crate::copy::cuda::CudaEngine::new(ordinal)
+                    .map_err(|e| e.context("KV caches are on a CUDA device"))?;
+                self.engine = Arc::new(e);
+            }
         }
         let block = geom.block_bytes();
         let arena = HostArena::from_bytes(self.cfg.host_bytes, block).map_err(|e| {
@@ -151,6 +162,16 @@ impl Mover {
                 crate::units::fmt_bytes(block as u64)
             ))
         })?;
+        if device.is_some() {
+            // Page-lock the arena in the background; offloads run meanwhile on
+            // pageable memory (a chunk that fails to pin stays pageable).
+            let job = crate::copy::cuda::PinningJob::start_cuda(
+                arena.base_ptr(),
+                arena.len(),
+                PIN_CHUNK_BYTES,
+            )?;
+            self.pinning = Some(job);
+        }
         let mut index = BlockIndex::new();
         let mut metrics = MoverMetrics::default();
         let (nvme, nvme_done) = match &self.cfg.nvme_dir {
@@ -406,6 +427,8 @@ impl Drop for Mover {
                 let _ = n.sync();
             }
         }
+        // Unregister the arena before it is unmapped (fields drop after this).
+        drop(self.pinning.take());
     }
 }
 

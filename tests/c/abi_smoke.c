@@ -80,6 +80,11 @@ static void misuse(void) {
     KvparkLayerView ok2[2] = {v, v};
     CHECK(kvpark_mover_register(m, &g, ok2, 2, 0) == KVPARK_STATUS_INVALID_ARGUMENT, "bad dtype");
     CHECK(kvpark_mover_register(m, NULL, ok2, 2, 0) == KVPARK_STATUS_NULL_POINTER, "geometry NULL");
+    /* KV claimed on CUDA device 0: without a driver this is a typed CUDA error, not a crash */
+    g.dtype = 3;
+    KvparkStatus st = kvpark_mover_register(m, &g, ok2, 2, 1);
+    CHECK(st == KVPARK_STATUS_CUDA || st == KVPARK_STATUS_OK, "register on device: status %d", (int)st);
+    if (st == KVPARK_STATUS_CUDA) CHECK(last_error_contains("CUDA"), "message says CUDA");
 
     kvpark_planner_free(p);
     kvpark_mover_free(m);

@@ -10,7 +10,7 @@
 //! ```
 //!
 //! A segment is a sequence of 4 KiB-aligned records, each a 128-byte header
-//! ([`format`] documents every byte), the payload (codec output) and zero
+//! ([`mod@format`] documents every byte), the payload (codec output) and zero
 //! padding to the next 4 KiB boundary. New records are appended to the one
 //! *active* segment; it is sealed and a new one started when the next record
 //! would take it past `segment_bytes`. Segments are never appended to after a

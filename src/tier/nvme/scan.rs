@@ -1,5 +1,5 @@
 //! Walks one segment file record by record; shared by recovery at open and
-//! by [`super::inspect`].
+//! by [`mod@super::inspect`].
 //!
 //! Rules (offsets are always multiples of 4 KiB):
 //! - a valid header whose payload fits in the file is a record; the walk
@@ -9,7 +9,8 @@
 //!   by end of file, is a *torn* record (a write that did not finish); the
 //!   walk ends there.
 //! - a block of zeros is a hole (space reserved by a write that never
-//!   happened); skipped, not counted.
+//!   happened, or a failed write whose header the store wiped); skipped, not
+//!   counted, and the non-magic blocks after it are not counted either.
 //! - a block with the magic but a bad header checksum (or an unknown version,
 //!   codec, or impossible field) is *corrupt*; the walk resynchronises on the
 //!   next 4 KiB block.
@@ -129,7 +130,11 @@ pub fn scan_segment(
                 expect = true;
             }
             Err(super::format::HeaderError::BadMagic) => {
-                if !blk.iter().all(|&b| b == 0) && expect {
+                if blk.iter().all(|&b| b == 0) {
+                    // A hole; what follows it may be the remains of a
+                    // record whose header was wiped, so do not count those.
+                    expect = false;
+                } else if expect {
                     f(ScanItem::Bad {
                         off,
                         kind: BadKind::Corrupt,

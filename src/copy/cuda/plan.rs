@@ -1,0 +1,1028 @@
+//! Transfer planning, pure and host-only: which mechanism moves a transfer
+//! (the [`Selector`]), the stream-ordered command list of a transfer
+//! ([`plan_transfer`]: kernel launches, DMA lists, per-layer event points),
+//! the vector width and the launch shape of the kernels. Nothing here touches
+//! CUDA, so all of it is tested on machines without a GPU — the command lists
+//! of every strategy are executed by a CPU emulator of the kernel and the DMA
+//! and compared with the CPU engine byte for byte.
+//!
+//! ## Mechanisms
+//!
+//! | [`Strategy`]     | what runs                                                       | needs            |
+//! |------------------|-----------------------------------------------------------------|------------------|
+//! | `kernel_mapped`  | one kernel reads/writes the pinned, device-mapped host record   | pinned host      |
+//! | `kernel_staged`  | kernel ↔ device staging buffer at HBM speed, then DMA ↔ host    | —                |
+//! | `dma_batch`      | one `cuMemcpyBatchAsync` of (src, dst, len) triples per step    | LBHNC, CUDA 12.8 |
+//! | `dma_each`       | one `cuMemcpyAsync` per triple                                  | LBHNC            |
+//!
+//! Where a picked mechanism is not possible it degrades, never fails:
+//! `dma_*` on token-major pages → `kernel_staged` (a token-major page is
+//! `H*N` scattered rows, far too many DMAs); `kernel_mapped` with pageable host
+//! memory → `kernel_staged`; `dma_batch` without the driver entry point or
+//! with pageable host memory → `dma_each`.
+//!
+//! ## Default table (before measurement)
+//!
+//! The first matching rule wins; rules from config (`Selector::from_json`)
+//! are tried before these. The defaults follow what vLLM measured for its own
+//! offloading worker on H100 (DMA for device→host and for large pages; a copy
+//! kernel only for host→device batches of ≥ 16 pages under 28 KiB), plus the
+//! token-major case vLLM does not have. They are to be replaced by the numbers
+//! `scripts/gpu/check_and_bench.py` measures (see `BENCHMARKS.md`).
+//!
+//! | # | dir | layout | condition                         | strategy        |
+//! |---|-----|--------|-----------------------------------|-----------------|
+//! | 1 | any | LBNHC  | total < 4 MiB                     | `kernel_mapped` |
+//! | 2 | any | LBNHC  | otherwise                         | `kernel_staged` |
+//! | 3 | h2d | LBHNC  | page < 28 KiB and ≥ 16 pages      | `kernel_mapped` |
+//! | 4 | any | LBHNC  | otherwise                         | `dma_batch`     |
+
+use crate::block::KvLayout;
+use crate::error::{Error, Result};
+use serde::Deserialize;
+use std::ops::Range;
+
+/// Direction of a transfer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
+pub enum Direction {
+    /// Device → host (offload, gather).
+    #[serde(rename = "d2h")]
+    D2H,
+    /// Host → device (onload, scatter).
+    #[serde(rename = "h2d")]
+    H2D,
+}
+
+/// How a transfer is moved (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    /// Kernel on mapped pinned host memory (zero-copy).
+    KernelMapped,
+    /// Kernel to/from a device staging buffer, plus DMA.
+    KernelStaged,
+    /// Batched DMA (`cuMemcpyBatchAsync`).
+    DmaBatch,
+    /// One DMA per copy (`cuMemcpyAsync`).
+    DmaEach,
+}
+
+impl Strategy {
+    /// All strategies, for benchmarks.
+    pub const ALL: [Strategy; 4] = [
+        Strategy::KernelMapped,
+        Strategy::KernelStaged,
+        Strategy::DmaBatch,
+        Strategy::DmaEach,
+    ];
+
+    /// The config name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::KernelMapped => "kernel_mapped",
+            Strategy::KernelStaged => "kernel_staged",
+            Strategy::DmaBatch => "dma_batch",
+            Strategy::DmaEach => "dma_each",
+        }
+    }
+
+    /// Parses a config name.
+    pub fn parse(s: &str) -> Result<Strategy> {
+        Strategy::ALL
+            .into_iter()
+            .find(|x| x.name() == s)
+            .ok_or_else(|| {
+                Error::config(format!(
+                    "unknown copy strategy {s:?} (kernel_mapped, kernel_staged, dma_batch, dma_each)"
+                ))
+            })
+    }
+}
+
+/// The shape of one transfer, what the selector decides on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shape {
+    /// Direction.
+    pub dir: Direction,
+    /// vLLM's physical order.
+    pub layout: KvLayout,
+    /// Bytes of one (layer, block) page.
+    pub page_bytes: usize,
+    /// Pages moved (blocks × layers).
+    pub pages: usize,
+}
+
+impl Shape {
+    /// Bytes moved.
+    pub fn total_bytes(&self) -> usize {
+        self.page_bytes * self.pages
+    }
+}
+
+/// What the device and the host buffers allow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Caps {
+    /// The driver exports `cuMemcpyBatchAsync` (CUDA ≥ 12.8).
+    pub batch_dma: bool,
+    /// Every host buffer is pinned and mapped into the device address space.
+    pub host_mapped: bool,
+}
+
+/// One selector rule: every given condition must hold. Ranges are half-open.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    /// Direction, any when absent.
+    #[serde(default)]
+    pub dir: Option<Direction>,
+    /// Layout ("lbhnc" / "lbnhc"), any when absent.
+    #[serde(default, deserialize_with = "de_layout")]
+    pub layout: Option<KvLayout>,
+    /// `[min, max)` bytes of one page.
+    #[serde(default)]
+    pub page_bytes: Option<[u64; 2]>,
+    /// `[min, max)` pages (blocks × layers).
+    #[serde(default)]
+    pub pages: Option<[u64; 2]>,
+    /// `[min, max)` bytes moved.
+    #[serde(default)]
+    pub total_bytes: Option<[u64; 2]>,
+    /// What to use when the rule matches.
+    pub strategy: Strategy,
+}
+
+fn de_layout<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<KvLayout>, D::Error> {
+    let s: Option<String> = Option::deserialize(d)?;
+    match s.as_deref().map(str::to_ascii_lowercase).as_deref() {
+        None => Ok(None),
+        Some("lbhnc") | Some("hnd") => Ok(Some(KvLayout::Lbhnc)),
+        Some("lbnhc") | Some("nhd") => Ok(Some(KvLayout::Lbnhc)),
+        Some(o) => Err(serde::de::Error::custom(format!(
+            "unknown layout {o:?} (lbhnc, lbnhc)"
+        ))),
+    }
+}
+
+fn within(r: Option<[u64; 2]>, v: usize) -> bool {
+    r.map_or(true, |[a, b]| (v as u64) >= a && (v as u64) < b)
+}
+
+impl Rule {
+    /// Whether the rule applies to `s`.
+    pub fn matches(&self, s: &Shape) -> bool {
+        self.dir.map_or(true, |d| d == s.dir)
+            && self.layout.map_or(true, |l| l == s.layout)
+            && within(self.page_bytes, s.page_bytes)
+            && within(self.pages, s.pages)
+            && within(self.total_bytes, s.total_bytes())
+    }
+}
+
+/// Picks a [`Strategy`] per transfer shape: config rules first, then the
+/// default table (module docs).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Selector {
+    rules: Vec<Rule>,
+}
+
+impl Default for Selector {
+    fn default() -> Self {
+        Selector {
+            rules: Self::default_rules(),
+        }
+    }
+}
+
+impl Selector {
+    /// The default table of the module docs.
+    pub fn default_rules() -> Vec<Rule> {
+        let r = |dir, layout, page_bytes, pages, total_bytes, strategy| Rule {
+            dir,
+            layout: Some(layout),
+            page_bytes,
+            pages,
+            total_bytes,
+            strategy,
+        };
+        use KvLayout::*;
+        use Strategy::*;
+        vec![
+            r(None, Lbnhc, None, None, Some([0, 4 << 20]), KernelMapped),
+            r(None, Lbnhc, None, None, None, KernelStaged),
+            r(
+                Some(Direction::H2D),
+                Lbhnc,
+                Some([0, 28 << 10]),
+                Some([16, u64::MAX]),
+                None,
+                KernelMapped,
+            ),
+            r(None, Lbhnc, None, None, None, DmaBatch),
+        ]
+    }
+
+    /// Config rules (a JSON array of [`Rule`]s) tried before the defaults.
+    /// `{"strategy": "dma_each"}` alone forces one mechanism everywhere.
+    pub fn from_json(json: &str) -> Result<Selector> {
+        let mut rules: Vec<Rule> = serde_json::from_str(json)
+            .map_err(|e| Error::config(format!("copy_strategy rules: {e}")))?;
+        rules.extend(Self::default_rules());
+        Ok(Selector { rules })
+    }
+
+    /// Forces one strategy for every transfer (benchmarks).
+    pub fn forced(s: Strategy) -> Selector {
+        Selector {
+            rules: vec![Rule {
+                dir: None,
+                layout: None,
+                page_bytes: None,
+                pages: None,
+                total_bytes: None,
+                strategy: s,
+            }],
+        }
+    }
+
+    /// The strategy the rules pick, before feasibility.
+    pub fn wanted(&self, s: &Shape) -> Strategy {
+        self.rules
+            .iter()
+            .find(|r| r.matches(s))
+            .map(|r| r.strategy)
+            .unwrap_or(Strategy::KernelStaged)
+    }
+
+    /// The strategy that will run: [`Selector::wanted`], degraded to what
+    /// the layout, the driver and the host memory allow (module docs).
+    pub fn pick(&self, s: &Shape, caps: Caps) -> Strategy {
+        resolve(self.wanted(s), s.layout, caps)
+    }
+}
+
+/// Degrades `want` to something possible.
+pub fn resolve(want: Strategy, layout: KvLayout, caps: Caps) -> Strategy {
+    let mut s = want;
+    if layout == KvLayout::Lbnhc && matches!(s, Strategy::DmaBatch | Strategy::DmaEach) {
+        s = Strategy::KernelStaged;
+    }
+    if s == Strategy::KernelMapped && !caps.host_mapped {
+        s = Strategy::KernelStaged;
+    }
+    if s == Strategy::DmaBatch && !(caps.batch_dma && caps.host_mapped) {
+        s = Strategy::DmaEach;
+    }
+    s
+}
+
+/// One DMA copy: `len` bytes from `src` to `dst` (device or host addresses).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Copy {
+    /// Source address.
+    pub src: u64,
+    /// Destination address.
+    pub dst: u64,
+    /// Bytes.
+    pub len: u64,
+}
+
+/// Appends `c`, merging it into the previous copy when both sides continue it.
+pub fn push_merged(v: &mut Vec<Copy>, c: Copy) {
+    if let Some(last) = v.last_mut() {
+        if last.src + last.len == c.src && last.dst + last.len == c.dst {
+            last.len += c.len;
+            return;
+        }
+    }
+    v.push(c);
+}
+
+/// Geometry of the device side as the planner sees it (byte units).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DevShape {
+    /// Device base address of each layer.
+    pub layer_base: Vec<u64>,
+    /// Bytes between blocks of a layer.
+    pub stride_block: u64,
+    /// Bytes of one (layer, block) page.
+    pub page: u64,
+}
+
+impl DevShape {
+    /// Device address of block `b` of layer `l`.
+    pub fn page_addr(&self, l: usize, b: u32) -> u64 {
+        self.layer_base[l] + b as u64 * self.stride_block
+    }
+}
+
+/// DMA copies for head-major pages, op-major (all layers of a block, then
+/// the next block), so layers that are adjacent in device memory (block-outer
+/// storage) merge into one copy. `recs[i]` is op i's record address.
+pub fn dma_copies_d2h(
+    d: &DevShape,
+    blocks: &[u32],
+    recs: &[u64],
+    layers: Range<usize>,
+) -> Vec<Copy> {
+    let mut v = Vec::with_capacity(blocks.len() * layers.len());
+    for (b, r) in blocks.iter().zip(recs) {
+        for l in layers.clone() {
+            push_merged(
+                &mut v,
+                Copy {
+                    src: d.page_addr(l, *b),
+                    dst: r + l as u64 * d.page,
+                    len: d.page,
+                },
+            );
+        }
+    }
+    v
+}
+
+/// DMA copies for head-major pages of one layer (onload goes layer by layer
+/// so a per-layer event can follow each layer's copies).
+pub fn dma_copies_h2d_layer(d: &DevShape, blocks: &[u32], recs: &[u64], l: usize) -> Vec<Copy> {
+    let mut v = Vec::with_capacity(blocks.len());
+    for (b, r) in blocks.iter().zip(recs) {
+        push_merged(
+            &mut v,
+            Copy {
+                src: r + l as u64 * d.page,
+                dst: d.page_addr(l, *b),
+                len: d.page,
+            },
+        );
+    }
+    v
+}
+
+/// Widest element (16, 4 or 1 bytes) dividing every address and size the
+/// kernel touches: layer bases, block stride, page and row bytes, records.
+pub fn vector_width(d: &DevShape, row_bytes: u64, recs: &[u64]) -> u32 {
+    let mut acc = d.stride_block | d.page | row_bytes;
+    for b in &d.layer_base {
+        acc |= b;
+    }
+    for r in recs {
+        acc |= r;
+    }
+    if acc % 16 == 0 {
+        16
+    } else if acc % 4 == 0 {
+        4
+    } else {
+        1
+    }
+}
+
+/// Threads per CTA of the copy kernels.
+pub const THREADS: u32 = 256;
+
+/// How many CTAs split one page (grid z) so a launch of `pages` pages puts
+/// about `target_ctas` CTAs in flight, without giving a CTA less than one
+/// element per thread.
+pub fn page_split(pages: usize, page_bytes: u64, vec: u32, target_ctas: u32) -> u32 {
+    let pages = pages.max(1) as u64;
+    let want = (target_ctas as u64).div_ceil(pages);
+    let max = (page_bytes / vec as u64 / THREADS as u64).max(1);
+    want.clamp(1, max).min(65_535) as u32
+}
+
+/// Splits `n` ops into chunks of at most `max` (launch parameter limit or
+/// staging capacity).
+pub fn chunks(n: usize, max: usize) -> impl Iterator<Item = Range<usize>> {
+    let max = max.max(1);
+    (0..n.div_ceil(max)).map(move |i| i * max..((i + 1) * max).min(n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use KvLayout::*;
+    use Strategy::*;
+
+    fn shape(dir: Direction, layout: KvLayout, page: usize, pages: usize) -> Shape {
+        Shape {
+            dir,
+            layout,
+            page_bytes: page,
+            pages,
+        }
+    }
+    const ALL_CAPS: Caps = Caps {
+        batch_dma: true,
+        host_mapped: true,
+    };
+
+    #[test]
+    fn default_table_rows() {
+        let s = Selector::default();
+        // llama-8b page: 8 heads * 16 tokens * 512 B = 64 KiB
+        let p = 64 << 10;
+        assert_eq!(
+            s.pick(&shape(Direction::D2H, Lbhnc, p, 32), ALL_CAPS),
+            DmaBatch
+        );
+        assert_eq!(
+            s.pick(&shape(Direction::H2D, Lbhnc, p, 32 * 64), ALL_CAPS),
+            DmaBatch
+        );
+        assert_eq!(
+            s.pick(&shape(Direction::H2D, Lbhnc, 16 << 10, 16), ALL_CAPS),
+            KernelMapped
+        );
+        assert_eq!(
+            s.pick(&shape(Direction::H2D, Lbhnc, 16 << 10, 15), ALL_CAPS),
+            DmaBatch
+        );
+        assert_eq!(
+            s.pick(&shape(Direction::D2H, Lbnhc, p, 32), ALL_CAPS),
+            KernelMapped
+        );
+        assert_eq!(
+            s.pick(&shape(Direction::D2H, Lbnhc, p, 64), ALL_CAPS),
+            KernelStaged
+        );
+    }
+
+    #[test]
+    fn infeasible_picks_degrade() {
+        let none = Caps {
+            batch_dma: false,
+            host_mapped: false,
+        };
+        assert_eq!(resolve(DmaBatch, Lbnhc, ALL_CAPS), KernelStaged);
+        assert_eq!(resolve(DmaEach, Lbnhc, ALL_CAPS), KernelStaged);
+        assert_eq!(resolve(KernelMapped, Lbhnc, none), KernelStaged);
+        assert_eq!(resolve(DmaBatch, Lbhnc, none), DmaEach);
+        let pinned_old_driver = Caps {
+            batch_dma: false,
+            host_mapped: true,
+        };
+        assert_eq!(resolve(DmaBatch, Lbhnc, pinned_old_driver), DmaEach);
+        assert_eq!(
+            resolve(KernelMapped, Lbnhc, pinned_old_driver),
+            KernelMapped
+        );
+    }
+
+    #[test]
+    fn config_rules_come_first_and_bad_config_names_the_problem() {
+        let s = Selector::from_json(
+            r#"[{"dir":"d2h","layout":"lbhnc","pages":[0,100],"strategy":"dma_each"}]"#,
+        )
+        .unwrap();
+        let p = 64 << 10;
+        assert_eq!(
+            s.pick(&shape(Direction::D2H, Lbhnc, p, 99), ALL_CAPS),
+            DmaEach
+        );
+        assert_eq!(
+            s.pick(&shape(Direction::D2H, Lbhnc, p, 100), ALL_CAPS),
+            DmaBatch
+        );
+        assert_eq!(
+            s.pick(&shape(Direction::H2D, Lbhnc, p, 99), ALL_CAPS),
+            DmaBatch
+        );
+        let forced = Selector::from_json(r#"[{"strategy":"kernel_staged"}]"#).unwrap();
+        assert_eq!(
+            forced.pick(&shape(Direction::H2D, Lbhnc, p, 1), ALL_CAPS),
+            KernelStaged
+        );
+        for bad in [
+            r#"[{"strategy":"warp_drive"}]"#,
+            r#"[{"layout":"bhlnc","strategy":"dma_each"}]"#,
+            r#"[{"strategy":"dma_each","colour":"red"}]"#,
+            r#"{"strategy":"dma_each"}"#,
+        ] {
+            let e = Selector::from_json(bad).unwrap_err();
+            assert_eq!(e.kind(), crate::ErrorKind::Config, "{bad}");
+        }
+        assert!(
+            Selector::from_json(r#"[{"layout":"bhlnc","strategy":"dma_each"}]"#)
+                .unwrap_err()
+                .message()
+                .contains("bhlnc")
+        );
+        assert_eq!(Strategy::parse("dma_batch").unwrap(), DmaBatch);
+        assert!(Strategy::parse("x").is_err());
+    }
+
+    fn dev(layers: usize, page: u64, stride: u64, layer_gap: u64) -> DevShape {
+        DevShape {
+            layer_base: (0..layers as u64)
+                .map(|l| 0x1000_0000 + l * layer_gap)
+                .collect(),
+            stride_block: stride,
+            page,
+        }
+    }
+
+    #[test]
+    fn per_layer_storage_gives_one_copy_per_page() {
+        // LBHNC, 3 layers each in its own region: no merging across layers
+        let d = dev(3, 4096, 4096, 1 << 20);
+        let recs = [0x9000_0000u64, 0xA000_0000];
+        let v = dma_copies_d2h(&d, &[5, 7], &recs, 0..3);
+        assert_eq!(v.len(), 6);
+        assert_eq!(
+            v[0],
+            Copy {
+                src: 0x1000_0000 + 5 * 4096,
+                dst: 0x9000_0000,
+                len: 4096
+            }
+        );
+        assert_eq!(
+            v[4],
+            Copy {
+                src: 0x1010_0000 + 7 * 4096,
+                dst: 0xA000_0000 + 4096,
+                len: 4096
+            }
+        );
+        assert_eq!(v.iter().map(|c| c.len).sum::<u64>(), 6 * 4096);
+    }
+
+    #[test]
+    fn block_outer_storage_merges_a_blocks_layers() {
+        // BLHNC seen as per-layer views: layer l base = base + l*page,
+        // block stride = L*page. A block's layers are adjacent in memory.
+        let d = dev(4, 4096, 4 * 4096, 4096);
+        let v = dma_copies_d2h(&d, &[2, 3], &[0x9000_0000, 0x9000_0000 + 4 * 4096], 0..4);
+        // blocks 2 and 3 are adjacent and so are their records: one copy
+        assert_eq!(
+            v,
+            vec![Copy {
+                src: 0x1000_0000 + 2 * 4 * 4096,
+                dst: 0x9000_0000,
+                len: 8 * 4096
+            }]
+        );
+        let h = dma_copies_h2d_layer(&d, &[2, 3], &[0x9000_0000, 0x9000_0000 + 4 * 4096], 1);
+        assert_eq!(h.len(), 2);
+        assert_eq!(
+            h[1],
+            Copy {
+                src: 0x9000_0000 + 4 * 4096 + 4096,
+                dst: 0x1000_0000 + 4096 + 3 * 4 * 4096,
+                len: 4096
+            }
+        );
+    }
+
+    #[test]
+    fn vector_width_falls_back_on_misalignment() {
+        let d = dev(2, 4096, 4096, 1 << 20);
+        assert_eq!(vector_width(&d, 512, &[0x9000_0000]), 16);
+        assert_eq!(vector_width(&d, 512, &[0x9000_0008]), 4);
+        assert_eq!(vector_width(&d, 6, &[0x9000_0000]), 1);
+        let mut odd = d.clone();
+        odd.layer_base[1] += 4;
+        assert_eq!(vector_width(&odd, 512, &[0x9000_0000]), 4);
+    }
+
+    #[test]
+    fn split_and_chunks() {
+        // one 64 KiB page, 528 CTAs wanted: limited to 64KiB/16/256 = 16
+        assert_eq!(page_split(1, 64 << 10, 16, 528), 16);
+        assert_eq!(page_split(32, 64 << 10, 16, 528), 16);
+        assert_eq!(page_split(1024, 64 << 10, 16, 528), 1);
+        assert_eq!(page_split(1, 100, 1, 528), 1);
+        let c: Vec<_> = chunks(600, 256).collect();
+        assert_eq!(c, vec![0..256, 256..512, 512..600]);
+        assert_eq!(chunks(0, 256).count(), 0);
+    }
+    /// Executes a command list on host memory exactly as the device would
+    /// (kernels through the kernel's own index mirror, DMA as memcpy), and
+    /// checks at each `LayerDone(l)` that layer l of every target is final.
+    fn emulate(
+        cmds: &[Cmd],
+        d: &DevShape,
+        shape: &super::super::kernels::KvShape,
+        on_layer_done: &mut dyn FnMut(usize),
+    ) {
+        use super::super::kernels::page_index;
+        for c in cmds {
+            match c {
+                Cmd::Launch {
+                    dir,
+                    blocks,
+                    recs,
+                    layers,
+                } => {
+                    for (b, r) in blocks.iter().zip(recs) {
+                        for l in layers.clone() {
+                            let page = d.page_addr(l, *b) as *mut u8;
+                            let rec = r.wrapping_add(l as u64 * d.page) as *mut u8;
+                            for x in 0..d.page {
+                                let pi = page_index(shape, 1, x);
+                                unsafe {
+                                    match dir {
+                                        Direction::D2H => {
+                                            *rec.add(x as usize) = *page.add(pi as usize)
+                                        }
+                                        Direction::H2D => {
+                                            *page.add(pi as usize) = *rec.add(x as usize)
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                Cmd::Dma { copies, .. } => {
+                    for c in copies {
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                c.src as *const u8,
+                                c.dst as *mut u8,
+                                c.len as usize,
+                            )
+                        }
+                    }
+                }
+                Cmd::LayerDone(l) => on_layer_done(*l),
+            }
+        }
+    }
+
+    #[test]
+    fn every_strategy_plan_moves_the_same_bytes_as_the_cpu_engine() {
+        use crate::block::{Dtype, Geometry, LayerView};
+        use crate::copy::{cpu::CpuEngine, CopyEngine, GatherOp, KvCaches, ScatterOp};
+        let g = Geometry {
+            layers: 3,
+            kv_heads: 2,
+            block_tokens: 4,
+            head_size_k: 8,
+            head_size_v: 8,
+            dtype: Dtype::Bf16,
+        };
+        let nb = 8u64;
+        let page = g.layer_page_bytes();
+        let bb = g.block_bytes();
+        let blocks = [6u32, 1, 3, 7, 2];
+        for layout in [Lbhnc, Lbnhc] {
+            let (h, n, c) = (
+                g.kv_heads as u64,
+                g.block_tokens as u64,
+                g.row_elems() as u64,
+            );
+            let (sh, sn) = match layout {
+                Lbhnc => (n * c, c),
+                Lbnhc => (c, h * c),
+            };
+            let mk_views = |base: u64| -> Vec<LayerView> {
+                // layers interleaved with a gap, one shared storage
+                (0..g.layers as u64)
+                    .map(|l| LayerView {
+                        base: base + l * (nb + 1) * page as u64,
+                        num_blocks: nb,
+                        stride_block: h * n * c,
+                        stride_head: sh,
+                        stride_token: sn,
+                    })
+                    .collect()
+            };
+            let size = g.layers as usize * (nb as usize + 1) * page;
+            let mut src: Vec<u8> = (0..size).map(|i| (i * 31 + i / 97) as u8 | 1).collect();
+            let skv =
+                unsafe { KvCaches::new(g, mk_views(src.as_mut_ptr() as u64), false) }.unwrap();
+            let mut want: Vec<Vec<u8>> = blocks.iter().map(|_| vec![0u8; bb]).collect();
+            {
+                let mut ops: Vec<GatherOp> = blocks
+                    .iter()
+                    .zip(want.iter_mut())
+                    .map(|(b, w)| GatherOp { block: *b, dst: w })
+                    .collect();
+                CpuEngine.gather(&skv, &mut ops).unwrap();
+            }
+            let kshape = super::super::kernels::KvShape {
+                stride_block_bytes: page as u64,
+                page_bytes: page as u64,
+                heads: g.kv_heads,
+                tokens: g.block_tokens,
+                row_bytes: g.row_bytes() as u32,
+                head_major: (layout == Lbhnc) as u32,
+                layer0: 0,
+                n_ops: 0,
+            };
+            for strat in Strategy::ALL {
+                for mapped in [true, false] {
+                    let s = resolve(
+                        strat,
+                        layout,
+                        Caps {
+                            batch_dma: true,
+                            host_mapped: mapped,
+                        },
+                    );
+                    let tag = format!(
+                        "{layout:?} {} -> {} mapped {mapped}",
+                        strat.name(),
+                        s.name()
+                    );
+                    // ---- offload: staging holds 2 records, so 5 ops take 3 chunks
+                    let d = DevShape {
+                        layer_base: mk_views(src.as_ptr() as u64)
+                            .iter()
+                            .map(|v| v.base)
+                            .collect(),
+                        stride_block: page as u64,
+                        page: page as u64,
+                    };
+                    let mut recs: Vec<Vec<u8>> = blocks.iter().map(|_| vec![0xEE; bb]).collect();
+                    let hosts: Vec<u64> = recs.iter_mut().map(|r| r.as_mut_ptr() as u64).collect();
+                    let mut stage = vec![0u8; 2 * bb + 7];
+                    let plan = TransferPlan {
+                        dev: &d,
+                        strategy: s,
+                        blocks: &blocks,
+                        hosts: &hosts,
+                        mapped: mapped.then_some(&hosts[..]),
+                        staging: Some((stage.as_mut_ptr() as u64, 2 * bb + 7)),
+                        batch_ok: mapped,
+                        record_bytes: bb as u64,
+                    };
+                    let cmds = plan_transfer(&plan, Direction::D2H, 0..3).unwrap();
+                    if s == Strategy::KernelStaged {
+                        assert_eq!(
+                            cmds.iter()
+                                .filter(|c| matches!(c, Cmd::Launch { .. }))
+                                .count(),
+                            3,
+                            "{tag}"
+                        );
+                    }
+                    assert!(
+                        !cmds
+                            .iter()
+                            .any(|c| matches!(c, Cmd::Dma { batch: true, .. }))
+                            || mapped,
+                        "{tag}: batch only when pinned"
+                    );
+                    emulate(&cmds, &d, &kshape, &mut |_| {
+                        panic!("offload has no layer events")
+                    });
+                    assert_eq!(recs, want, "{tag}: offload");
+
+                    // ---- onload of layers 1..3 into an empty cache; staging holds 2 pages
+                    let mut dst = vec![0u8; size];
+                    let dd = DevShape {
+                        layer_base: mk_views(dst.as_mut_ptr() as u64)
+                            .iter()
+                            .map(|v| v.base)
+                            .collect(),
+                        stride_block: page as u64,
+                        page: page as u64,
+                    };
+                    let mut expect = vec![0u8; size];
+                    let ekv =
+                        unsafe { KvCaches::new(g, mk_views(expect.as_mut_ptr() as u64), false) }
+                            .unwrap();
+                    let sops: Vec<ScatterOp> = blocks
+                        .iter()
+                        .zip(&recs)
+                        .map(|(b, r)| ScatterOp { src: r, block: *b })
+                        .collect();
+                    CpuEngine.scatter_layers(&ekv, &sops, 1..3).unwrap();
+                    let mut stage = vec![0u8; 2 * page];
+                    let plan = TransferPlan {
+                        staging: Some((stage.as_mut_ptr() as u64, 2 * page)),
+                        dev: &dd,
+                        ..plan
+                    };
+                    let cmds = plan_transfer(&plan, Direction::H2D, 1..3).unwrap();
+                    let done: Vec<usize> = cmds
+                        .iter()
+                        .filter_map(|c| {
+                            if let Cmd::LayerDone(l) = c {
+                                Some(*l)
+                            } else {
+                                None
+                            }
+                        })
+                        .collect();
+                    assert_eq!(done, vec![1, 2], "{tag}: one event per layer, in order");
+                    let dst_ptr = dst.as_ptr();
+                    let exp = expect.clone();
+                    let region = (nb as usize + 1) * page;
+                    emulate(&cmds, &dd, &kshape, &mut |l| {
+                        // layer l is final when its event is recorded
+                        let got =
+                            unsafe { std::slice::from_raw_parts(dst_ptr.add(l * region), region) };
+                        assert!(
+                            got == &exp[l * region..(l + 1) * region],
+                            "{tag}: layer {l} final at its event"
+                        );
+                    });
+                    assert!(dst == expect, "{tag}: onload");
+                }
+            }
+        }
+    }
+}
+
+/// One step of a transfer, in stream order. The engine executes these on
+/// one stream; the CPU emulator in the tests executes them on host memory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Cmd {
+    /// A gather (`D2H`) or scatter (`H2D`) kernel over `blocks` × `layers`;
+    /// `recs[i]` is the device-usable record address of op i (the kernel
+    /// adds `layer * page` to it). More than [`super::kernels::MAX_OPS`] ops
+    /// are split into several launches by the executor.
+    Launch {
+        /// Kernel direction.
+        dir: Direction,
+        /// vLLM block ids.
+        blocks: Vec<u32>,
+        /// Record addresses.
+        recs: Vec<u64>,
+        /// Layers.
+        layers: Range<usize>,
+    },
+    /// DMA copies, batched when `batch`.
+    Dma {
+        /// Copies.
+        copies: Vec<Copy>,
+        /// Use `cuMemcpyBatchAsync`.
+        batch: bool,
+    },
+    /// Every write to layer `l` of an onload is queued before this point:
+    /// the engine records layer `l`'s event here.
+    LayerDone(usize),
+}
+
+/// Inputs of [`plan_transfer`].
+#[derive(Clone, Debug)]
+pub struct TransferPlan<'a> {
+    /// Device side.
+    pub dev: &'a DevShape,
+    /// Resolved strategy ([`resolve`]).
+    pub strategy: Strategy,
+    /// vLLM block ids, one per op.
+    pub blocks: &'a [u32],
+    /// Host record addresses, one per op.
+    pub hosts: &'a [u64],
+    /// Device-usable addresses of the host records (mapped memory), when
+    /// every record is mapped.
+    pub mapped: Option<&'a [u64]>,
+    /// Staging buffer (device address, bytes) for `KernelStaged`.
+    pub staging: Option<(u64, usize)>,
+    /// Whether DMA may be batched (driver has it, host memory pinned).
+    pub batch_ok: bool,
+    /// Bytes of a whole record (all layers).
+    pub record_bytes: u64,
+}
+
+/// Staging bytes a transfer needs at least: one record for an offload, one
+/// page for an onload.
+pub fn staging_need(dir: Direction, page: u64, record_bytes: u64) -> usize {
+    match dir {
+        Direction::D2H => record_bytes as usize,
+        Direction::H2D => page as usize,
+    }
+}
+
+/// The commands of a transfer in stream order. Offloads cover all layers
+/// (`layers` = `0..L`); onloads go layer by layer with a
+/// [`Cmd::LayerDone`] after each layer of `layers`.
+pub fn plan_transfer(
+    p: &TransferPlan<'_>,
+    dir: Direction,
+    layers: Range<usize>,
+) -> Result<Vec<Cmd>> {
+    let d = p.dev;
+    let n = p.blocks.len();
+    if p.hosts.len() != n {
+        return Err(Error::internal("plan: hosts and blocks differ in length"));
+    }
+    let mut cmds = Vec::new();
+    let staging = |need: usize| -> Result<(u64, usize)> {
+        match p.staging {
+            Some((a, cap)) if cap >= need => Ok((a, cap)),
+            _ => Err(Error::internal(
+                "plan: staged strategy without a large enough staging buffer",
+            )),
+        }
+    };
+    match dir {
+        Direction::D2H => {
+            if n == 0 {
+                return Ok(cmds);
+            }
+            match p.strategy {
+                Strategy::KernelMapped => {
+                    let recs = p.mapped.ok_or_else(|| {
+                        Error::internal("plan: mapped strategy without mapped records")
+                    })?;
+                    cmds.push(Cmd::Launch {
+                        dir,
+                        blocks: p.blocks.to_vec(),
+                        recs: recs.to_vec(),
+                        layers,
+                    });
+                }
+                Strategy::KernelStaged => {
+                    let bb = p.record_bytes;
+                    let (stage, cap) = staging(bb as usize)?;
+                    let per = ((cap as u64 / bb) as usize).clamp(1, super::kernels::MAX_OPS);
+                    for c in chunks(n, per) {
+                        let recs: Vec<u64> = (0..c.len() as u64).map(|i| stage + i * bb).collect();
+                        let mut copies = Vec::with_capacity(c.len());
+                        for (i, j) in c.clone().enumerate() {
+                            push_merged(
+                                &mut copies,
+                                Copy {
+                                    src: recs[i],
+                                    dst: p.hosts[j],
+                                    len: bb,
+                                },
+                            );
+                        }
+                        cmds.push(Cmd::Launch {
+                            dir,
+                            blocks: p.blocks[c].to_vec(),
+                            recs,
+                            layers: layers.clone(),
+                        });
+                        cmds.push(Cmd::Dma {
+                            copies,
+                            batch: p.batch_ok,
+                        });
+                    }
+                }
+                Strategy::DmaBatch | Strategy::DmaEach => {
+                    cmds.push(Cmd::Dma {
+                        copies: dma_copies_d2h(d, p.blocks, p.hosts, layers),
+                        batch: p.strategy == Strategy::DmaBatch,
+                    });
+                }
+            }
+        }
+        Direction::H2D => {
+            for l in layers {
+                if n > 0 {
+                    match p.strategy {
+                        Strategy::KernelMapped => {
+                            let recs = p.mapped.ok_or_else(|| {
+                                Error::internal("plan: mapped strategy without mapped records")
+                            })?;
+                            cmds.push(Cmd::Launch {
+                                dir,
+                                blocks: p.blocks.to_vec(),
+                                recs: recs.to_vec(),
+                                layers: l..l + 1,
+                            });
+                        }
+                        Strategy::KernelStaged => {
+                            let (base, cap) = staging(d.page as usize)?;
+                            let per =
+                                ((cap as u64 / d.page) as usize).clamp(1, super::kernels::MAX_OPS);
+                            for c in chunks(n, per) {
+                                let mut copies = Vec::with_capacity(c.len());
+                                let mut recs = Vec::with_capacity(c.len());
+                                for (i, j) in c.clone().enumerate() {
+                                    let slot = base + i as u64 * d.page;
+                                    push_merged(
+                                        &mut copies,
+                                        Copy {
+                                            src: p.hosts[j] + l as u64 * d.page,
+                                            dst: slot,
+                                            len: d.page,
+                                        },
+                                    );
+                                    // the kernel adds layer * page to the record address
+                                    recs.push(slot.wrapping_sub(l as u64 * d.page));
+                                }
+                                cmds.push(Cmd::Dma {
+                                    copies,
+                                    batch: p.batch_ok,
+                                });
+                                cmds.push(Cmd::Launch {
+                                    dir,
+                                    blocks: p.blocks[c].to_vec(),
+                                    recs,
+                                    layers: l..l + 1,
+                                });
+                            }
+                        }
+                        Strategy::DmaBatch | Strategy::DmaEach => {
+                            cmds.push(Cmd::Dma {
+                                copies: dma_copies_h2d_layer(d, p.blocks, p.hosts, l),
+                                batch: p.strategy == Strategy::DmaBatch,
+                            });
+                        }
+                    }
+                }
+                cmds.push(Cmd::LayerDone(l));
+            }
+        }
+    }
+    Ok(cmds)
+}
