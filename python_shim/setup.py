@@ -33,7 +33,9 @@ class BuildPyWithLib(build_py):
         if lib is not None:
             dst = HERE / "kvpark" / "lib"
             dst.mkdir(exist_ok=True)
-            shutil.copy2(lib, dst / "libkvpark.so")
+            target = dst / "libkvpark.so"
+            if not (target.exists() and target.resolve() == lib.resolve()):
+                shutil.copy2(lib, target)
             self.announce(f"kvpark: bundled {lib}", level=2)
         else:
             self.announce("kvpark: no libkvpark.so found; set KVPARK_LIB at run time", level=3)
