@@ -306,3 +306,27 @@ def test_bad_hint_is_ignored_not_fatal(make):
     assert h.connector.shim_counters["external_tokens"] == 2 * BS
     h.run_until_empty()
     h.u.assert_scheduler_empty(h.scheduler)
+
+
+def test_geometry_orders_layers_by_index_and_keeps_strides():
+    """register_kv_caches' geometry: layers sorted by their index (not dict order, not
+    string order), per-layer base pointer and element strides from the tensor."""
+    from kvpark.vllm import kv_geometry, order_layers
+
+    names = [f"model.layers.{i}.self_attn.attn" for i in (10, 2, 0)]
+    assert order_layers(names) == [names[2], names[1], names[0]]
+    _, views = kv_tensors("LBNHC")
+    shuffled = {n: v for n, v in reversed(list(views.items()))}
+    order, geom, lv, on_device = kv_geometry(shuffled, None)
+    assert order == list(views)  # layer 0 first
+    assert (geom.layers, geom.kv_heads, geom.block_tokens, geom.head_size_k, geom.head_size_v) == (
+        LAYERS, HEADS, BS, HEAD, HEAD,
+    )
+    assert geom.dtype == 3 and not on_device
+    for v, (name, t) in zip(lv, views.items()):
+        assert v.base == t.data_ptr() and v.num_blocks == NUM_BLOCKS
+        assert (v.stride_block, v.stride_head, v.stride_token) == t.stride()[:3]
+    # token-major: heads are adjacent within a token
+    assert lv[0].stride_head == 2 * HEAD and lv[0].stride_token == HEADS * 2 * HEAD
+    # the second layer lives in the same storage, one layer further
+    assert lv[1].base - lv[0].base == NUM_BLOCKS * HEADS * BS * 2 * HEAD * 4
