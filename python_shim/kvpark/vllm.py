@@ -52,7 +52,8 @@ if TYPE_CHECKING:
     from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
-logger = logging.getLogger("kvpark")
+# Under vLLM's logger tree, so kvpark's lines use vLLM's handler, format and level.
+logger = logging.getLogger("vllm.kvpark")
 
 #: Key of kvpark's session hints inside a request's kv_transfer_params.
 HINT_KEY = "kvpark"
