@@ -12,6 +12,7 @@
 pub mod hist;
 pub mod rng;
 pub mod stats;
+pub mod synth;
 pub mod trace;
 
 /// "1m", "5m", "1h", "30s": a duration in seconds, for tables.
@@ -27,4 +28,11 @@ pub fn fmt_dur_s(s: f64) -> String {
     } else {
         format!("{:.0}ms", s * 1e3)
     }
+}
+
+pub mod cli;
+
+/// Placeholder until the replay engine lands.
+fn replay_cli(_a: cli::ReplayArgs) -> crate::Result<()> {
+    Err(crate::Error::unsupported("replay not built yet"))
 }
