@@ -9,7 +9,7 @@
 //!   daily rhythm (quiet nights, busy afternoons UTC), uniform within the hour;
 //! - requests R: 1 with p = 0.5, else 1 + ⌊LogNormal(4.2, σ 1.69)⌋
 //!   (mean ≈ 9.3, p90 18, p99 ≈ 137);
-//! - tool-initiated steps per request T: 0 (p 0.30), 1 (p 0.22), else
+//! - tool-initiated steps per request T: 0 (p 0.31), 1 (p 0.23), else
 //!   1 + ⌊LogNormal(8, σ 1.15)⌋ (mean ≈ 7.7, p50 1, p90 20);
 //! - tool calls per tool-emitting step: 1 + Poisson(0.2);
 //! - tools: per-provider mixes (Claude: Bash, Read, Edit, ...; Codex:
@@ -184,9 +184,9 @@ fn session(cfg: &SynthConfig, index: u64, out: &mut String) -> u64 {
     for req in 0..requests {
         let tool_steps: u64 = {
             let u = r.f64();
-            if u < 0.30 {
+            if u < 0.31 {
                 0
-            } else if u < 0.52 {
+            } else if u < 0.54 {
                 1
             } else {
                 (1.0 + r.lognormal(8.0, 1.15).floor()).min(1500.0) as u64
