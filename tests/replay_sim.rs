@@ -61,10 +61,23 @@ fn invariants_hold_under_pressure() {
     let names: Vec<String> = POLICIES.iter().map(|s| s.to_string()).collect();
     let r = run_all(&script, &dep, &names, &cfg(6.0, true), 2).unwrap();
     for x in &r {
-        assert_eq!(x.steps as usize, script.steps.len(), "{}: every step replayed", x.policy);
+        assert_eq!(
+            x.steps as usize,
+            script.steps.len(),
+            "{}: every step replayed",
+            x.policy
+        );
         if !x.idealised {
-            assert!(x.occupancy[1].peak <= dep.host_bytes, "{}: host over capacity", x.policy);
-            assert!(x.occupancy[2].peak <= dep.nvme_bytes + 1, "{}: NVMe over capacity", x.policy);
+            assert!(
+                x.occupancy[1].peak <= dep.host_bytes,
+                "{}: host over capacity",
+                x.policy
+            );
+            assert!(
+                x.occupancy[2].peak <= dep.nvme_bytes + 1,
+                "{}: NVMe over capacity",
+                x.policy
+            );
         }
     }
     // the tiers really were under pressure
@@ -82,9 +95,18 @@ fn invariants_hold_under_pressure() {
     // (the idealised TTLs have unlimited capacity and are not comparable)
     let o = get(&r, "oracle");
     for x in r.iter().filter(|x| !x.idealised) {
-        assert!(o.hit.all >= x.hit.all, "oracle {} < {} {}", o.hit.all, x.policy, x.hit.all);
+        assert!(
+            o.hit.all >= x.hit.all,
+            "oracle {} < {} {}",
+            o.hit.all,
+            x.policy,
+            x.hit.all
+        );
     }
-    assert!(o.hit.all > g.hit.all, "offloading must beat the GPU cache alone here");
+    assert!(
+        o.hit.all > g.hit.all,
+        "offloading must beat the GPU cache alone here"
+    );
     assert!(o.prefetch.issued > 0);
 
     // TTL sweep: monotonic in τ, and equal to the §6 sweep of the same trace
@@ -97,7 +119,12 @@ fn invariants_hold_under_pressure() {
     for (name, ns) in [("ttl:1m", 60_000_000_000i64), ("ttl:1h", 3_600_000_000_000)] {
         let p = st.at(ns).unwrap();
         let x = get(&r, name);
-        assert!((x.hit.all - p.hit).abs() < 1e-12, "{name}: replay {} vs sweep {}", x.hit.all, p.hit);
+        assert!(
+            (x.hit.all - p.hit).abs() < 1e-12,
+            "{name}: replay {} vs sweep {}",
+            x.hit.all,
+            p.hit
+        );
         assert!((x.hit.user - p.hit_user).abs() < 1e-12);
         assert!((x.amplification - p.amplification).abs() < 1e-9);
     }
@@ -117,13 +144,25 @@ fn replay_is_deterministic_and_compression_raises_load() {
     let slow = run_policy(&script, &dep, "gpu-lru", &cfg(1.0, false)).unwrap();
     let fast = run_policy(&script, &dep, "gpu-lru", &cfg(16.0, false)).unwrap();
     assert!(fast.virtual_s < slow.virtual_s);
-    assert!(fast.occupancy[0].peak > slow.occupancy[0].peak, "more sessions at once on the GPU");
-    assert!(fast.hit.all < slow.hit.all, "a shared GPU cache hits less under more load");
+    assert!(
+        fast.occupancy[0].peak > slow.occupancy[0].peak,
+        "more sessions at once on the GPU"
+    );
+    assert!(
+        fast.hit.all < slow.hit.all,
+        "a shared GPU cache hits less under more load"
+    );
 }
 
 #[test]
 fn unknown_policy_names_the_valid_ones() {
     let (script, _) = trace(2, 1);
-    let e = run_policy(&script, &Deployment::default_deployment(), "kvpark", &cfg(1.0, false)).unwrap_err();
+    let e = run_policy(
+        &script,
+        &Deployment::default_deployment(),
+        "kvpark",
+        &cfg(1.0, false),
+    )
+    .unwrap_err();
     assert!(e.message().contains("lmcache-lru"), "{}", e.message());
 }

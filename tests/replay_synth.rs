@@ -26,7 +26,10 @@ fn same_seed_same_bytes_other_seed_differs() {
 }
 
 fn within(name: &str, v: f64, lo: f64, hi: f64) {
-    assert!(v >= lo && v <= hi, "{name} = {v}, expected within [{lo}, {hi}]");
+    assert!(
+        v >= lo && v <= hi,
+        "{name} = {v}, expected within [{lo}, {hi}]"
+    );
 }
 
 /// 1,000 sessions (~80k steps). Tolerances are set around the study's
@@ -46,33 +49,125 @@ fn distributions_land_near_the_study() {
     assert_eq!(sum.bad_lines, 0);
     let claude = *st.providers.get("claude").unwrap() as f64 / st.sessions as f64;
     within("claude share", claude, 0.58, 0.68);
-    within("requests/session mean (9.2)", st.requests_per_session.mean(), 7.0, 11.5);
-    within("requests/session p50 (1)", st.requests_per_session.quantile(0.5), 0.99, 1.01);
-    within("requests/session p90 (18)", st.requests_per_session.quantile(0.9), 14.0, 23.0);
-    within("tool steps/request mean (7.8)", st.tool_steps_per_request.mean(), 6.5, 9.5);
-    within("tool steps/request p50 (1)", st.tool_steps_per_request.quantile(0.5), 0.99, 1.01);
-    within("tool steps/request p90 (20)", st.tool_steps_per_request.quantile(0.9), 16.0, 25.0);
-    within("tool calls/step mean (1.2)", st.calls_per_step.mean(), 1.15, 1.25);
-    within("human wait p50 (86 s)", st.human_wait_s.quantile(0.5), 65.0, 110.0);
-    within("human wait p90 (21 min)", st.human_wait_s.quantile(0.9), 900.0, 1700.0);
-    within("human wait p99 (14 h)", st.human_wait_s.quantile(0.99), 25_000.0, 90_000.0);
-    within("tool latency p50 (0.3 s)", st.tool_latency_s.quantile(0.5), 0.18, 0.4);
-    within("tool latency p90 (13.6 s)", st.tool_latency_s.quantile(0.9), 9.0, 22.0);
-    within("tool latency p99 (3.6 min)", st.tool_latency_s.quantile(0.99), 140.0, 320.0);
-    within("tool calls over 1 min (4%)", st.tool_latency_s.frac_above(60.0), 0.025, 0.06);
+    within(
+        "requests/session mean (9.2)",
+        st.requests_per_session.mean(),
+        7.0,
+        11.5,
+    );
+    within(
+        "requests/session p50 (1)",
+        st.requests_per_session.quantile(0.5),
+        0.99,
+        1.01,
+    );
+    within(
+        "requests/session p90 (18)",
+        st.requests_per_session.quantile(0.9),
+        14.0,
+        23.0,
+    );
+    within(
+        "tool steps/request mean (7.8)",
+        st.tool_steps_per_request.mean(),
+        6.5,
+        9.5,
+    );
+    within(
+        "tool steps/request p50 (1)",
+        st.tool_steps_per_request.quantile(0.5),
+        0.99,
+        1.01,
+    );
+    within(
+        "tool steps/request p90 (20)",
+        st.tool_steps_per_request.quantile(0.9),
+        16.0,
+        25.0,
+    );
+    within(
+        "tool calls/step mean (1.2)",
+        st.calls_per_step.mean(),
+        1.15,
+        1.25,
+    );
+    within(
+        "human wait p50 (86 s)",
+        st.human_wait_s.quantile(0.5),
+        65.0,
+        110.0,
+    );
+    within(
+        "human wait p90 (21 min)",
+        st.human_wait_s.quantile(0.9),
+        900.0,
+        1700.0,
+    );
+    within(
+        "human wait p99 (14 h)",
+        st.human_wait_s.quantile(0.99),
+        25_000.0,
+        90_000.0,
+    );
+    within(
+        "tool latency p50 (0.3 s)",
+        st.tool_latency_s.quantile(0.5),
+        0.18,
+        0.4,
+    );
+    within(
+        "tool latency p90 (13.6 s)",
+        st.tool_latency_s.quantile(0.9),
+        9.0,
+        22.0,
+    );
+    within(
+        "tool latency p99 (3.6 min)",
+        st.tool_latency_s.quantile(0.99),
+        140.0,
+        320.0,
+    );
+    within(
+        "tool calls over 1 min (4%)",
+        st.tool_latency_s.frac_above(60.0),
+        0.025,
+        0.06,
+    );
     assert!(st.top3_share() > 0.8, "top-3 tools {}", st.top3_share());
-    within("generation span p50 (5.7 s)", st.gen_span_s.quantile(0.5), 4.8, 6.6);
-    within("generation span p90 (22 s)", st.gen_span_s.quantile(0.9), 18.0, 28.0);
-    within("prefix p50 (120k)", st.prefix.quantile(0.5), 75_000.0, 150_000.0);
+    within(
+        "generation span p50 (5.7 s)",
+        st.gen_span_s.quantile(0.5),
+        4.8,
+        6.6,
+    );
+    within(
+        "generation span p90 (22 s)",
+        st.gen_span_s.quantile(0.9),
+        18.0,
+        28.0,
+    );
+    within(
+        "prefix p50 (120k)",
+        st.prefix.quantile(0.5),
+        75_000.0,
+        150_000.0,
+    );
     within("append p50 (870)", st.append.quantile(0.5), 700.0, 1050.0);
     within("output p50 (200)", st.output.quantile(0.5), 170.0, 235.0);
     let comp = st.sessions_with_compaction as f64 / st.sessions as f64;
     within("sessions with compaction (10%)", comp, 0.05, 0.2);
     let (peak, mean) = st.overlap();
-    assert!(peak >= 10 && mean >= 3.0, "sessions must overlap in time: peak {peak}, mean {mean}");
+    assert!(
+        peak >= 10 && mean >= 3.0,
+        "sessions must overlap in time: peak {peak}, mean {mean}"
+    );
     let day_max = *st.starts_by_hour.iter().max().unwrap() as f64;
     let day_min = *st.starts_by_hour.iter().min().unwrap() as f64;
-    assert!(day_max > 3.0 * day_min.max(1.0), "daily rhythm: {:?}", st.starts_by_hour);
+    assert!(
+        day_max > 3.0 * day_min.max(1.0),
+        "daily rhythm: {:?}",
+        st.starts_by_hour
+    );
     let p = |ns: i64| st.at(ns).unwrap();
     let (m1, m5, h1) = (p(60_000_000_000), p(300_000_000_000), p(3_600_000_000_000));
     within("hit(1 min) (85.4%)", m1.hit, 0.80, 0.92);

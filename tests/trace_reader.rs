@@ -17,30 +17,223 @@ use std::path::Path;
 use kvpark::sim::stats::TraceStats;
 use kvpark::sim::trace::{read_all, read_bytes, Trigger};
 
-const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/tracelab-example.jsonl");
+const EXAMPLE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/data/tracelab-example.jsonl"
+);
 
 /// (provider, round, trigger, counted, gap ms, L, fresh, cacheable, span ms)
 #[allow(clippy::type_complexity)]
 const EXPECTED: [(&str, i64, Trigger, bool, Option<i64>, u64, u64, u64, i64); 19] = [
-    ("claude", 0, Trigger::User, false, None, 32272, 5055, 27217, 11496),
-    ("claude", 1, Trigger::Tool, true, Some(19291), 35740, 2537, 33203, 13924),
-    ("claude", 2, Trigger::Tool, true, Some(12688), 38592, 1836, 36756, 26465),
-    ("claude", 3, Trigger::Tool, true, Some(21467), 41131, 64, 41067, 2681),
-    ("claude", 4, Trigger::Tool, true, Some(145), 41589, 341, 41248, 15112),
-    ("claude", 5, Trigger::User, true, Some(19913), 42876, 12, 42864, 3489),
-    ("claude", 6, Trigger::Tool, true, Some(16113), 44901, 1752, 43149, 3315),
-    ("claude", 7, Trigger::Tool, true, Some(2521), 45279, 146, 45133, 20299),
-    ("claude", 8, Trigger::Tool, true, Some(130), 47508, 67, 47441, 1619),
-    ("claude", 9, Trigger::Tool, true, Some(187), 48305, 707, 47598, 10829),
-    ("codex", 0, Trigger::User, false, None, 9324, 2412, 6912, 6200),
-    ("codex", 1, Trigger::Tool, true, Some(1176), 9917, 149, 9768, 1674),
-    ("codex", 2, Trigger::Tool, true, Some(5002), 10058, 47, 10011, 1246),
-    ("codex", 3, Trigger::Tool, true, Some(8), 10152, 35, 10117, 3852),
-    ("codex", 4, Trigger::Tool, true, Some(176), 10472, 87, 10385, 4703),
-    ("codex", 5, Trigger::User, true, Some(6333), 10436, 0, 10436, 3841),
-    ("codex", 6, Trigger::Tool, true, Some(62), 11636, 938, 10698, 3241),
-    ("codex", 7, Trigger::User, true, Some(18362), 11727, 0, 11727, 3940),
-    ("codex", 8, Trigger::Tool, true, Some(58), 12097, 91, 12006, 1152),
+    (
+        "claude",
+        0,
+        Trigger::User,
+        false,
+        None,
+        32272,
+        5055,
+        27217,
+        11496,
+    ),
+    (
+        "claude",
+        1,
+        Trigger::Tool,
+        true,
+        Some(19291),
+        35740,
+        2537,
+        33203,
+        13924,
+    ),
+    (
+        "claude",
+        2,
+        Trigger::Tool,
+        true,
+        Some(12688),
+        38592,
+        1836,
+        36756,
+        26465,
+    ),
+    (
+        "claude",
+        3,
+        Trigger::Tool,
+        true,
+        Some(21467),
+        41131,
+        64,
+        41067,
+        2681,
+    ),
+    (
+        "claude",
+        4,
+        Trigger::Tool,
+        true,
+        Some(145),
+        41589,
+        341,
+        41248,
+        15112,
+    ),
+    (
+        "claude",
+        5,
+        Trigger::User,
+        true,
+        Some(19913),
+        42876,
+        12,
+        42864,
+        3489,
+    ),
+    (
+        "claude",
+        6,
+        Trigger::Tool,
+        true,
+        Some(16113),
+        44901,
+        1752,
+        43149,
+        3315,
+    ),
+    (
+        "claude",
+        7,
+        Trigger::Tool,
+        true,
+        Some(2521),
+        45279,
+        146,
+        45133,
+        20299,
+    ),
+    (
+        "claude",
+        8,
+        Trigger::Tool,
+        true,
+        Some(130),
+        47508,
+        67,
+        47441,
+        1619,
+    ),
+    (
+        "claude",
+        9,
+        Trigger::Tool,
+        true,
+        Some(187),
+        48305,
+        707,
+        47598,
+        10829,
+    ),
+    (
+        "codex",
+        0,
+        Trigger::User,
+        false,
+        None,
+        9324,
+        2412,
+        6912,
+        6200,
+    ),
+    (
+        "codex",
+        1,
+        Trigger::Tool,
+        true,
+        Some(1176),
+        9917,
+        149,
+        9768,
+        1674,
+    ),
+    (
+        "codex",
+        2,
+        Trigger::Tool,
+        true,
+        Some(5002),
+        10058,
+        47,
+        10011,
+        1246,
+    ),
+    (
+        "codex",
+        3,
+        Trigger::Tool,
+        true,
+        Some(8),
+        10152,
+        35,
+        10117,
+        3852,
+    ),
+    (
+        "codex",
+        4,
+        Trigger::Tool,
+        true,
+        Some(176),
+        10472,
+        87,
+        10385,
+        4703,
+    ),
+    (
+        "codex",
+        5,
+        Trigger::User,
+        true,
+        Some(6333),
+        10436,
+        0,
+        10436,
+        3841,
+    ),
+    (
+        "codex",
+        6,
+        Trigger::Tool,
+        true,
+        Some(62),
+        11636,
+        938,
+        10698,
+        3241,
+    ),
+    (
+        "codex",
+        7,
+        Trigger::User,
+        true,
+        Some(18362),
+        11727,
+        0,
+        11727,
+        3940,
+    ),
+    (
+        "codex",
+        8,
+        Trigger::Tool,
+        true,
+        Some(58),
+        12097,
+        91,
+        12006,
+        1152,
+    ),
 ];
 
 const MS: i64 = 1_000_000;
@@ -128,15 +321,26 @@ fn malformed_lines_are_counted_with_line_numbers() {
     assert_eq!(sum.bad_lines, 4);
     let at: Vec<u64> = sum.bad.iter().map(|b| b.line).collect();
     assert_eq!(at, vec![4, 13, 14, 23]);
-    assert!(sum.bad[1].reason.contains("session_id"), "{}", sum.bad[1].reason);
-    assert!(sum.bad[2].reason.contains("timestamp"), "{}", sum.bad[2].reason);
+    assert!(
+        sum.bad[1].reason.contains("session_id"),
+        "{}",
+        sum.bad[1].reason
+    );
+    assert!(
+        sum.bad[2].reason.contains("timestamp"),
+        "{}",
+        sum.bad[2].reason
+    );
 }
 
 #[test]
 fn gzip_reads_the_same_and_sessions_stream() {
     let dir = tempfile::tempdir().unwrap();
     let gz = dir.path().join("t.jsonl.gz");
-    let mut enc = flate2::write::GzEncoder::new(std::fs::File::create(&gz).unwrap(), flate2::Compression::fast());
+    let mut enc = flate2::write::GzEncoder::new(
+        std::fs::File::create(&gz).unwrap(),
+        flate2::Compression::fast(),
+    );
     enc.write_all(&std::fs::read(EXAMPLE).unwrap()).unwrap();
     enc.finish().unwrap();
     let (a, sa) = read_all(Path::new(EXAMPLE)).unwrap();
@@ -191,5 +395,9 @@ fn interleaved_sessions_are_grouped() {
 #[test]
 fn missing_file_is_a_clear_error() {
     let e = read_all(Path::new("/nonexistent/trace.jsonl")).unwrap_err();
-    assert!(e.message().contains("/nonexistent/trace.jsonl"), "{}", e.message());
+    assert!(
+        e.message().contains("/nonexistent/trace.jsonl"),
+        "{}",
+        e.message()
+    );
 }

@@ -227,7 +227,9 @@ impl Planner {
     }
 
     fn reindex(&mut self, id: SessionId) {
-        let Some(s) = self.sessions.get_mut(&id) else { return };
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return;
+        };
         for t in TIERS {
             let ti = tier_index(t);
             if let Some((k, b)) = s.key[ti].take() {
@@ -315,7 +317,9 @@ impl Planner {
     /// Plans a copy of the missing bytes of `id` into `to` from `from`.
     fn plan_copy(&mut self, id: SessionId, from: Option<Tier>, to: Tier, out: &mut Vec<Action>) {
         let ti = tier_index(to);
-        let Some(s) = self.sessions.get(&id) else { return };
+        let Some(s) = self.sessions.get(&id) else {
+            return;
+        };
         let target = match from {
             None => s.bytes,
             Some(f) => s.held[tier_index(f)],
@@ -358,7 +362,9 @@ impl Planner {
 
     fn drop_tier(&mut self, id: SessionId, t: Tier, force: bool, out: &mut Vec<Action>) {
         let ti = tier_index(t);
-        let Some(s) = self.sessions.get_mut(&id) else { return };
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return;
+        };
         if s.held[ti] == 0 || (!force && (s.pending[ti] > 0 || s.reading[ti] > 0)) {
             return;
         }
@@ -427,7 +433,10 @@ impl Planner {
     pub fn resume(&mut self, now: Nanos, s: SessionId) -> Option<Tier> {
         self.last_now = self.last_now.max(now);
         let sess = self.sessions.get_mut(&s).filter(|x| x.live)?;
-        let gap = sess.suspended_at.map(|t| now.saturating_sub(t)).unwrap_or(0);
+        let gap = sess
+            .suspended_at
+            .map(|t| now.saturating_sub(t))
+            .unwrap_or(0);
         if sess.gaps.len() == GAP_HISTORY {
             sess.gaps.remove(0);
         }
@@ -463,7 +472,9 @@ impl Planner {
                 break;
             }
             self.timers.pop();
-            let Some(sess) = self.sessions.get(&id) else { continue };
+            let Some(sess) = self.sessions.get(&id) else {
+                continue;
+            };
             if !sess.live || sess.timer_gen != gen {
                 continue;
             }
@@ -502,7 +513,9 @@ impl Planner {
             return;
         };
         let ti = tier_index(to);
-        let Some(sess) = self.sessions.get_mut(&session) else { return };
+        let Some(sess) = self.sessions.get_mut(&session) else {
+            return;
+        };
         let Some(pos) = sess
             .inflight
             .iter()
@@ -573,8 +586,8 @@ impl Planner {
     pub fn check(&self) -> Result<(), String> {
         let mut sum = [0u64; 2];
         for (id, s) in &self.sessions {
-            for t in 0..2 {
-                sum[t] += s.held[t] + s.pending[t] + s.stale[t];
+            for (t, total) in sum.iter_mut().enumerate() {
+                *total += s.held[t] + s.pending[t] + s.stale[t];
                 let infl: u64 = s
                     .inflight
                     .iter()
@@ -582,7 +595,9 @@ impl Planner {
                     .map(|f| f.bytes)
                     .sum();
                 if infl != s.pending[t] + s.stale[t] {
-                    return Err(format!("session {id} tier {t}: in-flight {infl} != pending+stale"));
+                    return Err(format!(
+                        "session {id} tier {t}: in-flight {infl} != pending+stale"
+                    ));
                 }
                 if s.live && s.held[t] > 0 && s.key[t].is_none() {
                     return Err(format!("session {id} tier {t}: held but not indexed"));
@@ -597,10 +612,17 @@ impl Planner {
         });
         for t in 0..2 {
             if sum[t] + deferred[t] != self.used[t] {
-                return Err(format!("tier {t}: used {} != recomputed {}", self.used[t], sum[t] + deferred[t]));
+                return Err(format!(
+                    "tier {t}: used {} != recomputed {}",
+                    self.used[t],
+                    sum[t] + deferred[t]
+                ));
             }
             if self.used[t] > self.cap[t] {
-                return Err(format!("tier {t}: used {} over capacity {}", self.used[t], self.cap[t]));
+                return Err(format!(
+                    "tier {t}: used {} over capacity {}",
+                    self.used[t], self.cap[t]
+                ));
             }
         }
         Ok(())
@@ -623,7 +645,9 @@ mod tests {
     }
 
     fn copies(a: &[Action]) -> Vec<&Action> {
-        a.iter().filter(|x| matches!(x, Action::Copy { .. })).collect()
+        a.iter()
+            .filter(|x| matches!(x, Action::Copy { .. }))
+            .collect()
     }
 
     #[test]
@@ -768,7 +792,12 @@ mod tests {
             }
         }
         fn on_timer(&mut self, now: Nanos, _s: &crate::policy::SessionView) -> TimerPlan {
-            let ops = [Op::Demote, Op::Prefetch, Op::Drop(Tier::Host), Op::Drop(Tier::Nvme)];
+            let ops = [
+                Op::Demote,
+                Op::Prefetch,
+                Op::Drop(Tier::Host),
+                Op::Drop(Tier::Nvme),
+            ];
             let n = self.0.below(3) as usize;
             TimerPlan {
                 ops: (0..n).map(|_| ops[self.0.below(4) as usize]).collect(),
@@ -795,7 +824,10 @@ mod tests {
         for seed in 0..20u64 {
             let mut r = Rng::new(seed);
             let caps = [40 + r.below(60), 40 + r.below(100)];
-            let mut p = Planner::new(cap(caps[0], caps[1]), Box::new(Chaos(Rng::new(seed + 1000))));
+            let mut p = Planner::new(
+                cap(caps[0], caps[1]),
+                Box::new(Chaos(Rng::new(seed + 1000))),
+            );
             let mut now: Nanos = 0;
             let mut flying: Vec<Action> = Vec::new();
             let mut model = [0i64; 2]; // committed bytes per tier, from actions
@@ -805,7 +837,9 @@ mod tests {
                 for a in acts {
                     match a {
                         Action::Drop { tier, bytes, .. } => model[tier as usize] -= bytes as i64,
-                        Action::Copy { from, to, bytes, .. } => {
+                        Action::Copy {
+                            from, to, bytes, ..
+                        } => {
                             assert!(bytes > 0);
                             assert_ne!(from, Some(to));
                             flying.push(a);
@@ -862,7 +896,11 @@ mod tests {
                     }
                 }
                 // drops planned by tick for stale copies are counted once emitted
-                assert_eq!((h as i64, n as i64), (want[0], want[1]), "seed {seed}: actions disagree with accounting");
+                assert_eq!(
+                    (h as i64, n as i64),
+                    (want[0], want[1]),
+                    "seed {seed}: actions disagree with accounting"
+                );
             }
         }
     }

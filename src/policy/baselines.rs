@@ -42,7 +42,14 @@ impl Ttl {
 
 /// "5m", "1h", "90s", "250ms": the shortest exact spelling of a duration.
 pub fn fmt_dur(ns: Nanos) -> String {
-    for (unit, d) in [("d", 86_400_000_000_000u64), ("h", 3_600_000_000_000), ("m", 60_000_000_000), ("s", 1_000_000_000), ("ms", 1_000_000), ("us", 1000)] {
+    for (unit, d) in [
+        ("d", 86_400_000_000_000u64),
+        ("h", 3_600_000_000_000),
+        ("m", 60_000_000_000),
+        ("s", 1_000_000_000),
+        ("ms", 1_000_000),
+        ("us", 1000),
+    ] {
         if ns >= d && ns % d == 0 {
             return format!("{}{unit}", ns / d);
         }
@@ -121,7 +128,12 @@ impl VllmOffload {
 
 impl Policy for VllmOffload {
     fn name(&self) -> String {
-        if self.arc { "vllm-offload:arc" } else { "vllm-offload" }.into()
+        if self.arc {
+            "vllm-offload:arc"
+        } else {
+            "vllm-offload"
+        }
+        .into()
     }
     fn on_suspend(&mut self, _now: Nanos, _s: &SessionView) -> SuspendPlan {
         SuspendPlan {

@@ -175,11 +175,16 @@ pub trait Policy: Send {
 }
 
 /// Valid policy names, for errors and help.
-pub const NAMES: &str = "gpu-lru, ttl:<dur> (e.g. ttl:5m), lmcache-lru, vllm-offload, vllm-offload:arc, oracle";
+pub const NAMES: &str =
+    "gpu-lru, ttl:<dur> (e.g. ttl:5m), lmcache-lru, vllm-offload, vllm-offload:arc, oracle";
 
 /// Builds a policy by name. `oracle` needs the simulator's book of future
 /// returns (`book`); it is an error without one.
-pub fn by_name(name: &str, env: PolicyEnv, book: Option<Arc<OracleBook>>) -> Result<Box<dyn Policy>> {
+pub fn by_name(
+    name: &str,
+    env: PolicyEnv,
+    book: Option<Arc<OracleBook>>,
+) -> Result<Box<dyn Policy>> {
     let n = name.trim();
     match n {
         "gpu-lru" => Ok(Box::new(GpuOnly)),
@@ -198,7 +203,9 @@ pub fn by_name(name: &str, env: PolicyEnv, book: Option<Arc<OracleBook>>) -> Res
                     .map_err(|e| Error::invalid(format!("policy {n:?}: {}", e.message())))?;
                 return Ok(Box::new(Ttl::new(tau)));
             }
-            Err(Error::invalid(format!("unknown policy {n:?}; valid names: {NAMES}")))
+            Err(Error::invalid(format!(
+                "unknown policy {n:?}; valid names: {NAMES}"
+            )))
         }
     }
 }
@@ -209,7 +216,13 @@ mod tests {
 
     #[test]
     fn names_resolve_and_kvpark_is_not_registered() {
-        for n in ["gpu-lru", "lmcache-lru", "vllm-offload", "vllm-offload:arc", "ttl:5m"] {
+        for n in [
+            "gpu-lru",
+            "lmcache-lru",
+            "vllm-offload",
+            "vllm-offload:arc",
+            "ttl:5m",
+        ] {
             assert_eq!(by_name(n, PolicyEnv::default(), None).unwrap().name(), n);
         }
         let e = by_name("kvpark", PolicyEnv::default(), None).err().unwrap();
@@ -217,6 +230,11 @@ mod tests {
         assert!(by_name("ttl:5 fortnights", PolicyEnv::default(), None).is_err());
         assert!(by_name("oracle", PolicyEnv::default(), None).is_err());
         let book = Arc::new(OracleBook::default());
-        assert_eq!(by_name("oracle", PolicyEnv::default(), Some(book)).unwrap().name(), "oracle");
+        assert_eq!(
+            by_name("oracle", PolicyEnv::default(), Some(book))
+                .unwrap()
+                .name(),
+            "oracle"
+        );
     }
 }

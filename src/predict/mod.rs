@@ -41,12 +41,17 @@ impl GapDist {
         for &(p, q) in &self.quantiles {
             if t < q {
                 let span = (q - prev.1) as f64;
-                let frac = if span > 0.0 { (t - prev.1) as f64 / span } else { 1.0 };
+                let frac = if span > 0.0 {
+                    (t - prev.1) as f64 / span
+                } else {
+                    1.0
+                };
                 return prev.0 + (p - prev.0) * frac;
             }
             prev = (p, q);
         }
-        prev.0.max(if self.quantiles.is_empty() { 0.0 } else { 1.0 })
+        prev.0
+            .max(if self.quantiles.is_empty() { 0.0 } else { 1.0 })
     }
 }
 

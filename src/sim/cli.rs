@@ -87,18 +87,29 @@ pub struct ReplayArgs {
 pub fn run(cmd: SimCommand) -> Result<()> {
     match cmd {
         SimCommand::Trace {
-            cmd: TraceCommand::Synth { sessions, seed, out },
+            cmd:
+                TraceCommand::Synth {
+                    sessions,
+                    seed,
+                    out,
+                },
         } => {
             let f = std::fs::File::create(&out).ctx(format!("create {}", out.display()))?;
             let gz = out.extension().is_some_and(|e| e == "gz");
             let t = std::time::Instant::now();
             let sum = if gz {
-                let mut enc = flate2::write::GzEncoder::new(std::io::BufWriter::new(f), flate2::Compression::fast());
+                let mut enc = flate2::write::GzEncoder::new(
+                    std::io::BufWriter::new(f),
+                    flate2::Compression::fast(),
+                );
                 let s = write_trace(&SynthConfig::new(sessions, seed), &mut enc)?;
                 enc.finish().ctx(format!("write {}", out.display()))?;
                 s
             } else {
-                write_trace(&SynthConfig::new(sessions, seed), std::io::BufWriter::new(f))?
+                write_trace(
+                    &SynthConfig::new(sessions, seed),
+                    std::io::BufWriter::new(f),
+                )?
             };
             let dt = t.elapsed().as_secs_f64();
             eprintln!(
@@ -123,7 +134,11 @@ pub fn run(cmd: SimCommand) -> Result<()> {
                 return Err(trace::empty_trace(&file, &sum));
             }
             if sum.bad_lines > 0 {
-                eprintln!("{}: {} malformed lines skipped", file.display(), sum.bad_lines);
+                eprintln!(
+                    "{}: {} malformed lines skipped",
+                    file.display(),
+                    sum.bad_lines
+                );
                 for b in sum.bad.iter().take(5) {
                     eprintln!("  line {}: {}", b.line, b.reason);
                 }
@@ -135,7 +150,12 @@ pub fn run(cmd: SimCommand) -> Result<()> {
                     "malformed_lines": sum.bad_lines,
                     "sweep": st.sweep(),
                 });
-                std::fs::write(&j, serde_json::to_vec_pretty(&v).map_err(|e| crate::Error::internal(e.to_string()))?).ctx(format!("write {}", j.display()))?;
+                std::fs::write(
+                    &j,
+                    serde_json::to_vec_pretty(&v)
+                        .map_err(|e| crate::Error::internal(e.to_string()))?,
+                )
+                .ctx(format!("write {}", j.display()))?;
             }
             Ok(())
         }

@@ -45,7 +45,8 @@ impl Size {
     fn bytes(&self, key: &str) -> Result<u64> {
         match self {
             Size::N(n) => Ok(*n),
-            Size::S(s) => parse_size(s).map_err(|e| Error::config(format!("deployment {key}: {}", e.message()))),
+            Size::S(s) => parse_size(s)
+                .map_err(|e| Error::config(format!("deployment {key}: {}", e.message()))),
         }
     }
 }
@@ -106,7 +107,8 @@ pub struct Deployment {
 impl Deployment {
     /// Parses and validates deployment JSON.
     pub fn from_json(text: &str) -> Result<Self> {
-        let r: Raw = serde_json::from_str(text).map_err(|e| Error::config(format!("deployment: {e}")))?;
+        let r: Raw =
+            serde_json::from_str(text).map_err(|e| Error::config(format!("deployment: {e}")))?;
         let d = Deployment {
             name: r.name.unwrap_or_else(|| "deployment".into()),
             kv_bytes_per_token: r.kv_bytes_per_token,
@@ -137,11 +139,15 @@ impl Deployment {
             ("prefill_halving_context_tokens", d.prefill_halving),
         ] {
             if !(v.is_finite() && v > 0.0) {
-                return Err(Error::config(format!("deployment {k}: must be a positive number")));
+                return Err(Error::config(format!(
+                    "deployment {k}: must be a positive number"
+                )));
             }
         }
         if !(d.codec_ratio.is_finite() && d.codec_ratio >= 1.0) {
-            return Err(Error::config("deployment codec_ratio: must be ≥ 1 (lossless codecs never grow data here)"));
+            return Err(Error::config(
+                "deployment codec_ratio: must be ≥ 1 (lossless codecs never grow data here)",
+            ));
         }
         Ok(d)
     }
@@ -181,9 +187,15 @@ mod tests {
         let e = Deployment::from_json(&bad).unwrap_err();
         assert!(e.message().contains("codec_ration"), "{}", e.message());
         let bad = DEFAULT_JSON.replace("\"56GiB\"", "\"56 gigs\"");
-        assert!(Deployment::from_json(&bad).unwrap_err().message().contains("gpu_kv_bytes"));
+        assert!(Deployment::from_json(&bad)
+            .unwrap_err()
+            .message()
+            .contains("gpu_kv_bytes"));
         let bad = DEFAULT_JSON.replace("\"nvme_read_gbps\": 6.5", "\"nvme_read_gbps\": 0");
-        assert!(Deployment::from_json(&bad).unwrap_err().message().contains("nvme_read_gbps"));
+        assert!(Deployment::from_json(&bad)
+            .unwrap_err()
+            .message()
+            .contains("nvme_read_gbps"));
         // 16k tokens at an empty context: 1 s × (1 + 8k/64k)
         assert!((d.prefill_s(16_000, 0) - 1.125).abs() < 1e-12);
     }

@@ -187,7 +187,13 @@ impl Script {
 
     /// Makes session starts relative to the earliest one.
     pub fn finish(&mut self) {
-        let t0 = self.starts_abs.iter().copied().filter(|&t| t != i64::MIN).min().unwrap_or(0);
+        let t0 = self
+            .starts_abs
+            .iter()
+            .copied()
+            .filter(|&t| t != i64::MIN)
+            .min()
+            .unwrap_or(0);
         for (s, &a) in self.sessions.iter_mut().zip(&self.starts_abs) {
             s.start = if a == i64::MIN { 0 } else { (a - t0) as u64 };
         }
@@ -487,7 +493,12 @@ impl Sim<'_> {
                         self.pref[session as usize] = Pref::None;
                     }
                 }
-                Action::Copy { session, from, to, bytes } => {
+                Action::Copy {
+                    session,
+                    from,
+                    to,
+                    bytes,
+                } => {
                     let d = self.dep;
                     let stored = d.stored(bytes);
                     let b = bytes as f64;
@@ -499,20 +510,31 @@ impl Sim<'_> {
                         (None, Tier::Nvme) => {
                             self.bytes[D2H] += bytes;
                             self.bytes[NVW] += stored;
-                            let dur = ns((b / d.d2h_bps).max(b / d.encode_bps).max(stored as f64 / d.nvme_write_bps));
-                            let start = self.links[D2H].free_at.max(self.links[NVW].free_at).max(now);
+                            let dur = ns((b / d.d2h_bps)
+                                .max(b / d.encode_bps)
+                                .max(stored as f64 / d.nvme_write_bps));
+                            let start = self.links[D2H]
+                                .free_at
+                                .max(self.links[NVW].free_at)
+                                .max(now);
                             self.links[D2H].free_at = start + dur;
                             self.links[NVW].free_at = start + dur;
                             start + dur
                         }
                         (Some(Tier::Host), Tier::Nvme) => {
                             self.bytes[NVW] += stored;
-                            self.links[NVW].run(now, ns((b / d.encode_bps).max(stored as f64 / d.nvme_write_bps)))
+                            self.links[NVW].run(
+                                now,
+                                ns((b / d.encode_bps).max(stored as f64 / d.nvme_write_bps)),
+                            )
                         }
                         (Some(Tier::Nvme), Tier::Host) => {
                             self.bytes[NVR] += stored;
                             self.prefetch.issued += 1;
-                            self.links[NVR].run(now, ns((b / d.decode_bps).max(stored as f64 / d.nvme_read_bps)))
+                            self.links[NVR].run(
+                                now,
+                                ns((b / d.decode_bps).max(stored as f64 / d.nvme_read_bps)),
+                            )
                         }
                         _ => now,
                     };
@@ -572,7 +594,9 @@ impl Sim<'_> {
                 }
             } else if let (Pref::InFlight(slot), Some(h)) = (pref, hold) {
                 // late prefetch: wait for it, then host -> GPU
-                let done = self.flights[slot as usize].as_ref().map_or(now, |f| f.done_at);
+                let done = self.flights[slot as usize]
+                    .as_ref()
+                    .map_or(now, |f| f.done_at);
                 self.prefetch.late += 1;
                 let held = h.held[1].max(h.held[0]);
                 src = Some(2);
@@ -599,7 +623,9 @@ impl Sim<'_> {
                             self.prefetch.wasted += 1;
                         }
                         let stored = self.dep.stored(b as u64);
-                        load_s = (stored as f64 / d.nvme_read_bps).max(b / d.decode_bps).max(b / d.h2d_bps);
+                        load_s = (stored as f64 / d.nvme_read_bps)
+                            .max(b / d.decode_bps)
+                            .max(b / d.h2d_bps);
                         self.bytes[NVR] += stored;
                         self.links[NVR].demand(now, ns(load_s));
                         self.links[H2D].demand(now, ns(b / d.h2d_bps));
@@ -650,7 +676,9 @@ impl Sim<'_> {
             self.issue(now, acts);
         }
         self.kv[i as usize] = bytes;
-        let next = steps.get(k as usize + 1).map(|n| self.starts[i as usize] + n.arrive);
+        let next = steps
+            .get(k as usize + 1)
+            .map(|n| self.starts[i as usize] + n.arrive);
         self.book.set(sid, next);
         let hint = Hint {
             awaiting: st.next_awaits,
@@ -674,7 +702,9 @@ impl Sim<'_> {
     }
 
     fn done(&mut self, now: u64, slot: u32) {
-        let Some(f) = self.flights[slot as usize].take() else { return };
+        let Some(f) = self.flights[slot as usize].take() else {
+            return;
+        };
         self.free_slots.push(slot);
         self.planner.completed(now, &f.action, true);
         if let Action::Copy { session, from, .. } = f.action {
@@ -690,7 +720,12 @@ impl Sim<'_> {
 }
 
 /// Replays `script` on `dep` under the named policy.
-pub fn run_policy(script: &Script, dep: &Deployment, policy: &str, cfg: &SimConfig) -> Result<PolicyResult> {
+pub fn run_policy(
+    script: &Script,
+    dep: &Deployment,
+    policy: &str,
+    cfg: &SimConfig,
+) -> Result<PolicyResult> {
     let wall = std::time::Instant::now();
     let env = PolicyEnv {
         nvme_read_bps: dep.nvme_read_bps.min(dep.decode_bps),
@@ -717,7 +752,11 @@ pub fn run_policy(script: &Script, dep: &Deployment, policy: &str, cfg: &SimConf
         1.0
     };
     let n = script.sessions.len();
-    let starts: Vec<u64> = script.sessions.iter().map(|s| (s.start as f64 / tc) as u64).collect();
+    let starts: Vec<u64> = script
+        .sessions
+        .iter()
+        .map(|s| (s.start as f64 / tc) as u64)
+        .collect();
     let mut sim = Sim {
         script,
         dep,
@@ -742,7 +781,12 @@ pub fn run_policy(script: &Script, dep: &Deployment, policy: &str, cfg: &SimConf
         flights: Vec::new(),
         free_slots: Vec::new(),
         wake_at: None,
-        links: [Link { free_at: 0 }, Link { free_at: 0 }, Link { free_at: 0 }, Link { free_at: 0 }],
+        links: [
+            Link { free_at: 0 },
+            Link { free_at: 0 },
+            Link { free_at: 0 },
+            Link { free_at: 0 },
+        ],
         sum_l: [0; 3],
         hit: [[0; 3]; 3],
         sum_fresh: 0,
@@ -780,7 +824,9 @@ pub fn run_policy(script: &Script, dep: &Deployment, policy: &str, cfg: &SimConf
         sim.reschedule(t);
         if cfg.check_invariants {
             if let Err(m) = sim.planner.check() {
-                return Err(crate::Error::internal(format!("planner invariant broken at t={t}: {m}")));
+                return Err(crate::Error::internal(format!(
+                    "planner invariant broken at t={t}: {m}"
+                )));
             }
             let (h, nv) = sim.planner.occupancy();
             if h > cap.host_bytes || nv > cap.nvme_bytes {
@@ -821,7 +867,11 @@ pub fn run_policy(script: &Script, dep: &Deployment, policy: &str, cfg: &SimConf
         },
         occupancy: [0, 1, 2].map(|i| Occ {
             peak: sim.occ_peak[i],
-            mean: if span > 0.0 { sim.occ_int[i] / span } else { 0.0 },
+            mean: if span > 0.0 {
+                sim.occ_int[i] / span
+            } else {
+                0.0
+            },
         }),
         prefetch: sim.prefetch,
         refused: ps.refused,
@@ -843,8 +893,9 @@ pub fn run_all(
 ) -> Result<Vec<PolicyResult>> {
     let next = AtomicU64::new(0);
     let mut out: Vec<Option<Result<PolicyResult>>> = (0..policies.len()).map(|_| None).collect();
-    let slots: Vec<parking_lot::Mutex<Option<Result<PolicyResult>>>> =
-        (0..policies.len()).map(|_| parking_lot::Mutex::new(None)).collect();
+    let slots: Vec<parking_lot::Mutex<Option<Result<PolicyResult>>>> = (0..policies.len())
+        .map(|_| parking_lot::Mutex::new(None))
+        .collect();
     std::thread::scope(|sc| {
         for _ in 0..threads.clamp(1, policies.len().max(1)) {
             sc.spawn(|| loop {

@@ -132,7 +132,10 @@ impl LogHist {
         for (b, &c) in self.counts.iter().enumerate() {
             if c > 0 {
                 acc += c;
-                out.push((Self::centre(b).clamp(self.min, self.max), acc as f64 / self.n as f64));
+                out.push((
+                    Self::centre(b).clamp(self.min, self.max),
+                    acc as f64 / self.n as f64,
+                ));
             }
         }
         out

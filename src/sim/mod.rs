@@ -36,7 +36,13 @@ pub fn fmt_dur_s(s: f64) -> String {
 }
 
 /// Policies compared when `--policies` is not given.
-pub const DEFAULT_POLICIES: [&str; 5] = ["gpu-lru", "vllm-offload", "vllm-offload:arc", "lmcache-lru", "oracle"];
+pub const DEFAULT_POLICIES: [&str; 5] = [
+    "gpu-lru",
+    "vllm-offload",
+    "vllm-offload:arc",
+    "lmcache-lru",
+    "oracle",
+];
 /// Sessions of the embedded default trace.
 pub const DEFAULT_SESSIONS: u64 = 400;
 /// Seed of the embedded default trace.
@@ -70,15 +76,25 @@ fn replay_cli(a: cli::ReplayArgs) -> crate::Result<()> {
     let policies: Vec<String> = if a.policies.is_empty() {
         DEFAULT_POLICIES.iter().map(|s| s.to_string()).collect()
     } else {
-        a.policies.iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()
+        a.policies
+            .iter()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect()
     };
     let book = Arc::new(crate::policy::OracleBook::default());
     for p in &policies {
         crate::policy::by_name(p, crate::policy::PolicyEnv::default(), Some(book.clone()))?;
     }
-    let tc = a.time_compression.unwrap_or(if a.trace.is_some() { 1.0 } else { DEFAULT_TIME_COMPRESSION });
+    let tc = a.time_compression.unwrap_or(if a.trace.is_some() {
+        1.0
+    } else {
+        DEFAULT_TIME_COMPRESSION
+    });
     if !(tc.is_finite() && tc > 0.0) {
-        return Err(crate::Error::invalid(format!("--time-compression {tc}: must be a positive number")));
+        return Err(crate::Error::invalid(format!(
+            "--time-compression {tc}: must be a positive number"
+        )));
     }
     let mut st = stats::TraceStats::default();
     let mut script = engine::Script::default();
@@ -103,13 +119,20 @@ fn replay_cli(a: cli::ReplayArgs) -> crate::Result<()> {
                 script.push(&s);
                 Ok(())
             })?;
-            (format!("embedded synthetic trace ({n} sessions, seed {seed})"), sum)
+            (
+                format!("embedded synthetic trace ({n} sessions, seed {seed})"),
+                sum,
+            )
         }
     };
     script.tools = sum.tools.clone();
     script.finish();
     if sum.bad_lines > 0 {
-        eprintln!("{label}: {} malformed lines skipped (first: line {})", sum.bad_lines, sum.bad.first().map_or(0, |b| b.line));
+        eprintln!(
+            "{label}: {} malformed lines skipped (first: line {})",
+            sum.bad_lines,
+            sum.bad.first().map_or(0, |b| b.line)
+        );
     }
     let cfg_progress = Arc::new(AtomicU64::new(0));
     let show = a.progress || std::io::stderr().is_terminal();
@@ -158,14 +181,29 @@ fn replay_cli(a: cli::ReplayArgs) -> crate::Result<()> {
     let sweep = st.sweep();
     if let Some(j) = &a.json {
         let v = report::to_json(&results, &dep, &label, tc, &sweep);
-        write_file(j, &serde_json::to_vec_pretty(&v).map_err(|e| crate::Error::internal(e.to_string()))?)?;
+        write_file(
+            j,
+            &serde_json::to_vec_pretty(&v).map_err(|e| crate::Error::internal(e.to_string()))?,
+        )?;
     }
     if let Some(dir) = &a.plots {
         std::fs::create_dir_all(dir).ctx(format!("create {}", dir.display()))?;
         let mut series = vec![
-            plot::Series { name: "all (§6 sweep)".into(), points: sweep.iter().map(|p| (p.tau_s, p.hit)).collect(), markers: false },
-            plot::Series { name: "user".into(), points: sweep.iter().map(|p| (p.tau_s, p.hit_user)).collect(), markers: false },
-            plot::Series { name: "tool".into(), points: sweep.iter().map(|p| (p.tau_s, p.hit_tool)).collect(), markers: false },
+            plot::Series {
+                name: "all (§6 sweep)".into(),
+                points: sweep.iter().map(|p| (p.tau_s, p.hit)).collect(),
+                markers: false,
+            },
+            plot::Series {
+                name: "user".into(),
+                points: sweep.iter().map(|p| (p.tau_s, p.hit_user)).collect(),
+                markers: false,
+            },
+            plot::Series {
+                name: "tool".into(),
+                points: sweep.iter().map(|p| (p.tau_s, p.hit_tool)).collect(),
+                markers: false,
+            },
         ];
         let ttl_pts: Vec<(f64, f64)> = results
             .iter()
@@ -177,15 +215,37 @@ fn replay_cli(a: cli::ReplayArgs) -> crate::Result<()> {
             })
             .collect();
         if !ttl_pts.is_empty() {
-            series.push(plot::Series { name: "ttl replays".into(), points: ttl_pts, markers: true });
+            series.push(plot::Series {
+                name: "ttl replays".into(),
+                points: ttl_pts,
+                markers: true,
+            });
         }
-        let svg = plot::line_chart("Hit rate vs TTL (idealised)", "TTL (s)", "token-weighted hit rate", &series, true, (0.0, 1.0));
+        let svg = plot::line_chart(
+            "Hit rate vs TTL (idealised)",
+            "TTL (s)",
+            "token-weighted hit rate",
+            &series,
+            true,
+            (0.0, 1.0),
+        );
         write_file(&dir.join("hit_vs_ttl.svg"), svg.as_bytes())?;
         let cdf: Vec<plot::Series> = results
             .iter()
-            .map(|r| plot::Series { name: r.policy.clone(), points: r.ttft_hist.cdf(), markers: false })
+            .map(|r| plot::Series {
+                name: r.policy.clone(),
+                points: r.ttft_hist.cdf(),
+                markers: false,
+            })
             .collect();
-        let svg = plot::line_chart("TTFT of user-initiated steps", "TTFT (s)", "fraction of steps", &cdf, true, (0.0, 1.0));
+        let svg = plot::line_chart(
+            "TTFT of user-initiated steps",
+            "TTFT (s)",
+            "fraction of steps",
+            &cdf,
+            true,
+            (0.0, 1.0),
+        );
         write_file(&dir.join("ttft_cdf.svg"), svg.as_bytes())?;
     }
     Ok(())

@@ -65,11 +65,25 @@ pub fn render(results: &[PolicyResult], dep: &Deployment, header: &str) -> Strin
     let _ = writeln!(
         o,
         "{:<18} {:>8} {:>8} {:>8} {:>8} {:>9} | {:>8} {:>8} {:>8} | {:>8} {:>8} | {:>15}",
-        "policy", "PCIe d2h", "h2d", "NVMe wr", "rd", "NVMe wr/d", "peak GPU", "host", "NVMe", "mean hst", "NVMe", "prefetch e/l/w"
+        "policy",
+        "PCIe d2h",
+        "h2d",
+        "NVMe wr",
+        "rd",
+        "NVMe wr/d",
+        "peak GPU",
+        "host",
+        "NVMe",
+        "mean hst",
+        "NVMe",
+        "prefetch e/l/w"
     );
     for r in results {
         let pf = if r.prefetch.issued > 0 {
-            format!("{}/{}/{}", r.prefetch.early, r.prefetch.late, r.prefetch.wasted)
+            format!(
+                "{}/{}/{}",
+                r.prefetch.early, r.prefetch.late, r.prefetch.wasted
+            )
         } else {
             "-".into()
         };

@@ -193,7 +193,10 @@ impl TraceStats {
                 if let Some(d) = c.dur {
                     let v = d as f64 / NS;
                     self.tool_latency_s.add(v);
-                    self.per_tool.entry(tools.name(c.tool).to_string()).or_default().add(v);
+                    self.per_tool
+                        .entry(tools.name(c.tool).to_string())
+                        .or_default()
+                        .add(v);
                 }
             }
             if let Some(g) = st.gen_span {
@@ -270,7 +273,10 @@ impl TraceStats {
 
     /// The sweep point for exactly τ = `tau_ns`, if swept.
     pub fn at(&self, tau_ns: i64) -> Option<TtlPoint> {
-        self.ttl.iter().find(|a| a.tau_ns == tau_ns).map(|a| self.point(a))
+        self.ttl
+            .iter()
+            .find(|a| a.tau_ns == tau_ns)
+            .map(|a| self.point(a))
     }
 
     /// Peak and time-averaged number of sessions open at once
@@ -292,7 +298,11 @@ impl TraceStats {
             cur += d;
             peak = peak.max(cur);
         }
-        let mean = if hi > lo { busy as f64 / (hi - lo) as f64 } else { 0.0 };
+        let mean = if hi > lo {
+            busy as f64 / (hi - lo) as f64
+        } else {
+            0.0
+        };
         (peak as u64, mean)
     }
 
@@ -356,20 +366,78 @@ impl TraceStats {
                 study
             );
         };
-        row(&mut o, "requests per session", &self.requests_per_session, 1.0, "9.2 / 1 / 18 / 137");
-        row(&mut o, "tool steps per request", &self.tool_steps_per_request, 1.0, "7.8 / 1 / 20 / -");
-        row(&mut o, "tool calls per step (with calls)", &self.calls_per_step, 1.0, "1.2 / - / - / -");
-        row(&mut o, "human wait before user msg (s)", &self.human_wait_s, 1.0, "- / 86 / 1260 / 50400");
-        row(&mut o, "tool latency (s)", &self.tool_latency_s, 1.0, "- / 0.3 / 13.6 / 216");
-        row(&mut o, "generation span (s)", &self.gen_span_s, 1.0, "- / 5.7 / 22 / -");
-        row(&mut o, "prefix (k tokens)", &self.prefix, 1000.0, "- / ≈120 / - / -");
-        row(&mut o, "append (tokens)", &self.append, 1.0, "- / ≈870 / heavy / -");
-        row(&mut o, "output (tokens)", &self.output, 1.0, "- / ≈200 / - / -");
+        row(
+            &mut o,
+            "requests per session",
+            &self.requests_per_session,
+            1.0,
+            "9.2 / 1 / 18 / 137",
+        );
+        row(
+            &mut o,
+            "tool steps per request",
+            &self.tool_steps_per_request,
+            1.0,
+            "7.8 / 1 / 20 / -",
+        );
+        row(
+            &mut o,
+            "tool calls per step (with calls)",
+            &self.calls_per_step,
+            1.0,
+            "1.2 / - / - / -",
+        );
+        row(
+            &mut o,
+            "human wait before user msg (s)",
+            &self.human_wait_s,
+            1.0,
+            "- / 86 / 1260 / 50400",
+        );
+        row(
+            &mut o,
+            "tool latency (s)",
+            &self.tool_latency_s,
+            1.0,
+            "- / 0.3 / 13.6 / 216",
+        );
+        row(
+            &mut o,
+            "generation span (s)",
+            &self.gen_span_s,
+            1.0,
+            "- / 5.7 / 22 / -",
+        );
+        row(
+            &mut o,
+            "prefix (k tokens)",
+            &self.prefix,
+            1000.0,
+            "- / ≈120 / - / -",
+        );
+        row(
+            &mut o,
+            "append (tokens)",
+            &self.append,
+            1.0,
+            "- / ≈870 / heavy / -",
+        );
+        row(
+            &mut o,
+            "output (tokens)",
+            &self.output,
+            1.0,
+            "- / ≈200 / - / -",
+        );
         let _ = writeln!(o);
         let mut tools: Vec<(&String, &LogHist)> = self.per_tool.iter().collect();
         tools.sort_by(|a, b| b.1.count().cmp(&a.1.count()).then(a.0.cmp(b.0)));
         let calls: u64 = tools.iter().map(|t| t.1.count()).sum();
-        let _ = writeln!(o, "{:<20} {:>8} {:>8} {:>9} {:>9}", "tool", "share", "p50 s", "p90 s", "p99 s");
+        let _ = writeln!(
+            o,
+            "{:<20} {:>8} {:>8} {:>9} {:>9}",
+            "tool", "share", "p50 s", "p90 s", "p99 s"
+        );
         for (name, h) in tools.iter().take(8) {
             let _ = writeln!(
                 o,
@@ -387,7 +455,11 @@ impl TraceStats {
             "idealised TTL (DESIGN §6)   {:>8} {:>8} {:>8} {:>9} {:>8}   study (hit / R / amp)",
             "hit", "user", "tool", "R", "amp"
         );
-        let study = ["85.4% / 0.74 / 18.9×", "≈94% / ≈1.9 / 7.4×", "98.6% / 5.07 / 1.8×"];
+        let study = [
+            "85.4% / 0.74 / 18.9×",
+            "≈94% / ≈1.9 / 7.4×",
+            "98.6% / 5.07 / 1.8×",
+        ];
         for (i, &tau) in TABLE_TTLS.iter().enumerate() {
             if let Some(p) = self.at(tau) {
                 let _ = writeln!(

@@ -67,8 +67,8 @@ const EPOCH: TimeNs = 1_772_409_600 * 1_000_000_000;
 
 /// Relative session-start intensity per UTC hour.
 const DAY: [f64; 24] = [
-    0.25, 0.2, 0.15, 0.12, 0.12, 0.15, 0.25, 0.4, 0.6, 0.8, 0.9, 0.95, 0.9, 1.0, 1.0, 1.0, 0.95, 0.9, 0.8, 0.7,
-    0.6, 0.5, 0.4, 0.3,
+    0.25, 0.2, 0.15, 0.12, 0.12, 0.15, 0.25, 0.4, 0.6, 0.8, 0.9, 0.95, 0.9, 1.0, 1.0, 1.0, 0.95,
+    0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3,
 ];
 
 struct Tool {
@@ -82,7 +82,13 @@ struct Tool {
     slow: (f64, f64),
 }
 
-const fn tool(name: &'static str, share: f64, fast: (f64, f64), p_slow: f64, slow: (f64, f64)) -> Tool {
+const fn tool(
+    name: &'static str,
+    share: f64,
+    fast: (f64, f64),
+    p_slow: f64,
+    slow: (f64, f64),
+) -> Tool {
     Tool {
         name,
         share,
@@ -147,7 +153,8 @@ fn session(cfg: &SynthConfig, index: u64, out: &mut String) -> u64 {
     let days = (cfg.sessions as f64 / cfg.sessions_per_day).ceil().max(1.0) as u64;
     let day = r.below(days) as TimeNs;
     let hour = r.pick(&DAY) as TimeNs;
-    let mut t: TimeNs = EPOCH + day * 86_400 * 1_000_000_000 + hour * 3_600_000_000_000 + secs(r.f64() * 3600.0);
+    let mut t: TimeNs =
+        EPOCH + day * 86_400 * 1_000_000_000 + hour * 3_600_000_000_000 + secs(r.f64() * 3600.0);
     let provider = if claude { "claude" } else { "codex" };
     let sid = format!(
         "{provider}:{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
@@ -171,7 +178,11 @@ fn session(cfg: &SynthConfig, index: u64, out: &mut String) -> u64 {
     let mut sys = r.lognormal(if claude { 22_000.0 } else { 7_000.0 }, 0.25) as u64;
     sys = sys.max(1000);
     // a quarter of the sessions continue earlier work with a long context
-    let start_ctx = if r.chance(0.4) { sys + r.lognormal(70_000.0, 0.5).min(120_000.0) as u64 } else { sys };
+    let start_ctx = if r.chance(0.4) {
+        sys + r.lognormal(70_000.0, 0.5).min(120_000.0) as u64
+    } else {
+        sys
+    };
     let mut ctx: u64 = start_ctx; // tokens in the context before the next step's new input
     let mut prev_out: u64 = 0;
     let mut round = 0u64;
@@ -260,7 +271,11 @@ fn session(cfg: &SynthConfig, index: u64, out: &mut String) -> u64 {
             let output = (r.lognormal(200.0, 1.2) as u64).clamp(1, 32_000);
             let l = prefix + append;
             // timing
-            let span = if r.chance(0.05) { r.lognormal(70.0, 0.6) } else { r.lognormal(5.3, 1.0) };
+            let span = if r.chance(0.05) {
+                r.lognormal(70.0, 0.6)
+            } else {
+                r.lognormal(5.3, 1.0)
+            };
             let span = secs(span.clamp(0.2, 1800.0));
             let ttft = secs(r.lognormal(1.2, 0.7).clamp(0.05, 30.0)).min(span);
             let first_out = req_at + ttft;
@@ -271,9 +286,17 @@ fn session(cfg: &SynthConfig, index: u64, out: &mut String) -> u64 {
                 call: None,
             });
             let emits = k < tool_steps;
-            let n_calls = if emits { 1 + poisson(&mut r, 0.2) as usize } else { 0 };
+            let n_calls = if emits {
+                1 + poisson(&mut r, 0.2) as usize
+            } else {
+                0
+            };
             if n_calls == 0 || r.chance(0.6) {
-                let tt = if n_calls == 0 { last_out } else { first_out + (last_out - first_out) / 2 };
+                let tt = if n_calls == 0 {
+                    last_out
+                } else {
+                    first_out + (last_out - first_out) / 2
+                };
                 events.push(Ev {
                     kind: "text",
                     t: tt,
@@ -286,11 +309,18 @@ fn session(cfg: &SynthConfig, index: u64, out: &mut String) -> u64 {
                 let tool = &tools[r.pick(&shares)];
                 // long builds and test runs come with long contexts
                 let p_slow = (tool.p_slow * (0.4 + l as f64 / 160_000.0)).min(1.0);
-                let (m, sg) = if r.chance(p_slow) { tool.slow } else { tool.fast };
+                let (m, sg) = if r.chance(p_slow) {
+                    tool.slow
+                } else {
+                    tool.fast
+                };
                 let lat = r.lognormal(m, sg).clamp(0.002, 6.0 * 3600.0);
                 call_seq += 1;
                 let id = if claude {
-                    format!("toolu_{:022x}", (r.next_u64() as u128) << 24 | call_seq as u128)
+                    format!(
+                        "toolu_{:022x}",
+                        (r.next_u64() as u128) << 24 | call_seq as u128
+                    )
                 } else {
                     format!("call_{:016x}{:08x}", r.next_u64(), call_seq)
                 };
@@ -385,7 +415,12 @@ fn session(cfg: &SynthConfig, index: u64, out: &mut String) -> u64 {
             out.push_str("\"}\n");
             rows += 1;
             // ---- advance
-            last_activity = new_calls.iter().map(|c| c.result).max().unwrap_or(last_out).max(last_out);
+            last_activity = new_calls
+                .iter()
+                .map(|c| c.result)
+                .max()
+                .unwrap_or(last_out)
+                .max(last_out);
             t = last_out;
             ctx = l;
             prev_out = output;

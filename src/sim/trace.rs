@@ -176,7 +176,10 @@ impl ToolNames {
     }
     /// The name of `id`.
     pub fn name(&self, id: u32) -> &str {
-        self.names.get(id as usize).map(|s| s.as_str()).unwrap_or("?")
+        self.names
+            .get(id as usize)
+            .map(|s| s.as_str())
+            .unwrap_or("?")
     }
     /// Number of names.
     pub fn len(&self) -> usize {
@@ -288,7 +291,12 @@ pub fn parse_ts(s: &str) -> Option<TimeNs> {
         }
         Some(v)
     };
-    if b[4] != b'-' || b[7] != b'-' || !(b[10] == b'T' || b[10] == b' ') || b[13] != b':' || b[16] != b':' {
+    if b[4] != b'-'
+        || b[7] != b'-'
+        || !(b[10] == b'T' || b[10] == b' ')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
         return None;
     }
     let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
@@ -376,10 +384,15 @@ fn hash_id(s: &str) -> u64 {
     h.finish()
 }
 
-fn opt_ts(s: &Option<std::borrow::Cow<'_, str>>, what: &str) -> std::result::Result<Option<TimeNs>, String> {
+fn opt_ts(
+    s: &Option<std::borrow::Cow<'_, str>>,
+    what: &str,
+) -> std::result::Result<Option<TimeNs>, String> {
     match s {
         None => Ok(None),
-        Some(v) => parse_ts(v).map(Some).ok_or_else(|| format!("bad timestamp {what} {v:?}")),
+        Some(v) => parse_ts(v)
+            .map(Some)
+            .ok_or_else(|| format!("bad timestamp {what} {v:?}")),
     }
 }
 
@@ -429,7 +442,13 @@ pub fn parse_row(
     if let Some(_fo) = first_out {
         let mut m = None;
         for (e, t) in events.iter().zip(&ev_times) {
-            if let (Some(t), true) = (t, matches!(e.event_type.as_deref(), Some("reasoning" | "text" | "tool_call"))) {
+            if let (Some(t), true) = (
+                t,
+                matches!(
+                    e.event_type.as_deref(),
+                    Some("reasoning" | "text" | "tool_call")
+                ),
+            ) {
                 m = Some(m.map_or(*t, |x: TimeNs| x.min(*t)));
             }
         }
@@ -438,7 +457,13 @@ pub fn parse_row(
     let mut request_at: Option<TimeNs> = None;
     if let Some(fo) = first_out {
         for (e, t) in events.iter().zip(&ev_times) {
-            if let (Some(t), true) = (t, matches!(e.event_type.as_deref(), Some("user_message" | "tool_result"))) {
+            if let (Some(t), true) = (
+                t,
+                matches!(
+                    e.event_type.as_deref(),
+                    Some("user_message" | "tool_result")
+                ),
+            ) {
                 if *t <= fo {
                     request_at = Some(request_at.map_or(*t, |x| x.max(*t)));
                 }
@@ -503,7 +528,11 @@ pub fn parse_row(
 /// Sorts a session's rows and derives its steps (§6).
 pub fn derive_steps(mut rows: Vec<Row>) -> Vec<Step> {
     rows.sort_by(|a, b| {
-        (a.round_index, a.first_activity, a.file_order).cmp(&(b.round_index, b.first_activity, b.file_order))
+        (a.round_index, a.first_activity, a.file_order).cmp(&(
+            b.round_index,
+            b.first_activity,
+            b.file_order,
+        ))
     });
     let mut known: HashMap<u64, Option<TimeNs>> = HashMap::new();
     let mut out: Vec<Step> = Vec::with_capacity(rows.len());
@@ -560,11 +589,16 @@ pub fn derive_steps(mut rows: Vec<Row>) -> Vec<Step> {
 fn open(path: &Path) -> Result<Box<dyn BufRead>> {
     let mut f = std::fs::File::open(path).ctx(format!("open trace {}", path.display()))?;
     let mut magic = [0u8; 2];
-    let n = f.read(&mut magic).ctx(format!("read trace {}", path.display()))?;
+    let n = f
+        .read(&mut magic)
+        .ctx(format!("read trace {}", path.display()))?;
     drop(f);
     let f = std::fs::File::open(path).ctx(format!("open trace {}", path.display()))?;
     if n == 2 && magic == [0x1f, 0x8b] {
-        Ok(Box::new(BufReader::with_capacity(1 << 20, flate2::read::MultiGzDecoder::new(f))))
+        Ok(Box::new(BufReader::with_capacity(
+            1 << 20,
+            flate2::read::MultiGzDecoder::new(f),
+        )))
     } else {
         Ok(Box::new(BufReader::with_capacity(1 << 20, f)))
     }
@@ -601,13 +635,19 @@ fn for_each_line(
 /// Reads a TraceLab file (`.jsonl` or gzip), calling `each` with every
 /// session as soon as its last row has been read (in the order sessions
 /// complete). Two streaming passes; see the module docs for the memory bound.
-pub fn read_file(path: &Path, each: impl FnMut(Session, &ToolNames) -> Result<()>) -> Result<ReadSummary> {
+pub fn read_file(
+    path: &Path,
+    each: impl FnMut(Session, &ToolNames) -> Result<()>,
+) -> Result<ReadSummary> {
     let counts = count_rows(open(path)?)?;
     read_with_counts(open(path)?, counts, each)
 }
 
 /// [`read_file`] over bytes in memory (the embedded default trace, tests).
-pub fn read_bytes(data: &[u8], each: impl FnMut(Session, &ToolNames) -> Result<()>) -> Result<ReadSummary> {
+pub fn read_bytes(
+    data: &[u8],
+    each: impl FnMut(Session, &ToolNames) -> Result<()>,
+) -> Result<ReadSummary> {
     let counts = count_rows(data)?;
     read_with_counts(data, counts, each)
 }
