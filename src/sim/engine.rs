@@ -291,6 +291,9 @@ pub struct PolicyResult {
     pub nvme_write_per_day: f64,
     /// Occupancy: GPU (active + prefix cache), host, NVMe (stored).
     pub occupancy: [Occ; 3],
+    /// Seconds during which the running steps alone needed more KV than the
+    /// GPU has (the model lets them run; a real server would queue them).
+    pub gpu_oversubscribed_s: f64,
     /// Prefetch timeliness.
     pub prefetch: Prefetch,
     /// Saves/copies refused for lack of room (host, NVMe).
@@ -436,6 +439,7 @@ struct Sim<'a> {
     prefetch: Prefetch,
     occ_int: [f64; 3],
     occ_peak: [u64; 3],
+    over_ns: u64,
     last_t: Option<u64>,
     first_t: u64,
     steps: u64,
@@ -471,6 +475,9 @@ impl Sim<'_> {
     fn integrate(&mut self, now: u64) {
         let occ = self.occupancy();
         if let Some(l) = self.last_t {
+            if self.gpu.active > self.gpu.cap && !self.idealised {
+                self.over_ns += now.saturating_sub(l);
+            }
             let dt = now.saturating_sub(l) as f64;
             for (i, o) in occ.iter().enumerate() {
                 self.occ_int[i] += *o as f64 * dt;
@@ -796,6 +803,7 @@ pub fn run_policy(
         prefetch: Prefetch::default(),
         occ_int: [0.0; 3],
         occ_peak: [0; 3],
+        over_ns: 0,
         last_t: None,
         first_t: 0,
         steps: 0,
@@ -873,6 +881,7 @@ pub fn run_policy(
                 0.0
             },
         }),
+        gpu_oversubscribed_s: sim.over_ns as f64 / 1e9,
         prefetch: sim.prefetch,
         refused: ps.refused,
         evictions: ps.evictions,

@@ -104,6 +104,17 @@ pub fn render(results: &[PolicyResult], dep: &Deployment, header: &str) -> Strin
             pf
         );
     }
+    if let Some(r) = results
+        .iter()
+        .find(|r| !r.idealised && r.gpu_oversubscribed_s > 0.0)
+    {
+        let _ = writeln!(
+            o,
+            "\nnote: the running steps alone exceeded the GPU KV capacity {:.2}% of the time (peak GPU above); \
+             a real server would queue them — lower --time-compression or raise gpu_kv_bytes.",
+            100.0 * r.gpu_oversubscribed_s / r.virtual_s.max(1e-9)
+        );
+    }
     if results.iter().any(|r| r.idealised) {
         let _ = writeln!(
             o,

@@ -10,19 +10,24 @@
 //! - requests R: 1 with p = 0.5, else 1 + ⌊LogNormal(4.2, σ 1.69)⌋
 //!   (mean ≈ 9.3, p90 18, p99 ≈ 137);
 //! - tool-initiated steps per request T: 0 (p 0.31), 1 (p 0.23), else
-//!   1 + ⌊LogNormal(8, σ 1.15)⌋ (mean ≈ 7.7, p50 1, p90 20);
+//!   1 + ⌊LogNormal(8.4, σ 1.15)⌋ (mean ≈ 8, p50 1, p90 21);
 //! - tool calls per tool-emitting step: 1 + Poisson(0.2);
 //! - tools: per-provider mixes (Claude: Bash, Read, Edit, ...; Codex:
-//!   exec_command, apply_patch, write_stdin, ...), each with its own
-//!   log-normal latency; together p50 ≈ 0.3 s, p90 ≈ 14 s, ≈ 4% over 1 min;
+//!   exec_command, apply_patch, write_stdin, ...), each a fast log-normal
+//!   mode plus, for shells and subagents, a slow mode (builds, tests) whose
+//!   probability grows with the context (long sessions run the long jobs);
+//!   together p50 ≈ 0.25 s, p90 ≈ 15 s, p99 ≈ 3.7 min, ≈ 4% over 1 min;
 //! - human wait before a user message: LogNormal(78 s, σ 1.75) with p = 0.955,
 //!   else LogNormal(8 h, σ 0.8) (overnight): p50 ≈ 86 s, p90 ≈ 21 min, p99 ≈ 14 h;
-//! - generation span LogNormal(5.7 s, σ 1.05), first output 0.3–3 s in;
-//! - tokens: the context grows by the previous output (LogNormal(200, σ 1.0))
-//!   plus new input (tool results LogNormal(560, σ 1.5), user messages
-//!   LogNormal(300, σ 1.3)); prefix = previous context (Codex: rounded down to
-//!   128); a context past the provider's cap (Claude 155k, Codex 245k, near its
-//!   258k window) is compacted to a summary of ≈ 20–30k tokens.
+//! - generation span LogNormal(5.3 s, σ 1.0), or with p = 0.05 LogNormal(70 s,
+//!   σ 0.6) (long generations): p50 ≈ 5.7 s, p90 ≈ 22–26 s;
+//! - tokens: 40% of sessions continue earlier work with a long context
+//!   (system prompt + LogNormal(70k, σ 0.5)); the context grows by the previous
+//!   output (LogNormal(200, σ 1.2)) plus new input (tool results
+//!   LogNormal(480, σ 0.9) × √calls, user messages LogNormal(300, σ 1.2));
+//!   prefix = previous context (Codex: rounded down to 128); a context past the
+//!   provider's cap (Claude 180k, Codex 250k, near its 258k window) is
+//!   compacted to the system prompt plus a summary of ≈ 6k tokens.
 
 use std::io::Write;
 
@@ -168,7 +173,7 @@ fn session(cfg: &SynthConfig, index: u64, out: &mut String) -> u64 {
     let model = if claude { "claude-opus-4-8" } else { "gpt-5.4" };
     let tools: &[Tool] = if claude { &CLAUDE_TOOLS } else { &CODEX_TOOLS };
     let shares: Vec<f64> = tools.iter().map(|x| x.share).collect();
-    let cap: u64 = if claude { 165_000 } else { 250_000 };
+    let cap: u64 = if claude { 180_000 } else { 250_000 };
 
     let requests: u64 = if r.chance(0.5) {
         1
@@ -200,7 +205,7 @@ fn session(cfg: &SynthConfig, index: u64, out: &mut String) -> u64 {
             } else if u < 0.54 {
                 1
             } else {
-                (1.0 + r.lognormal(8.0, 1.15).floor()).min(1500.0) as u64
+                (1.0 + r.lognormal(8.4, 1.15).floor()).min(1500.0) as u64
             }
         };
         for k in 0..=tool_steps {
@@ -308,7 +313,8 @@ fn session(cfg: &SynthConfig, index: u64, out: &mut String) -> u64 {
                 let emitted = last_out - secs(0.05 * (n_calls - 1 - c) as f64);
                 let tool = &tools[r.pick(&shares)];
                 // long builds and test runs come with long contexts
-                let p_slow = (tool.p_slow * (0.4 + l as f64 / 160_000.0)).min(1.0);
+                let rel = l as f64 / 130_000.0;
+                let p_slow = (tool.p_slow * (0.15 + rel * rel)).min(1.0);
                 let (m, sg) = if r.chance(p_slow) {
                     tool.slow
                 } else {
