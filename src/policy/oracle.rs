@@ -4,8 +4,8 @@
 //! [`OracleBook`] just before it suspends the session; the oracle reads it
 //! (and nothing else about the future). It
 //! - saves nothing for a session that never returns;
-//! - saves to host at every suspend, and also writes through to NVMe when
-//!   the gap is longer than [`Oracle::NVME_AFTER`];
+//! - saves to host at every suspend and writes through to NVMe (so it never
+//!   loses a session that a write-through LRU would keep);
 //! - evicts in both tiers the session that returns last (Belady's rule at
 //!   session granularity);
 //! - prefetches NVMe → host just in time: the expected read time of the
@@ -54,9 +54,6 @@ pub struct Oracle {
 }
 
 impl Oracle {
-    /// Gaps longer than this are also written to NVMe at suspend.
-    pub const NVME_AFTER: Nanos = 10_000_000_000;
-
     /// An oracle reading `book`.
     pub fn new(env: PolicyEnv, book: Arc<OracleBook>) -> Self {
         Oracle {
@@ -82,13 +79,8 @@ impl Policy for Oracle {
             return SuspendPlan::default();
         };
         self.next.insert(s.id, nr);
-        let gap = nr.saturating_sub(now);
-        let mut save = vec![Tier::Host];
-        if gap > Self::NVME_AFTER {
-            save.push(Tier::Nvme);
-        }
         SuspendPlan {
-            save,
+            save: vec![Tier::Host, Tier::Nvme],
             timer: Some(nr.saturating_sub(self.lead(s.bytes)).max(now)),
         }
     }
