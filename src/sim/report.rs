@@ -87,10 +87,19 @@ pub fn render(results: &[PolicyResult], dep: &Deployment, header: &str) -> Strin
         } else {
             "-".into()
         };
+        if r.idealised {
+            let _ = writeln!(
+                o,
+                "{:<18} (idealised: no links, no capacity limit; mean kept {})",
+                format!("{}*", r.policy),
+                gb(r.occupancy[1].mean)
+            );
+            continue;
+        }
         let _ = writeln!(
             o,
             "{:<18} {:>8} {:>8} {:>8} {:>8} {:>9} | {:>8} {:>8} {:>8} | {:>8} {:>8} | {:>15}",
-            format!("{}{}", r.policy, if r.idealised { "*" } else { "" }),
+            r.policy.clone(),
             gb(r.pcie_d2h_bytes as f64),
             gb(r.pcie_h2d_bytes as f64),
             gb(r.nvme_write_bytes as f64),
