@@ -147,6 +147,7 @@ struct Sess {
     suspended_at: Option<Nanos>,
     last_touch: Nanos,
     resumes: u32,
+    served: [u32; 2],
     hint: Hint,
     gaps: Vec<Nanos>,
     timer_gen: u64,
@@ -180,6 +181,7 @@ fn view<'a>(id: SessionId, s: &'a Sess) -> SessionView<'a> {
         suspended_at: s.suspended_at,
         last_touch: s.last_touch,
         resumes: s.resumes,
+        served: s.served,
         hint: &s.hint,
         gaps: &s.gaps,
     }
@@ -300,6 +302,7 @@ impl Planner {
         for (id, b, class) in victims {
             let s = self.sessions.get_mut(&id).expect("victim in table");
             s.held[ti] = 0;
+            s.served[ti] = 0;
             s.ghost = Some((t, class));
             self.used[ti] -= b;
             self.stats.evictions[ti] += 1;
@@ -410,6 +413,7 @@ impl Planner {
             sess.reading = [0; 2];
             sess.gaps.clear();
             sess.resumes = 0;
+            sess.served = [0; 2];
         }
         if bytes < sess.bytes {
             self.invalidate(s, &mut out);
@@ -447,15 +451,19 @@ impl Planner {
         sess.suspended_at = None;
         sess.last_touch = now;
         let (h, n) = (sess.held[0], sess.held[1]);
-        self.set_timer(s, None);
-        self.reindex(s);
-        if h > 0 && h >= n {
+        let tier = if h > 0 && h >= n {
             Some(Tier::Host)
         } else if n > 0 {
             Some(Tier::Nvme)
         } else {
             None
+        };
+        if let Some(t) = tier {
+            sess.served[tier_index(t)] += 1;
         }
+        self.set_timer(s, None);
+        self.reindex(s);
+        tier
     }
 
     /// Time-driven work due by `now`: demotions, prefetches, drops.

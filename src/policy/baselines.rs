@@ -12,7 +12,7 @@
 
 use crate::planner::core::{Nanos, Tier};
 
-use super::{EvictKey, Op, Policy, SessionView, SuspendPlan, TimerPlan};
+use super::{tier_index, EvictKey, Op, Policy, SessionView, SuspendPlan, TimerPlan};
 
 /// `gpu-lru`: kvpark stores nothing; only vLLM's GPU prefix cache.
 #[derive(Clone, Copy, Debug, Default)]
@@ -104,8 +104,8 @@ impl Policy for LmcacheLru {
 
 /// `vllm-offload[:arc]`: host cache only, LRU or ARC (adaptive replacement).
 ///
-/// ARC at session granularity: class T1 (0) = sessions not yet resumed since
-/// their first save, T2 (1) = resumed at least once. The target size `p` of
+/// ARC at session granularity: class T1 (0) = sessions whose host copy has
+/// not served a resume yet, T2 (1) = served at least once (seen twice). The target size `p` of
 /// T1 grows when a session evicted from T1 comes back (a B1 ghost hit) and
 /// shrinks on a B2 ghost hit, by the returning session's size; the victim is
 /// taken from T1 while T1 holds more than `p`.
@@ -141,9 +141,13 @@ impl Policy for VllmOffload {
             timer: None,
         }
     }
-    fn evict_key(&self, s: &SessionView, _tier: Tier) -> EvictKey {
+    fn evict_key(&self, s: &SessionView, tier: Tier) -> EvictKey {
         EvictKey {
-            class: if self.arc && s.resumes > 0 { 1 } else { 0 },
+            class: if self.arc && s.served[tier_index(tier)] > 0 {
+                1
+            } else {
+                0
+            },
             order: s.last_touch,
         }
     }

@@ -52,6 +52,8 @@ pub struct SessionView<'a> {
     pub last_touch: Nanos,
     /// Number of resumes so far.
     pub resumes: u32,
+    /// Resumes served from each tier's copy since that copy was last evicted.
+    pub served: [u32; 2],
     /// The hint given at the last suspend.
     pub hint: &'a Hint,
     /// Recent observed gaps (oldest first).
