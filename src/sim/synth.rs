@@ -314,7 +314,7 @@ fn session(cfg: &SynthConfig, index: u64, out: &mut String) -> u64 {
                 let tool = &tools[r.pick(&shares)];
                 // long builds and test runs come with long contexts
                 let rel = l as f64 / 130_000.0;
-                let p_slow = (tool.p_slow * (0.15 + rel * rel)).min(1.0);
+                let p_slow = (tool.p_slow * (0.1 + 1.1 * rel * rel * rel)).min(1.0);
                 let (m, sg) = if r.chance(p_slow) {
                     tool.slow
                 } else {
