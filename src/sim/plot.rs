@@ -37,9 +37,15 @@ pub fn line_chart(
     let pw = w - l - r;
     let ph = h - t - b;
     let fx = |x: f64| if log_x { x.max(1e-12).log10() } else { x };
+    // on a log axis, values ≤ 0 do not set the range; they are drawn at the left edge
     let xs: Vec<f64> = series
         .iter()
-        .flat_map(|s| s.points.iter().map(|p| fx(p.0)))
+        .flat_map(|s| {
+            s.points
+                .iter()
+                .filter(|p| !log_x || p.0 > 0.0)
+                .map(|p| fx(p.0))
+        })
         .filter(|v| v.is_finite())
         .collect();
     let (mut x0, mut x1) = xs
@@ -54,7 +60,7 @@ pub fn line_chart(
         x1 = x1.ceil();
     }
     let (y0, y1) = y_range;
-    let px = |x: f64| l + (fx(x) - x0) / (x1 - x0) * pw;
+    let px = |x: f64| l + (fx(x).clamp(x0, x1) - x0) / (x1 - x0) * pw;
     let py = |y: f64| t + ph - (y.clamp(y0, y1) - y0) / (y1 - y0) * ph;
     let mut o = String::new();
     let _ = writeln!(
