@@ -16,17 +16,17 @@
 //!   exec_command, apply_patch, write_stdin, ...), each a fast log-normal
 //!   mode plus, for shells and subagents, a slow mode (builds, tests) whose
 //!   probability grows with the context (long sessions run the long jobs);
-//!   together p50 ≈ 0.25 s, p90 ≈ 15 s, p99 ≈ 3.7 min, ≈ 4% over 1 min;
+//!   together p50 ≈ 0.25 s, p90 ≈ 16 s, p99 ≈ 3.8 min, ≈ 4% over 1 min;
 //! - human wait before a user message: LogNormal(78 s, σ 1.75) with p = 0.955,
 //!   else LogNormal(8 h, σ 0.8) (overnight): p50 ≈ 86 s, p90 ≈ 21 min, p99 ≈ 14 h;
 //! - generation span LogNormal(5.3 s, σ 1.0), or with p = 0.05 LogNormal(70 s,
 //!   σ 0.6) (long generations): p50 ≈ 5.7 s, p90 ≈ 22–26 s;
 //! - tokens: 40% of sessions continue earlier work with a long context
-//!   (system prompt + LogNormal(70k, σ 0.5)); the context grows by the previous
+//!   (system prompt + LogNormal(90k, σ 0.45)); the context grows by the previous
 //!   output (LogNormal(200, σ 1.2)) plus new input (tool results
 //!   LogNormal(480, σ 0.9) × √calls, user messages LogNormal(300, σ 1.2));
 //!   prefix = previous context (Codex: rounded down to 128); a context past the
-//!   provider's cap (Claude 180k, Codex 250k, near its 258k window) is
+//!   provider's cap (Claude 190k, Codex 250k, near its 258k window) is
 //!   compacted to the system prompt plus a summary of ≈ 6k tokens.
 
 use std::io::Write;
@@ -104,7 +104,7 @@ const fn tool(
 }
 
 const CLAUDE_TOOLS: [Tool; 8] = [
-    tool("Bash", 0.48, (0.2, 1.2), 0.33, (10.0, 1.85)),
+    tool("Bash", 0.48, (0.2, 1.2), 0.27, (11.0, 1.8)),
     tool("Read", 0.30, (0.12, 0.9), 0.0, (1.0, 1.0)),
     tool("Edit", 0.09, (0.15, 0.9), 0.0, (1.0, 1.0)),
     tool("Grep", 0.04, (0.3, 1.0), 0.0, (1.0, 1.0)),
@@ -115,7 +115,7 @@ const CLAUDE_TOOLS: [Tool; 8] = [
 ];
 
 const CODEX_TOOLS: [Tool; 4] = [
-    tool("exec_command", 0.90, (0.12, 1.3), 0.29, (8.0, 1.85)),
+    tool("exec_command", 0.90, (0.14, 1.3), 0.24, (9.0, 1.8)),
     tool("apply_patch", 0.05, (0.1, 0.8), 0.0, (1.0, 1.0)),
     tool("write_stdin", 0.04, (5.0, 1.6), 0.0, (1.0, 1.0)),
     tool("update_plan", 0.01, (0.01, 0.5), 0.0, (1.0, 1.0)),
@@ -173,7 +173,7 @@ fn session(cfg: &SynthConfig, index: u64, out: &mut String) -> u64 {
     let model = if claude { "claude-opus-4-8" } else { "gpt-5.4" };
     let tools: &[Tool] = if claude { &CLAUDE_TOOLS } else { &CODEX_TOOLS };
     let shares: Vec<f64> = tools.iter().map(|x| x.share).collect();
-    let cap: u64 = if claude { 180_000 } else { 250_000 };
+    let cap: u64 = if claude { 190_000 } else { 250_000 };
 
     let requests: u64 = if r.chance(0.5) {
         1
@@ -184,7 +184,7 @@ fn session(cfg: &SynthConfig, index: u64, out: &mut String) -> u64 {
     sys = sys.max(1000);
     // a quarter of the sessions continue earlier work with a long context
     let start_ctx = if r.chance(0.4) {
-        sys + r.lognormal(70_000.0, 0.5).min(120_000.0) as u64
+        sys + r.lognormal(90_000.0, 0.45).min(140_000.0) as u64
     } else {
         sys
     };
