@@ -10,11 +10,9 @@ pub fn parse_size(s: &str) -> Result<u64> {
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let num: f64 = num.parse().map_err(|_| {
-        Error::config(format!(
-            "size {s:?}: expected a number with a unit such as 8GiB"
-        ))
-    })?;
+    let num: f64 = num
+        .parse()
+        .map_err(|_| Error::config(format!("size {s:?}: expected a number with a unit such as 8GiB")))?;
     let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1.0,
         "k" | "kb" => 1e3,
@@ -41,11 +39,9 @@ pub fn parse_duration_ns(s: &str) -> Result<u64> {
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let num: f64 = num.parse().map_err(|_| {
-        Error::config(format!(
-            "duration {s:?}: expected a number with a unit such as 5m"
-        ))
-    })?;
+    let num: f64 = num
+        .parse()
+        .map_err(|_| Error::config(format!("duration {s:?}: expected a number with a unit such as 5m")))?;
     let mult: f64 = match unit.trim() {
         "ns" => 1.0,
         "us" => 1e3,
@@ -89,10 +85,7 @@ mod tests {
         assert_eq!(parse_size("1.5 MiB").unwrap(), 1536 * 1024);
         assert_eq!(parse_size("4096").unwrap(), 4096);
         assert_eq!(parse_size("2GB").unwrap(), 2_000_000_000);
-        assert!(parse_size("8 gigs")
-            .unwrap_err()
-            .message()
-            .contains("unknown unit"));
+        assert!(parse_size("8 gigs").unwrap_err().message().contains("unknown unit"));
         assert!(parse_size("lots").is_err());
     }
 

@@ -31,10 +31,7 @@ pub(crate) fn compress_into(src: &[u8], dst: &mut Vec<u8>) {
 /// Appends the lz4 block encoding of `src` to the end of `dst`.
 pub(crate) fn append_compressed(src: &[u8], dst: &mut Vec<u8>) {
     let start = dst.len();
-    dst.resize(
-        start + lz4_flex::block::get_maximum_output_size(src.len()),
-        0,
-    );
+    dst.resize(start + lz4_flex::block::get_maximum_output_size(src.len()), 0);
     let n = lz4_flex::block::compress_into(src, &mut dst[start..])
         .expect("output sized by get_maximum_output_size");
     dst.truncate(start + n);

@@ -154,11 +154,7 @@ mod tests {
             s ^= s << 13;
             s ^= s >> 7;
             s ^= s << 17;
-            out.push(if i % 2 == 0 {
-                s as u8
-            } else {
-                0x3c + (s % 4) as u8
-            });
+            out.push(if i % 2 == 0 { s as u8 } else { 0x3c + (s % 4) as u8 });
         }
         out
     }

@@ -59,7 +59,8 @@ impl Codec for Lz4Planes {
         let mut pos = 1 + 4 * es;
         let mut plane = vec![0u8; n];
         for p in 0..es {
-            let len = u32::from_le_bytes(src[1 + 4 * p..5 + 4 * p].try_into().unwrap()) as usize;
+            let len =
+                u32::from_le_bytes(src[1 + 4 * p..5 + 4 * p].try_into().unwrap()) as usize;
             let end = pos
                 .checked_add(len)
                 .filter(|&e| e <= src.len())

@@ -140,11 +140,7 @@ mod tests {
 
     /// One storage shared by all layers, like vLLM's KVCacheTensor.
     fn views(buf: &mut [f32], g: &Geometry, blocks: u64, layout: KvLayout) -> Vec<LayerView> {
-        let (h, n, c) = (
-            g.kv_heads as u64,
-            g.block_tokens as u64,
-            g.row_elems() as u64,
-        );
+        let (h, n, c) = (g.kv_heads as u64, g.block_tokens as u64, g.row_elems() as u64);
         let page = h * n * c;
         let (sh, sn) = match layout {
             KvLayout::Lbhnc => (n * c, c),
@@ -200,13 +196,7 @@ mod tests {
             assert_eq!(kv.layout(), layout);
             let mut rec = vec![0u8; g.block_bytes()];
             CpuEngine
-                .gather(
-                    &kv,
-                    &mut [GatherOp {
-                        block: 3,
-                        dst: &mut rec,
-                    }],
-                )
+                .gather(&kv, &mut [GatherOp { block: 3, dst: &mut rec }])
                 .unwrap();
             let f: &[f32] = bytemuck::cast_slice(&rec);
             for l in 0..3 {
@@ -228,24 +218,11 @@ mod tests {
         let v = views(&mut buf, &g, blocks, KvLayout::Lbnhc);
         let kv = unsafe { KvCaches::new(g, v, false) }.unwrap();
         CpuEngine
-            .scatter_layers(
-                &kv,
-                &[ScatterOp {
-                    src: &records[0],
-                    block: 1,
-                }],
-                1..3,
-            )
+            .scatter_layers(&kv, &[ScatterOp { src: &records[0], block: 1 }], 1..3)
             .unwrap();
         let mut back = vec![0u8; g.block_bytes()];
         CpuEngine
-            .gather(
-                &kv,
-                &mut [GatherOp {
-                    block: 1,
-                    dst: &mut back,
-                }],
-            )
+            .gather(&kv, &mut [GatherOp { block: 1, dst: &mut back }])
             .unwrap();
         let page = g.layer_page_bytes();
         assert!(back[..page].iter().all(|&b| b == 0), "layer 0 untouched");
@@ -260,23 +237,11 @@ mod tests {
         let kv = unsafe { KvCaches::new(g, v.clone(), false) }.unwrap();
         let mut short = vec![0u8; 10];
         assert!(CpuEngine
-            .gather(
-                &kv,
-                &mut [GatherOp {
-                    block: 0,
-                    dst: &mut short
-                }]
-            )
+            .gather(&kv, &mut [GatherOp { block: 0, dst: &mut short }])
             .is_err());
         let mut rec = vec![0u8; g.block_bytes()];
         assert!(CpuEngine
-            .gather(
-                &kv,
-                &mut [GatherOp {
-                    block: 2,
-                    dst: &mut rec
-                }]
-            )
+            .gather(&kv, &mut [GatherOp { block: 2, dst: &mut rec }])
             .is_err());
         assert!(unsafe { KvCaches::new(g, v[..2].to_vec(), false) }.is_err());
     }

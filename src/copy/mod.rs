@@ -45,9 +45,7 @@ impl KvCaches {
         }
         let layout = layers[0].validate(&geom)?;
         for (i, l) in layers.iter().enumerate() {
-            let li = l
-                .validate(&geom)
-                .map_err(|e| e.context(format!("layer {i}")))?;
+            let li = l.validate(&geom).map_err(|e| e.context(format!("layer {i}")))?;
             if li != layout {
                 return Err(Error::invalid(format!(
                     "layer {i} is {li:?} but layer 0 is {layout:?}: mixed layouts"
@@ -127,12 +125,8 @@ pub trait CopyEngine: Send + Sync {
 
     /// Scatters records into blocks, layers `layers` only (for layer-wise
     /// pipelining; [`CopyEngine::scatter`] does all layers).
-    fn scatter_layers(
-        &self,
-        kv: &KvCaches,
-        ops: &[ScatterOp<'_>],
-        layers: Range<usize>,
-    ) -> Result<()>;
+    fn scatter_layers(&self, kv: &KvCaches, ops: &[ScatterOp<'_>], layers: Range<usize>)
+        -> Result<()>;
 
     /// Scatters whole records into blocks.
     fn scatter(&self, kv: &KvCaches, ops: &[ScatterOp<'_>]) -> Result<()> {
