@@ -6,6 +6,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
+// Calls moving at least this many bytes use non-temporal stores.
+#define STREAM_MIN_BYTES (16 << 20)
+
 // `CU_MEMHOSTREGISTER_PORTABLE | CU_MEMHOSTREGISTER_DEVICEMAP` — never
 // write-combined: the CPU reads the arena to compress it.
 #define HOST_REGISTER_FLAGS (1 | 2)
@@ -25,6 +28,15 @@
 
 // ABI version: bumped on every incompatible change of this header.
 #define KVPARK_ABI_VERSION 1
+
+// Sessions of the embedded default trace.
+#define DEFAULT_SESSIONS 400
+
+// Seed of the embedded default trace.
+#define DEFAULT_SEED 1
+
+// Default time compression of `kvpark replay`.
+#define DEFAULT_TIME_COMPRESSION 4.0
 
 // Slot alignment and size granularity: one 4 KiB page.
 #define SLOT_ALIGN 4096
@@ -160,6 +172,9 @@ typedef struct KvparkMatch {
 
 
 
+
+// The TTLs of the calibration table (1 min, 5 min, 1 h), in nanoseconds.
+#define TABLE_TTLS { 60000000000, 300000000000, 3600000000000, }
 
 #ifdef __cplusplus
 extern "C" {

@@ -41,8 +41,6 @@ pub struct Config {
     /// Host-resident hits up to this many bytes load synchronously; larger or
     /// NVMe-resident hits load asynchronously.
     pub sync_load_budget_bytes: u64,
-    /// Write every parked block to NVMe behind the host copy, so host eviction is free.
-    pub nvme_write_behind: bool,
     /// Placement policy name.
     pub policy: String,
     /// NVMe I/O threads per rank.
@@ -70,8 +68,7 @@ impl Default for Config {
             nvme_segment_bytes: 256 << 20,
             codec: CodecTag::Lz4Planes,
             sync_load_budget_bytes: 256 << 20,
-            nvme_write_behind: true,
-            policy: "lru".into(),
+            policy: "lmcache-lru".into(),
             io_threads: 2,
             fsync: Fsync::Segment,
             min_park_blocks: 1,
@@ -80,6 +77,10 @@ impl Default for Config {
         }
     }
 }
+
+/// Policies the connector can run (the replay also has calibration
+/// baselines and the oracle, which need the future of a trace).
+pub const CONNECTOR_POLICIES: &[&str] = &["lmcache-lru", "vllm-offload", "vllm-offload:arc"];
 
 /// The keys kvpark accepts, with a one-line description (README config table).
 pub const KEYS: &[(&str, &str, &str)] = &[
@@ -106,7 +107,7 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "true",
         "write parked blocks to NVMe behind the host copy",
     ),
-    ("policy", "\"lru\"", "placement policy"),
+    ("policy", "\"lmcache-lru\"", "placement policy: lmcache-lru (host + NVMe write-through, LRU), vllm-offload, vllm-offload:arc (host only)"),
     ("io_threads", "2", "NVMe I/O threads per rank"),
     ("fsync", "\"segment\"", "never, segment, record"),
     (
@@ -164,16 +165,12 @@ impl Config {
                 "nvme_segment_bytes" => c.nvme_segment_bytes = as_size(k, v)?,
                 "codec" => c.codec = CodecTag::parse(as_str(k, v)?).map_err(|e| e.context(k))?,
                 "sync_load_budget_bytes" => c.sync_load_budget_bytes = as_size(k, v)?,
-                "nvme_write_behind" => {
-                    c.nvme_write_behind = v.as_bool().ok_or_else(|| {
-                        Error::config(format!("{k}: expected true or false, got {v}"))
-                    })?
-                }
                 "policy" => {
                     let p = as_str(k, v)?;
-                    if p != "lru" {
+                    if !CONNECTOR_POLICIES.contains(&p) {
                         return Err(Error::config(format!(
-                            "policy: unknown policy {p:?} (available: \"lru\")"
+                            "policy: unknown policy {p:?} (available: {})",
+                            CONNECTOR_POLICIES.join(", ")
                         )));
                     }
                     c.policy = p.into();

@@ -26,6 +26,8 @@ pub struct SaveReq {
     pub session: u64,
     /// (key, vLLM block id, position in the session's chain).
     pub blocks: Vec<(BlockKey, u32, u32)>,
+    /// Also write the blocks to NVMe behind the host copy (the policy's call).
+    pub to_nvme: bool,
 }
 
 /// Load parked blocks into vLLM blocks.
@@ -234,6 +236,7 @@ impl Plan {
         for s in &self.saves {
             w.str(&s.req_id);
             w.u64(s.session);
+            w.u8(s.to_nvme as u8);
             w.len(s.blocks.len());
             for (k, b, seq) in &s.blocks {
                 w.key(k);
@@ -264,11 +267,12 @@ impl Plan {
         let mut r = R(buf);
         r.header(PLAN_MAGIC)?;
         let step = r.u64()?;
-        let n = r.len(16)?;
+        let n = r.len(17)?;
         let mut saves = Vec::with_capacity(n);
         for _ in 0..n {
             let req_id = r.str()?;
             let session = r.u64()?;
+            let to_nvme = r.u8()? != 0;
             let m = r.len(40)?;
             let mut blocks = Vec::with_capacity(m);
             for _ in 0..m {
@@ -278,6 +282,7 @@ impl Plan {
                 req_id,
                 session,
                 blocks,
+                to_nvme,
             });
         }
         let n = r.len(9)?;
@@ -388,6 +393,7 @@ mod tests {
                 req_id: "req-1".into(),
                 session: 42,
                 blocks: vec![(k(1), 5, 0), (k(2), 9, 1)],
+                to_nvme: true,
             }],
             loads: vec![LoadReq {
                 req_id: "r2".into(),

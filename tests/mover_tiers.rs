@@ -86,6 +86,7 @@ fn save(m: &mut Mover, req: &str, items: &[(u32, u32)]) {
             req_id: req.into(),
             session: 1,
             blocks: items.iter().map(|&(k, b)| (key(k), b, k)).collect(),
+            to_nvme: true,
         }],
         ..Default::default()
     };
@@ -275,6 +276,7 @@ fn unknown_block_and_unregistered_mover_fail_cleanly() {
             req_id: "early".into(),
             session: 1,
             blocks: vec![(key(1), 1, 0)],
+            to_nvme: true,
         }],
         loads: vec![LoadReq {
             req_id: "early-load".into(),

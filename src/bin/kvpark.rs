@@ -19,6 +19,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    #[command(flatten)]
+    Sim(kvpark::sim::cli::SimCommand),
     /// Measure host gather/scatter, NVMe segment I/O and codecs, each beside
     /// a baseline measured in the same run.
     Bench {
@@ -52,6 +54,7 @@ enum Cmd {
 
 fn run(cli: Cli) -> kvpark::Result<()> {
     match cli.cmd {
+        Cmd::Sim(cmd) => kvpark::sim::cli::run(cmd),
         Cmd::Bench { quick, dir, only } => {
             let parts: Vec<&str> = only.split(',').map(str::trim).collect();
             for p in &parts {

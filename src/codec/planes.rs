@@ -34,9 +34,7 @@ impl Codec for Lz4Planes {
         dst[0] = elem_size as u8;
         let mut plane = vec![0u8; n];
         for p in 0..elem_size {
-            for (i, out) in plane.iter_mut().enumerate() {
-                *out = src[i * elem_size + p];
-            }
+            split_plane(&src[..n * elem_size], elem_size, p, &mut plane);
             let before = dst.len();
             append_compressed(&plane, dst);
             let len = (dst.len() - before) as u32;
@@ -65,9 +63,7 @@ impl Codec for Lz4Planes {
                 .filter(|&e| e <= src.len())
                 .ok_or_else(|| Error::corrupt("lz4-planes: plane runs past the record"))?;
             decompress_exact(&src[pos..end], &mut plane)?;
-            for (i, &b) in plane.iter().enumerate() {
-                dst[i * es + p] = b;
-            }
+            merge_plane(&plane, es, p, &mut dst[..n * es]);
             pos = end;
         }
         let tail = &src[pos..];
@@ -76,5 +72,42 @@ impl Codec for Lz4Planes {
         }
         dst[n * es..].copy_from_slice(tail);
         Ok(())
+    }
+}
+
+/// `plane[i] = src[i * es + p]`, with the common element sizes unrolled so
+/// the loop vectorises (no bounds checks inside `chunks_exact`).
+fn split_plane(src: &[u8], es: usize, p: usize, plane: &mut [u8]) {
+    match es {
+        2 => src
+            .chunks_exact(2)
+            .zip(plane.iter_mut())
+            .for_each(|(c, o)| *o = c[p]),
+        4 => src
+            .chunks_exact(4)
+            .zip(plane.iter_mut())
+            .for_each(|(c, o)| *o = c[p]),
+        _ => src
+            .chunks_exact(es)
+            .zip(plane.iter_mut())
+            .for_each(|(c, o)| *o = c[p]),
+    }
+}
+
+/// `dst[i * es + p] = plane[i]`.
+fn merge_plane(plane: &[u8], es: usize, p: usize, dst: &mut [u8]) {
+    match es {
+        2 => dst
+            .chunks_exact_mut(2)
+            .zip(plane)
+            .for_each(|(c, &b)| c[p] = b),
+        4 => dst
+            .chunks_exact_mut(4)
+            .zip(plane)
+            .for_each(|(c, &b)| c[p] = b),
+        _ => dst
+            .chunks_exact_mut(es)
+            .zip(plane)
+            .for_each(|(c, &b)| c[p] = b),
     }
 }

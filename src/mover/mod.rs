@@ -80,7 +80,6 @@ struct Registered {
     metrics: MoverMetrics,
     engine: Arc<dyn CopyEngine>,
     clock: AtomicU64,
-    write_behind: bool,
     /// Demotion paused until this instant after the disk filled up.
     nvme_paused_until: Mutex<Option<Instant>>,
 }
@@ -206,7 +205,6 @@ impl Mover {
             geom,
             arena,
             index: Mutex::new(index),
-            write_behind: self.cfg.nvme_write_behind && nvme.is_some(),
             nvme,
             nvme_done,
             writes: Mutex::new(HashMap::new()),
@@ -577,7 +575,7 @@ impl Registered {
                 }
                 Ok(None) if ok => {
                     done.ok.push(key);
-                    if self.write_behind {
+                    if s.to_nvme {
                         self.demote(key, s.session, seq);
                     }
                 }

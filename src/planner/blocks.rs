@@ -17,11 +17,20 @@
 //! request_finished ─▶ [plan: Save new blocks] ─▶ worker gathers ─▶ finished_sending
 //!                     delay_free = true while the save is in flight
 //! ```
+//!
+//! Where a suspended session's KV lives is decided by the same
+//! [`crate::planner::core::Planner`] (and policy) that the replay simulator
+//! runs: a finished request *suspends* its session, the next request of the
+//! session *resumes* it, and every step *ticks* the planner. Its session-level
+//! actions become block moves here: a session's blocks are the chain keys it
+//! parked first (a prefix shared with an older session stays that session's).
 
 use crate::block::BlockKey;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::plan::{LoadReq, MoveKind, Plan, Report, SaveReq};
+use crate::planner::core::{Action, Awaiting, Capacity, Hint, Planner, SessionId, Tier};
+use crate::policy::PolicyEnv;
 use serde::Serialize;
 use std::collections::{HashMap, HashSet};
 
@@ -159,6 +168,14 @@ pub struct PlannerMetrics {
     pub block_bytes: u64,
     /// Sessions seen.
     pub sessions: u64,
+    /// Sessions ended after `session_ttl` idle.
+    pub sessions_ended: u64,
+    /// Block moves planned by the policy (evict, demote, promote, drop).
+    pub moves: u64,
+    /// Host bytes the core planner accounts for.
+    pub planned_host_bytes: u64,
+    /// NVMe bytes the core planner accounts for.
+    pub planned_nvme_bytes: u64,
 }
 
 /// Scheduler-side state of kvpark.
@@ -175,6 +192,15 @@ pub struct BlockPlanner {
     sessions: HashMap<String, u64>,
     next_session: u64,
     metrics: PlannerMetrics,
+    core: Planner,
+    /// Blocks each session owns (it parked them first), in chain order.
+    chains: HashMap<SessionId, Vec<BlockKey>>,
+    /// Save actions of the core planner waiting for the worker's report.
+    save_actions: HashMap<String, Vec<Action>>,
+    /// Requests already counted as a resume of their session.
+    resumed: HashSet<String>,
+    /// Last suspend or resume per session (for `session_ttl`).
+    last_seen: HashMap<SessionId, u64>,
 }
 
 impl BlockPlanner {
@@ -183,7 +209,22 @@ impl BlockPlanner {
         if block_size == 0 {
             return Err(Error::invalid("block_size must be > 0"));
         }
+        let policy = crate::policy::by_name(&cfg.policy, PolicyEnv::default(), None)
+            .map_err(|e| Error::config(format!("policy: {}", e.message())))?;
+        let cap = Capacity {
+            host_bytes: cfg.host_bytes,
+            nvme_bytes: if cfg.nvme_dir.is_some() {
+                cfg.nvme_bytes
+            } else {
+                0
+            },
+        };
         Ok(BlockPlanner {
+            core: Planner::new(cap, policy),
+            chains: HashMap::new(),
+            save_actions: HashMap::new(),
+            resumed: HashSet::new(),
+            last_seen: HashMap::new(),
             cfg,
             block_size,
             block_bytes: 0,
@@ -218,7 +259,21 @@ impl BlockPlanner {
                 loading: 0,
             });
             self.next_session = self.next_session.max(session.wrapping_add(1));
+            self.chains.entry(session).or_default().push(key);
             self.metrics.recovered_blocks += 1;
+        }
+        // The core planner learns each recovered session as suspended with an
+        // NVMe copy only.
+        let sessions: Vec<(SessionId, usize)> =
+            self.chains.iter().map(|(s, c)| (*s, c.len())).collect();
+        for (s, n) in sessions {
+            for a in self
+                .core
+                .suspend(0, s, n as u64 * self.block_bytes, &Hint::default())
+            {
+                let ok = matches!(a, Action::Copy { to: Tier::Nvme, .. });
+                self.core.completed(0, &a, ok);
+            }
         }
     }
 
@@ -236,6 +291,16 @@ impl BlockPlanner {
             .rev()
             .find_map(|k| self.blocks.get(k).map(|l| l.session))
             .unwrap_or_else(|| self.new_session())
+    }
+
+    /// The session a request continues, if kvpark has seen it.
+    fn known_session(&self, req: &RequestView<'_>, keys: &[BlockKey]) -> Option<SessionId> {
+        if let Some(name) = req.hint.as_ref().and_then(|h| h.session.as_ref()) {
+            return self.sessions.get(name).copied();
+        }
+        keys.iter()
+            .rev()
+            .find_map(|k| self.blocks.get(k).map(|l| l.session))
     }
 
     fn new_session(&mut self) -> u64 {
@@ -262,6 +327,12 @@ impl BlockPlanner {
             )));
         }
         let keys = req.keys()?;
+        if self.resumed.insert(req.req_id.to_string()) {
+            if let Some(s) = self.known_session(req, &keys) {
+                self.core.resume(now, s);
+                self.last_seen.insert(s, now);
+            }
+        }
         let bs = self.block_size as usize;
         let local = num_computed_tokens as usize / bs;
         let mut n = 0;
@@ -386,6 +457,9 @@ impl BlockPlanner {
             return Ok(false);
         }
         let session = self.session_for(req, &keys[..full]);
+        self.resumed.remove(req.req_id);
+        self.last_seen.insert(session, now);
+        let (to_host, to_nvme) = self.suspend_session(req, session, full, now);
         let mut blocks = Vec::new();
         for (i, k) in keys[..full].iter().enumerate() {
             match self.blocks.get_mut(k) {
@@ -402,7 +476,12 @@ impl BlockPlanner {
                 }
             }
         }
-        if blocks.is_empty() {
+        if blocks.is_empty() || !to_host {
+            if let Some(acts) = self.save_actions.remove(req.req_id) {
+                for a in acts {
+                    self.core.completed(now, &a, blocks.is_empty());
+                }
+            }
             return Ok(false);
         }
         self.metrics.saves += 1;
@@ -415,16 +494,148 @@ impl BlockPlanner {
             req_id: req.req_id.to_string(),
             session,
             blocks,
+            to_nvme,
         });
         Ok(true)
     }
 
+    /// Suspends `session` (now `full` blocks long) in the core planner and
+    /// runs the moves it decides; returns which tiers the new blocks go to.
+    fn suspend_session(
+        &mut self,
+        req: &RequestView<'_>,
+        session: SessionId,
+        full: usize,
+        now: u64,
+    ) -> (bool, bool) {
+        let hint = core_hint(req.hint.as_ref());
+        let bytes = full as u64 * self.block_bytes;
+        let actions = self.core.suspend(now, session, bytes, &hint);
+        if self.block_bytes == 0 {
+            // No worker has reported the block size yet (the very first
+            // requests): park to host, and through to NVMe when the policy
+            // writes through; the core planner learns the sizes from the next
+            // suspend on.
+            for a in &actions {
+                self.core.completed(now, a, false);
+            }
+            let through = self.cfg.nvme_dir.is_some() && self.cfg.policy == "lmcache-lru";
+            return (true, through);
+        }
+        let (mut to_host, mut to_nvme) = (false, false);
+        let mut saves = Vec::new();
+        for a in actions {
+            match a {
+                Action::Copy { from: None, to, .. } => {
+                    to_host |= to == Tier::Host;
+                    to_nvme |= to == Tier::Nvme;
+                    saves.push(a);
+                }
+                other => self.apply_action(other, now),
+            }
+        }
+        // The mover parks through the host tier: a save straight to NVMe
+        // still passes through a host slot first.
+        to_host |= to_nvme;
+        self.save_actions
+            .entry(req.req_id.to_string())
+            .or_default()
+            .extend(saves);
+        (to_host, to_nvme)
+    }
+
+    /// Turns a session-level action of the core planner into block moves
+    /// for the blocks the session owns, and tells the planner it is done.
+    fn apply_action(&mut self, a: Action, now: u64) {
+        let (session, kind) = match &a {
+            Action::Drop {
+                session,
+                tier: Tier::Host,
+                ..
+            } => (*session, MoveKind::EvictHost),
+            Action::Drop {
+                session,
+                tier: Tier::Nvme,
+                ..
+            } => (*session, MoveKind::Drop),
+            Action::Copy {
+                session,
+                from: Some(Tier::Host),
+                to: Tier::Nvme,
+                ..
+            } => (*session, MoveKind::Demote),
+            Action::Copy {
+                session,
+                from: Some(Tier::Nvme),
+                to: Tier::Host,
+                ..
+            } => (*session, MoveKind::Promote),
+            Action::Copy { .. } => {
+                self.core.completed(now, &a, false);
+                return;
+            }
+        };
+        let chain = self.chains.get(&session).cloned().unwrap_or_default();
+        for k in chain {
+            let Some(l) = self.blocks.get(&k) else {
+                continue;
+            };
+            if l.loading > 0 {
+                continue;
+            }
+            let wanted = match kind {
+                MoveKind::EvictHost => l.host,
+                // only blocks without a host copy: the NVMe copy of a block
+                // also in host memory goes when the store collects it
+                MoveKind::Drop => l.nvme && !l.host,
+                MoveKind::Demote => l.host && !l.nvme,
+                MoveKind::Promote => l.nvme && !l.host,
+            };
+            if wanted {
+                self.outbox.moves.push((kind, k));
+                self.metrics.moves += 1;
+            }
+        }
+        self.core.completed(now, &a, true);
+    }
+
     /// `build_connector_meta`: this step's plan, encoded.
-    pub fn build_meta(&mut self, _now: u64) -> Vec<u8> {
+    pub fn build_meta(&mut self, now: u64) -> Vec<u8> {
         self.step += 1;
+        for a in self.core.tick(now) {
+            self.apply_action(a, now);
+        }
+        if self.step % 1024 == 0 {
+            self.end_idle_sessions(now);
+        }
         let mut plan = std::mem::take(&mut self.outbox);
         plan.step = self.step;
         plan.encode()
+    }
+
+    /// Ends sessions idle longer than `session_ttl`: their blocks are dropped.
+    fn end_idle_sessions(&mut self, now: u64) {
+        let ttl = self.cfg.session_ttl_ns;
+        let idle: Vec<SessionId> = self
+            .last_seen
+            .iter()
+            .filter(|(_, &t)| now.saturating_sub(t) > ttl)
+            .map(|(&s, _)| s)
+            .collect();
+        for s in idle {
+            self.last_seen.remove(&s);
+            for a in self.core.end(now, s) {
+                self.apply_action(a, now);
+            }
+            if let Some(chain) = self.chains.remove(&s) {
+                for k in chain {
+                    if self.blocks.get(&k).is_some_and(|l| l.loading == 0) {
+                        self.outbox.moves.push((MoveKind::Drop, k));
+                    }
+                }
+            }
+            self.metrics.sessions_ended += 1;
+        }
     }
 
     /// Queues a tier move for the workers.
@@ -447,8 +658,16 @@ impl BlockPlanner {
                     self.saving_keys.remove(k);
                 }
             }
+            if let Some(acts) = self.save_actions.remove(&s.req_id) {
+                for a in acts {
+                    self.core.completed(now, &a, !s.ok.is_empty());
+                }
+            }
             for k in s.ok {
                 self.metrics.saved_blocks += 1;
+                if !self.blocks.contains_key(&k) {
+                    self.chains.entry(session).or_default().push(k);
+                }
                 let l = self.blocks.entry(k).or_insert(Loc {
                     host: false,
                     nvme: false,
@@ -508,6 +727,9 @@ impl BlockPlanner {
     /// Metrics snapshot.
     pub fn metrics(&mut self) -> PlannerMetrics {
         self.refresh_counts();
+        let (h, n) = self.core.occupancy();
+        self.metrics.planned_host_bytes = h;
+        self.metrics.planned_nvme_bytes = n;
         self.metrics.clone()
     }
 
@@ -741,5 +963,115 @@ mod tests {
         p.request_finished(&v2, &[3, 4], 2 * BS, 0).unwrap();
         let plan = Plan::decode(&p.build_meta(0)).unwrap();
         assert_eq!(plan.saves[0].session, s1);
+    }
+}
+
+/// The core planner's hint from the harness's.
+fn core_hint(h: Option<&RequestHint>) -> Hint {
+    let Some(h) = h else {
+        return Hint::default();
+    };
+    Hint {
+        awaiting: match h.awaiting.as_deref() {
+            Some("tool") => Awaiting::Tool,
+            Some("user") => Awaiting::User,
+            _ => Awaiting::Unknown,
+        },
+        tool: h.tool.clone(),
+    }
+}
+
+#[cfg(test)]
+mod policy_tests {
+    use super::*;
+    use crate::plan::SaveDone;
+
+    const BS: u32 = 16;
+    const BLOCK: u64 = 4096;
+
+    fn hashes(n: usize, seed: u8) -> Vec<u8> {
+        (0..n)
+            .flat_map(|i| [seed, i as u8, 9, 9, 9, 9, 9, 9])
+            .collect()
+    }
+
+    fn finish(p: &mut BlockPlanner, id: &str, h: &[u8], n: usize, now: u64) -> Plan {
+        let v = RequestView {
+            req_id: id,
+            salt: b"",
+            hashes: h,
+            hash_len: 8,
+            hint: None,
+        };
+        let ids: Vec<u32> = (1..=n as u32).collect();
+        p.request_finished(&v, &ids, n as u32 * BS, now).unwrap();
+        let plan = Plan::decode(&p.build_meta(now)).unwrap();
+        // the worker confirms every save
+        let saved: Vec<SaveDone> = plan
+            .saves
+            .iter()
+            .map(|s| SaveDone {
+                req_id: s.req_id.clone(),
+                ok: s.blocks.iter().map(|b| b.0).collect(),
+                failed: vec![],
+            })
+            .collect();
+        let rep = Report {
+            block_bytes: BLOCK,
+            saved,
+            ..Default::default()
+        };
+        p.on_report(&rep.encode(), now).unwrap();
+        plan
+    }
+
+    #[test]
+    fn host_capacity_is_enforced_by_the_policy_through_evictions() {
+        // room for 6 blocks on host, host-only policy
+        let cfg = Config {
+            host_bytes: 6 * BLOCK,
+            policy: "vllm-offload".into(),
+            ..Config::default()
+        };
+        let mut p = BlockPlanner::new(cfg, BS).unwrap();
+        // teach the planner the block size (first report)
+        finish(&mut p, "warm", &hashes(1, 99), 1, 1);
+        let a = finish(&mut p, "a", &hashes(4, 1), 4, 10);
+        assert_eq!(a.saves[0].blocks.len(), 4);
+        assert!(!a.saves[0].to_nvme, "host-only policy never writes NVMe");
+        // session b needs 4 more blocks: the oldest session goes (LRU), as block moves
+        let b = finish(&mut p, "b", &hashes(4, 2), 4, 20);
+        assert_eq!(b.saves[0].blocks.len(), 4);
+        let evicted: Vec<_> = b
+            .moves
+            .iter()
+            .filter(|m| m.0 == MoveKind::EvictHost)
+            .collect();
+        assert!(!evicted.is_empty(), "moves: {:?}", b.moves);
+        let m = p.metrics();
+        assert!(m.planned_host_bytes <= 6 * BLOCK, "{m:?}");
+    }
+
+    #[test]
+    fn write_through_policy_saves_to_nvme_when_configured() {
+        let dir = std::env::temp_dir();
+        let cfg = Config {
+            nvme_dir: Some(dir),
+            policy: "lmcache-lru".into(),
+            ..Config::default()
+        };
+        let mut p = BlockPlanner::new(cfg, BS).unwrap();
+        finish(&mut p, "warm", &hashes(1, 98), 1, 1);
+        let a = finish(&mut p, "a", &hashes(3, 3), 3, 10);
+        assert!(a.saves[0].to_nvme);
+        let cfg = Config {
+            policy: "vllm-offload:arc".into(),
+            ..Config::default()
+        };
+        let mut p = BlockPlanner::new(cfg, BS).unwrap();
+        finish(&mut p, "warm", &hashes(1, 98), 1, 1);
+        let a = finish(&mut p, "a", &hashes(3, 3), 3, 10);
+        assert!(!a.saves[0].to_nvme);
+        assert!(Config::from_json(br#"{"policy":"oracle"}"#).is_err());
     }
 }

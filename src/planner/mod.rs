@@ -1,8 +1,13 @@
 //! Scheduler-side facade: what kvpark holds, what requests can load, what
-//! finished requests park. Pure state: no threads, no I/O; time is an argument.
+//! finished requests park, and where each suspended session's KV lives. Pure
+//! state: no threads, no I/O; time is an argument.
 //!
-//! - [`blocks`]: the block planner the vLLM connector's scheduler role drives.
+//! - [`core`]: sessions, capacity accounting and the policy calls; the pure
+//!   planner that the connector and the replay simulator share.
+//! - [`blocks`]: the block-level planner the vLLM connector's scheduler role
+//!   drives; it maps vLLM's block hashes onto sessions and runs [`core`].
 
 pub mod blocks;
+pub mod core;
 
 pub use blocks::{BlockPlanner, Match, PlannerMetrics, RequestHint, RequestView};

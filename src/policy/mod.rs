@@ -1,1 +1,242 @@
-//! (in progress)
+//! Placement, eviction and prefetch policies (pure: no threads, no I/O, no
+//! clock reads; time is an argument).
+//!
+//! A [`Policy`] answers the [`crate::planner::core::Planner`]'s questions about
+//! one session at a time, from a read-only [`SessionView`]:
+//! - [`Policy::on_suspend`]: a step ended — save the KV to which tiers now,
+//!   and when to look at the session again;
+//! - [`Policy::on_timer`]: a timer it asked for fired (or a copy of the session
+//!   finished) — demote, prefetch or drop, and the next timer;
+//! - [`Policy::evict_key`]: the session's place in a tier's eviction order
+//!   (lowest first), recomputed by the planner whenever the session changes;
+//! - [`Policy::on_resume`]: the session came back after `gap` (learning).
+//!
+//! The planner owns capacity and accounting; a policy never sees or changes
+//! byte counts other than through the view, so a policy bug can make bad
+//! choices but never overbook a tier.
+//!
+//! The predictive policy fits the same shape: a predictor
+//! ([`crate::predict::GapPredictor`]) gives a gap distribution at suspend;
+//! the policy compares expected costs to choose keep / host / NVMe / drop,
+//! returns a timer for the demotion and for a prefetch ahead of the predicted
+//! return, and an eviction key from the expected time to return and the size.
+//!
+//! Registered names (see [`by_name`]): `gpu-lru`, `ttl:<dur>`, `lmcache-lru`,
+//! `vllm-offload`, `vllm-offload:arc`, `oracle`.
+
+pub mod baselines;
+pub mod oracle;
+
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::planner::core::{Hint, Nanos, SessionId, Tier};
+
+pub use baselines::{GpuOnly, LmcacheLru, Ttl, VllmOffload};
+pub use oracle::{Oracle, OracleBook};
+
+/// What a policy sees of a session (a snapshot; all bytes are the planner's accounting).
+#[derive(Clone, Debug)]
+pub struct SessionView<'a> {
+    /// The session.
+    pub id: SessionId,
+    /// Current KV length in bytes (as of the last suspend).
+    pub bytes: u64,
+    /// Committed bytes per tier (index [`tier_index`]): a valid prefix of the KV.
+    pub held: [u64; 2],
+    /// Bytes being copied into each tier.
+    pub pending: [u64; 2],
+    /// When the session was suspended; `None` while a step runs.
+    pub suspended_at: Option<Nanos>,
+    /// Last suspend or resume.
+    pub last_touch: Nanos,
+    /// Number of resumes so far.
+    pub resumes: u32,
+    /// Resumes served from each tier's copy since that copy was last evicted.
+    pub served: [u32; 2],
+    /// The hint given at the last suspend.
+    pub hint: &'a Hint,
+    /// Recent observed gaps (oldest first).
+    pub gaps: &'a [Nanos],
+}
+
+impl SessionView<'_> {
+    /// Committed bytes in `t`.
+    pub fn held_in(&self, t: Tier) -> u64 {
+        self.held[tier_index(t)]
+    }
+    /// Whether `t` holds the whole current KV.
+    pub fn full_in(&self, t: Tier) -> bool {
+        self.bytes > 0 && self.held_in(t) >= self.bytes
+    }
+}
+
+/// 0 for host, 1 for NVMe.
+pub fn tier_index(t: Tier) -> usize {
+    match t {
+        Tier::Host => 0,
+        Tier::Nvme => 1,
+    }
+}
+
+/// Decision at suspend.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SuspendPlan {
+    /// Tiers to save the (new bytes of the) KV into now, straight from the GPU.
+    pub save: Vec<Tier>,
+    /// When to call [`Policy::on_timer`] for this session.
+    pub timer: Option<Nanos>,
+}
+
+/// An operation a policy asks for on a timer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Copy host → NVMe (the missing bytes).
+    Demote,
+    /// Copy NVMe → host (the missing bytes), making room in host.
+    Prefetch,
+    /// Drop the copy in this tier.
+    Drop(Tier),
+}
+
+/// Decision on a timer.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TimerPlan {
+    /// Operations, in order.
+    pub ops: Vec<Op>,
+    /// The next timer, if any.
+    pub timer: Option<Nanos>,
+}
+
+/// A place in a tier's eviction order: lowest `(class, order)` goes first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct EvictKey {
+    /// Coarse class (ARC's T1 = 0 / T2 = 1); see [`Policy::victim_class`].
+    pub class: u8,
+    /// Order within the class.
+    pub order: u64,
+}
+
+/// Deployment facts a policy may use (link speeds for prefetch lead times).
+#[derive(Clone, Copy, Debug)]
+pub struct PolicyEnv {
+    /// NVMe read bandwidth (bytes/s of raw KV, after decode).
+    pub nvme_read_bps: f64,
+    /// Host → GPU bandwidth (bytes/s).
+    pub h2d_bps: f64,
+}
+
+impl Default for PolicyEnv {
+    fn default() -> Self {
+        PolicyEnv {
+            nvme_read_bps: 6e9,
+            h2d_bps: 25e9,
+        }
+    }
+}
+
+/// A placement / eviction / prefetch policy. See the module docs.
+pub trait Policy: Send {
+    /// The registered name ("vllm-offload:arc").
+    fn name(&self) -> String;
+    /// Calibration policies (`ttl:<dur>`) are idealised: the simulator gives
+    /// them unlimited capacity, instant copies and no GPU prefix cache.
+    fn idealised(&self) -> bool {
+        false
+    }
+    /// A step ended; the session is suspended.
+    fn on_suspend(&mut self, now: Nanos, s: &SessionView) -> SuspendPlan;
+    /// A timer fired or a copy of the session finished.
+    fn on_timer(&mut self, now: Nanos, s: &SessionView) -> TimerPlan {
+        let _ = (now, s);
+        TimerPlan::default()
+    }
+    /// The session's eviction key in `tier`.
+    fn evict_key(&self, s: &SessionView, tier: Tier) -> EvictKey {
+        let _ = tier;
+        EvictKey {
+            class: 0,
+            order: s.last_touch,
+        }
+    }
+    /// Which class to take the next victim from, given the bytes per class
+    /// (the other class is used when the chosen one has no candidate).
+    fn victim_class(&mut self, tier: Tier, class_bytes: [u64; 2]) -> u8 {
+        let _ = (tier, class_bytes);
+        0
+    }
+    /// The session came back after `gap`; `ghost` is the tier and class it was
+    /// last evicted from, if its copy was evicted since the last resume.
+    fn on_resume(&mut self, now: Nanos, s: &SessionView, gap: Nanos, ghost: Option<(Tier, u8)>) {
+        let _ = (now, s, gap, ghost);
+    }
+    /// A session ended.
+    fn on_end(&mut self, s: SessionId) {
+        let _ = s;
+    }
+}
+
+/// Valid policy names, for errors and help.
+pub const NAMES: &str =
+    "gpu-lru, ttl:<dur> (e.g. ttl:5m), lmcache-lru, vllm-offload, vllm-offload:arc, oracle";
+
+/// Builds a policy by name. `oracle` needs the simulator's book of future
+/// returns (`book`); it is an error without one.
+pub fn by_name(
+    name: &str,
+    env: PolicyEnv,
+    book: Option<Arc<OracleBook>>,
+) -> Result<Box<dyn Policy>> {
+    let n = name.trim();
+    match n {
+        "gpu-lru" => Ok(Box::new(GpuOnly)),
+        "lmcache-lru" => Ok(Box::new(LmcacheLru)),
+        "vllm-offload" | "vllm-offload:lru" => Ok(Box::new(VllmOffload::lru())),
+        "vllm-offload:arc" => Ok(Box::new(VllmOffload::arc())),
+        "oracle" => match book {
+            Some(b) => Ok(Box::new(Oracle::new(env, b))),
+            None => Err(Error::invalid(
+                "policy oracle needs the future of the trace: only the replay simulator can run it",
+            )),
+        },
+        _ => {
+            if let Some(d) = n.strip_prefix("ttl:") {
+                let tau = crate::units::parse_duration_ns(d)
+                    .map_err(|e| Error::invalid(format!("policy {n:?}: {}", e.message())))?;
+                return Ok(Box::new(Ttl::new(tau)));
+            }
+            Err(Error::invalid(format!(
+                "unknown policy {n:?}; valid names: {NAMES}"
+            )))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_resolve_and_kvpark_is_not_registered() {
+        for n in [
+            "gpu-lru",
+            "lmcache-lru",
+            "vllm-offload",
+            "vllm-offload:arc",
+            "ttl:5m",
+        ] {
+            assert_eq!(by_name(n, PolicyEnv::default(), None).unwrap().name(), n);
+        }
+        let e = by_name("kvpark", PolicyEnv::default(), None).err().unwrap();
+        assert!(e.message().contains("valid names"), "{}", e.message());
+        assert!(by_name("ttl:5 fortnights", PolicyEnv::default(), None).is_err());
+        assert!(by_name("oracle", PolicyEnv::default(), None).is_err());
+        let book = Arc::new(OracleBook::default());
+        assert_eq!(
+            by_name("oracle", PolicyEnv::default(), Some(book))
+                .unwrap()
+                .name(),
+            "oracle"
+        );
+    }
+}

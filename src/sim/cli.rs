@@ -1,0 +1,164 @@
+//! The `replay` and `trace` subcommands, as a `clap` subcommand enum the
+//! `kvpark` binary flattens in.
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+
+use super::stats::TraceStats;
+use super::synth::{write_trace, SynthConfig};
+use super::trace;
+use crate::error::{Result, ResultExt};
+
+/// The simulator's subcommands.
+#[derive(Debug, Subcommand)]
+pub enum SimCommand {
+    /// Replay a trace through policies on a modelled deployment and compare them.
+    Replay(ReplayArgs),
+    /// Work with TraceLab traces.
+    Trace {
+        /// What to do.
+        #[command(subcommand)]
+        cmd: TraceCommand,
+    },
+}
+
+/// `kvpark trace ...`
+#[derive(Debug, Subcommand)]
+pub enum TraceCommand {
+    /// Write a calibrated synthetic trace (TraceLab JSONL).
+    Synth {
+        /// Number of sessions.
+        #[arg(long, default_value_t = 4300)]
+        sessions: u64,
+        /// Seed (same seed, same bytes).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Output file (`.gz` suffix: gzip).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print a trace's distributions and the idealised TTL sweep.
+    Stats {
+        /// A TraceLab `.jsonl` or `.jsonl.gz` file.
+        file: PathBuf,
+        /// Also write the numbers as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+}
+
+/// `kvpark replay ...`
+#[derive(Debug, Args, Default)]
+pub struct ReplayArgs {
+    /// A TraceLab file (real or generated); default: an embedded generated trace.
+    #[arg(long)]
+    pub trace: Option<PathBuf>,
+    /// Deployment JSON; default: the embedded one (`kvpark replay --print-deployment`).
+    #[arg(long)]
+    pub deployment: Option<PathBuf>,
+    /// Print the default deployment JSON and exit.
+    #[arg(long)]
+    pub print_deployment: bool,
+    /// Policies to compare, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub policies: Vec<String>,
+    /// Divide session start times by X (more sessions at once per GPU).
+    #[arg(long)]
+    pub time_compression: Option<f64>,
+    /// Seed of the embedded trace.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Sessions of the embedded trace.
+    #[arg(long)]
+    pub sessions: Option<u64>,
+    /// Write the results as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Write SVG plots into this directory.
+    #[arg(long)]
+    pub plots: Option<PathBuf>,
+    /// Show progress on stderr even when it is not a terminal.
+    #[arg(long)]
+    pub progress: bool,
+}
+
+/// Runs a simulator subcommand.
+pub fn run(cmd: SimCommand) -> Result<()> {
+    match cmd {
+        SimCommand::Trace {
+            cmd:
+                TraceCommand::Synth {
+                    sessions,
+                    seed,
+                    out,
+                },
+        } => {
+            let f = std::fs::File::create(&out).ctx(format!("create {}", out.display()))?;
+            let gz = out.extension().is_some_and(|e| e == "gz");
+            let t = std::time::Instant::now();
+            let sum = if gz {
+                let mut enc = flate2::write::GzEncoder::new(
+                    std::io::BufWriter::new(f),
+                    flate2::Compression::fast(),
+                );
+                let s = write_trace(&SynthConfig::new(sessions, seed), &mut enc)?;
+                enc.finish().ctx(format!("write {}", out.display()))?;
+                s
+            } else {
+                write_trace(
+                    &SynthConfig::new(sessions, seed),
+                    std::io::BufWriter::new(f),
+                )?
+            };
+            let dt = t.elapsed().as_secs_f64();
+            eprintln!(
+                "wrote {} sessions, {} steps to {} in {:.2} s ({:.0} steps/s)",
+                sum.sessions,
+                sum.steps,
+                out.display(),
+                dt,
+                sum.steps as f64 / dt.max(1e-9)
+            );
+            Ok(())
+        }
+        SimCommand::Trace {
+            cmd: TraceCommand::Stats { file, json },
+        } => {
+            let mut st = TraceStats::default();
+            let sum = trace::read_file(&file, |s, tools| {
+                st.add(&s, tools);
+                Ok(())
+            })?;
+            if sum.rows == 0 {
+                return Err(trace::empty_trace(&file, &sum));
+            }
+            if sum.bad_lines > 0 {
+                eprintln!(
+                    "{}: {} malformed lines skipped",
+                    file.display(),
+                    sum.bad_lines
+                );
+                for b in sum.bad.iter().take(5) {
+                    eprintln!("  line {}: {}", b.line, b.reason);
+                }
+            }
+            print!("{}", st.render());
+            if let Some(j) = json {
+                let v = serde_json::json!({
+                    "sessions": st.sessions, "steps": st.steps, "counted": st.counted,
+                    "malformed_lines": sum.bad_lines,
+                    "sweep": st.sweep(),
+                });
+                std::fs::write(
+                    &j,
+                    serde_json::to_vec_pretty(&v)
+                        .map_err(|e| crate::Error::internal(e.to_string()))?,
+                )
+                .ctx(format!("write {}", j.display()))?;
+            }
+            Ok(())
+        }
+        SimCommand::Replay(a) => super::replay_cli(a),
+    }
+}

@@ -1,0 +1,202 @@
+//! The modelled deployment: one GPU's KV capacity, kvpark's host and NVMe
+//! tiers, link bandwidths, codec, prefill speed. Read from JSON
+//! (`--deployment FILE`); [`DEFAULT_JSON`] is embedded and documented.
+//!
+//! Sizes accept units ("56GiB") or plain byte counts; bandwidths are in
+//! GB/s (10^9 bytes per second). Unknown keys are an error naming the key.
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+use crate::units::parse_size;
+
+/// The embedded default: Llama-3.1-8B (bf16, 128 KiB of KV per token) on one
+/// 80 GB H100 — 56 GiB left for KV after weights and activations — with
+/// 256 GiB of pinned host memory and one 4 TiB NVMe drive (PCIe 4.0 x4 class:
+/// 6.5 GB/s read, 3.5 GB/s write), PCIe 5.0 x16 to the GPU (~25 GB/s each
+/// way in practice), a byte-plane entropy codec (1.45×, DESIGN §4) encoding
+/// at 4 GB/s and decoding at 6 GB/s, and prefill at 16k tokens/s on a short
+/// context, halving every 64k tokens of context.
+pub const DEFAULT_JSON: &str = r#"{
+  "name": "llama-3.1-8b on 1x H100-80GB, 256 GiB pinned host, 4 TiB NVMe",
+  "kv_bytes_per_token": 131072,
+  "gpu_kv_bytes": "56GiB",
+  "host_bytes": "256GiB",
+  "nvme_bytes": "4TiB",
+  "pcie_h2d_gbps": 25.0,
+  "pcie_d2h_gbps": 25.0,
+  "nvme_read_gbps": 6.5,
+  "nvme_write_gbps": 3.5,
+  "codec_ratio": 1.45,
+  "codec_encode_gbps": 4.0,
+  "codec_decode_gbps": 6.0,
+  "prefill_tokens_per_s": 16000,
+  "prefill_halving_context_tokens": 64000
+}"#;
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Size {
+    N(u64),
+    S(String),
+}
+
+impl Size {
+    fn bytes(&self, key: &str) -> Result<u64> {
+        match self {
+            Size::N(n) => Ok(*n),
+            Size::S(s) => parse_size(s)
+                .map_err(|e| Error::config(format!("deployment {key}: {}", e.message()))),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    #[serde(default)]
+    name: Option<String>,
+    kv_bytes_per_token: u64,
+    gpu_kv_bytes: Size,
+    host_bytes: Size,
+    nvme_bytes: Size,
+    pcie_h2d_gbps: f64,
+    pcie_d2h_gbps: f64,
+    nvme_read_gbps: f64,
+    nvme_write_gbps: f64,
+    codec_ratio: f64,
+    codec_encode_gbps: f64,
+    codec_decode_gbps: f64,
+    prefill_tokens_per_s: f64,
+    prefill_halving_context_tokens: f64,
+}
+
+/// A validated deployment (bandwidths in bytes per second).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Deployment {
+    /// Free-form name.
+    pub name: String,
+    /// Model KV bytes per token.
+    pub kv_bytes_per_token: u64,
+    /// GPU KV capacity (vLLM's paged cache).
+    pub gpu_kv_bytes: u64,
+    /// kvpark host tier capacity.
+    pub host_bytes: u64,
+    /// kvpark NVMe tier capacity (stored, i.e. compressed, bytes).
+    pub nvme_bytes: u64,
+    /// Host → GPU bytes/s.
+    pub h2d_bps: f64,
+    /// GPU → host bytes/s.
+    pub d2h_bps: f64,
+    /// NVMe read bytes/s.
+    pub nvme_read_bps: f64,
+    /// NVMe write bytes/s.
+    pub nvme_write_bps: f64,
+    /// Raw / stored.
+    pub codec_ratio: f64,
+    /// Encode raw bytes/s.
+    pub encode_bps: f64,
+    /// Decode raw bytes/s.
+    pub decode_bps: f64,
+    /// Prefill tokens/s at an empty context.
+    pub prefill_tps: f64,
+    /// Context length (tokens) at which prefill speed halves.
+    pub prefill_halving: f64,
+}
+
+impl Deployment {
+    /// Parses and validates deployment JSON.
+    pub fn from_json(text: &str) -> Result<Self> {
+        let r: Raw =
+            serde_json::from_str(text).map_err(|e| Error::config(format!("deployment: {e}")))?;
+        let d = Deployment {
+            name: r.name.unwrap_or_else(|| "deployment".into()),
+            kv_bytes_per_token: r.kv_bytes_per_token,
+            gpu_kv_bytes: r.gpu_kv_bytes.bytes("gpu_kv_bytes")?,
+            host_bytes: r.host_bytes.bytes("host_bytes")?,
+            nvme_bytes: r.nvme_bytes.bytes("nvme_bytes")?,
+            h2d_bps: r.pcie_h2d_gbps * 1e9,
+            d2h_bps: r.pcie_d2h_gbps * 1e9,
+            nvme_read_bps: r.nvme_read_gbps * 1e9,
+            nvme_write_bps: r.nvme_write_gbps * 1e9,
+            codec_ratio: r.codec_ratio,
+            encode_bps: r.codec_encode_gbps * 1e9,
+            decode_bps: r.codec_decode_gbps * 1e9,
+            prefill_tps: r.prefill_tokens_per_s,
+            prefill_halving: r.prefill_halving_context_tokens,
+        };
+        if d.kv_bytes_per_token == 0 {
+            return Err(Error::config("deployment kv_bytes_per_token: must be > 0"));
+        }
+        for (k, v) in [
+            ("pcie_h2d_gbps", d.h2d_bps),
+            ("pcie_d2h_gbps", d.d2h_bps),
+            ("nvme_read_gbps", d.nvme_read_bps),
+            ("nvme_write_gbps", d.nvme_write_bps),
+            ("codec_encode_gbps", d.encode_bps),
+            ("codec_decode_gbps", d.decode_bps),
+            ("prefill_tokens_per_s", d.prefill_tps),
+            ("prefill_halving_context_tokens", d.prefill_halving),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(Error::config(format!(
+                    "deployment {k}: must be a positive number"
+                )));
+            }
+        }
+        if !(d.codec_ratio.is_finite() && d.codec_ratio >= 1.0) {
+            return Err(Error::config(
+                "deployment codec_ratio: must be ≥ 1 (lossless codecs never grow data here)",
+            ));
+        }
+        Ok(d)
+    }
+
+    /// The embedded default.
+    pub fn default_deployment() -> Self {
+        Self::from_json(DEFAULT_JSON).expect("embedded default deployment is valid")
+    }
+
+    /// Seconds to prefill `n` new tokens on top of `ctx` cached ones: the
+    /// rate falls as 1 / (1 + c / halving) with the mean context c over the
+    /// prefilled span.
+    pub fn prefill_s(&self, n: u64, ctx: u64) -> f64 {
+        if n == 0 {
+            return 0.0;
+        }
+        let mean_ctx = ctx as f64 + n as f64 / 2.0;
+        n as f64 / self.prefill_tps * (1.0 + mean_ctx / self.prefill_halving)
+    }
+
+    /// Stored (compressed) bytes of `raw` KV bytes.
+    pub fn stored(&self, raw: u64) -> u64 {
+        (raw as f64 / self.codec_ratio).ceil() as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_parses_and_bad_keys_are_named() {
+        let d = Deployment::default_deployment();
+        assert_eq!(d.gpu_kv_bytes, 56 << 30);
+        assert_eq!(d.kv_bytes_per_token, 131072);
+        let bad = DEFAULT_JSON.replace("\"codec_ratio\"", "\"codec_ration\"");
+        let e = Deployment::from_json(&bad).unwrap_err();
+        assert!(e.message().contains("codec_ration"), "{}", e.message());
+        let bad = DEFAULT_JSON.replace("\"56GiB\"", "\"56 gigs\"");
+        assert!(Deployment::from_json(&bad)
+            .unwrap_err()
+            .message()
+            .contains("gpu_kv_bytes"));
+        let bad = DEFAULT_JSON.replace("\"nvme_read_gbps\": 6.5", "\"nvme_read_gbps\": 0");
+        assert!(Deployment::from_json(&bad)
+            .unwrap_err()
+            .message()
+            .contains("nvme_read_gbps"));
+        // 16k tokens at an empty context: 1 s × (1 + 8k/64k)
+        assert!((d.prefill_s(16_000, 0) - 1.125).abs() < 1e-12);
+    }
+}
