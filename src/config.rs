@@ -52,7 +52,12 @@ pub struct Config {
     /// Log level: "error", "warn", "info", "debug".
     pub log_level: String,
     /// Session idle time after which a session's state is forgotten (ns).
+    #[serde(rename = "session_ttl", serialize_with = "ser_ns")]
     pub session_ttl_ns: u64,
+}
+
+fn ser_ns<S: serde::Serializer>(ns: &u64, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{ns}ns"))
 }
 
 fn ser_codec<S: serde::Serializer>(c: &CodecTag, s: S) -> std::result::Result<S::Ok, S::Error> {
@@ -101,11 +106,6 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "sync_load_budget_bytes",
         "\"256MiB\"",
         "host hits up to this size load before the forward; larger or NVMe hits load async",
-    ),
-    (
-        "nvme_write_behind",
-        "true",
-        "write parked blocks to NVMe behind the host copy",
     ),
     ("policy", "\"lmcache-lru\"", "placement policy: lmcache-lru (host + NVMe write-through, LRU), vllm-offload, vllm-offload:arc (host only)"),
     ("io_threads", "2", "NVMe I/O threads per rank"),
@@ -261,6 +261,17 @@ mod tests {
         assert_eq!(c.fsync, Fsync::Record);
         assert_eq!(c.io_threads, 2);
         assert_eq!(Config::from_json(b"").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn normalized_json_parses_back_to_the_same_config() {
+        let c = Config::from_json(
+            br#"{"host_bytes":"3GiB","session_ttl":"90m","codec":"none","policy":"vllm-offload:arc","nvme_dir":"/tmp/x"}"#,
+        )
+        .unwrap();
+        let again = Config::from_json(c.to_json().as_bytes()).unwrap();
+        assert_eq!(again, c);
+        assert_eq!(c.session_ttl_ns, 90 * 60 * 1_000_000_000);
     }
 
     #[test]
