@@ -49,8 +49,6 @@ pub struct Config {
     pub fsync: Fsync,
     /// Smallest prefix worth parking, in blocks.
     pub min_park_blocks: u32,
-    /// Log level: "error", "warn", "info", "debug".
-    pub log_level: String,
     /// Session idle time after which a session's state is forgotten (ns).
     #[serde(rename = "session_ttl", serialize_with = "ser_ns")]
     pub session_ttl_ns: u64,
@@ -77,7 +75,6 @@ impl Default for Config {
             io_threads: 2,
             fsync: Fsync::Segment,
             min_park_blocks: 1,
-            log_level: "info".into(),
             session_ttl_ns: 24 * 3600 * 1_000_000_000,
         }
     }
@@ -115,7 +112,6 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "1",
         "shortest prefix worth parking, in blocks",
     ),
-    ("log_level", "\"info\"", "error, warn, info, debug"),
     ("session_ttl", "\"24h\"", "forget a session idle this long"),
 ];
 
@@ -199,15 +195,6 @@ impl Config {
                             .ok_or_else(|| {
                                 Error::config(format!("{k}: expected a block count, got {v}"))
                             })? as u32
-                }
-                "log_level" => {
-                    let s = as_str(k, v)?;
-                    if !["error", "warn", "info", "debug"].contains(&s) {
-                        return Err(Error::config(format!(
-                            "log_level: unknown level {s:?} (error, warn, info, debug)"
-                        )));
-                    }
-                    c.log_level = s.into();
                 }
                 "session_ttl" => {
                     c.session_ttl_ns = match v {
