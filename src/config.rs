@@ -49,10 +49,13 @@ pub struct Config {
     pub fsync: Fsync,
     /// Smallest prefix worth parking, in blocks.
     pub min_park_blocks: u32,
-    /// Log level: "error", "warn", "info", "debug".
-    pub log_level: String,
     /// Session idle time after which a session's state is forgotten (ns).
+    #[serde(rename = "session_ttl", serialize_with = "ser_ns")]
     pub session_ttl_ns: u64,
+}
+
+fn ser_ns<S: serde::Serializer>(ns: &u64, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{ns}ns"))
 }
 
 fn ser_codec<S: serde::Serializer>(c: &CodecTag, s: S) -> std::result::Result<S::Ok, S::Error> {
@@ -72,7 +75,6 @@ impl Default for Config {
             io_threads: 2,
             fsync: Fsync::Segment,
             min_park_blocks: 1,
-            log_level: "info".into(),
             session_ttl_ns: 24 * 3600 * 1_000_000_000,
         }
     }
@@ -102,11 +104,6 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "\"256MiB\"",
         "host hits up to this size load before the forward; larger or NVMe hits load async",
     ),
-    (
-        "nvme_write_behind",
-        "true",
-        "write parked blocks to NVMe behind the host copy",
-    ),
     ("policy", "\"lmcache-lru\"", "placement policy: lmcache-lru (host + NVMe write-through, LRU), vllm-offload, vllm-offload:arc (host only)"),
     ("io_threads", "2", "NVMe I/O threads per rank"),
     ("fsync", "\"segment\"", "never, segment, record"),
@@ -115,7 +112,6 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "1",
         "shortest prefix worth parking, in blocks",
     ),
-    ("log_level", "\"info\"", "error, warn, info, debug"),
     ("session_ttl", "\"24h\"", "forget a session idle this long"),
 ];
 
@@ -200,15 +196,6 @@ impl Config {
                                 Error::config(format!("{k}: expected a block count, got {v}"))
                             })? as u32
                 }
-                "log_level" => {
-                    let s = as_str(k, v)?;
-                    if !["error", "warn", "info", "debug"].contains(&s) {
-                        return Err(Error::config(format!(
-                            "log_level: unknown level {s:?} (error, warn, info, debug)"
-                        )));
-                    }
-                    c.log_level = s.into();
-                }
                 "session_ttl" => {
                     c.session_ttl_ns = match v {
                         Value::String(s) => parse_duration_ns(s).map_err(|e| e.context(k))?,
@@ -261,6 +248,17 @@ mod tests {
         assert_eq!(c.fsync, Fsync::Record);
         assert_eq!(c.io_threads, 2);
         assert_eq!(Config::from_json(b"").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn normalized_json_parses_back_to_the_same_config() {
+        let c = Config::from_json(
+            br#"{"host_bytes":"3GiB","session_ttl":"90m","codec":"none","policy":"vllm-offload:arc","nvme_dir":"/tmp/x"}"#,
+        )
+        .unwrap();
+        let again = Config::from_json(c.to_json().as_bytes()).unwrap();
+        assert_eq!(again, c);
+        assert_eq!(c.session_ttl_ns, 90 * 60 * 1_000_000_000);
     }
 
     #[test]
