@@ -155,7 +155,7 @@ def runs(tmp_path_factory, tiny_model, libkvpark):
     tmp = tmp_path_factory.mktemp("e2e")
     nvme = tmp / "nvme"
     # A host tier of 20 blocks (32 KiB each): two long sessions push the first one out to
-    # NVMe; "nvme_write_behind" (the default) writes every parked block to NVMe too.
+    # NVMe; the default policy ("lmcache-lru") writes every parked block through to NVMe.
     # Host hits up to 16 blocks load before the forward (sync); NVMe hits always async.
     cfg = {"host_bytes": "640KiB", "nvme_dir": str(nvme), "sync_load_budget_bytes": "512KiB"}
     ref = run_engine(
