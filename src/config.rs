@@ -69,7 +69,7 @@ impl Default for Config {
             nvme_dir: None,
             nvme_bytes: 64 << 30,
             nvme_segment_bytes: 256 << 20,
-            codec: CodecTag::Lz4Planes,
+            codec: CodecTag::None,
             sync_load_budget_bytes: 256 << 20,
             policy: "lmcache-lru".into(),
             io_threads: 2,
@@ -96,8 +96,8 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     ("nvme_segment_bytes", "\"256MiB\"", "segment file size"),
     (
         "codec",
-        "\"lz4-planes\"",
-        "NVMe record codec: none, lz4, lz4-planes",
+        "\"none\"",
+        "NVMe record codec: none, lz4, lz4-planes (lossless; lz4-planes saves ~17% of NVMe bytes at ~0.5 GB/s per I/O thread)",
     ),
     (
         "sync_load_budget_bytes",
