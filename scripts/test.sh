@@ -40,7 +40,11 @@ step "vLLM connector (real vLLM engine, CPU backend)"
 # scripts/e2e_setup.sh (run by setup.sh) built libkvpark and installed python_shim;
 # refresh the library in the package in case the sources changed since.
 cp -f target/release/libkvpark.so python_shim/kvpark/lib/libkvpark.so
-.venv/bin/python -m pytest tests/vllm -q -p no:cacheprovider
+.venv/bin/python -m pytest tests/vllm -q -p no:cacheprovider 2>&1 | tee target/vllm-tests.log
 
 step "summary"
-grep -E '^test result:' target/rust-tests.log | awk '{p+=$4; f+=$6; i+=$8} END {printf "rust: %d passed, %d failed, %d skipped\n", p, f, i}'
+rust=$(grep -E '^test result:' target/rust-tests.log | awk '{p+=$4; f+=$6; i+=$8} END {print p, f, i}')
+py=$(grep -Eo '[0-9]+ passed' target/vllm-tests.log | tail -1 | grep -Eo '[0-9]+')
+read -r rp rf ri <<<"$rust"
+echo "rust ${rp} passed, ${rf} failed, ${ri} skipped (GPU tests without a device); C ABI smoke passed; vLLM ${py:-0} passed"
+echo "kvpark: $((rp + ${py:-0} + 1)) passed, ${rf} failed, ${ri} skipped"
