@@ -293,3 +293,36 @@ fn unknown_block_and_unregistered_mover_fail_cleanly() {
     assert_eq!(f.recving, vec!["early-load".to_string()]);
     assert_eq!(f.failed_blocks, vec![2]);
 }
+
+#[test]
+fn write_behind_never_blocks_a_save_and_lands_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = Config {
+        nvme_dir: Some(dir.path().to_path_buf()),
+        nvme_segment_bytes: 4 << 20,
+        ..Config::default()
+    };
+    let mut c = Cache::new();
+    for b in 1..=30 {
+        c.fill(b, b as f32);
+    }
+    let mut m = mover(&cfg, &mut c);
+    // one request parks 30 blocks: far more NVMe writes than the store queues
+    save(
+        &mut m,
+        "big",
+        &(1..=30).map(|b| (200 + b, b)).collect::<Vec<_>>(),
+    );
+    let k = counters(&m);
+    assert_eq!(k["saved_blocks"], 30);
+    assert_eq!(
+        k["demotions_deferred"], 22,
+        "8 in flight, the rest wait: {k}"
+    );
+    m.drain(Duration::from_secs(20));
+    let k = counters(&m);
+    assert_eq!(k["demoted_blocks"], 30, "{k}");
+    assert_eq!(k["nvme_write_errors"], 0);
+    let on_nvme = Report::decode(&m.take_report()).unwrap().on_nvme.len();
+    assert_eq!(on_nvme, 30);
+}

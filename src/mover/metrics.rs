@@ -56,6 +56,8 @@ counters! {
     nvme_write_errors,
     /// NVMe writes refused because the disk was full.
     nvme_full,
+    /// Demotions that waited for room in the store's queue.
+    demotions_deferred,
     /// Demotions skipped while the disk is full.
     demotions_skipped_full,
     /// Blocks indexed from NVMe at start.

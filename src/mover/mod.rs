@@ -76,6 +76,8 @@ struct Registered {
     nvme_done: Option<Receiver<Completion>>,
     /// NVMe writes in flight: ticket → key.
     writes: Mutex<HashMap<u64, BlockKey>>,
+    /// Demotions waiting for room in the store's queue.
+    deferred: Mutex<std::collections::VecDeque<(BlockKey, u64, u32)>>,
     report: Mutex<Report>,
     metrics: MoverMetrics,
     engine: Arc<dyn CopyEngine>,
@@ -102,6 +104,13 @@ pub struct Mover {
     pending_async: usize,
     pinning: Option<crate::copy::cuda::PinningJob>,
 }
+
+/// NVMe writes the mover keeps in flight; must not exceed the store's
+/// `queue_depth` (8) so that a submission never blocks.
+const MAX_WRITES_IN_FLIGHT: usize = 8;
+
+/// Eviction candidates looked at per eviction (LRU order).
+const EVICT_SCAN: usize = 32;
 
 /// Host arena pinning granularity on CUDA machines.
 const PIN_CHUNK_BYTES: usize = 1 << 30;
@@ -208,6 +217,7 @@ impl Mover {
             nvme,
             nvme_done,
             writes: Mutex::new(HashMap::new()),
+            deferred: Mutex::new(std::collections::VecDeque::new()),
             report: Mutex::new(Report::default()),
             metrics,
             engine: self.engine.clone(),
@@ -418,7 +428,9 @@ impl Drop for Mover {
         if let Some(reg) = &self.reg {
             // Let write-behind finish so what was acknowledged is on disk.
             let end = Instant::now() + Duration::from_secs(10);
-            while !reg.writes.lock().is_empty() && Instant::now() < end {
+            while !(reg.writes.lock().is_empty() && reg.deferred.lock().is_empty())
+                && Instant::now() < end
+            {
                 reg.poll_nvme(Duration::from_millis(10));
             }
             if let Some(n) = &reg.nvme {
@@ -456,39 +468,41 @@ impl Registered {
         self.clock.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Frees host slots until one can be allocated.
+    /// Frees host slots until one can be allocated. Never waits on the
+    /// disk: it evicts a block that has an NVMe copy if it can, else drops
+    /// the least recently used host-only block; with everything pinned or in
+    /// flight it fails with NoSpace (the caller reports the block unsaved).
     fn alloc_slot(&self) -> Result<SlotId> {
         loop {
             match self.arena.alloc() {
                 Ok(s) => return Ok(s),
                 Err(e) if e.kind() == ErrorKind::NoSpace => {
-                    if self.evict_one()? {
+                    self.poll_nvme(Duration::ZERO);
+                    if self.evict_one(false)? || self.evict_one(true)? {
                         continue;
                     }
-                    // Everything is in flight: wait for an NVMe write to land.
-                    if self.writes.lock().is_empty() || !self.poll_nvme(Duration::from_secs(5)) {
-                        self.metrics.host_full.fetch_add(1, Ordering::Relaxed);
-                        return Err(e.context(format!(
-                            "host tier full: {} slots, none evictable",
-                            self.arena.capacity()
-                        )));
-                    }
+                    self.metrics.host_full.fetch_add(1, Ordering::Relaxed);
+                    return Err(e.context(format!(
+                        "host tier full: {} slots, all pinned or in flight",
+                        self.arena.capacity()
+                    )));
                 }
                 Err(e) => return Err(e),
             }
         }
     }
 
-    /// Evicts one host block (LRU among unpinned, settled blocks). Returns
-    /// false when nothing can be evicted now.
-    fn evict_one(&self) -> Result<bool> {
+    /// Evicts one host block in LRU order among unpinned, settled blocks:
+    /// only blocks with an NVMe copy, or (with `drop_host_only`) also blocks
+    /// that exist only here, which are then lost. Returns false when none.
+    fn evict_one(&self, drop_host_only: bool) -> Result<bool> {
         let now = self.now();
         let mut idx = self.index.lock();
-        for key in idx.evictable_host_victims(4, now) {
+        for key in idx.evictable_host_victims(EVICT_SCAN, now) {
             let Some(e) = idx.get(&key) else { continue };
             let slot = match e.state {
                 BlockState::HostAndNvme => idx.release_host(&key).ok(),
-                BlockState::Host => match idx.remove(&key) {
+                BlockState::Host if drop_host_only => match idx.remove(&key) {
                     Ok(s) => {
                         self.report.lock().lost.push(key);
                         self.metrics.dropped_blocks.fetch_add(1, Ordering::Relaxed);
@@ -600,6 +614,15 @@ impl Registered {
     /// Starts an NVMe write of a host block (write-behind or a planned demotion).
     fn demote(&self, key: BlockKey, session: u64, seq: u32) {
         let Some(store) = &self.nvme else { return };
+        // Never block the caller (vLLM's step) on the disk: with the store's
+        // queue full, the demotion waits here and poll_nvme submits it later.
+        if self.writes.lock().len() >= MAX_WRITES_IN_FLIGHT {
+            self.deferred.lock().push_back((key, session, seq));
+            self.metrics
+                .demotions_deferred
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         if let Some(until) = *self.nvme_paused_until.lock() {
             if Instant::now() < until {
                 self.metrics
@@ -671,7 +694,23 @@ impl Registered {
                 }
             }
         }
+        self.submit_deferred();
         any
+    }
+
+    /// Submits deferred demotions while the store's queue has room.
+    fn submit_deferred(&self) {
+        loop {
+            if self.writes.lock().len() >= MAX_WRITES_IN_FLIGHT {
+                return;
+            }
+            let Some((key, session, seq)) = self.deferred.lock().pop_front() else {
+                return;
+            };
+            // The block may have been evicted or removed meanwhile: demote()
+            // only acts on a block still in Host state.
+            self.demote(key, session, seq);
+        }
     }
 
     /// Makes `key` readable in the host tier and pins it; returns its slot.
