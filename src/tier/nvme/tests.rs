@@ -467,7 +467,10 @@ fn zero_copy_put_and_get_round_trip_with_partial_last_block() {
         assert!(rec[format::HEADER_LEN..format::PAYLOAD_OFF]
             .iter()
             .all(|&b| b == 0));
-        assert_eq!(&rec[format::PAYLOAD_OFF..format::PAYLOAD_OFF + len], &data[..]);
+        assert_eq!(
+            &rec[format::PAYLOAD_OFF..format::PAYLOAD_OFF + len],
+            &data[..]
+        );
         assert!(rec[format::PAYLOAD_OFF + len..].iter().all(|&b| b == 0));
         // Zero-copy read into an aligned buffer, and the copying read into
         // an unaligned one, give the same bytes.
@@ -548,7 +551,10 @@ fn zero_copy_get_of_a_corrupt_record_is_dropped_and_zeroed() {
         let e = s.get(&key(1), &mut dst[..len]).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Corrupt);
         assert!(e.message().contains("payload checksum mismatch"), "{e}");
-        assert!(dst[..len].iter().all(|&b| b == 0), "no record bytes left behind");
+        assert!(
+            dst[..len].iter().all(|&b| b == 0),
+            "no record bytes left behind"
+        );
         assert!(!s.contains(&key(1)));
         assert_eq!(s.stats().read_corrupt, 1);
         // The key is gone: a second read is a miss, not a second corrupt.
