@@ -438,9 +438,19 @@ fn aligned_copy(bytes: &[u8]) -> aligned::AlignedBuf {
     b
 }
 
-/// The bytes of `key`'s record as found in the store's only segment.
+/// The bytes of the `rec`-th record written (0-based), as found on disk.
 fn record_on_disk(s: &NvmeStore, payload_len: usize, rec: usize) -> Vec<u8> {
-    let f = std::fs::read(s.rank_dir().join("seg-000001.kvp")).unwrap();
+    // Segments hold whole records: their concatenation is the record log.
+    let mut names: Vec<_> = std::fs::read_dir(s.rank_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "kvp"))
+        .collect();
+    names.sort();
+    let f: Vec<u8> = names
+        .iter()
+        .flat_map(|p| std::fs::read(p).unwrap())
+        .collect();
     let mut off = 0;
     for _ in 0..rec {
         let h = format::RecordHeader::decode(&f[off..]).unwrap();
@@ -454,7 +464,18 @@ fn record_on_disk(s: &NvmeStore, payload_len: usize, rec: usize) -> Vec<u8> {
 fn zero_copy_put_and_get_round_trip_with_partial_last_block() {
     let t = tempfile::tempdir().unwrap();
     let s = NvmeStore::open(cfg(t.path())).unwrap();
-    let lens = [1usize, 4096, 5000, 3 * 4096, 2 * 4096 + 1, 70_000];
+    // Below and above the size from which the checksum overlaps the I/O
+    // (1 MiB: split read, payload written before the header).
+    let lens = [
+        1usize,
+        4096,
+        5000,
+        3 * 4096,
+        2 * 4096 + 1,
+        70_000,
+        1 << 20,
+        (3 << 20) / 2 + 4096 * 3 + 100,
+    ];
     for (i, &len) in lens.iter().enumerate() {
         let data = kv_like(len, i as u64 + 1);
         let src = aligned_copy(&data);
@@ -537,7 +558,14 @@ fn submit_put_raw_writes_from_caller_memory() {
 fn zero_copy_get_of_a_corrupt_record_is_dropped_and_zeroed() {
     // One record with a partial last block, one without; a byte flipped in
     // each part (whole blocks / partial block) of the payload.
-    for (len, flip_at) in [(3 * 4096, 5000), (2 * 4096 + 100, 2 * 4096 + 50)] {
+    let big = (3 << 20) + 4096 + 700; // split read: two halves and a partial block
+    for (len, flip_at) in [
+        (3 * 4096, 5000),
+        (2 * 4096 + 100, 2 * 4096 + 50),
+        (big, 10),
+        (big, (3 << 20) / 2 + 4096),
+        (big, big - 1),
+    ] {
         let t = tempfile::tempdir().unwrap();
         let s = NvmeStore::open(cfg(t.path())).unwrap();
         let data = kv_like(len, 3);
