@@ -71,7 +71,8 @@
 //! buffer's whole 4 KiB blocks and a zero-padded copy of its partial last
 //! block, with crc32c computed over the caller's bytes; a get is one preadv
 //! of the header block (into a pooled buffer) and the payload straight into
-//! the destination, then the header is checked against the index and the
+//! the destination (from 8 MiB in two halves, one read and checksummed on a
+//! helper thread), then the header is checked against the index and the
 //! crc32c computed over the destination. A mismatch drops the key, counts
 //! `read_corrupt`, zeroes the destination and returns `Corrupt`: the caller
 //! must not use the bytes. [`NvmeStore::submit_put_raw`] queues such a put

@@ -184,9 +184,10 @@ struct RawSrc {
 // and unmodified until the completion arrives; the I/O thread only reads it.
 unsafe impl Send for RawSrc {}
 
-/// Raw records from this size on checksum on a helper thread, overlapped
-/// with their I/O (see `Inner::put_zero_copy` and `Inner::get_zero_copy`).
-const OVERLAP_MIN: usize = 1 << 20;
+/// Zero-copy reads of raw records from this size on are split in two
+/// halves, the second read and checksummed on a helper thread (see
+/// `Inner::get_zero_copy`). Below it one thread reads, then checksums.
+const SPLIT_READ_MIN: usize = 8 << 20;
 
 /// Whether `p` is [`ALIGN`]-aligned (the zero-copy paths need it).
 fn is_aligned(p: *const u8) -> bool {
@@ -860,13 +861,7 @@ impl Inner {
 
     /// A raw record written straight from `raw` (non-empty, 4 KiB-aligned
     /// address): header block, the whole blocks of `raw`, a zero-padded copy
-    /// of its partial last block.
-    ///
-    /// Small records: crc32c, then one pwritev. From [`OVERLAP_MIN`] bytes
-    /// the checksum is computed on a helper thread while the payload is
-    /// written, and the header block is written after both (so the checksum
-    /// is off the I/O's critical path; a crash in between leaves a zeroed
-    /// header block, which recovery skips as a hole).
+    /// of its partial last block — crc32c over `raw`, then one pwritev.
     fn put_zero_copy(
         &self,
         key: &BlockKey,
@@ -875,8 +870,7 @@ impl Inner {
         raw: &[u8],
         raw_len: u32,
     ) -> Result<()> {
-        let overlap = raw.len() >= OVERLAP_MIN;
-        let payload_crc = if overlap { 0 } else { crc32c::crc32c(raw) };
+        let payload_crc = crc32c::crc32c(raw);
         let whole = raw.len() / ALIGN * ALIGN;
         let tail = raw.len() - whole;
         let padded = padded_len(raw_len);
@@ -911,39 +905,7 @@ impl Inner {
             codec: CodecTag::None,
         };
         let tail_blk: &[u8] = if tail > 0 { tblk } else { &[] };
-        let r = if overlap {
-            let (w, crc) = std::thread::scope(|s| {
-                let helper = std::thread::Builder::new()
-                    .name("kvpark-nvme-crc".into())
-                    .spawn_scoped(s, || crc32c::crc32c(raw));
-                let w = fsio::write_vectored_all_at(
-                    &res.file,
-                    &[&raw[..whole], tail_blk],
-                    res.off + PAYLOAD_OFF as u64,
-                );
-                let crc = match helper {
-                    Ok(h) => h.join().unwrap_or_else(|_| crc32c::crc32c(raw)),
-                    // No thread to be had: checksum here.
-                    Err(_) => crc32c::crc32c(raw),
-                };
-                (w, crc)
-            });
-            match w.ctx(format!(
-                "nvme write rank {} {} offset {}",
-                self.rank(),
-                seg_name(res.seg),
-                res.off
-            )) {
-                Ok(()) => {
-                    hdr.payload_crc = crc;
-                    hdr.encode(&mut hblk[..HEADER_LEN]);
-                    self.write_record(&res, &[hblk])
-                }
-                Err(e) => Err(e),
-            }
-        } else {
-            self.write_record(&res, &[hblk, &raw[..whole], tail_blk])
-        };
+        let r = self.write_record(&res, &[hblk, &raw[..whole], tail_blk]);
         drop(blk);
         self.complete_write(res, *key, loc, r, None)?;
         self.c.puts.fetch_add(1, Relaxed);
@@ -1213,9 +1175,11 @@ impl Inner {
 
     /// Reads a raw record's payload straight into `dst` (4 KiB-aligned, the
     /// record's raw length): one preadv of header block + whole payload
-    /// blocks (+ the partial last block into a pooled buffer), then the
-    /// header, identity and checksum (over `dst`) checks of
-    /// [`Inner::read_verified`]. On an error `dst` holds no meaningful bytes.
+    /// blocks (+ the partial last block into a pooled buffer) — from
+    /// [`SPLIT_READ_MIN`] bytes two preadvs of half the payload each, one on
+    /// a helper thread — then the header, identity and checksum (over `dst`)
+    /// checks of [`Inner::read_verified`]. On an error `dst` holds no
+    /// meaningful bytes.
     fn get_zero_copy(
         &self,
         key: &BlockKey,
@@ -1228,10 +1192,10 @@ impl Inner {
         let mut blk = self.pool.get(2 * ALIGN)?;
         let (hblk, tblk) = blk[..2 * ALIGN].split_at_mut(ALIGN);
         let tlen = if tail > 0 { ALIGN } else { 0 };
-        // From OVERLAP_MIN on, a helper thread reads and checksums the
+        // From SPLIT_READ_MIN on, a helper thread reads and checksums the
         // second half while this thread does the first: the checksum pass
-        // is halved on the critical path.
-        let mid = if dst.len() >= OVERLAP_MIN {
+        // on the critical path is halved.
+        let mid = if dst.len() >= SPLIT_READ_MIN {
             whole / 2 / ALIGN * ALIGN
         } else {
             whole
@@ -1264,7 +1228,10 @@ impl Inner {
                         Ok(h) => h.join().unwrap_or_else(|_| {
                             Err(std::io::Error::other("nvme read helper thread panicked"))
                         }),
-                        Err(e) => Err(e),
+                        Err(e) => Err(std::io::Error::new(
+                            e.kind(),
+                            format!("cannot start the read helper thread: {e}"),
+                        )),
                     };
                     let n1 = n1?;
                     let (n2, crc2) = second?;

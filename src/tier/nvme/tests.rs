@@ -464,8 +464,8 @@ fn record_on_disk(s: &NvmeStore, payload_len: usize, rec: usize) -> Vec<u8> {
 fn zero_copy_put_and_get_round_trip_with_partial_last_block() {
     let t = tempfile::tempdir().unwrap();
     let s = NvmeStore::open(cfg(t.path())).unwrap();
-    // Below and above the size from which the checksum overlaps the I/O
-    // (1 MiB: split read, payload written before the header).
+    // Below and above the size from which reads are split in two halves
+    // (8 MiB).
     let lens = [
         1usize,
         4096,
@@ -473,8 +473,8 @@ fn zero_copy_put_and_get_round_trip_with_partial_last_block() {
         3 * 4096,
         2 * 4096 + 1,
         70_000,
-        1 << 20,
-        (3 << 20) / 2 + 4096 * 3 + 100,
+        8 << 20,
+        (17 << 20) / 2 + 4096 * 3 + 100,
     ];
     for (i, &len) in lens.iter().enumerate() {
         let data = kv_like(len, i as u64 + 1);
@@ -558,12 +558,12 @@ fn submit_put_raw_writes_from_caller_memory() {
 fn zero_copy_get_of_a_corrupt_record_is_dropped_and_zeroed() {
     // One record with a partial last block, one without; a byte flipped in
     // each part (whole blocks / partial block) of the payload.
-    let big = (3 << 20) + 4096 + 700; // split read: two halves and a partial block
+    let big = (8 << 20) + 4096 + 700; // split read: two halves and a partial block
     for (len, flip_at) in [
         (3 * 4096, 5000),
         (2 * 4096 + 100, 2 * 4096 + 50),
         (big, 10),
-        (big, (3 << 20) / 2 + 4096),
+        (big, (4 << 20) + 4096),
         (big, big - 1),
     ] {
         let t = tempfile::tempdir().unwrap();
