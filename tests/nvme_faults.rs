@@ -57,8 +57,10 @@ fn flip(path: &Path, at: u64) {
     f.sync_all().unwrap();
 }
 
-const LEN: usize = 10_000; // 128 + 10000 bytes -> 12288 on disk
-const REC: u64 = 12288;
+const LEN: usize = 10_000; // 4 KiB header block + 10000 -> 12288 bytes = 16384 on disk
+const REC: u64 = 16384;
+/// Offset of the payload in its record (the header has its own 4 KiB block).
+const PAYLOAD: u64 = 4096;
 
 #[test]
 fn flipped_payload_byte_is_corrupt_and_never_served() {
@@ -70,7 +72,7 @@ fn flipped_payload_byte_is_corrupt_and_never_served() {
             s.put(&key(i), 1, i as u32, &block(i, LEN)).unwrap();
         }
         // A flip under a live store (its next read goes to the disk).
-        flip(&seg, 3 * REC + 128 + 9_999);
+        flip(&seg, 3 * REC + PAYLOAD + 9_999);
         let mut dst = vec![0u8; LEN];
         let e = s.get(&key(3), &mut dst).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Corrupt);
@@ -85,7 +87,7 @@ fn flipped_payload_byte_is_corrupt_and_never_served() {
         );
     }
     // A flip in a closed store, found by the first read after reopen.
-    flip(&seg, REC + 128 + 500);
+    flip(&seg, REC + PAYLOAD + 500);
     let s = NvmeStore::open(cfg(t.path())).unwrap();
     assert_eq!(s.stats().dropped_corrupt, 0, "headers only at open");
     let mut dst = vec![0u8; LEN];
@@ -114,7 +116,7 @@ fn flipped_payload_byte_is_corrupt_and_never_served() {
     assert_eq!((rk.checksum_ok, rk.checksum_failed), (2, 2));
     assert!(
         r.to_string()
-            .contains("offset 12288: payload checksum mismatch"),
+            .contains("offset 16384: payload checksum mismatch"),
         "{r}"
     );
 
@@ -295,7 +297,7 @@ fn capacity_cap_is_no_space_until_gc_frees_room() {
     let e = s.put(&key(6), 1, 6, &block(6, LEN)).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::NoSpace);
     assert!(
-        e.message().contains("capacity cap of 73728 bytes reached"),
+        e.message().contains("capacity cap of 98304 bytes reached"),
         "{e}"
     );
     assert!(e.message().contains("remove records first"), "{e}");

@@ -214,7 +214,8 @@ fn truncated_last_record_is_torn_dropped_and_counted() {
     let mut c = cfg(t.path());
     c.codec = CodecTag::None;
     c.fsync = FsyncPolicy::PerSegment;
-    let raw = |i: u64| block(i)[..10_000].to_vec(); // 128 + 10000 -> 12288 on disk
+    let raw = |i: u64| block(i)[..10_000].to_vec(); // 4096 + 12288 = 16384 on disk
+    const REC: u64 = 16384;
     {
         let s = NvmeStore::open(c.clone()).unwrap();
         for i in 0..5 {
@@ -222,14 +223,14 @@ fn truncated_last_record_is_torn_dropped_and_counted() {
         }
     }
     let seg = t.path().join("rank0/seg-000001.kvp");
-    assert_eq!(std::fs::metadata(&seg).unwrap().len(), 5 * 12288);
+    assert_eq!(std::fs::metadata(&seg).unwrap().len(), 5 * REC);
     // Cut the last record in the middle of its payload.
-    let last = 4 * 12288u64;
+    let last = 4 * REC;
     std::fs::OpenOptions::new()
         .write(true)
         .open(&seg)
         .unwrap()
-        .set_len(last + 128 + 5000)
+        .set_len(last + 4096 + 5000)
         .unwrap();
     {
         let s = NvmeStore::open(c.clone()).unwrap();
@@ -265,7 +266,7 @@ fn truncated_last_record_is_torn_dropped_and_counted() {
         .write(true)
         .open(&seg)
         .unwrap()
-        .set_len(3 * 12288 + 60)
+        .set_len(3 * REC + 60)
         .unwrap();
     let s = NvmeStore::open(c).unwrap();
     let st = s.stats();

@@ -417,6 +417,16 @@ impl Mover {
     }
 }
 
+impl Drop for Registered {
+    fn drop(&mut self) {
+        // Zero-copy NVMe writes read arena slots: finish them before the
+        // arena (an earlier field) is unmapped.
+        if let Some(n) = &self.nvme {
+            let _ = n.close();
+        }
+    }
+}
+
 impl Drop for Mover {
     fn drop(&mut self) {
         if let Some(mut l) = self.loader.take() {
@@ -639,14 +649,31 @@ impl Registered {
             }
             e.host.expect("Host state has a slot")
         };
-        let data = match self.arena.slot(slot) {
-            Ok(g) => g[..self.geom.block_bytes()].to_vec(),
+        let len = self.geom.block_bytes();
+        let (ptr, data) = match self.arena.slot(slot) {
+            // Raw records: no copy; the store writes straight from the slot.
+            Ok(g)
+                if store.codec() == crate::codec::CodecTag::None
+                    && g.as_ptr() as usize % 4096 == 0 =>
+            {
+                (g.as_ptr(), None)
+            }
+            Ok(g) => (std::ptr::null(), Some(g[..len].to_vec())),
             Err(_) => {
                 let _ = self.index.lock().finish_demote(&key, false);
                 return;
             }
         };
-        match store.submit_put(key, session, seq, data) {
+        let submitted = match data {
+            Some(data) => store.submit_put(key, session, seq, data),
+            // SAFETY: the block stays in `Demoting` until poll_nvme applies
+            // this ticket's completion, so its slot is neither freed nor
+            // written meanwhile (src/index/mod.rs), and `Registered::drop`
+            // closes the store (finishing queued writes) before the arena
+            // is unmapped.
+            None => unsafe { store.submit_put_raw(key, session, seq, ptr, len) },
+        };
+        match submitted {
             Ok(t) => {
                 self.writes.lock().insert(t.0, key);
             }

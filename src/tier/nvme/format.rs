@@ -1,13 +1,23 @@
-//! The on-disk record header (format version 1).
+//! The on-disk record header (format version 2).
 //!
 //! Every record starts at a 4 KiB-aligned offset of its segment file with a
-//! 128-byte header, followed by the payload, followed by zero padding up to
-//! the next 4 KiB boundary. All integers are little-endian.
+//! 4 KiB *header block*: the 128-byte header below, then zeros. The payload
+//! follows at offset [`PAYLOAD_OFF`] (4096) from the record start, so it is
+//! itself 4 KiB-aligned in the file, then zero padding up to the next 4 KiB
+//! boundary. A record therefore occupies `4096 + align_up(stored len)` bytes.
+//! The aligned payload is what lets raw (codec `none`) records be written
+//! from and read into a caller's 4 KiB-aligned buffer with O_DIRECT, with no
+//! copy. All integers are little-endian.
+//!
+//! Version 1 (payload right after the 128-byte header) is not read by this
+//! build: such a header decodes as [`HeaderError::UnknownVersion`], so the
+//! record is reported corrupt ("format version 1 ... written before payload
+//! alignment") by recovery and `inspect`, never indexed and never served.
 //!
 //! ```text
 //! offset size field
 //!      0    4 magic           b"KVPR"
-//!      4    2 format version  1
+//!      4    2 format version  2
 //!      6    1 codec tag       crate::codec::CodecTag (0 none, 1 lz4, 2 lz4-planes)
 //!      7    1 elem size       bytes per element the codec was run with (1, 2, 4, 8)
 //!      8   32 key             BlockKey
@@ -19,7 +29,8 @@
 //!     68    4 payload crc     crc32c of the stored payload
 //!     72   52 reserved        zero
 //!    124    4 header crc      crc32c of bytes 0..124
-//!    128    … payload         stored len bytes, then zeros to a 4 KiB boundary
+//!    128 3968 zero            rest of the header block
+//!   4096    … payload         stored len bytes, then zeros to a 4 KiB boundary
 //! ```
 //!
 //! The header holds no location: a record can be copied byte for byte to
@@ -32,11 +43,14 @@ use std::fmt;
 /// Record magic.
 pub const MAGIC: [u8; 4] = *b"KVPR";
 /// Format version written by this build.
-pub const FORMAT_VERSION: u16 = 1;
+pub const FORMAT_VERSION: u16 = 2;
 /// Bytes of the fixed header.
 pub const HEADER_LEN: usize = 128;
 /// Record alignment (and O_DIRECT alignment) in bytes.
 pub const ALIGN: usize = 4096;
+/// Offset of the payload from the start of its record: the header has a
+/// 4 KiB block of its own.
+pub const PAYLOAD_OFF: usize = ALIGN;
 
 const HEADER_CRC_AT: usize = 124;
 
@@ -45,9 +59,10 @@ pub fn align_up(n: u64) -> u64 {
     n.div_ceil(ALIGN as u64) * ALIGN as u64
 }
 
-/// Bytes a record with `stored_len` payload bytes occupies on disk.
+/// Bytes a record with `stored_len` payload bytes occupies on disk: the
+/// header block plus the payload rounded up to 4 KiB.
 pub fn padded_len(stored_len: u32) -> u64 {
-    align_up(HEADER_LEN as u64 + stored_len as u64)
+    PAYLOAD_OFF as u64 + align_up(stored_len as u64)
 }
 
 /// A decoded record header.
@@ -101,7 +116,15 @@ impl fmt::Display for HeaderError {
                 f,
                 "header checksum mismatch (stored {stored:08x}, computed {computed:08x})"
             ),
-            HeaderError::UnknownVersion(v) => write!(f, "unknown format version {v}"),
+            HeaderError::UnknownVersion(1) => write!(
+                f,
+                "format version 1 record (written before payload alignment); \
+                 this build reads version {FORMAT_VERSION} only"
+            ),
+            HeaderError::UnknownVersion(v) => write!(
+                f,
+                "unknown format version {v} (this build reads version {FORMAT_VERSION})"
+            ),
             HeaderError::UnknownCodec(c) => write!(f, "unknown codec tag {c}"),
             HeaderError::BadField(s) => write!(f, "bad header field: {s}"),
         }
@@ -210,7 +233,7 @@ mod tests {
         let mut b = [0xffu8; HEADER_LEN];
         h.encode(&mut b);
         assert_eq!(&b[0..4], b"KVPR");
-        assert_eq!(u16::from_le_bytes([b[4], b[5]]), 1);
+        assert_eq!(u16::from_le_bytes([b[4], b[5]]), 2);
         assert_eq!(b[6], 2);
         assert_eq!(b[7], 2);
         assert_eq!(&b[8..40], &h.key.0);
@@ -223,7 +246,19 @@ mod tests {
         assert!(b[72..124].iter().all(|&x| x == 0));
         assert_eq!(u32_at(&b, 124), crc32c::crc32c(&b[..124]));
         assert_eq!(RecordHeader::decode(&b).unwrap(), h);
-        assert_eq!(h.padded_len(), 8192);
+        assert_eq!(h.padded_len(), 4096 + 8192);
+    }
+
+    #[test]
+    fn version_1_is_refused_with_a_reason() {
+        let mut b = [0u8; HEADER_LEN];
+        sample().encode(&mut b);
+        b[4..6].copy_from_slice(&1u16.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..HEADER_CRC_AT]);
+        b[HEADER_CRC_AT..].copy_from_slice(&crc.to_le_bytes());
+        let e = RecordHeader::decode(&b).unwrap_err();
+        assert_eq!(e, HeaderError::UnknownVersion(1));
+        assert!(e.to_string().contains("format version 1"), "{e}");
     }
 
     #[test]
@@ -240,8 +275,9 @@ mod tests {
     #[test]
     fn padded_len_is_aligned() {
         assert_eq!(padded_len(0), 4096);
-        assert_eq!(padded_len(4096 - 128), 4096);
-        assert_eq!(padded_len(4096 - 127), 8192);
+        assert_eq!(padded_len(1), 8192);
+        assert_eq!(padded_len(4096), 8192);
+        assert_eq!(padded_len(4097), 12288);
         assert_eq!(padded_len(2 << 20), (2 << 20) + 4096);
     }
 }

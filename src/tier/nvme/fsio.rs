@@ -167,3 +167,109 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
     d.sync_all()
         .ctx(format!("nvme: fsync directory {}", dir.display()))
 }
+
+/// Writes every byte of `bufs`, in order, at `off` (pwritev, retried after
+/// a short write or EINTR). With O_DIRECT each buffer's address and length
+/// must be 4 KiB-aligned.
+pub fn write_vectored_all_at(f: &File, bufs: &[&[u8]], off: u64) -> io::Result<()> {
+    let mut iov: Vec<libc::iovec> = bufs
+        .iter()
+        .filter(|b| !b.is_empty())
+        .map(|b| libc::iovec {
+            iov_base: b.as_ptr() as *mut libc::c_void,
+            iov_len: b.len(),
+        })
+        .collect();
+    let mut at = off;
+    let mut first = 0;
+    while first < iov.len() {
+        let cnt = (iov.len() - first).min(libc::UIO_MAXIOV as usize) as libc::c_int;
+        // SAFETY: every iovec describes (what is left of) a live `&[u8]` of
+        // `bufs`, which the kernel only reads.
+        let n = unsafe {
+            libc::pwritev(
+                std::os::fd::AsRawFd::as_raw_fd(f),
+                iov[first..].as_ptr(),
+                cnt,
+                at as libc::off_t,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "pwritev wrote no bytes",
+            ));
+        }
+        at += n as u64;
+        advance(&mut iov, &mut first, n as usize);
+    }
+    Ok(())
+}
+
+/// Reads into `bufs`, in order, from `off` (preadv), stopping early only at
+/// end of file. Returns the bytes read. With O_DIRECT each buffer's address
+/// and length must be 4 KiB-aligned.
+pub fn read_vectored_full_at(f: &File, bufs: &mut [&mut [u8]], off: u64) -> io::Result<usize> {
+    let mut iov: Vec<libc::iovec> = bufs
+        .iter_mut()
+        .filter(|b| !b.is_empty())
+        .map(|b| libc::iovec {
+            iov_base: b.as_mut_ptr() as *mut libc::c_void,
+            iov_len: b.len(),
+        })
+        .collect();
+    let mut done = 0usize;
+    let mut first = 0;
+    while first < iov.len() {
+        let cnt = (iov.len() - first).min(libc::UIO_MAXIOV as usize) as libc::c_int;
+        // SAFETY: every iovec describes (what is left of) a live, exclusively
+        // borrowed `&mut [u8]` of `bufs`.
+        let n = unsafe {
+            libc::preadv(
+                std::os::fd::AsRawFd::as_raw_fd(f),
+                iov[first..].as_ptr(),
+                cnt,
+                (off + done as u64) as libc::off_t,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            break;
+        }
+        done += n as usize;
+        advance(&mut iov, &mut first, n as usize);
+    }
+    Ok(done)
+}
+
+/// Drops `n` transferred bytes from the front of `iov[*first..]`.
+fn advance(iov: &mut [libc::iovec], first: &mut usize, mut n: usize) {
+    while n > 0 && *first < iov.len() {
+        let v = &mut iov[*first];
+        if n >= v.iov_len {
+            n -= v.iov_len;
+            *first += 1;
+        } else {
+            // SAFETY: n < iov_len, so the new base stays inside the buffer.
+            v.iov_base = unsafe { (v.iov_base as *mut u8).add(n) } as *mut libc::c_void;
+            v.iov_len -= n;
+            n = 0;
+        }
+    }
+    while *first < iov.len() && iov[*first].iov_len == 0 {
+        *first += 1;
+    }
+}

@@ -9,11 +9,14 @@
 //!     seg-000002.kvp
 //! ```
 //!
-//! A segment is a sequence of 4 KiB-aligned records, each a 128-byte header
-//! ([`mod@format`] documents every byte), the payload (codec output) and zero
-//! padding to the next 4 KiB boundary. New records are appended to the one
-//! *active* segment; it is sealed and a new one started when the next record
-//! would take it past `segment_bytes`. Segments are never appended to after a
+//! A segment is a sequence of 4 KiB-aligned records (format version 2), each
+//! a 4 KiB header block (a 128-byte header, [`mod@format`] documents every
+//! byte, then zeros), the payload (codec output) starting on the next 4 KiB
+//! boundary, and zero padding to the 4 KiB boundary after it. Version 1
+//! records (payload right after the header) are refused: recovery and
+//! `inspect` report them corrupt, naming the version. New records are
+//! appended to the one *active* segment; it is sealed and a new one started
+//! when the next record would take it past `segment_bytes`. Segments are never appended to after a
 //! restart: recovery seals them all and the first put starts a new one.
 //!
 //! ## Invariants
@@ -59,6 +62,24 @@
 //!   on close. [`FsyncPolicy::Never`]: left to the OS (still consistent after a
 //!   process crash; a power loss may lose recent records, which recovery then
 //!   drops, never serves).
+//!
+//! ## Zero copy
+//!
+//! Raw records (codec `none`) move between the disk and a caller's buffer
+//! with no copy when the buffer starts at a 4 KiB-aligned address (as
+//! host-arena slots do): a put is one pwritev of the header block, the
+//! buffer's whole 4 KiB blocks and a zero-padded copy of its partial last
+//! block, with crc32c computed over the caller's bytes; a get is one preadv
+//! of the header block (into a pooled buffer) and the payload straight into
+//! the destination (from 8 MiB in two halves, one read and checksummed on a
+//! helper thread), then the header is checked against the index and the
+//! crc32c computed over the destination. A mismatch drops the key, counts
+//! `read_corrupt`, zeroes the destination and returns `Corrupt`: the caller
+//! must not use the bytes. [`NvmeStore::submit_put_raw`] queues such a put
+//! from caller memory that must stay valid and unmodified until its
+//! completion arrives (the mover keeps the block `Demoting` meanwhile).
+//! Unaligned buffers and compressed records go through a pooled aligned
+//! buffer (a copy fused with crc32c, or the codec).
 //!
 //! ## Threads
 //!

@@ -2,7 +2,8 @@
 //! by [`mod@super::inspect`].
 //!
 //! Rules (offsets are always multiples of 4 KiB):
-//! - a valid header whose payload fits in the file is a record; the walk
+//! - a valid header (at the start of its 4 KiB header block) whose payload
+//!   (at record offset + 4096) fits in the file is a record; the walk
 //!   moves on by its padded length. With `verify`, the payload checksum is
 //!   checked too and a mismatch is a *corrupt* record (skipped by its length).
 //! - a valid header whose payload runs past end of file, or a header cut short
@@ -19,7 +20,7 @@
 //!   without the magic are its remains and are not counted again.
 
 use super::aligned::BufPool;
-use super::format::{RecordHeader, ALIGN, HEADER_LEN};
+use super::format::{RecordHeader, ALIGN, HEADER_LEN, PAYLOAD_OFF};
 use super::fsio::read_full_at;
 use crate::error::{Result, ResultExt};
 use std::fs::File;
@@ -80,14 +81,14 @@ pub fn scan_segment(
         }
         match RecordHeader::decode(blk) {
             Ok(hdr) => {
-                let end = off + HEADER_LEN as u64 + hdr.stored_len as u64;
+                let end = off + PAYLOAD_OFF as u64 + hdr.stored_len as u64;
                 if end > file_len {
                     f(ScanItem::Bad {
                         off,
                         kind: BadKind::Torn,
                         reason: format!(
                             "payload cut short by end of file ({} of {} bytes present)",
-                            file_len.saturating_sub(off + HEADER_LEN as u64),
+                            file_len.saturating_sub(off + PAYLOAD_OFF as u64),
                             hdr.stored_len
                         ),
                     });
@@ -98,9 +99,9 @@ pub fn scan_segment(
                     let mut rbuf = pool.get(padded)?;
                     let got = read_full_at(file, &mut rbuf[..padded], off)
                         .ctx(format!("scan offset {off}"))?;
-                    let payload_end = HEADER_LEN + hdr.stored_len as usize;
+                    let payload_end = PAYLOAD_OFF + hdr.stored_len as usize;
                     let crc = if got >= payload_end {
-                        Some(crc32c::crc32c(&rbuf[HEADER_LEN..payload_end]))
+                        Some(crc32c::crc32c(&rbuf[PAYLOAD_OFF..payload_end]))
                     } else {
                         None
                     };

@@ -3,7 +3,7 @@
 //! [`super`] for the invariants.
 
 use super::aligned::BufPool;
-use super::format::{padded_len, RecordHeader, ALIGN, HEADER_LEN};
+use super::format::{padded_len, RecordHeader, ALIGN, HEADER_LEN, PAYLOAD_OFF};
 use super::fsio;
 use super::scan::{scan_segment, BadKind, ScanItem};
 use super::{FsyncPolicy, NvmeConfig};
@@ -160,11 +160,38 @@ enum Job {
         seq: u32,
         data: Vec<u8>,
     },
+    PutRaw {
+        ticket: Ticket,
+        key: BlockKey,
+        session: u64,
+        seq: u32,
+        src: RawSrc,
+    },
     Get {
         ticket: Ticket,
         key: BlockKey,
         data: Vec<u8>,
     },
+}
+
+/// Caller memory a [`Job::PutRaw`] reads; see [`NvmeStore::submit_put_raw`].
+struct RawSrc {
+    ptr: *const u8,
+    len: usize,
+}
+
+// SAFETY: the caller of `submit_put_raw` guarantees the memory stays valid
+// and unmodified until the completion arrives; the I/O thread only reads it.
+unsafe impl Send for RawSrc {}
+
+/// Zero-copy reads of raw records from this size on are split in two
+/// halves, the second read and checksummed on a helper thread (see
+/// `Inner::get_zero_copy`). Below it one thread reads, then checksums.
+const SPLIT_READ_MIN: usize = 8 << 20;
+
+/// Whether `p` is [`ALIGN`]-aligned (the zero-copy paths need it).
+fn is_aligned(p: *const u8) -> bool {
+    (p as usize) % ALIGN == 0
 }
 
 /// Where a key's newest record lives.
@@ -367,6 +394,13 @@ impl NvmeStore {
 
     /// Stores `raw` under `key`, replacing any older record of the key.
     /// Returns once the record is written (and synced, per the fsync policy).
+    ///
+    /// Zero copy: with codec `none` and `raw` starting at a 4 KiB-aligned
+    /// address, the payload is written straight from `raw` (one pwritev of
+    /// the header block, the whole 4 KiB blocks of `raw`, and a padded copy
+    /// of a partial last block if any); the checksum is computed over `raw`
+    /// itself. Otherwise the payload is copied (or encoded) into an aligned
+    /// buffer first.
     pub fn put(&self, key: &BlockKey, session: u64, seq: u32, raw: &[u8]) -> Result<()> {
         self.inner.put(key, session, seq, raw)
     }
@@ -375,6 +409,13 @@ impl NvmeStore {
     /// length). The payload checksum is verified on every read; a corrupt
     /// record is dropped from the index and reported as
     /// [`ErrorKind::Corrupt`] — never served.
+    ///
+    /// Zero copy: for a raw (codec `none`) record and a `dst` starting at a
+    /// 4 KiB-aligned address, one preadv reads the header block into a
+    /// pooled buffer and the payload straight into `dst` (a partial last
+    /// block goes through the pooled buffer); the header is checked against
+    /// the index and the checksum computed over `dst`. After any error,
+    /// `dst` holds zeros, never part of the record.
     pub fn get(&self, key: &BlockKey, dst: &mut [u8]) -> Result<GetInfo> {
         self.inner.get(key, dst)
     }
@@ -458,6 +499,11 @@ impl NvmeStore {
         Ok(())
     }
 
+    /// Codec new records are written with.
+    pub fn codec(&self) -> CodecTag {
+        self.inner.cfg.codec
+    }
+
     /// The receiver of completions of `submit_put` / `submit_get`. Every
     /// clone sees the same queue; poll it with `try_recv` to never block.
     pub fn completions(&self) -> Receiver<Completion> {
@@ -480,6 +526,39 @@ impl NvmeStore {
             session,
             seq,
             data,
+        })?;
+        Ok(ticket)
+    }
+
+    /// Queues a put of the `len` bytes at `ptr` without copying them: with
+    /// codec `none` and `ptr` 4 KiB-aligned, the I/O thread writes them
+    /// straight to the segment (see [`NvmeStore::put`]); with another codec
+    /// it encodes from them. The completion's `data` is empty. Blocks only
+    /// while `queue_depth` requests are already queued.
+    ///
+    /// # Safety
+    ///
+    /// `ptr` must be valid for reads of `len` bytes (any value when `len` is
+    /// 0), and those bytes must stay valid and unmodified from this call
+    /// until the [`Completion`] of the returned ticket has been received
+    /// from [`NvmeStore::completions`] — or, if the completion is never
+    /// received, until [`NvmeStore::close`] has returned. If this returns an
+    /// error, nothing was queued and the memory is free at once.
+    pub unsafe fn submit_put_raw(
+        &self,
+        key: BlockKey,
+        session: u64,
+        seq: u32,
+        ptr: *const u8,
+        len: usize,
+    ) -> Result<Ticket> {
+        let ticket = Ticket(self.next_ticket.fetch_add(1, Relaxed));
+        self.send(Job::PutRaw {
+            ticket,
+            key,
+            session,
+            seq,
+            src: RawSrc { ptr, len },
         })?;
         Ok(ticket)
     }
@@ -570,6 +649,31 @@ fn io_thread(inner: &Inner, rx: Receiver<Job>, tx: Sender<Completion>) {
                     key,
                     op: OpKind::Put,
                     data,
+                    result: flatten(r).map(|_| None),
+                }
+            }
+            Job::PutRaw {
+                ticket,
+                key,
+                session,
+                seq,
+                src,
+            } => {
+                let raw: &[u8] = if src.len == 0 {
+                    &[]
+                } else {
+                    // SAFETY: the contract of `submit_put_raw`: valid and
+                    // unmodified until this job's completion is received.
+                    unsafe { std::slice::from_raw_parts(src.ptr, src.len) }
+                };
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    inner.put(&key, session, seq, raw)
+                }));
+                Completion {
+                    ticket,
+                    key,
+                    op: OpKind::Put,
+                    data: Vec::new(),
                     result: flatten(r).map(|_| None),
                 }
             }
@@ -696,6 +800,9 @@ impl Inner {
             ))
         })?;
         let codec_tag = self.cfg.codec;
+        if codec_tag == CodecTag::None && !raw.is_empty() && is_aligned(raw.as_ptr()) {
+            return self.put_zero_copy(key, session, seq, raw, raw_len);
+        }
         SCRATCH.with(|scratch| {
             let mut scratch = scratch.borrow_mut();
             let (tag, payload): (CodecTag, &[u8]) = if codec_tag == CodecTag::None {
@@ -713,8 +820,9 @@ impl Inner {
             let stored_len = payload.len() as u32;
             let padded = padded_len(stored_len);
             let mut buf = self.pool.get(padded as usize)?;
-            let end = HEADER_LEN + payload.len();
-            let payload_crc = copy_with_crc(payload, &mut buf[HEADER_LEN..end]);
+            let end = PAYLOAD_OFF + payload.len();
+            let payload_crc = copy_with_crc(payload, &mut buf[PAYLOAD_OFF..end]);
+            buf[HEADER_LEN..PAYLOAD_OFF].fill(0);
             buf[end..padded as usize].fill(0);
             let mut hdr = RecordHeader {
                 key: *key,
@@ -741,7 +849,7 @@ impl Inner {
                 stored: stored_len,
                 codec: tag,
             };
-            let r = self.write_record(&res, &buf[..padded as usize]);
+            let r = self.write_record(&res, &[&buf[..padded as usize]]);
             drop(buf);
             self.complete_write(res, *key, loc, r, None)?;
             self.c.puts.fetch_add(1, Relaxed);
@@ -751,7 +859,64 @@ impl Inner {
         })
     }
 
-    fn write_record(&self, res: &Reservation, bytes: &[u8]) -> Result<()> {
+    /// A raw record written straight from `raw` (non-empty, 4 KiB-aligned
+    /// address): header block, the whole blocks of `raw`, a zero-padded copy
+    /// of its partial last block — crc32c over `raw`, then one pwritev.
+    fn put_zero_copy(
+        &self,
+        key: &BlockKey,
+        session: u64,
+        seq: u32,
+        raw: &[u8],
+        raw_len: u32,
+    ) -> Result<()> {
+        let payload_crc = crc32c::crc32c(raw);
+        let whole = raw.len() / ALIGN * ALIGN;
+        let tail = raw.len() - whole;
+        let padded = padded_len(raw_len);
+        let mut blk = self.pool.get(2 * ALIGN)?;
+        let (hblk, tblk) = blk[..2 * ALIGN].split_at_mut(ALIGN);
+        hblk[HEADER_LEN..].fill(0);
+        tblk[..tail].copy_from_slice(&raw[whole..]);
+        tblk[tail..].fill(0);
+        let mut hdr = RecordHeader {
+            key: *key,
+            session,
+            lsn: 0,
+            seq,
+            codec: CodecTag::None,
+            elem_size: self.cfg.elem_size as u8,
+            raw_len,
+            stored_len: raw_len,
+            payload_crc,
+        };
+        let res = self.reserve_for_put(padded)?;
+        hdr.lsn = res.lsn;
+        hdr.encode(&mut hblk[..HEADER_LEN]);
+        let loc = Loc {
+            seg: res.seg,
+            off: res.off,
+            len: padded,
+            lsn: res.lsn,
+            session,
+            seq,
+            raw: raw_len,
+            stored: raw_len,
+            codec: CodecTag::None,
+        };
+        let tail_blk: &[u8] = if tail > 0 { tblk } else { &[] };
+        let r = self.write_record(&res, &[hblk, &raw[..whole], tail_blk]);
+        drop(blk);
+        self.complete_write(res, *key, loc, r, None)?;
+        self.c.puts.fetch_add(1, Relaxed);
+        self.c.put_raw.fetch_add(raw_len as u64, Relaxed);
+        self.c.put_stored.fetch_add(raw_len as u64, Relaxed);
+        Ok(())
+    }
+
+    /// Writes the concatenation of `parts` at the reservation (one pwrite
+    /// or pwritev) and syncs per the policy.
+    fn write_record(&self, res: &Reservation, parts: &[&[u8]]) -> Result<()> {
         let ctx = || {
             format!(
                 "nvme write rank {} {} offset {}",
@@ -760,7 +925,11 @@ impl Inner {
                 res.off
             )
         };
-        res.file.write_all_at(bytes, res.off).ctx(ctx())?;
+        match parts {
+            [one] => res.file.write_all_at(one, res.off),
+            _ => fsio::write_vectored_all_at(&res.file, parts, res.off),
+        }
+        .ctx(ctx())?;
         if self.cfg.fsync == FsyncPolicy::EveryRecord {
             fsio::sync_data(&res.file).ctx(ctx())?;
         }
@@ -959,6 +1128,25 @@ impl Inner {
                 loc.raw
             )));
         }
+        if loc.codec == CodecTag::None && !dst.is_empty() && is_aligned(dst.as_ptr()) {
+            return match self.get_zero_copy(key, &loc, &file, dst) {
+                Ok(hdr) => {
+                    self.c.gets.fetch_add(1, Relaxed);
+                    Ok(GetInfo {
+                        session: hdr.session,
+                        seq: hdr.seq,
+                        raw_len: hdr.raw_len,
+                        stored_len: hdr.stored_len,
+                        codec: hdr.codec,
+                    })
+                }
+                Err(e) => {
+                    // Whatever the read put there is not the block: never leave it.
+                    dst.fill(0);
+                    Err(e)
+                }
+            };
+        }
         let mut buf = self.pool.get(loc.len as usize)?;
         let (hdr, copied) = match self.read_verified(key, &loc, &file, &mut buf, Some(&mut *dst)) {
             Ok(x) => x,
@@ -969,7 +1157,7 @@ impl Inner {
             }
         };
         if !copied {
-            let payload = &buf[HEADER_LEN..HEADER_LEN + hdr.stored_len as usize];
+            let payload = &buf[PAYLOAD_OFF..PAYLOAD_OFF + hdr.stored_len as usize];
             if let Err(e) = codec::by_tag(hdr.codec).decode(payload, hdr.elem_size as usize, dst) {
                 dst.fill(0);
                 return Err(self.drop_corrupt(key, &loc, &format!("decode failed: {e}")));
@@ -983,6 +1171,146 @@ impl Inner {
             stored_len: hdr.stored_len,
             codec: hdr.codec,
         })
+    }
+
+    /// Reads a raw record's payload straight into `dst` (4 KiB-aligned, the
+    /// record's raw length): one preadv of header block + whole payload
+    /// blocks (+ the partial last block into a pooled buffer) — from
+    /// [`SPLIT_READ_MIN`] bytes two preadvs of half the payload each, one on
+    /// a helper thread — then the header, identity and checksum (over `dst`)
+    /// checks of [`Inner::read_verified`]. On an error `dst` holds no
+    /// meaningful bytes.
+    fn get_zero_copy(
+        &self,
+        key: &BlockKey,
+        loc: &Loc,
+        file: &File,
+        dst: &mut [u8],
+    ) -> Result<RecordHeader> {
+        let whole = dst.len() / ALIGN * ALIGN;
+        let tail = dst.len() - whole;
+        let mut blk = self.pool.get(2 * ALIGN)?;
+        let (hblk, tblk) = blk[..2 * ALIGN].split_at_mut(ALIGN);
+        let tlen = if tail > 0 { ALIGN } else { 0 };
+        // From SPLIT_READ_MIN on, a helper thread reads and checksums the
+        // second half while this thread does the first: the checksum pass
+        // on the critical path is halved.
+        let mid = if dst.len() >= SPLIT_READ_MIN {
+            whole / 2 / ALIGN * ALIGN
+        } else {
+            whole
+        };
+        let mut crc_first = 0;
+        let mut crc_second = None;
+        let got = {
+            let (body, _) = dst.split_at_mut(whole);
+            let (first, second) = body.split_at_mut(mid);
+            let tblk = &mut tblk[..tlen];
+            if mid < whole {
+                std::thread::scope(|s| {
+                    let second_off = loc.off + (PAYLOAD_OFF + mid) as u64;
+                    let read_second = move |second: &mut [u8], tblk: &mut [u8]| {
+                        let n = fsio::read_vectored_full_at(
+                            file,
+                            &mut [&mut *second, &mut *tblk],
+                            second_off,
+                        )?;
+                        let crc = crc32c::crc32c(second);
+                        Ok::<_, std::io::Error>((n, crc32c::crc32c_append(crc, &tblk[..tail])))
+                    };
+                    let helper = std::thread::Builder::new()
+                        .name("kvpark-nvme-crc".into())
+                        .spawn_scoped(s, move || read_second(second, tblk));
+                    let n1 =
+                        fsio::read_vectored_full_at(file, &mut [&mut *hblk, &mut *first], loc.off);
+                    crc_first = crc32c::crc32c(first);
+                    let second = match helper {
+                        Ok(h) => h.join().unwrap_or_else(|_| {
+                            Err(std::io::Error::other("nvme read helper thread panicked"))
+                        }),
+                        Err(e) => Err(std::io::Error::new(
+                            e.kind(),
+                            format!("cannot start the read helper thread: {e}"),
+                        )),
+                    };
+                    let n1 = n1?;
+                    let (n2, crc2) = second?;
+                    crc_second = Some(crc2);
+                    // Bytes of the record read contiguously from its start.
+                    Ok(if n1 < ALIGN + mid { n1 } else { n1 + n2 })
+                })
+            } else {
+                let mut parts: [&mut [u8]; 3] = [hblk, first, tblk];
+                fsio::read_vectored_full_at(file, &mut parts, loc.off)
+            }
+        }
+        .map_err(|e| {
+            let e = Error::from(e);
+            self.count_err(&e);
+            e
+        })
+        .ctx(format!(
+            "nvme read rank {} {} offset {}",
+            self.rank(),
+            seg_name(loc.seg),
+            loc.off
+        ))?;
+        let hdr = self.check_header(key, loc, &blk[..ALIGN], got)?;
+        if hdr.codec != CodecTag::None {
+            return Err(self.drop_corrupt(key, loc, "header codec does not match the index"));
+        }
+        let crc = match crc_second {
+            Some(c2) => crc32c::crc32c_combine(crc_first, c2, dst.len() - mid),
+            None => {
+                let crc = crc32c::crc32c(&dst[..whole]);
+                crc32c::crc32c_append(crc, &blk[ALIGN..ALIGN + tail])
+            }
+        };
+        if crc != hdr.payload_crc {
+            return Err(self.payload_mismatch(key, loc, hdr.payload_crc, crc));
+        }
+        dst[whole..].copy_from_slice(&blk[ALIGN..ALIGN + tail]);
+        Ok(hdr)
+    }
+
+    /// Checks a record's header block (`got` = bytes the read returned for
+    /// the whole record) against the index entry `loc`; drops the key
+    /// (Corrupt) on any mismatch.
+    fn check_header(
+        &self,
+        key: &BlockKey,
+        loc: &Loc,
+        hblk: &[u8],
+        got: usize,
+    ) -> Result<RecordHeader> {
+        let need = PAYLOAD_OFF + loc.stored as usize;
+        if got < need {
+            return Err(self.drop_corrupt(
+                key,
+                loc,
+                &format!("record cut short ({got} of {need} bytes)"),
+            ));
+        }
+        let hdr = match RecordHeader::decode(&hblk[..HEADER_LEN]) {
+            Ok(h) => h,
+            Err(e) => return Err(self.drop_corrupt(key, loc, &e.to_string())),
+        };
+        if hdr.key != *key
+            || hdr.lsn != loc.lsn
+            || hdr.stored_len != loc.stored
+            || hdr.raw_len != loc.raw
+        {
+            return Err(self.drop_corrupt(key, loc, "header does not match the index"));
+        }
+        Ok(hdr)
+    }
+
+    fn payload_mismatch(&self, key: &BlockKey, loc: &Loc, stored: u32, computed: u32) -> Error {
+        self.drop_corrupt(
+            key,
+            loc,
+            &format!("payload checksum mismatch (stored {stored:08x}, computed {computed:08x})"),
+        )
     }
 
     /// Reads the record at `loc` into `buf` and checks header, identity and
@@ -1011,26 +1339,8 @@ impl Inner {
                 seg_name(loc.seg),
                 loc.off
             ))?;
-        let need = HEADER_LEN + loc.stored as usize;
-        if got < need {
-            return Err(self.drop_corrupt(
-                key,
-                loc,
-                &format!("record cut short ({got} of {need} bytes)"),
-            ));
-        }
-        let hdr = match RecordHeader::decode(&buf[..HEADER_LEN]) {
-            Ok(h) => h,
-            Err(e) => return Err(self.drop_corrupt(key, loc, &e.to_string())),
-        };
-        if hdr.key != *key
-            || hdr.lsn != loc.lsn
-            || hdr.stored_len != loc.stored
-            || hdr.raw_len != loc.raw
-        {
-            return Err(self.drop_corrupt(key, loc, "header does not match the index"));
-        }
-        let payload = &buf[HEADER_LEN..need];
+        let hdr = self.check_header(key, loc, &buf[..ALIGN.min(n)], got)?;
+        let payload = &buf[PAYLOAD_OFF..PAYLOAD_OFF + loc.stored as usize];
         let (crc, copied) = match copy_to {
             Some(dst) if hdr.codec == CodecTag::None && dst.len() == payload.len() => {
                 (copy_with_crc(payload, dst), true)
@@ -1038,14 +1348,7 @@ impl Inner {
             _ => (crc32c::crc32c(payload), false),
         };
         if crc != hdr.payload_crc {
-            return Err(self.drop_corrupt(
-                key,
-                loc,
-                &format!(
-                    "payload checksum mismatch (stored {:08x}, computed {crc:08x})",
-                    hdr.payload_crc
-                ),
-            ));
+            return Err(self.payload_mismatch(key, loc, hdr.payload_crc, crc));
         }
         Ok((hdr, copied))
     }
@@ -1179,7 +1482,7 @@ impl Inner {
             off: res.off,
             ..*loc
         };
-        let r = self.write_record(&res, &buf[..loc.len as usize]);
+        let r = self.write_record(&res, &[&buf[..loc.len as usize]]);
         self.complete_write(res, *key, new, r, Some(*loc))?;
         Ok(true)
     }

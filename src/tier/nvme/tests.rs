@@ -109,8 +109,9 @@ fn rewritten_key_newest_wins_and_old_bytes_are_dead() {
         s.put(&key(1), 2, 9, &[3u8; 7000]).unwrap();
         let st = s.stats();
         assert_eq!(st.records, 2);
-        assert_eq!(st.live_bytes, 3 * 8192 - 8192);
-        assert_eq!(st.dead_bytes, 8192);
+        // Each record: a 4 KiB header block + the payload padded to 8 KiB.
+        assert_eq!(st.live_bytes, 2 * 12288);
+        assert_eq!(st.dead_bytes, 12288);
         assert_eq!(read(&s, &key(1)), vec![3u8; 7000]);
     }
     let s = NvmeStore::open(c).unwrap();
@@ -118,7 +119,7 @@ fn rewritten_key_newest_wins_and_old_bytes_are_dead() {
     let mut d = vec![0u8; 7000];
     assert_eq!(s.get(&key(1), &mut d).unwrap().session, 2);
     let st = s.stats();
-    assert_eq!((st.records, st.dead_bytes), (2, 8192));
+    assert_eq!((st.records, st.dead_bytes), (2, 12288));
 }
 
 #[test]
@@ -358,7 +359,7 @@ fn raw_record(k: &BlockKey, lsn: u64, payload: &[u8]) -> Vec<u8> {
     };
     let mut v = vec![0u8; hdr.padded_len() as usize];
     hdr.encode(&mut v);
-    v[format::HEADER_LEN..format::HEADER_LEN + payload.len()].copy_from_slice(payload);
+    v[format::PAYLOAD_OFF..format::PAYLOAD_OFF + payload.len()].copy_from_slice(payload);
     v
 }
 
@@ -381,15 +382,16 @@ fn scan_file(bytes: &[u8]) -> Vec<String> {
 
 #[test]
 fn scan_skips_holes_and_wiped_headers_and_counts_each_loss_once() {
-    let a = raw_record(&key(1), 1, &[1u8; 5000]); // 8192 bytes
-    let b = raw_record(&key(2), 2, &[2u8; 9000]); // 12288 bytes
+    let a = raw_record(&key(1), 1, &[1u8; 5000]); // 4096 + 8192 bytes
+    let b = raw_record(&key(2), 2, &[2u8; 9000]); // 4096 + 12288 bytes
+    assert_eq!((a.len(), b.len()), (12288, 16384));
     let mut wiped = raw_record(&key(3), 3, &[3u8; 9000]);
     wiped[..4096].fill(0); // a failed write whose header the store zeroed
     let mut file = a.clone();
     file.extend(vec![0u8; 4096]); // a hole
     file.extend(&wiped);
     file.extend(&b);
-    assert_eq!(scan_file(&file), vec!["rec@0 lsn1", "rec@24576 lsn2"]);
+    assert_eq!(scan_file(&file), vec!["rec@0 lsn1", "rec@32768 lsn2"]);
 
     // A flipped magic right after a record: one corrupt record, its payload
     // blocks are not counted again, the next record is found.
@@ -400,21 +402,214 @@ fn scan_skips_holes_and_wiped_headers_and_counts_each_loss_once() {
     file.extend(&b);
     assert_eq!(
         scan_file(&file),
-        vec!["rec@0 lsn1", "Corrupt@8192", "rec@20480 lsn2"]
+        vec!["rec@0 lsn1", "Corrupt@12288", "rec@28672 lsn2"]
     );
+
+    // A version 1 record (payload right after the 128-byte header) is
+    // refused as corrupt, its remains not counted again.
+    let mut old = raw_record(&key(6), 6, &[6u8; 9000]);
+    old[4..6].copy_from_slice(&1u16.to_le_bytes());
+    let crc = crc32c::crc32c(&old[..124]);
+    old[124..128].copy_from_slice(&crc.to_le_bytes());
+    let mut file = old;
+    file.extend(&b);
+    assert_eq!(scan_file(&file), vec!["Corrupt@0", "rec@16384 lsn2"]);
 
     // A flipped payload byte: corrupt (with verify), skipped by its length.
     let mut c = raw_record(&key(5), 5, &[5u8; 9000]);
-    c[5000] ^= 1;
+    c[format::PAYLOAD_OFF + 5000] ^= 1;
     let mut file = c;
     file.extend(&b);
-    assert_eq!(scan_file(&file), vec!["Corrupt@0", "rec@12288 lsn2"]);
+    assert_eq!(scan_file(&file), vec!["Corrupt@0", "rec@16384 lsn2"]);
 
     // Truncated anywhere in the last record: torn, the walk ends.
     let mut file = a.clone();
     file.extend(&b[..5000]);
-    assert_eq!(scan_file(&file), vec!["rec@0 lsn1", "Torn@8192"]);
+    assert_eq!(scan_file(&file), vec!["rec@0 lsn1", "Torn@12288"]);
     let mut file = a;
     file.extend(&b[..100]);
-    assert_eq!(scan_file(&file), vec!["rec@0 lsn1", "Torn@8192"]);
+    assert_eq!(scan_file(&file), vec!["rec@0 lsn1", "Torn@12288"]);
+}
+
+/// An aligned copy of `bytes` (as a host-arena slot holds a block).
+fn aligned_copy(bytes: &[u8]) -> aligned::AlignedBuf {
+    let mut b = aligned::AlignedBuf::new(bytes.len()).unwrap();
+    b[..bytes.len()].copy_from_slice(bytes);
+    b
+}
+
+/// The bytes of the `rec`-th record written (0-based), as found on disk.
+fn record_on_disk(s: &NvmeStore, payload_len: usize, rec: usize) -> Vec<u8> {
+    // Segments hold whole records: their concatenation is the record log.
+    let mut names: Vec<_> = std::fs::read_dir(s.rank_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "kvp"))
+        .collect();
+    names.sort();
+    let f: Vec<u8> = names
+        .iter()
+        .flat_map(|p| std::fs::read(p).unwrap())
+        .collect();
+    let mut off = 0;
+    for _ in 0..rec {
+        let h = format::RecordHeader::decode(&f[off..]).unwrap();
+        off += h.padded_len() as usize;
+    }
+    let n = format::padded_len(payload_len as u32) as usize;
+    f[off..off + n].to_vec()
+}
+
+#[test]
+fn zero_copy_put_and_get_round_trip_with_partial_last_block() {
+    let t = tempfile::tempdir().unwrap();
+    let s = NvmeStore::open(cfg(t.path())).unwrap();
+    // Below and above the size from which reads are split in two halves
+    // (8 MiB).
+    let lens = [
+        1usize,
+        4096,
+        5000,
+        3 * 4096,
+        2 * 4096 + 1,
+        70_000,
+        8 << 20,
+        (17 << 20) / 2 + 4096 * 3 + 100,
+    ];
+    for (i, &len) in lens.iter().enumerate() {
+        let data = kv_like(len, i as u64 + 1);
+        let src = aligned_copy(&data);
+        s.put(&key(i as u64), 1, i as u32, &src[..len]).unwrap();
+        // On disk: header block, payload at +4096, zeros to 4 KiB.
+        let rec = record_on_disk(&s, len, i);
+        let hdr = format::RecordHeader::decode(&rec).unwrap();
+        assert_eq!((hdr.raw_len as usize, hdr.codec), (len, CodecTag::None));
+        assert_eq!(hdr.payload_crc, crc32c::crc32c(&data));
+        assert!(rec[format::HEADER_LEN..format::PAYLOAD_OFF]
+            .iter()
+            .all(|&b| b == 0));
+        assert_eq!(
+            &rec[format::PAYLOAD_OFF..format::PAYLOAD_OFF + len],
+            &data[..]
+        );
+        assert!(rec[format::PAYLOAD_OFF + len..].iter().all(|&b| b == 0));
+        // Zero-copy read into an aligned buffer, and the copying read into
+        // an unaligned one, give the same bytes.
+        let mut dst = aligned::AlignedBuf::new(len).unwrap();
+        dst.fill(0xee);
+        let info = s.get(&key(i as u64), &mut dst[..len]).unwrap();
+        assert_eq!((info.raw_len as usize, info.seq), (len, i as u32));
+        assert_eq!(&dst[..len], &data[..], "len {len}");
+        let mut un = vec![0u8; len + 1];
+        s.get(&key(i as u64), &mut un[1..]).unwrap();
+        assert_eq!(&un[1..], &data[..]);
+    }
+    // A record written by the copying path (unaligned source) reads back
+    // through the zero-copy path.
+    let data = kv_like(9000, 77);
+    let mut un = vec![0u8; 9001];
+    un[1..].copy_from_slice(&data);
+    s.put(&key(100), 1, 0, &un[1..]).unwrap();
+    let mut dst = aligned::AlignedBuf::new(9000).unwrap();
+    s.get(&key(100), &mut dst[..9000]).unwrap();
+    assert_eq!(&dst[..9000], &data[..]);
+    let st = s.stats();
+    assert_eq!((st.gets, st.read_corrupt), (2 * lens.len() as u64 + 1, 0));
+    // And everything survives a reopen.
+    drop(s);
+    let s = NvmeStore::open(cfg(t.path())).unwrap();
+    for (i, &len) in lens.iter().enumerate() {
+        assert_eq!(read(&s, &key(i as u64)), kv_like(len, i as u64 + 1));
+    }
+}
+
+#[test]
+fn submit_put_raw_writes_from_caller_memory() {
+    let t = tempfile::tempdir().unwrap();
+    let s = NvmeStore::open(cfg(t.path())).unwrap();
+    let rx = s.completions();
+    let datas: Vec<Vec<u8>> = (0..6).map(|i| kv_like(8192 + 100 * i, i as u64)).collect();
+    let srcs: Vec<aligned::AlignedBuf> = datas.iter().map(|d| aligned_copy(d)).collect();
+    let mut tickets = Vec::new();
+    for (i, (d, b)) in datas.iter().zip(&srcs).enumerate() {
+        // SAFETY: `srcs` is neither dropped nor written until every
+        // completion has been received below.
+        let t = unsafe { s.submit_put_raw(key(i as u64), 7, i as u32, b.as_ptr(), d.len()) };
+        tickets.push(t.unwrap());
+    }
+    let mut seen = Vec::new();
+    for _ in 0..tickets.len() {
+        let c = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(c.op, OpKind::Put);
+        assert!(c.result.unwrap().is_none());
+        assert!(c.data.is_empty());
+        seen.push(c.ticket);
+    }
+    seen.sort();
+    assert_eq!(seen, tickets);
+    drop(srcs);
+    for (i, d) in datas.iter().enumerate() {
+        assert_eq!(&read(&s, &key(i as u64)), d);
+    }
+    assert_eq!(s.stats().puts, 6);
+}
+
+#[test]
+fn zero_copy_get_of_a_corrupt_record_is_dropped_and_zeroed() {
+    // One record with a partial last block, one without; a byte flipped in
+    // each part (whole blocks / partial block) of the payload.
+    let big = (8 << 20) + 4096 + 700; // split read: two halves and a partial block
+    for (len, flip_at) in [
+        (3 * 4096, 5000),
+        (2 * 4096 + 100, 2 * 4096 + 50),
+        (big, 10),
+        (big, (4 << 20) + 4096),
+        (big, big - 1),
+    ] {
+        let t = tempfile::tempdir().unwrap();
+        let s = NvmeStore::open(cfg(t.path())).unwrap();
+        let data = kv_like(len, 3);
+        s.put(&key(1), 1, 0, &aligned_copy(&data)[..len]).unwrap();
+        s.put(&key(2), 1, 1, &aligned_copy(&data)[..len]).unwrap();
+        let seg = s.rank_dir().join("seg-000001.kvp");
+        let mut f = std::fs::read(&seg).unwrap();
+        f[format::PAYLOAD_OFF + flip_at] ^= 0x40;
+        std::fs::write(&seg, &f).unwrap();
+        let mut dst = aligned::AlignedBuf::new(len).unwrap();
+        let e = s.get(&key(1), &mut dst[..len]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Corrupt);
+        assert!(e.message().contains("payload checksum mismatch"), "{e}");
+        assert!(
+            dst[..len].iter().all(|&b| b == 0),
+            "no record bytes left behind"
+        );
+        assert!(!s.contains(&key(1)));
+        assert_eq!(s.stats().read_corrupt, 1);
+        // The key is gone: a second read is a miss, not a second corrupt.
+        assert_eq!(
+            s.get(&key(1), &mut dst[..len]).unwrap_err().kind(),
+            ErrorKind::NotFound
+        );
+        // The neighbour is untouched.
+        s.get(&key(2), &mut dst[..len]).unwrap();
+        assert_eq!(&dst[..len], &data[..]);
+    }
+}
+
+#[test]
+fn zero_copy_get_checks_the_header_block() {
+    let t = tempfile::tempdir().unwrap();
+    let s = NvmeStore::open(cfg(t.path())).unwrap();
+    let data = kv_like(8192, 5);
+    s.put(&key(1), 1, 0, &aligned_copy(&data)[..8192]).unwrap();
+    let seg = s.rank_dir().join("seg-000001.kvp");
+    let mut f = std::fs::read(&seg).unwrap();
+    f[50] ^= 1; // inside the header (lsn field)
+    std::fs::write(&seg, &f).unwrap();
+    let mut dst = aligned::AlignedBuf::new(8192).unwrap();
+    let e = s.get(&key(1), &mut dst[..8192]).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt);
+    assert!(e.message().contains("header checksum mismatch"), "{e}");
+    assert!(dst[..8192].iter().all(|&b| b == 0));
+    assert_eq!(s.stats().read_corrupt, 1);
 }
