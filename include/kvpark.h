@@ -6,55 +6,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
-// Calls moving at least this many bytes use non-temporal stores.
-#define STREAM_MIN_BYTES (16 << 20)
-
-// `CU_MEMHOSTREGISTER_PORTABLE | CU_MEMHOSTREGISTER_DEVICEMAP` — never
-// write-combined: the CPU reads the arena to compress it.
-#define HOST_REGISTER_FLAGS (1 | 2)
-
-// Default size of each direction's device staging buffer.
-#define DEFAULT_STAGING_BYTES (64 << 20)
-
-// Ops per launch: must equal `KVPARK_MAX_OPS` in `cuda/kv_copy.cu`.
-#define MAX_OPS 256
-
-// Default registration chunk (1 GiB: registering takes ~0.1–0.3 s per GiB,
-// so the first chunk is online quickly).
-#define DEFAULT_CHUNK (1 << 30)
-
-// Threads per CTA of the copy kernels.
-#define THREADS 256
-
 // ABI version: bumped on every incompatible change of this header.
 #define KVPARK_ABI_VERSION 1
-
-// Sessions of the embedded default trace.
-#define DEFAULT_SESSIONS 400
-
-// Seed of the embedded default trace.
-#define DEFAULT_SEED 1
-
-// Default time compression of `kvpark replay`.
-#define DEFAULT_TIME_COMPRESSION 4.0
-
-// Slot alignment and size granularity: one 4 KiB page.
-#define SLOT_ALIGN 4096
-
-// Format version written by this build.
-#define FORMAT_VERSION 1
-
-// Bytes of the fixed header.
-#define HEADER_LEN 128
-
-// Record alignment (and O_DIRECT alignment) in bytes.
-#define ALIGN 4096
-
-// Mode of every directory the store creates.
-#define DIR_MODE 448
-
-// Mode of every file the store creates.
-#define FILE_MODE 384
 
 // Status of every fallible call. Numbers are fixed and never reused.
 typedef enum KvparkStatus {
@@ -172,9 +125,6 @@ typedef struct KvparkMatch {
 
 
 
-
-// The TTLs of the calibration table (1 min, 5 min, 1 h), in nanoseconds.
-#define TABLE_TTLS { 60000000000, 300000000000, 3600000000000, }
 
 #ifdef __cplusplus
 extern "C" {

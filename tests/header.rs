@@ -24,6 +24,12 @@ fn header_matches_cbindgen_output() {
         "include/kvpark.h is stale: regenerate with KVPARK_BLESS=1 cargo test --test header"
     );
     let text = String::from_utf8(out).unwrap();
+    let defines: Vec<&str> = text.lines().filter(|l| l.starts_with("#define ")).collect();
+    assert_eq!(
+        defines,
+        ["#define KVPARK_H", "#define KVPARK_ABI_VERSION 1"],
+        "only kvpark-prefixed names may enter the C namespace"
+    );
     for sym in [
         "kvpark_abi_version",
         "kvpark_last_error",

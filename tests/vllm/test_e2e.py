@@ -32,7 +32,11 @@ KV_BYTES = 4 << 20  # 128 blocks of 32 tokens (1 KiB per token): the GPU(CPU) ca
 MAX_MODEL_LEN = 2048
 MAX_TOKENS = 8
 TOL = 1e-4
-RECORD_ALIGN, HEADER_LEN = 4096, 128  # NVMe record format v1 (src/tier/nvme/format.rs)
+# NVMe record layout (src/tier/nvme/format.rs): a 4 KiB-aligned record, magic at 0,
+# format version (u16) at 4, stored length (u32) at 64; the payload starts at 4096 in
+# format version 2.
+RECORD_ALIGN, HEADER_LEN = 4096, 128
+PAYLOAD_OFF = {2: 4096}
 
 INTERLEAVED = [f"d{i}" for i in range(6)]
 
@@ -183,11 +187,14 @@ def flip_payload_bytes(nvme_dir: Path) -> int:
             if data[off : off + 4] != b"KVPR":
                 off += RECORD_ALIGN
                 continue
+            version = int.from_bytes(data[off + 4 : off + 6], "little")
+            assert version in PAYLOAD_OFF, f"record format version {version}: update this test"
+            payload = off + PAYLOAD_OFF[version]
             stored = int.from_bytes(data[off + 64 : off + 68], "little")
-            if stored > 0 and off + HEADER_LEN + stored <= len(data):
-                data[off + HEADER_LEN + stored // 2] ^= 0x5A
+            if stored > 0 and payload + stored <= len(data):
+                data[payload + stored // 2] ^= 0x5A
                 flipped += 1
-            off += (HEADER_LEN + stored + RECORD_ALIGN - 1) // RECORD_ALIGN * RECORD_ALIGN
+            off = payload + (stored + RECORD_ALIGN - 1) // RECORD_ALIGN * RECORD_ALIGN
         seg.write_bytes(bytes(data))
     return flipped
 
