@@ -824,39 +824,67 @@ impl Inner {
             let payload_crc = copy_with_crc(payload, &mut buf[PAYLOAD_OFF..end]);
             buf[HEADER_LEN..PAYLOAD_OFF].fill(0);
             buf[end..padded as usize].fill(0);
-            let mut hdr = RecordHeader {
-                key: *key,
-                session,
-                lsn: 0,
-                seq,
-                codec: tag,
-                elem_size: self.cfg.elem_size as u8,
-                raw_len,
-                stored_len,
-                payload_crc,
-            };
-            let res = self.reserve_for_put(padded)?;
-            hdr.lsn = res.lsn;
-            hdr.encode(&mut buf[..HEADER_LEN]);
-            let loc = Loc {
-                seg: res.seg,
-                off: res.off,
-                len: padded,
-                lsn: res.lsn,
-                session,
-                seq,
-                raw: raw_len,
-                stored: stored_len,
-                codec: tag,
-            };
-            let r = self.write_record(&res, &[&buf[..padded as usize]]);
-            drop(buf);
-            self.complete_write(res, *key, loc, r, None)?;
-            self.c.puts.fetch_add(1, Relaxed);
-            self.c.put_raw.fetch_add(raw_len as u64, Relaxed);
-            self.c.put_stored.fetch_add(stored_len as u64, Relaxed);
-            Ok(())
+            let hdr = self.header(key, session, seq, tag, raw_len, stored_len, payload_crc);
+            self.append_record(hdr, padded, |h, res| {
+                h.encode(&mut buf[..HEADER_LEN]);
+                self.write_record(res, &[&buf[..padded as usize]])
+            })
         })
+    }
+
+    /// The header of a new record (its lsn is stamped at reservation).
+    #[allow(clippy::too_many_arguments)]
+    fn header(
+        &self,
+        key: &BlockKey,
+        session: u64,
+        seq: u32,
+        codec: CodecTag,
+        raw_len: u32,
+        stored_len: u32,
+        payload_crc: u32,
+    ) -> RecordHeader {
+        RecordHeader {
+            key: *key,
+            session,
+            lsn: 0,
+            seq,
+            codec,
+            elem_size: self.cfg.elem_size as u8,
+            raw_len,
+            stored_len,
+            payload_crc,
+        }
+    }
+
+    /// Reserves `padded` bytes, stamps the lsn into `hdr`, lets `write`
+    /// encode the header into its buffer and write the record, then indexes
+    /// it (or unwinds the reservation) and counts it.
+    fn append_record(
+        &self,
+        mut hdr: RecordHeader,
+        padded: u64,
+        write: impl FnOnce(&RecordHeader, &Reservation) -> Result<()>,
+    ) -> Result<()> {
+        let res = self.reserve_for_put(padded)?;
+        hdr.lsn = res.lsn;
+        let loc = Loc {
+            seg: res.seg,
+            off: res.off,
+            len: padded,
+            lsn: res.lsn,
+            session: hdr.session,
+            seq: hdr.seq,
+            raw: hdr.raw_len,
+            stored: hdr.stored_len,
+            codec: hdr.codec,
+        };
+        let r = write(&hdr, &res);
+        self.complete_write(res, hdr.key, loc, r, None)?;
+        self.c.puts.fetch_add(1, Relaxed);
+        self.c.put_raw.fetch_add(hdr.raw_len as u64, Relaxed);
+        self.c.put_stored.fetch_add(hdr.stored_len as u64, Relaxed);
+        Ok(())
     }
 
     /// A raw record written straight from `raw` (non-empty, 4 KiB-aligned
@@ -879,39 +907,20 @@ impl Inner {
         hblk[HEADER_LEN..].fill(0);
         tblk[..tail].copy_from_slice(&raw[whole..]);
         tblk[tail..].fill(0);
-        let mut hdr = RecordHeader {
-            key: *key,
+        let hdr = self.header(
+            key,
             session,
-            lsn: 0,
             seq,
-            codec: CodecTag::None,
-            elem_size: self.cfg.elem_size as u8,
+            CodecTag::None,
             raw_len,
-            stored_len: raw_len,
+            raw_len,
             payload_crc,
-        };
-        let res = self.reserve_for_put(padded)?;
-        hdr.lsn = res.lsn;
-        hdr.encode(&mut hblk[..HEADER_LEN]);
-        let loc = Loc {
-            seg: res.seg,
-            off: res.off,
-            len: padded,
-            lsn: res.lsn,
-            session,
-            seq,
-            raw: raw_len,
-            stored: raw_len,
-            codec: CodecTag::None,
-        };
+        );
         let tail_blk: &[u8] = if tail > 0 { tblk } else { &[] };
-        let r = self.write_record(&res, &[hblk, &raw[..whole], tail_blk]);
-        drop(blk);
-        self.complete_write(res, *key, loc, r, None)?;
-        self.c.puts.fetch_add(1, Relaxed);
-        self.c.put_raw.fetch_add(raw_len as u64, Relaxed);
-        self.c.put_stored.fetch_add(raw_len as u64, Relaxed);
-        Ok(())
+        self.append_record(hdr, padded, |h, res| {
+            h.encode(&mut hblk[..HEADER_LEN]);
+            self.write_record(res, &[hblk, &raw[..whole], tail_blk])
+        })
     }
 
     /// Writes the concatenation of `parts` at the reservation (one pwrite
