@@ -251,13 +251,7 @@ impl BlockPlanner {
             if self.block_bytes == 0 {
                 self.block_bytes = raw_len;
             }
-            self.blocks.entry(key).or_insert(Loc {
-                host: false,
-                nvme: true,
-                session,
-                last_use: 0,
-                loading: 0,
-            });
+            self.mark(key, session, 0, false, true);
             self.next_session = self.next_session.max(session.wrapping_add(1));
             self.chains.entry(session).or_default().push(key);
             self.metrics.recovered_blocks += 1;
@@ -668,15 +662,7 @@ impl BlockPlanner {
                 if !self.blocks.contains_key(&k) {
                     self.chains.entry(session).or_default().push(k);
                 }
-                let l = self.blocks.entry(k).or_insert(Loc {
-                    host: false,
-                    nvme: false,
-                    session,
-                    last_use: now,
-                    loading: 0,
-                });
-                l.host = true;
-                l.last_use = now;
+                self.mark(k, session, now, true, false);
             }
             self.metrics.save_failed_blocks += s.failed.len() as u64;
         }
@@ -691,42 +677,94 @@ impl BlockPlanner {
             }
             self.metrics.load_failed_blocks += l.failed.len() as u64;
             for k in l.failed {
-                self.blocks.remove(&k);
+                self.forget(&k);
             }
         }
         for k in r.on_nvme {
-            if let Some(l) = self.blocks.get_mut(&k) {
-                l.nvme = true;
-            }
+            self.update(&k, None, Some(true));
         }
         for k in r.left_host {
-            if let Some(l) = self.blocks.get_mut(&k) {
-                l.host = false;
-                if !l.nvme {
-                    self.blocks.remove(&k);
-                }
-            }
+            self.update(&k, Some(false), None);
         }
         for k in r.lost {
-            self.blocks.remove(&k);
+            self.forget(&k);
         }
         Ok(())
     }
 
-    fn refresh_counts(&mut self) {
-        let (mut h, mut n) = (0, 0);
-        for l in self.blocks.values() {
-            h += l.host as u64;
-            n += l.nvme as u64;
+    /// Records that `k` (of `session`) is now also in the host and/or NVMe
+    /// tier, inserting it if new. Every tier change goes through
+    /// [`Self::mark`], [`Self::update`] or [`Self::forget`], which keep the
+    /// per-tier counts, so metrics never scan the index (they are read every
+    /// step).
+    fn mark(&mut self, k: BlockKey, session: u64, now: u64, host: bool, nvme: bool) {
+        let l = self.blocks.entry(k).or_insert(Loc {
+            host: false,
+            nvme: false,
+            session,
+            last_use: now,
+            loading: 0,
+        });
+        let m = &mut self.metrics;
+        if host && !l.host {
+            l.host = true;
+            m.parked_host_blocks += 1;
         }
-        self.metrics.parked_blocks = self.blocks.len() as u64;
-        self.metrics.parked_host_blocks = h;
-        self.metrics.parked_nvme_blocks = n;
+        if nvme && !l.nvme {
+            l.nvme = true;
+            m.parked_nvme_blocks += 1;
+        }
+        l.last_use = l.last_use.max(now);
+    }
+
+    /// Sets the tier flags of a known block; a block left in no tier is forgotten.
+    fn update(&mut self, k: &BlockKey, host: Option<bool>, nvme: Option<bool>) {
+        let Some(l) = self.blocks.get_mut(k) else {
+            return;
+        };
+        let m = &mut self.metrics;
+        if let Some(h) = host.filter(|&h| h != l.host) {
+            l.host = h;
+            if h {
+                m.parked_host_blocks += 1;
+            } else {
+                m.parked_host_blocks -= 1;
+            }
+        }
+        if let Some(n) = nvme.filter(|&n| n != l.nvme) {
+            l.nvme = n;
+            if n {
+                m.parked_nvme_blocks += 1;
+            } else {
+                m.parked_nvme_blocks -= 1;
+            }
+        }
+        if !l.host && !l.nvme {
+            self.blocks.remove(k);
+        }
+    }
+
+    /// Forgets a block in every tier.
+    fn forget(&mut self, k: &BlockKey) {
+        if let Some(l) = self.blocks.remove(k) {
+            self.metrics.parked_host_blocks -= l.host as u64;
+            self.metrics.parked_nvme_blocks -= l.nvme as u64;
+        }
     }
 
     /// Metrics snapshot.
     pub fn metrics(&mut self) -> PlannerMetrics {
-        self.refresh_counts();
+        self.metrics.parked_blocks = self.blocks.len() as u64;
+        debug_assert_eq!(
+            (
+                self.metrics.parked_host_blocks,
+                self.metrics.parked_nvme_blocks
+            ),
+            self.blocks
+                .values()
+                .fold((0, 0), |(h, n), l| (h + l.host as u64, n + l.nvme as u64)),
+            "per-tier counts drifted from the index"
+        );
         let (h, n) = self.core.occupancy();
         self.metrics.planned_host_bytes = h;
         self.metrics.planned_nvme_bytes = n;
@@ -876,6 +914,31 @@ mod tests {
                 external_tokens: 3 * BS,
                 load_async: true
             }
+        );
+        let mt = p.metrics();
+        assert_eq!(
+            (
+                mt.parked_blocks,
+                mt.parked_host_blocks,
+                mt.parked_nvme_blocks
+            ),
+            (6, 5, 1)
+        );
+        // a block that leaves its last tier is forgotten, and counted so
+        let rep = Report {
+            lost: vec![keys[4]],
+            left_host: vec![keys[0]],
+            ..Default::default()
+        };
+        p.on_report(&rep.encode(), 32).unwrap();
+        let mt = p.metrics();
+        assert_eq!(
+            (
+                mt.parked_blocks,
+                mt.parked_host_blocks,
+                mt.parked_nvme_blocks
+            ),
+            (4, 4, 0)
         );
     }
 
