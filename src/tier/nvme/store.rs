@@ -1046,6 +1046,18 @@ impl Inner {
         Ok(())
     }
 
+    /// A failed record read: counted, with the record's place as context.
+    fn read_error(&self, e: std::io::Error, loc: &Loc) -> Error {
+        let e = Error::from(e);
+        self.count_err(&e);
+        e.context(format!(
+            "nvme read rank {} {} offset {}",
+            self.rank(),
+            seg_name(loc.seg),
+            loc.off
+        ))
+    }
+
     fn count_err(&self, e: &Error) {
         match e.kind() {
             ErrorKind::NoSpace => self.c.no_space.fetch_add(1, Relaxed),
@@ -1253,17 +1265,7 @@ impl Inner {
                 fsio::read_vectored_full_at(file, &mut parts, loc.off)
             }
         }
-        .map_err(|e| {
-            let e = Error::from(e);
-            self.count_err(&e);
-            e
-        })
-        .ctx(format!(
-            "nvme read rank {} {} offset {}",
-            self.rank(),
-            seg_name(loc.seg),
-            loc.off
-        ))?;
+        .map_err(|e| self.read_error(e, loc))?;
         let hdr = self.check_header(key, loc, &blk[..ALIGN], got)?;
         if hdr.codec != CodecTag::None {
             return Err(self.drop_corrupt(key, loc, "header codec does not match the index"));
@@ -1337,17 +1339,7 @@ impl Inner {
     ) -> Result<(RecordHeader, bool)> {
         let n = loc.len as usize;
         let got = fsio::read_full_at(file, &mut buf[..n], loc.off)
-            .map_err(|e| {
-                let e = Error::from(e);
-                self.count_err(&e);
-                e
-            })
-            .ctx(format!(
-                "nvme read rank {} {} offset {}",
-                self.rank(),
-                seg_name(loc.seg),
-                loc.off
-            ))?;
+            .map_err(|e| self.read_error(e, loc))?;
         let hdr = self.check_header(key, loc, &buf[..ALIGN.min(n)], got)?;
         let payload = &buf[PAYLOAD_OFF..PAYLOAD_OFF + loc.stored as usize];
         let (crc, copied) = match copy_to {
