@@ -19,10 +19,14 @@ fn main() {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")));
     println!("nvme bench in {} (quick: {quick})", dir.display());
     match bench_nvme(&dir, quick) {
-        Ok(figs) => {
+        Ok((figs, spreads)) => {
             println!("{}", benchkit::header());
             for f in &figs {
                 println!("{}", f.row());
+            }
+            println!("  medians of paired rounds; per-round range:");
+            for s in &spreads {
+                println!("  {}", s.line());
             }
         }
         Err(e) => {

@@ -73,8 +73,13 @@ fn run(cli: Cli) -> kvpark::Result<()> {
                 }
             }
             if parts.contains(&"nvme") {
-                for f in kvpark::tier::nvme::bench::bench_nvme(&dir, quick)? {
+                let (figs, spreads) = kvpark::tier::nvme::bench::bench_nvme(&dir, quick)?;
+                for f in figs {
                     println!("{}", f.row());
+                }
+                println!("  nvme figures are medians of paired rounds; per-round range:");
+                for s in spreads {
+                    println!("  {}", s.line());
                 }
             }
             if parts.contains(&"codec") {
