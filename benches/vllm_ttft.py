@@ -9,11 +9,14 @@ and parked, vLLM's prefix cache is reset, and the next turn (prefix + 32 new tok
 1 output token) is timed: the wall time of `LLM.generate` for that one request = TTFT.
 
   recompute  vLLM without kvpark: the whole prefix is prefilled again (the baseline)
-  host       kvpark, same engine: the prefix comes back from the host tier (sync load)
+  host       kvpark, same engine: the prefix comes back from the host tier (sync load;
+             on the CPU backend the default loads every layer before the forward)
+  host-lw    the same with `layerwise_load: true`: layer by layer beside the forward,
+             each attention layer waiting for its own layer (a separate engine process)
   nvme       kvpark, fresh engine on the same NVMe directory (warm restart, host tier
              empty): the prefix comes back from NVMe (async load, lz4-planes records)
 
-All three run in this one invocation (three engine processes, one after the other), so the
+All run in this one invocation (four engine processes, one after the other), so the
 speedups are ratios measured in the same run on the same machine.
 """
 
@@ -102,6 +105,13 @@ def main() -> int:
     ops += [turn(f"h{i}", NEW_TOKENS, f"resume.host.{i}") for i in range(n)]
     ops += [{"op": "snapshot", "tag": "host"}]
     host = run_engine(work, "host", spec(kvpark_cfg, ops))
+    # the same host hits loaded layer by layer beside the forward (own NVMe dir)
+    lw_cfg = {**kvpark_cfg, "nvme_dir": str(work / "nvme-lw"), "layerwise_load": True}
+    ops = warm + [turn(f"w{i}", prefix, f"first.w{i}") for i in range(n)]
+    ops += [{"op": "drain"}, {"op": "reset_prefix_cache"}]
+    ops += [turn(f"w{i}", NEW_TOKENS, f"resume.host-lw.{i}") for i in range(n)]
+    ops += [{"op": "snapshot", "tag": "host-lw"}]
+    lw = run_engine(work, "host-lw", spec(lw_cfg, ops))
     # kvpark engine 2: warm restart on the same NVMe directory, resume the other n
     ops = warm + [turn(f"n{i}", NEW_TOKENS, f"resume.nvme.{i}") for i in range(n)] + [{"op": "snapshot", "tag": "nvme"}]
     nv = run_engine(work, "nvme", spec(kvpark_cfg, ops, prev=host))
@@ -112,7 +122,7 @@ def main() -> int:
 
     rows = []
     base = None
-    for kind, out in (("recompute", ref), ("host", host), ("nvme", nv)):
+    for kind, out in (("recompute", ref), ("host", host), ("host-lw", lw), ("nvme", nv)):
         w, ext = walls(out, kind)
         med = statistics.median(w)
         base = base or med
@@ -131,9 +141,13 @@ def main() -> int:
         print(f"{r['scenario']:<10} {r['ttft_median_s']:>9.3f} {r['ttft_min_s']:>8.3f} {r['samples']:>3} "
               f"{r['external_tokens'][0]:>11} {r['speedup']:>12.2f}x")
     mh = next(x for x in host["results"] if x["op"] == "snapshot")["mover"]["counters"]
+    ml = next(x for x in lw["results"] if x["op"] == "snapshot")["mover"]["counters"]
     mn = next(x for x in nv["results"] if x["op"] == "snapshot")["mover"]["counters"]
-    print(f"host loads: {mh['load_blocks_host']} blocks in {mh['load_ns'] / 1e6:.1f} ms (mover); "
-          f"nvme loads: {mn['load_blocks_nvme']} blocks in {mn['load_ns'] / 1e6:.1f} ms (mover)")
+    print(f"host loads: {mh['load_blocks_host']} blocks in {mh['load_ns'] / 1e6:.1f} ms before the forward; "
+          f"host-lw loads: {ml['load_blocks_host']} blocks in {ml['load_ns'] / 1e6:.1f} ms beside the forward, "
+          f"which waited {ml['layer_wait_ns'] / 1e6:.1f} ms in {ml['layer_waits']} wait_for_layer_load calls "
+          f"({ml['layerwise_loads']} layer-wise loads); nvme loads: {mn['load_blocks_nvme']} blocks in "
+          f"{mn['load_ns'] / 1e6:.1f} ms (mover)")
     if args.json:
         Path(args.json).write_text(json.dumps({"prefix_tokens": prefix, "rows": rows}, indent=2))
     return 0

@@ -207,7 +207,8 @@ enum KvparkStatus kvpark_mover_register(struct KvparkMover *m,
 // `meta` valid for `len` bytes.
 enum KvparkStatus kvpark_mover_bind(struct KvparkMover *m, const uint8_t *meta, uintptr_t len);
 
-// `start_load_kv`: sync loads complete before return; async ones start.
+// `start_load_kv`: sync loads start (layer by layer beside the forward
+// when `layerwise_load` is on, else complete before return); async ones start.
 //
 // # Safety
 // `m` must be a live mover.
@@ -219,7 +220,9 @@ enum KvparkStatus kvpark_mover_start_load(struct KvparkMover *m);
 // `m` must be a live mover.
 enum KvparkStatus kvpark_mover_wait_for_save(struct KvparkMover *m);
 
-// `wait_for_layer_load(layer)`.
+// `wait_for_layer_load(layer)`: returns once layer `layer` of the step's
+// sync loads is in place (later layers may still be moving). A non-OK
+// status means the layer is not in place.
 //
 // # Safety
 // `m` must be a live mover.

@@ -41,6 +41,11 @@ pub struct Config {
     /// Host-resident hits up to this many bytes load synchronously; larger or
     /// NVMe-resident hits load asynchronously.
     pub sync_load_budget_bytes: u64,
+    /// Whether sync loads scatter layer by layer beside the forward
+    /// (`wait_for_layer_load` waits for its layer only) or every layer
+    /// before the forward starts.
+    #[serde(serialize_with = "ser_layerwise")]
+    pub layerwise_load: Layerwise,
     /// Placement policy name.
     pub policy: String,
     /// NVMe I/O threads per rank.
@@ -52,6 +57,44 @@ pub struct Config {
     /// Session idle time after which a session's state is forgotten (ns).
     #[serde(rename = "session_ttl", serialize_with = "ser_ns")]
     pub session_ttl_ns: u64,
+}
+
+/// The `layerwise_load` setting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layerwise {
+    /// Layer by layer when the KV caches are on a CUDA device (the copies run
+    /// on the GPU's copy engines, beside the forward's kernels); whole when
+    /// they are in host memory (vLLM's CPU backend), where the copy shares
+    /// the cores with the forward: there it took ~10× longer beside the
+    /// forward than up front, and TTFT showed no consistent difference
+    /// either way (BENCHMARKS.md, vLLM section).
+    Auto,
+    /// Always layer by layer.
+    On,
+    /// Always every layer before the forward.
+    Off,
+}
+
+impl Layerwise {
+    /// Whether loads into caches on a device (`on_device`) go layer by layer.
+    pub fn enabled(self, on_device: bool) -> bool {
+        match self {
+            Layerwise::Auto => on_device,
+            Layerwise::On => true,
+            Layerwise::Off => false,
+        }
+    }
+}
+
+fn ser_layerwise<S: serde::Serializer>(
+    v: &Layerwise,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    match v {
+        Layerwise::Auto => s.serialize_str("auto"),
+        Layerwise::On => s.serialize_bool(true),
+        Layerwise::Off => s.serialize_bool(false),
+    }
 }
 
 fn ser_ns<S: serde::Serializer>(ns: &u64, s: S) -> std::result::Result<S::Ok, S::Error> {
@@ -71,6 +114,7 @@ impl Default for Config {
             nvme_segment_bytes: 256 << 20,
             codec: CodecTag::None,
             sync_load_budget_bytes: 256 << 20,
+            layerwise_load: Layerwise::Auto,
             policy: "lmcache-lru".into(),
             io_threads: 2,
             fsync: Fsync::Segment,
@@ -103,6 +147,11 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "sync_load_budget_bytes",
         "\"256MiB\"",
         "host hits up to this size load before the forward; larger or NVMe hits load async",
+    ),
+    (
+        "layerwise_load",
+        "\"auto\"",
+        "true: sync loads move layer by layer beside the forward (`wait_for_layer_load` waits for its own layer only); false: every layer before the forward; auto: true for KV caches on a GPU, false on vLLM's CPU backend (where the copy competes with the forward for the cores)",
     ),
     ("policy", "\"lmcache-lru\"", "placement policy: lmcache-lru (host + NVMe write-through, LRU), vllm-offload, vllm-offload:arc (host only)"),
     ("io_threads", "2", "NVMe I/O threads per rank"),
@@ -161,6 +210,18 @@ impl Config {
                 "nvme_segment_bytes" => c.nvme_segment_bytes = as_size(k, v)?,
                 "codec" => c.codec = CodecTag::parse(as_str(k, v)?).map_err(|e| e.context(k))?,
                 "sync_load_budget_bytes" => c.sync_load_budget_bytes = as_size(k, v)?,
+                "layerwise_load" => {
+                    c.layerwise_load = match v {
+                        Value::Bool(true) => Layerwise::On,
+                        Value::Bool(false) => Layerwise::Off,
+                        Value::String(x) if x == "auto" => Layerwise::Auto,
+                        _ => {
+                            return Err(Error::config(format!(
+                                "{k}: expected true, false or \"auto\", got {v}"
+                            )))
+                        }
+                    }
+                }
                 "policy" => {
                     let p = as_str(k, v)?;
                     if !CONNECTOR_POLICIES.contains(&p) {
@@ -248,6 +309,23 @@ mod tests {
         assert_eq!(c.fsync, Fsync::Record);
         assert_eq!(c.io_threads, 2);
         assert_eq!(Config::from_json(b"").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn layerwise_load_takes_true_false_or_auto() {
+        assert_eq!(Config::default().layerwise_load, Layerwise::Auto);
+        for (json, want) in [
+            (r#"{"layerwise_load":true}"#, Layerwise::On),
+            (r#"{"layerwise_load":false}"#, Layerwise::Off),
+            (r#"{"layerwise_load":"auto"}"#, Layerwise::Auto),
+        ] {
+            let c = Config::from_json(json.as_bytes()).unwrap();
+            assert_eq!(c.layerwise_load, want, "{json}");
+            assert_eq!(Config::from_json(c.to_json().as_bytes()).unwrap(), c);
+        }
+        let e = Config::from_json(br#"{"layerwise_load":"yes"}"#).unwrap_err();
+        assert!(e.to_string().contains("layerwise_load"), "{e}");
+        assert!(Layerwise::On.enabled(false) && !Layerwise::Off.enabled(true));
     }
 
     #[test]

@@ -139,6 +139,26 @@ pub trait CopyEngine: Send + Sync {
     fn scatter(&self, kv: &KvCaches, ops: &[ScatterOp<'_>]) -> Result<()> {
         self.scatter_layers(kv, ops, 0..kv.geometry().layers as usize)
     }
+
+    /// Scatters whole records layer by layer, calling `layer_done(l)` (in
+    /// order) as soon as layer `l` of every block is in place, so a forward
+    /// pass can start on layer 0 while later layers are still moving. The
+    /// default runs [`CopyEngine::scatter_layers`] one layer at a time; the
+    /// CUDA engine submits every layer at once on its onload stream and
+    /// reports each layer when that layer's event completes. On an error no
+    /// later layer is reported.
+    fn scatter_layerwise(
+        &self,
+        kv: &KvCaches,
+        ops: &[ScatterOp<'_>],
+        layer_done: &mut dyn FnMut(usize),
+    ) -> Result<()> {
+        for l in 0..kv.geometry().layers as usize {
+            self.scatter_layers(kv, ops, l..l + 1)?;
+            layer_done(l);
+        }
+        Ok(())
+    }
 }
 
 pub(crate) fn check_len(kv: &KvCaches, block: u32, len: usize) -> Result<()> {

@@ -115,7 +115,8 @@ pub unsafe extern "C" fn kvpark_mover_bind(
     })
 }
 
-/// `start_load_kv`: sync loads complete before return; async ones start.
+/// `start_load_kv`: sync loads start (layer by layer beside the forward
+/// when `layerwise_load` is on, else complete before return); async ones start.
 ///
 /// # Safety
 /// `m` must be a live mover.
@@ -141,7 +142,9 @@ pub unsafe extern "C" fn kvpark_mover_wait_for_save(m: *mut KvparkMover) -> Kvpa
     })
 }
 
-/// `wait_for_layer_load(layer)`.
+/// `wait_for_layer_load(layer)`: returns once layer `layer` of the step's
+/// sync loads is in place (later layers may still be moving). A non-OK
+/// status means the layer is not in place.
 ///
 /// # Safety
 /// `m` must be a live mover.

@@ -42,8 +42,21 @@ counters! {
     load_failed_blocks,
     /// NVMe records that failed their checksum on a load.
     load_corrupt,
-    /// Nanoseconds spent loading.
+    /// Nanoseconds spent loading (layer-wise loads: from `start_load` to
+    /// the last layer in place).
     load_ns,
+    /// Steps whose sync loads went layer by layer.
+    layerwise_loads,
+    /// `wait_for_layer_load` calls during a layer-wise load.
+    layer_waits,
+    /// Nanoseconds `wait_for_layer_load` blocked (what layer-wise loading
+    /// did not hide behind the forward).
+    layer_wait_ns,
+    /// Times the host tier could not hold a step's sync loads at once (the
+    /// blocks pinned so far were scattered whole first).
+    layerwise_fallbacks,
+    /// Layer-wise scatters that failed (their blocks reported failed).
+    layerwise_errors,
     /// Host blocks evicted to make room.
     host_evictions,
     /// Host blocks dropped without an NVMe copy.

@@ -10,8 +10,8 @@
 //! | vLLM hook            | mover                                                        |
 //! |----------------------|--------------------------------------------------------------|
 //! | `bind_connector_metadata` | [`Mover::bind`]: decode the step's [`Plan`]             |
-//! | `start_load_kv`      | [`Mover::start_load`]: sync loads now, async ones to the loader thread |
-//! | `wait_for_layer_load`| [`Mover::wait_layer`]: sync loads are complete before the forward |
+//! | `start_load_kv`      | [`Mover::start_load`]: sync loads start layer by layer on the layer thread, async ones go to the loader thread |
+//! | `wait_for_layer_load`| [`Mover::wait_layer`]: waits until layer *i* of the step's sync loads is in place (that layer only) |
 //! | `wait_for_save`      | [`Mover::wait_for_save`]: gather saved blocks, run tier moves |
 //! | `get_finished`       | [`Mover::get_finished`]: saves done, async loads done, failed block ids |
 //! | worker meta          | [`Mover::take_report`]: where blocks went, for the planner   |
@@ -24,6 +24,15 @@
 //! - Every save request is reported in `finished_sending`, also when it
 //!   failed, so vLLM never keeps a request's blocks forever.
 //! - A full NVMe disk stops demotion (and is counted), never serving.
+//! - Layer-wise sync loads (config `layerwise_load`; by default on for KV
+//!   caches on a GPU, off on vLLM's CPU backend): the blocks
+//!   are pinned (read from NVMe if needed) in `start_load`, then the layer
+//!   thread scatters layer 0, 1, … and publishes each finished layer;
+//!   `wait_layer(i)` returns once layer *i* is in place. The step's next hook
+//!   (`wait_for_save`, `get_finished`, the next `bind`) waits for the rest and
+//!   unpins. When the host tier cannot hold every block of the step at once,
+//!   the blocks pinned so far are scattered whole first (as without
+//!   layer-wise loading) and the rest go layer by layer.
 
 mod metrics;
 
@@ -103,6 +112,88 @@ pub struct Mover {
     loader: Option<Loader>,
     pending_async: usize,
     pinning: Option<crate::copy::cuda::PinningJob>,
+    layer_thread: Option<LayerThread>,
+    layered: Option<Layered>,
+}
+
+/// Progress of one layer-wise scatter, shared with the layer thread.
+#[derive(Default)]
+struct LayerProgress {
+    st: Mutex<LayerState>,
+    cv: parking_lot::Condvar,
+}
+
+#[derive(Default)]
+struct LayerState {
+    /// Layers 0..done are in place.
+    done: usize,
+    /// The scatter ended (all layers, or an error).
+    ended: bool,
+    error: Option<String>,
+}
+
+impl LayerProgress {
+    fn layer_done(&self, l: usize) {
+        self.st.lock().done = l + 1;
+        self.cv.notify_all();
+    }
+
+    fn end(&self, error: Option<String>) {
+        let mut st = self.st.lock();
+        st.ended = true;
+        st.error = error;
+        self.cv.notify_all();
+    }
+
+    /// Blocks until layer `l` is in place; the scatter's error if it ended first.
+    fn wait_layer(&self, l: usize) -> Result<()> {
+        let mut st = self.st.lock();
+        loop {
+            if st.done > l {
+                return Ok(());
+            }
+            if st.ended {
+                return Err(Error::internal(format!(
+                    "layer-wise load stopped before layer {l}: {}",
+                    st.error.as_deref().unwrap_or("it ended early")
+                )));
+            }
+            self.cv.wait(&mut st);
+        }
+    }
+
+    /// Blocks until the scatter ended; its error, if any.
+    fn wait_end(&self) -> Option<String> {
+        let mut st = self.st.lock();
+        while !st.ended {
+            self.cv.wait(&mut st);
+        }
+        st.error.clone()
+    }
+}
+
+/// A job for the layer thread: scatter these pinned slots into these blocks.
+struct LayerJob {
+    reg: Arc<Registered>,
+    blocks: Vec<(u32, SlotId)>,
+    progress: Arc<LayerProgress>,
+}
+
+struct LayerThread {
+    jobs: Option<Sender<LayerJob>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// The step's sync loads while their layers are being scattered.
+struct Layered {
+    progress: Arc<LayerProgress>,
+    /// Per load: its outcome so far and the vLLM block ids that failed.
+    loads: Vec<(LoadDone, Vec<u32>)>,
+    /// Pinned blocks being scattered: (key, vLLM block, index into `loads`).
+    pinned: Vec<(BlockKey, u32, usize)>,
+    /// Blocks asked for by the loads.
+    blocks: usize,
+    t0: Instant,
 }
 
 /// NVMe writes the mover keeps in flight; must not exceed the store's
@@ -128,6 +219,8 @@ impl Mover {
             loader: None,
             pending_async: 0,
             pinning: None,
+            layer_thread: None,
+            layered: None,
         })
     }
 
@@ -225,12 +318,14 @@ impl Mover {
             nvme_paused_until: Mutex::new(None),
         });
         self.loader = Some(spawn_loader(reg.clone())?);
+        self.layer_thread = Some(spawn_layer_thread()?);
         self.reg = Some(reg);
         Ok(())
     }
 
     /// `bind_connector_metadata`: the step's plan bytes.
     pub fn bind(&mut self, meta: &[u8]) -> Result<()> {
+        self.finish_layered();
         self.plan = Some(if meta.is_empty() {
             Plan::default()
         } else {
@@ -239,9 +334,11 @@ impl Mover {
         Ok(())
     }
 
-    /// `start_load_kv`: runs the step's sync loads now and hands async loads
-    /// to the loader thread.
+    /// `start_load_kv`: starts the step's sync loads (layer by layer on the
+    /// layer thread, or whole before returning when `layerwise_load` is off)
+    /// and hands async loads to the loader thread.
     pub fn start_load(&mut self) -> Result<()> {
+        self.finish_layered();
         let Some(plan) = self.plan.as_mut() else {
             return Ok(());
         };
@@ -256,20 +353,91 @@ impl Mover {
             }
             return Ok(());
         };
-        for l in loads {
-            if l.sync {
-                let (done, failed) = reg.load(&l);
-                reg.report.lock().loaded.push(done);
-                self.finished.failed_blocks.extend(failed);
-            } else {
-                let loader = self.loader.as_ref().expect("loader exists after register");
-                match loader.jobs.as_ref().map(|j| j.send(l.clone())) {
-                    Some(Ok(())) => self.pending_async += 1,
-                    _ => self.fail_load(&l),
+        let (sync, async_loads): (Vec<LoadReq>, Vec<LoadReq>) =
+            loads.into_iter().partition(|l| l.sync);
+        for l in async_loads {
+            let loader = self.loader.as_ref().expect("loader exists after register");
+            match loader.jobs.as_ref().map(|j| j.send(l.clone())) {
+                Some(Ok(())) => self.pending_async += 1,
+                _ => self.fail_load(&l),
+            }
+        }
+        if sync.is_empty() {
+            return Ok(());
+        }
+        let jobs = self.layer_thread.as_ref().and_then(|t| t.jobs.clone());
+        match jobs {
+            Some(jobs) if self.cfg.layerwise_load.enabled(reg.kv.on_device()) => {
+                let t0 = Instant::now();
+                let (loads, pinned) = reg.pin_layered(&sync);
+                let progress = Arc::new(LayerProgress::default());
+                let job = LayerJob {
+                    reg: reg.clone(),
+                    blocks: pinned.iter().map(|p| (p.1, p.2)).collect(),
+                    progress: progress.clone(),
+                };
+                let pinned: Vec<(BlockKey, u32, usize)> =
+                    pinned.into_iter().map(|p| (p.0, p.1, p.3)).collect();
+                if jobs.send(job).is_err() {
+                    progress.end(Some("the layer thread has stopped".into()));
+                }
+                reg.metrics.layerwise_loads.fetch_add(1, Ordering::Relaxed);
+                self.layered = Some(Layered {
+                    progress,
+                    loads,
+                    pinned,
+                    blocks: sync.iter().map(|l| l.blocks.len()).sum(),
+                    t0,
+                });
+            }
+            _ => {
+                for l in &sync {
+                    let (done, failed) = reg.load(l);
+                    reg.report.lock().loaded.push(done);
+                    self.finished.failed_blocks.extend(failed);
                 }
             }
         }
         Ok(())
+    }
+
+    /// Waits for the step's layer-wise loads to end, unpins their blocks and
+    /// reports them (a block whose scatter failed is a failed block).
+    fn finish_layered(&mut self) {
+        let Some(ld) = self.layered.take() else {
+            return;
+        };
+        let err = ld.progress.wait_end();
+        let Some(reg) = self.reg.clone() else {
+            return;
+        };
+        let mut loads = ld.loads;
+        {
+            let mut idx = reg.index.lock();
+            for (key, block, i) in ld.pinned {
+                let _ = idx.unpin(&key);
+                if err.is_some() {
+                    loads[i].0.failed.push(key);
+                    loads[i].1.push(block);
+                }
+            }
+        }
+        let m = &reg.metrics;
+        if err.is_some() {
+            m.layerwise_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        m.load_ns
+            .fetch_add(ld.t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        let failed_total: usize = loads.iter().map(|l| l.0.failed.len()).sum();
+        m.loaded_blocks
+            .fetch_add((ld.blocks - failed_total) as u64, Ordering::Relaxed);
+        for (done, failed) in loads {
+            m.loads.fetch_add(1, Ordering::Relaxed);
+            m.load_failed_blocks
+                .fetch_add(done.failed.len() as u64, Ordering::Relaxed);
+            self.finished.failed_blocks.extend(failed);
+            reg.report.lock().loaded.push(done);
+        }
     }
 
     fn fail_load(&mut self, l: &LoadReq) {
@@ -293,8 +461,10 @@ impl Mover {
         }
     }
 
-    /// `wait_for_layer_load`: sync loads completed in [`Mover::start_load`]
-    /// (the CPU engine is synchronous), so layer `layer` is ready.
+    /// `wait_for_layer_load`: returns once layer `layer` of the step's sync
+    /// loads is in place (only that layer and the ones before it; later
+    /// layers may still be moving). An error means the layer is not in
+    /// place: the forward must not read it.
     pub fn wait_layer(&mut self, layer: u32) -> Result<()> {
         if let Some(reg) = &self.reg {
             if layer >= reg.geom.layers {
@@ -303,12 +473,22 @@ impl Mover {
                     reg.geom.layers
                 )));
             }
+            if let Some(ld) = &self.layered {
+                let t = Instant::now();
+                let r = ld.progress.wait_layer(layer as usize);
+                reg.metrics.layer_waits.fetch_add(1, Ordering::Relaxed);
+                reg.metrics
+                    .layer_wait_ns
+                    .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                return r;
+            }
         }
         Ok(())
     }
 
     /// `wait_for_save`: parks the step's finished requests and runs tier moves.
     pub fn wait_for_save(&mut self) -> Result<()> {
+        self.finish_layered();
         let Some(plan) = self.plan.as_mut() else {
             return Ok(());
         };
@@ -338,6 +518,7 @@ impl Mover {
 
     /// `get_finished`: collects finished saves and async loads since the last call.
     pub fn get_finished(&mut self) -> Finished {
+        self.finish_layered();
         if let Some(loader) = &self.loader {
             while let Ok((done, failed)) = loader.done.try_recv() {
                 self.pending_async = self.pending_async.saturating_sub(1);
@@ -377,6 +558,7 @@ impl Mover {
 
     /// The worker report for the planner (encoded; empty = nothing to report).
     pub fn take_report(&mut self) -> Vec<u8> {
+        self.finish_layered();
         let Some(reg) = &self.reg else {
             return Vec::new();
         };
@@ -429,6 +611,13 @@ impl Drop for Registered {
 
 impl Drop for Mover {
     fn drop(&mut self) {
+        self.finish_layered();
+        if let Some(mut t) = self.layer_thread.take() {
+            drop(t.jobs.take());
+            if let Some(h) = t.thread.take() {
+                let _ = h.join();
+            }
+        }
         if let Some(mut l) = self.loader.take() {
             drop(l.jobs.take());
             if let Some(t) = l.thread.take() {
@@ -450,6 +639,31 @@ impl Drop for Mover {
         // Unregister the arena before it is unmapped (fields drop after this).
         drop(self.pinning.take());
     }
+}
+
+/// The thread that scatters sync loads layer by layer (one per mover).
+fn spawn_layer_thread() -> Result<LayerThread> {
+    let (tx, rx) = crossbeam_channel::unbounded::<LayerJob>();
+    let thread = std::thread::Builder::new()
+        .name("kvpark-layers".into())
+        .spawn(move || {
+            for job in rx {
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    job.reg.scatter_layerwise(&job.blocks, &job.progress)
+                }));
+                let err = match r {
+                    Ok(Ok(())) => None,
+                    Ok(Err(e)) => Some(e.to_string()),
+                    Err(_) => Some("the layer thread panicked".to_string()),
+                };
+                job.progress.end(err);
+            }
+        })
+        .map_err(|e| Error::new(ErrorKind::Io, format!("spawn layer thread: {e}")))?;
+    Ok(LayerThread {
+        jobs: Some(tx),
+        thread: Some(thread),
+    })
 }
 
 fn spawn_loader(reg: Arc<Registered>) -> Result<Loader> {
@@ -805,6 +1019,110 @@ impl Registered {
     /// Blocks are pinned in the host tier and scattered in batches: when the
     /// host tier fills up (a prefix larger than the tier, read from NVMe), the
     /// batch so far is scattered and unpinned, making its slots evictable.
+    /// Pins every block of the sync loads `loads` for a layer-wise scatter:
+    /// per load its outcome so far (blocks that cannot be loaded are already
+    /// failed) and the pinned blocks as (key, vLLM block, slot, load index).
+    /// When the host tier runs out of slots, the blocks pinned so far are
+    /// scattered whole and unpinned first (counted in `layerwise_fallbacks`).
+    #[allow(clippy::type_complexity)]
+    fn pin_layered(
+        &self,
+        loads: &[LoadReq],
+    ) -> (
+        Vec<(LoadDone, Vec<u32>)>,
+        Vec<(BlockKey, u32, SlotId, usize)>,
+    ) {
+        let mut outs: Vec<(LoadDone, Vec<u32>)> = loads
+            .iter()
+            .map(|l| {
+                (
+                    LoadDone {
+                        req_id: l.req_id.clone(),
+                        failed: vec![],
+                    },
+                    vec![],
+                )
+            })
+            .collect();
+        let mut pinned: Vec<(BlockKey, u32, SlotId, usize)> = Vec::new();
+        for (i, l) in loads.iter().enumerate() {
+            for &(key, block) in &l.blocks {
+                if self.kv.check_block(block).is_err() {
+                    outs[i].0.failed.push(key);
+                    outs[i].1.push(block);
+                    continue;
+                }
+                loop {
+                    match self.pin_for_load(&key) {
+                        Ok(slot) => pinned.push((key, block, slot, i)),
+                        Err(e) if e.kind() == ErrorKind::NoSpace && !pinned.is_empty() => {
+                            self.metrics
+                                .layerwise_fallbacks
+                                .fetch_add(1, Ordering::Relaxed);
+                            self.scatter_whole(&mut pinned, &mut outs);
+                            continue;
+                        }
+                        Err(_) => {
+                            outs[i].0.failed.push(key);
+                            outs[i].1.push(block);
+                        }
+                    }
+                    break;
+                }
+            }
+        }
+        (outs, pinned)
+    }
+
+    /// Scatters pinned blocks whole (all layers) and unpins them, recording
+    /// failures per load (empties `pinned`).
+    fn scatter_whole(
+        &self,
+        pinned: &mut Vec<(BlockKey, u32, SlotId, usize)>,
+        outs: &mut [(LoadDone, Vec<u32>)],
+    ) {
+        let guards: Vec<_> = pinned.iter().map(|p| self.arena.slot(p.2)).collect();
+        let ok = guards.iter().all(|g| g.is_ok()) && {
+            let ops: Vec<ScatterOp<'_>> = pinned
+                .iter()
+                .zip(guards.iter())
+                .map(|(p, g)| ScatterOp {
+                    src: &g.as_ref().expect("checked")[..self.geom.block_bytes()],
+                    block: p.1,
+                })
+                .collect();
+            self.engine.scatter(&self.kv, &ops).is_ok()
+        };
+        drop(guards);
+        let mut idx = self.index.lock();
+        for (key, block, _, i) in pinned.drain(..) {
+            let _ = idx.unpin(&key);
+            if !ok {
+                outs[i].0.failed.push(key);
+                outs[i].1.push(block);
+            }
+        }
+    }
+
+    /// The layer thread's work: scatter pinned slots into vLLM blocks layer
+    /// by layer, publishing each finished layer.
+    fn scatter_layerwise(&self, blocks: &[(u32, SlotId)], progress: &LayerProgress) -> Result<()> {
+        let guards = blocks
+            .iter()
+            .map(|b| self.arena.slot(b.1))
+            .collect::<Result<Vec<_>>>()?;
+        let ops: Vec<ScatterOp<'_>> = blocks
+            .iter()
+            .zip(guards.iter())
+            .map(|(b, g)| ScatterOp {
+                src: &g[..self.geom.block_bytes()],
+                block: b.0,
+            })
+            .collect();
+        self.engine
+            .scatter_layerwise(&self.kv, &ops, &mut |l| progress.layer_done(l))
+    }
+
     fn load(&self, l: &LoadReq) -> (LoadDone, Vec<u32>) {
         let t0 = Instant::now();
         let mut done = LoadDone {

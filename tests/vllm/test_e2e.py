@@ -167,7 +167,9 @@ def runs(tmp_path_factory, tiny_model, libkvpark):
         "ref",
         base_spec(tiny_model, None, PHASE_A + [{"op": "reset_prefix_cache"}] + PHASE_B + [{"op": "reset_prefix_cache"}] + PHASE_C),
     )
-    a = run_engine(tmp, "A", base_spec(tiny_model, cfg, PHASE_A))
+    # Phase A loads host hits layer by layer beside the forward (on the CPU backend the
+    # default, "auto", loads every layer first; B and C run the default).
+    a = run_engine(tmp, "A", base_spec(tiny_model, {**cfg, "layerwise_load": True}, PHASE_A))
     # B also runs its worker in a separate process: plans and worker metadata are
     # serialized across the process boundary as in a real deployment.
     b = run_engine(tmp, "B", {**base_spec(tiny_model, cfg, PHASE_B, prev=a), "executor": "mp"})
@@ -211,6 +213,11 @@ def test_a_host_hit_after_prefix_cache_reset(runs):
     assert p["hit_blocks_host"] == want // BS
     assert p["loads_sync"] == 1 and p["loads_async"] == 0
     assert p["shim"]["bad_hints"] == 0  # the session hints were accepted
+    # the host hit was scattered layer by layer beside vLLM's forward: every attention
+    # layer waited for its own layer through wait_for_layer_load
+    m = a["final"]["mover"]["counters"]
+    assert m["layerwise_loads"] >= 1 and m["layerwise_errors"] == 0, m
+    assert m["layer_waits"] >= m["layerwise_loads"], m
     # the reference engine had nothing cached after the reset
     assert turns(runs["ref"])["a.s1.t2.host"]["sessions"]["s1"]["num_cached_tokens"] == 0
 

@@ -977,6 +977,36 @@ impl CopyEngine for CudaEngine {
         let mut h = unsafe { self.submit_onload(kv, &recs, layers, None)? };
         h.wait_all()
     }
+
+    /// One submission for every layer on the onload stream; layer `l` is
+    /// reported when its event completes (the host waits on that event
+    /// only), so `wait_for_layer_load(l)` does not wait for later layers.
+    fn scatter_layerwise(
+        &self,
+        kv: &KvCaches,
+        ops: &[ScatterOp<'_>],
+        layer_done: &mut dyn FnMut(usize),
+    ) -> Result<()> {
+        for op in ops {
+            check_len(kv, op.block, op.src.len())?;
+        }
+        let n = kv.geometry().layers as usize;
+        let recs: Vec<HostRecord> = ops
+            .iter()
+            .map(|o| HostRecord {
+                block: o.block,
+                host: o.src.as_ptr() as *mut u8,
+            })
+            .collect();
+        // SAFETY: as in `scatter_layers`: the caller's buffers outlive the
+        // handle, which is waited on (or dropped, which waits) before return.
+        let mut h = unsafe { self.submit_onload(kv, &recs, 0..n, None)? };
+        for l in 0..n {
+            h.wait_layer(l)?;
+            layer_done(l);
+        }
+        h.wait_all()
+    }
 }
 
 /// Device memory allocated through an engine (tests, benchmarks): freed on
