@@ -369,7 +369,7 @@ impl Mover {
         match jobs {
             Some(jobs) if self.cfg.layerwise_load.enabled(reg.kv.on_device()) => {
                 let t0 = Instant::now();
-                let (loads, pinned) = reg.pin_layered(&sync);
+                let (loads, pinned) = reg.pin_loads(&sync, true);
                 let progress = Arc::new(LayerProgress::default());
                 let job = LayerJob {
                     reg: reg.clone(),
@@ -1014,20 +1014,17 @@ impl Registered {
         }
     }
 
-    /// Loads one request's blocks; returns the report entry and failed vLLM block ids.
-    ///
-    /// Blocks are pinned in the host tier and scattered in batches: when the
-    /// host tier fills up (a prefix larger than the tier, read from NVMe), the
-    /// batch so far is scattered and unpinned, making its slots evictable.
-    /// Pins every block of the sync loads `loads` for a layer-wise scatter:
-    /// per load its outcome so far (blocks that cannot be loaded are already
-    /// failed) and the pinned blocks as (key, vLLM block, slot, load index).
-    /// When the host tier runs out of slots, the blocks pinned so far are
-    /// scattered whole and unpinned first (counted in `layerwise_fallbacks`).
+    /// Pins every block of `loads`: per load its outcome so far (blocks that
+    /// cannot be loaded are already failed) and the pinned blocks as (key,
+    /// vLLM block, slot, load index). When the host tier fills up (a prefix
+    /// larger than the tier, read from NVMe), the blocks pinned so far are
+    /// scattered whole and unpinned first, making their slots evictable (for
+    /// a layer-wise load counted in `layerwise_fallbacks`).
     #[allow(clippy::type_complexity)]
-    fn pin_layered(
+    fn pin_loads(
         &self,
         loads: &[LoadReq],
+        layerwise: bool,
     ) -> (
         Vec<(LoadDone, Vec<u32>)>,
         Vec<(BlockKey, u32, SlotId, usize)>,
@@ -1056,9 +1053,11 @@ impl Registered {
                     match self.pin_for_load(&key) {
                         Ok(slot) => pinned.push((key, block, slot, i)),
                         Err(e) if e.kind() == ErrorKind::NoSpace && !pinned.is_empty() => {
-                            self.metrics
-                                .layerwise_fallbacks
-                                .fetch_add(1, Ordering::Relaxed);
+                            if layerwise {
+                                self.metrics
+                                    .layerwise_fallbacks
+                                    .fetch_add(1, Ordering::Relaxed);
+                            }
                             self.scatter_whole(&mut pinned, &mut outs);
                             continue;
                         }
@@ -1123,36 +1122,14 @@ impl Registered {
             .scatter_layerwise(&self.kv, &ops, &mut |l| progress.layer_done(l))
     }
 
+    /// Loads one request whole (all layers at once); returns the report
+    /// entry and the failed vLLM block ids. Through a full host tier the
+    /// blocks go in batches (see [`Registered::pin_loads`]).
     fn load(&self, l: &LoadReq) -> (LoadDone, Vec<u32>) {
         let t0 = Instant::now();
-        let mut done = LoadDone {
-            req_id: l.req_id.clone(),
-            failed: vec![],
-        };
-        let mut failed_blocks = vec![];
-        let mut batch: Vec<(BlockKey, u32, SlotId)> = Vec::with_capacity(l.blocks.len());
-        for &(key, block) in &l.blocks {
-            if self.kv.check_block(block).is_err() {
-                done.failed.push(key);
-                failed_blocks.push(block);
-                continue;
-            }
-            loop {
-                match self.pin_for_load(&key) {
-                    Ok(slot) => batch.push((key, block, slot)),
-                    Err(e) if e.kind() == ErrorKind::NoSpace && !batch.is_empty() => {
-                        self.scatter_batch(&mut batch, &mut done, &mut failed_blocks);
-                        continue;
-                    }
-                    Err(_) => {
-                        done.failed.push(key);
-                        failed_blocks.push(block);
-                    }
-                }
-                break;
-            }
-        }
-        self.scatter_batch(&mut batch, &mut done, &mut failed_blocks);
+        let (mut outs, mut pinned) = self.pin_loads(std::slice::from_ref(l), false);
+        self.scatter_whole(&mut pinned, &mut outs);
+        let (done, failed_blocks) = outs.pop().expect("one load, one outcome");
         let m = &self.metrics;
         m.loads.fetch_add(1, Ordering::Relaxed);
         m.loaded_blocks.fetch_add(
@@ -1164,39 +1141,6 @@ impl Registered {
         m.load_ns
             .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
         (done, failed_blocks)
-    }
-
-    /// Scatters pinned blocks into vLLM and unpins them (empties `batch`).
-    fn scatter_batch(
-        &self,
-        batch: &mut Vec<(BlockKey, u32, SlotId)>,
-        done: &mut LoadDone,
-        failed_blocks: &mut Vec<u32>,
-    ) {
-        if batch.is_empty() {
-            return;
-        }
-        let guards: Vec<_> = batch.iter().map(|p| self.arena.slot(p.2)).collect();
-        let ok = guards.iter().all(|g| g.is_ok()) && {
-            let ops: Vec<ScatterOp<'_>> = batch
-                .iter()
-                .zip(guards.iter())
-                .map(|(p, g)| ScatterOp {
-                    src: &g.as_ref().expect("checked")[..self.geom.block_bytes()],
-                    block: p.1,
-                })
-                .collect();
-            self.engine.scatter(&self.kv, &ops).is_ok()
-        };
-        drop(guards);
-        let mut idx = self.index.lock();
-        for (key, block, _) in batch.drain(..) {
-            let _ = idx.unpin(&key);
-            if !ok {
-                done.failed.push(key);
-                failed_blocks.push(block);
-            }
-        }
     }
 
     fn apply_move(&self, kind: MoveKind, key: BlockKey) {

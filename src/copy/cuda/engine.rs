@@ -932,6 +932,20 @@ impl Drop for OnloadHandle {
     }
 }
 
+/// The host records of scatter ops (checked against the geometry).
+fn scatter_records(kv: &KvCaches, ops: &[ScatterOp<'_>]) -> Result<Vec<HostRecord>> {
+    for op in ops {
+        check_len(kv, op.block, op.src.len())?;
+    }
+    Ok(ops
+        .iter()
+        .map(|o| HostRecord {
+            block: o.block,
+            host: o.src.as_ptr() as *mut u8,
+        })
+        .collect())
+}
+
 impl CopyEngine for CudaEngine {
     fn name(&self) -> &'static str {
         "cuda"
@@ -959,19 +973,10 @@ impl CopyEngine for CudaEngine {
         ops: &[ScatterOp<'_>],
         layers: Range<usize>,
     ) -> Result<()> {
-        for op in ops {
-            check_len(kv, op.block, op.src.len())?;
-        }
+        let recs = scatter_records(kv, ops)?;
         if layers.is_empty() && layers.end <= kv.layers().len() {
             return Ok(());
         }
-        let recs: Vec<HostRecord> = ops
-            .iter()
-            .map(|o| HostRecord {
-                block: o.block,
-                host: o.src.as_ptr() as *mut u8,
-            })
-            .collect();
         // SAFETY: the records are the caller's buffers, alive across the
         // wait; scatter only reads them.
         let mut h = unsafe { self.submit_onload(kv, &recs, layers, None)? };
@@ -987,17 +992,8 @@ impl CopyEngine for CudaEngine {
         ops: &[ScatterOp<'_>],
         layer_done: &mut dyn FnMut(usize),
     ) -> Result<()> {
-        for op in ops {
-            check_len(kv, op.block, op.src.len())?;
-        }
+        let recs = scatter_records(kv, ops)?;
         let n = kv.geometry().layers as usize;
-        let recs: Vec<HostRecord> = ops
-            .iter()
-            .map(|o| HostRecord {
-                block: o.block,
-                host: o.src.as_ptr() as *mut u8,
-            })
-            .collect();
         // SAFETY: as in `scatter_layers`: the caller's buffers outlive the
         // handle, which is waited on (or dropped, which waits) before return.
         let mut h = unsafe { self.submit_onload(kv, &recs, 0..n, None)? };
