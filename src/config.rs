@@ -29,6 +29,10 @@ pub enum Fsync {
 pub struct Config {
     /// Host (pinned) arena size per rank, bytes.
     pub host_bytes: u64,
+    /// File (in shared memory) backing the host arena, per rank
+    /// `<file>.rank<N>` with its slot table `<file>.rank<N>.slots`, so a
+    /// restarted worker finds what it parked; `None`: anonymous memory.
+    pub host_file: Option<PathBuf>,
     /// NVMe store directory; `None` disables the NVMe tier.
     pub nvme_dir: Option<PathBuf>,
     /// NVMe capacity per rank, bytes.
@@ -109,6 +113,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             host_bytes: 1 << 30,
+            host_file: None,
             nvme_dir: None,
             nvme_bytes: 64 << 30,
             nvme_segment_bytes: 256 << 20,
@@ -131,6 +136,11 @@ pub const CONNECTOR_POLICIES: &[&str] = &["lmcache-lru", "vllm-offload", "vllm-o
 /// The keys kvpark accepts, with a one-line description (README config table).
 pub const KEYS: &[(&str, &str, &str)] = &[
     ("host_bytes", "\"1GiB\"", "pinned host arena per rank"),
+    (
+        "host_file",
+        "null",
+        "shared-memory file backing the host arena (e.g. \"/dev/shm/kvpark\"; per rank `<file>.rank<N>` plus a `.slots` table) so a restarted engine finds what it parked in host memory; null = anonymous memory",
+    ),
     (
         "nvme_dir",
         "null",
@@ -200,6 +210,12 @@ impl Config {
         for (k, v) in &map {
             match k.as_str() {
                 "host_bytes" => c.host_bytes = as_size(k, v)?,
+                "host_file" => {
+                    c.host_file = match v {
+                        Value::Null => None,
+                        _ => Some(PathBuf::from(as_str(k, v)?)),
+                    }
+                }
                 "nvme_dir" => {
                     c.nvme_dir = match v {
                         Value::Null => None,
@@ -288,6 +304,15 @@ impl Config {
             return Err(Error::config("nvme_segment_bytes: must be at least 1MiB"));
         }
         Ok(c)
+    }
+
+    /// The host arena file of `rank` (`<host_file>.rank<N>`), if configured.
+    pub fn host_file_for(&self, rank: u32) -> Option<PathBuf> {
+        self.host_file.as_ref().map(|f| {
+            let mut s = f.as_os_str().to_owned();
+            s.push(format!(".rank{rank}"));
+            PathBuf::from(s)
+        })
     }
 
     /// The normalized JSON (every key, sizes in bytes).

@@ -87,8 +87,23 @@ pub unsafe extern "C" fn kvpark_planner_new(
         let cfg = Config::from_json(bytes(config_json, len, "config_json")?)?;
         nn(out, "out")?;
         let mut p = BlockPlanner::new(cfg.clone(), block_size)?;
+        let mut found: Vec<crate::planner::blocks::Recovered> = Vec::new();
         if let Some(dir) = &cfg.nvme_dir {
-            p.recover(crate::mover::scan_parked(dir, 0)?);
+            found.extend(
+                crate::mover::scan_parked(dir, 0)?
+                    .into_iter()
+                    .map(|(k, s, l)| (k, s, l, false, true)),
+            );
+        }
+        if let Some(f) = cfg.host_file_for(0) {
+            found.extend(
+                crate::mover::scan_host_file(&f)?
+                    .into_iter()
+                    .map(|(k, s, l)| (k, s, l, true, false)),
+            );
+        }
+        if !found.is_empty() {
+            p.recover_tiers(found);
         }
         let h = Box::new(KvparkPlanner {
             inner: Mutex::new(p),

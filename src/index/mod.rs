@@ -53,6 +53,9 @@
 //!
 //!  remove: Host | HostAndNvme | Nvme ──▶ (absent), its host slot (if any)
 //!          returned; refused while pinned or in flight
+//!  insert_host(slot): (absent) ──▶ Host (recovery from a reopened host
+//!          arena; a block also found on NVMe goes Nvme → Promoting →
+//!          HostAndNvme with begin_promote + finish_promote(ok) instead)
 //! ```
 //!
 //! # Transitions
@@ -71,6 +74,7 @@
 //! | `finish_promote(false)`  | `Promoting`                    | `Nvme`        | returned to the caller    |
 //! | `forget_nvme`            | `HostAndNvme`                  | `Host`        | kept                      |
 //! | `insert_nvme`            | absent                         | `Nvme`        | —                         |
+//! | `insert_host(slot)`      | absent                         | `Host`        | takes `slot`              |
 //! | `remove`                 | `Host`, `HostAndNvme`, `Nvme`; unpinned | absent | returned to the caller |
 //! | `pin` / `unpin`          | `Host`, `Demoting`, `HostAndNvme` | same       | kept                      |
 //!
@@ -363,6 +367,32 @@ impl BlockIndex {
                 host: None,
                 on_nvme: true,
                 state: BlockState::Nvme,
+                pins: 0,
+                last_access: now,
+            },
+        );
+        Ok(())
+    }
+
+    /// Indexes a block found in a reopened host arena's `slot` (recovery
+    /// after a restart): → `Host`.
+    pub fn insert_host(
+        &mut self,
+        key: BlockKey,
+        session: u64,
+        seq: u32,
+        slot: SlotId,
+        now: u64,
+    ) -> Result<()> {
+        self.check_new("insert_host", &key, Some(slot))?;
+        self.insert(
+            key,
+            BlockEntry {
+                session,
+                seq,
+                host: Some(slot),
+                on_nvme: false,
+                state: BlockState::Host,
                 pins: 0,
                 last_access: now,
             },

@@ -77,4 +77,9 @@ counters! {
     recovered_blocks,
     /// NVMe records of another geometry ignored at start.
     recovered_wrong_geometry,
+    /// Blocks found again in a reopened file-backed host arena at start.
+    host_recovered_blocks,
+    /// Slot-table entries dropped at start (bytes not matching their
+    /// checksum, or a block already indexed otherwise).
+    host_recovered_dropped,
 }

@@ -46,6 +46,7 @@ use crate::index::{BlockIndex, BlockState};
 use crate::plan::{LoadDone, LoadReq, MoveKind, Plan, Report, SaveDone, SaveReq};
 use crate::tier::host::{HostArena, SlotId};
 use crate::tier::nvme::{Completion, FsyncPolicy, NvmeConfig, NvmeStore, OpKind};
+use crate::tier::slots::{table_path, SlotTable};
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -63,6 +64,21 @@ pub fn scan_parked(dir: &Path, rank: u32) -> Result<Vec<(BlockKey, u64, u64)>> {
             .map(|k| (k.key, k.session, k.raw_len as u64))
             .collect()
     })
+}
+
+/// Lists the blocks the slot table of the host arena file `arena` names:
+/// `(key, session, raw_len)`, as [`scan_parked`] does for NVMe. Used by the
+/// scheduler at start; reads the table only (the worker checks each
+/// block's bytes when it reopens the arena, and a block it cannot confirm
+/// is a failed load, recomputed).
+pub fn scan_host_file(arena: &Path) -> Result<Vec<(BlockKey, u64, u64)>> {
+    let Some(bb) = crate::tier::slots::table_block_bytes(arena) else {
+        return Ok(Vec::new());
+    };
+    Ok(crate::tier::slots::read_entries(arena, None)?
+        .into_iter()
+        .map(|e| (e.key, e.session, bb))
+        .collect())
 }
 
 /// What `get_finished` hands to vLLM.
@@ -93,6 +109,8 @@ struct Registered {
     clock: AtomicU64,
     /// Demotion paused until this instant after the disk filled up.
     nvme_paused_until: Mutex<Option<Instant>>,
+    /// Slot table of a file-backed arena (config `host_file`).
+    slots: Option<Mutex<SlotTable>>,
 }
 
 struct Loader {
@@ -256,13 +274,26 @@ impl Mover {
             }
         }
         let block = geom.block_bytes();
-        let arena = HostArena::from_bytes(self.cfg.host_bytes, block).map_err(|e| {
+        let host_file = self.cfg.host_file_for(self.rank);
+        let arena = match &host_file {
+            None => HostArena::from_bytes(self.cfg.host_bytes, block),
+            Some(f) => HostArena::open_shared_bytes(f, self.cfg.host_bytes, block),
+        }
+        .map_err(|e| {
             e.context(format!(
                 "host tier of {} for blocks of {}",
                 crate::units::fmt_bytes(self.cfg.host_bytes),
                 crate::units::fmt_bytes(block as u64)
             ))
         })?;
+        let table = match &host_file {
+            None => None,
+            Some(f) => {
+                let (t, kept) =
+                    SlotTable::open(&table_path(f), arena.slot_bytes(), arena.capacity(), block)?;
+                Some((t, kept && arena.reopened()))
+            }
+        };
         if device.is_some() {
             // Page-lock the arena in the background; offloads run meanwhile on
             // pageable memory (a chunk that fails to pin stays pageable).
@@ -302,6 +333,16 @@ impl Mover {
                 (Some(store), Some(done))
             }
         };
+        let slots = table.map(|(mut t, kept)| {
+            if kept {
+                recover_host(&mut t, &arena, &mut index, block, &mut metrics);
+            } else {
+                for e in t.entries() {
+                    t.clear(e.slot);
+                }
+            }
+            Mutex::new(t)
+        });
         let reg = Arc::new(Registered {
             kv,
             geom,
@@ -316,6 +357,7 @@ impl Mover {
             engine: self.engine.clone(),
             clock: AtomicU64::new(1),
             nvme_paused_until: Mutex::new(None),
+            slots,
         });
         self.loader = Some(spawn_loader(reg.clone())?);
         self.layer_thread = Some(spawn_layer_thread()?);
@@ -641,6 +683,45 @@ impl Drop for Mover {
     }
 }
 
+/// Re-indexes the blocks a reopened file-backed arena still holds: every
+/// valid slot-table entry whose bytes match its checksum becomes a `Host`
+/// block (`HostAndNvme` when NVMe recovery found it too); the rest are
+/// cleared and counted.
+fn recover_host(
+    t: &mut SlotTable,
+    arena: &HostArena,
+    index: &mut BlockIndex,
+    block: usize,
+    metrics: &mut MoverMetrics,
+) {
+    for e in t.entries() {
+        let slot = SlotId(e.slot);
+        let good = arena.claim(slot).is_ok()
+            && arena
+                .slot(slot)
+                .map(|g| crc32c::crc32c(&g[..block]) == e.data_crc)
+                .unwrap_or(false);
+        let indexed = good
+            && match index.get(&e.key).map(|x| x.state) {
+                None => index.insert_host(e.key, e.session, e.seq, slot, 0).is_ok(),
+                Some(BlockState::Nvme) => {
+                    index.begin_promote(&e.key, slot, 0).is_ok()
+                        && index.finish_promote(&e.key, true).is_ok()
+                }
+                Some(_) => false,
+            };
+        if indexed {
+            *metrics.host_recovered_blocks.get_mut() += 1;
+        } else {
+            t.clear(e.slot);
+            if arena.is_allocated(slot) {
+                let _ = arena.free(slot);
+            }
+            *metrics.host_recovered_dropped.get_mut() += 1;
+        }
+    }
+}
+
 /// The thread that scatters sync loads layer by layer (one per mover).
 fn spawn_layer_thread() -> Result<LayerThread> {
     let (tx, rx) = crossbeam_channel::unbounded::<LayerJob>();
@@ -692,6 +773,28 @@ impl Registered {
         self.clock.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// Frees a host slot; with a slot table its entry is cleared first, so
+    /// the table never names a slot whose bytes may change.
+    fn free_slot(&self, slot: SlotId) -> Result<()> {
+        if let Some(t) = &self.slots {
+            t.lock().clear(slot.0);
+        }
+        self.arena.free(slot)
+    }
+
+    /// Records in the slot table (if any) that `slot` now holds `key`
+    /// (its bytes complete).
+    fn record_slot(&self, slot: SlotId, key: &BlockKey, session: u64, seq: u32) {
+        let Some(t) = &self.slots else {
+            return;
+        };
+        if let Ok(g) = self.arena.slot(slot) {
+            let crc = crc32c::crc32c(&g[..self.geom.block_bytes()]);
+            drop(g);
+            t.lock().set(slot.0, key, session, seq, crc);
+        }
+    }
+
     /// Frees host slots until one can be allocated. Never waits on the
     /// disk: it evicts a block that has an NVMe copy if it can, else drops
     /// the least recently used host-only block; with everything pinned or in
@@ -737,7 +840,7 @@ impl Registered {
                 _ => None,
             };
             if let Some(s) = slot {
-                self.arena.free(s)?;
+                self.free_slot(s)?;
                 self.report.lock().left_host.push(key);
                 self.metrics.host_evictions.fetch_add(1, Ordering::Relaxed);
                 return Ok(true);
@@ -776,7 +879,7 @@ impl Registered {
                 .begin_save(key, s.session, seq, slot, now)
                 .is_err()
             {
-                let _ = self.arena.free(slot);
+                let _ = self.free_slot(slot);
                 done.failed.push(key);
                 continue;
             }
@@ -804,14 +907,15 @@ impl Registered {
             self.engine.gather(&self.kv, &mut ops).is_ok()
         };
         drop(guards);
-        for &(key, _, _, seq) in &todo {
+        for &(key, _, slot, seq) in &todo {
             let freed = self.index.lock().finish_save(&key, ok);
             match freed {
                 Ok(Some(slot)) => {
-                    let _ = self.arena.free(slot);
+                    let _ = self.free_slot(slot);
                     done.failed.push(key);
                 }
                 Ok(None) if ok => {
+                    self.record_slot(slot, &key, s.session, seq);
                     done.ok.push(key);
                     if s.to_nvme {
                         self.demote(key, s.session, seq);
@@ -982,7 +1086,7 @@ impl Registered {
             .ok_or_else(|| Error::not_found("block on NVMe but no NVMe tier is open"))?;
         let slot = self.alloc_slot()?;
         if let Err(e) = self.index.lock().begin_promote(key, slot, now) {
-            let _ = self.arena.free(slot);
+            let _ = self.free_slot(slot);
             return Err(e);
         }
         let read = match self.arena.slot_mut(slot) {
@@ -994,6 +1098,9 @@ impl Registered {
             Ok(_) => {
                 idx.finish_promote(key, true)?;
                 idx.pin(key, now)?;
+                let e = idx.get(key).expect("just promoted");
+                drop(idx);
+                self.record_slot(slot, key, e.session, e.seq);
                 self.metrics
                     .load_blocks_nvme
                     .fetch_add(1, Ordering::Relaxed);
@@ -1001,7 +1108,7 @@ impl Registered {
             }
             Err(e) => {
                 if let Ok(Some(s)) = idx.finish_promote(key, false) {
-                    let _ = self.arena.free(s);
+                    let _ = self.free_slot(s);
                 }
                 // The store dropped a corrupt record itself; forget the block.
                 let _ = idx.remove(key);
@@ -1167,7 +1274,7 @@ impl Registered {
                 };
                 drop(idx);
                 if let Some(s) = slot {
-                    let _ = self.arena.free(s);
+                    let _ = self.free_slot(s);
                     self.report.lock().left_host.push(key);
                 }
             }
@@ -1180,7 +1287,7 @@ impl Registered {
                 let removed = self.index.lock().remove(&key);
                 if let Ok(slot) = removed {
                     if let Some(s) = slot {
-                        let _ = self.arena.free(s);
+                        let _ = self.free_slot(s);
                     }
                     if let Some(n) = &self.nvme {
                         n.remove(&key);

@@ -129,6 +129,10 @@ struct ReqState {
     load_async: bool,
 }
 
+/// A block found at start: `(key, session, raw_len, in the host arena
+/// file, on NVMe)`.
+pub type Recovered = (BlockKey, u64, u64, bool, bool);
+
 /// Counters exported as JSON.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct PlannerMetrics {
@@ -247,25 +251,44 @@ impl BlockPlanner {
 
     /// Registers blocks found on NVMe at start (warm restart): `(key, session, raw_len)`.
     pub fn recover(&mut self, found: impl IntoIterator<Item = (BlockKey, u64, u64)>) {
-        for (key, session, raw_len) in found {
+        self.recover_tiers(found.into_iter().map(|(k, s, l)| (k, s, l, false, true)));
+    }
+
+    /// [`BlockPlanner::recover`] with the tiers each block was found in
+    /// (see [`Recovered`]); a key may come twice (once per tier).
+    pub fn recover_tiers(&mut self, found: impl IntoIterator<Item = Recovered>) {
+        for (key, session, raw_len, host, nvme) in found {
             if self.block_bytes == 0 {
                 self.block_bytes = raw_len;
             }
-            self.mark(key, session, 0, false, true);
+            let new = !self.blocks.contains_key(&key);
+            self.mark(key, session, 0, host, nvme);
             self.next_session = self.next_session.max(session.wrapping_add(1));
-            self.chains.entry(session).or_default().push(key);
-            self.metrics.recovered_blocks += 1;
+            if new {
+                self.chains.entry(session).or_default().push(key);
+                self.metrics.recovered_blocks += 1;
+            }
         }
-        // The core planner learns each recovered session as suspended with an
-        // NVMe copy only.
-        let sessions: Vec<(SessionId, usize)> =
-            self.chains.iter().map(|(s, c)| (*s, c.len())).collect();
-        for (s, n) in sessions {
+        // The core planner learns each recovered session as suspended, with
+        // a copy in each tier that holds every block of the session.
+        let sessions: Vec<(SessionId, usize, bool, bool)> = self
+            .chains
+            .iter()
+            .map(|(s, c)| {
+                let all = |f: fn(&Loc) -> bool| c.iter().all(|k| self.blocks.get(k).is_some_and(f));
+                (*s, c.len(), all(|l| l.host), all(|l| l.nvme))
+            })
+            .collect();
+        for (s, n, host, nvme) in sessions {
             for a in self
                 .core
                 .suspend(0, s, n as u64 * self.block_bytes, &Hint::default())
             {
-                let ok = matches!(a, Action::Copy { to: Tier::Nvme, .. });
+                let ok = match a {
+                    Action::Copy { to: Tier::Nvme, .. } => nvme,
+                    Action::Copy { to: Tier::Host, .. } => host,
+                    _ => false,
+                };
                 self.core.completed(0, &a, ok);
             }
         }

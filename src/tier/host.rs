@@ -339,6 +339,28 @@ impl HostArena {
         Self::new(sb, slots)
     }
 
+    /// [`HostArena::open_shared`] with as many slots of `slot_bytes` as fit
+    /// in `total_bytes` (sizes as they come from config).
+    pub fn open_shared_bytes(
+        path: impl AsRef<Path>,
+        total_bytes: u64,
+        slot_bytes: usize,
+    ) -> Result<Self> {
+        let sb = round_slot(slot_bytes)?;
+        let slots = total_bytes / sb as u64;
+        if slots == 0 {
+            return Err(Error::config(format!(
+                "host arena of {} cannot hold one slot of {} (a block rounded up to 4 KiB)",
+                fmt_bytes(total_bytes),
+                fmt_bytes(sb as u64)
+            )));
+        }
+        let slots = usize::try_from(slots).map_err(|_| {
+            Error::config(format!("host arena of {total_bytes} bytes is too large"))
+        })?;
+        Self::open_shared(path, sb, slots)
+    }
+
     /// Creates, or reopens, an arena backed by the file at `path` (for example
     /// under `/dev/shm`), so that a restarted worker maps the same bytes again.
     ///

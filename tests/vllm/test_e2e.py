@@ -14,6 +14,9 @@ a separate process, so plans and worker metadata cross a process boundary):
   B  warm restart: the host tier is empty, the sessions come back from NVMe.
   C  one byte flipped in every NVMe record's payload between runs: the loads fail,
      are reported as load errors, vLLM recomputes, outputs still equal the reference.
+  D/E host tier in a file (`host_file`), host-only policy, no NVMe tier: D parks a
+     session and exits; E, a fresh engine process, finds it in the arena file and
+     serves the hit from host memory.
 """
 
 from __future__ import annotations
@@ -76,6 +79,14 @@ PHASE_C = [
     turn(["s2"], 64, "c.s2.t2.corrupt"),
     {"op": "snapshot", "tag": "c.after"},
     {"op": "check_empty", "tag": "c.end"},
+]
+PHASE_D = [
+    turn(["h1"], 320, "d.h1.t1", {"awaiting": "user"}),
+    {"op": "drain"},
+]
+PHASE_E = [
+    turn(["h1"], 64, "e.h1.t2.hostfile"),
+    {"op": "snapshot", "tag": "e.after"},
 ]
 
 
@@ -165,7 +176,19 @@ def runs(tmp_path_factory, tiny_model, libkvpark):
     ref = run_engine(
         tmp,
         "ref",
-        base_spec(tiny_model, None, PHASE_A + [{"op": "reset_prefix_cache"}] + PHASE_B + [{"op": "reset_prefix_cache"}] + PHASE_C),
+        base_spec(
+            tiny_model,
+            None,
+            PHASE_A
+            + [{"op": "reset_prefix_cache"}]
+            + PHASE_B
+            + [{"op": "reset_prefix_cache"}]
+            + PHASE_C
+            + [{"op": "reset_prefix_cache"}]
+            + PHASE_D
+            + [{"op": "reset_prefix_cache"}]
+            + PHASE_E,
+        ),
     )
     # Phase A loads host hits layer by layer beside the forward (on the CPU backend the
     # default, "auto", loads every layer first; B and C run the default).
@@ -175,7 +198,17 @@ def runs(tmp_path_factory, tiny_model, libkvpark):
     b = run_engine(tmp, "B", {**base_spec(tiny_model, cfg, PHASE_B, prev=a), "executor": "mp"})
     flipped = flip_payload_bytes(nvme)
     c = run_engine(tmp, "C", base_spec(tiny_model, cfg, PHASE_C, prev=b))
-    return {"ref": ref, "A": a, "B": b, "C": c, "flipped": flipped, "tmp": tmp}
+    # D/E: the host tier lives in a file; no NVMe tier, host-only policy.
+    (tmp / "shm").mkdir()
+    hf = {
+        "host_bytes": "640KiB",
+        "host_file": str(tmp / "shm" / "kv"),
+        "policy": "vllm-offload",
+        "sync_load_budget_bytes": "512KiB",
+    }
+    d = run_engine(tmp, "D", base_spec(tiny_model, hf, PHASE_D, prev=c))
+    e = run_engine(tmp, "E", base_spec(tiny_model, hf, PHASE_E, prev=d))
+    return {"ref": ref, "A": a, "B": b, "C": c, "D": d, "E": e, "flipped": flipped, "tmp": tmp}
 
 
 def flip_payload_bytes(nvme_dir: Path) -> int:
@@ -271,3 +304,23 @@ def test_d_interleaved_sessions_leave_no_leaks(runs):
     assert end["requests"] == 0 and end["running"] == 0 and end["waiting"] == 0
     assert end["req_to_blocks"] == 0 and end["num_cached_block"] == 0
     assert end["free_blocks"] == end["num_blocks"] - 1
+
+
+def test_e_host_file_survives_an_engine_restart(runs):
+    ref, d, e = runs["ref"], runs["D"], runs["E"]
+    assert_same_outputs(ref, d, ["d.h1.t1"])
+    assert_same_outputs(ref, e, ["e.h1.t2.hostfile"])
+    prev = turns(d)["d.h1.t1"]["sessions"]["h1"]["prompt_len"]
+    t = turns(e)["e.h1.t2.hostfile"]
+    want = expected_hit(prev, t["sessions"]["h1"]["prompt_len"])
+    assert want == 320
+    assert t["external_tokens"] == want
+    assert t["sessions"]["h1"]["num_cached_tokens"] == want
+    snap = snaps(e)["e.after"]
+    p, m = snap["planner"], snap["mover"]["counters"]
+    assert p["recovered_blocks"] >= want // BS  # the scheduler read the slot table
+    assert p["hit_blocks_host"] == want // BS and p["hit_blocks_nvme"] == 0
+    assert m["host_recovered_blocks"] >= want // BS and m["host_recovered_dropped"] == 0, m
+    assert m["load_blocks_host"] == want // BS and m["load_blocks_nvme"] == 0, m
+    # the reference engine had nothing cached after the reset
+    assert turns(ref)["e.h1.t2.hostfile"]["sessions"]["h1"]["num_cached_tokens"] == 0

@@ -1,0 +1,334 @@
+//! The slot table of a file-backed host arena: which block each slot holds,
+//! kept beside the arena file so that a restarted worker (and the scheduler
+//! of a restarted engine) finds what it parked in host memory.
+//!
+//! File `<arena file>.slots`, mode 0600, never a symlink:
+//!
+//! | offset | bytes | field |
+//! |---|---|---|
+//! | 0 | 8 | magic `KVPSLOT1` |
+//! | 8 | 8 | slot bytes (u64 LE) |
+//! | 16 | 8 | slots (u64 LE) |
+//! | 24 | 8 | block bytes (u64 LE): the KV geometry's record size |
+//! | 32 | 32 | zero |
+//! | 64 + 64·i | 64 | entry of slot i |
+//!
+//! Entry: `state` u32 (0 empty, 1 valid) · `seq` u32 · `session` u64 · key
+//! 32 bytes · `data_crc` u32 (crc32c of the block's bytes in the slot) ·
+//! `entry_crc` u32 (crc32c of bytes 4..56 of the entry) · 4 bytes zero.
+//!
+//! Ordering (a worker that dies at any instruction leaves no entry that
+//! names wrong bytes): an entry is written, then made valid with a release
+//! store of `state`, only after the slot's bytes are complete; it is made
+//! empty (release store) before the slot is freed, so before its bytes can
+//! change. Readers load `state` with acquire and check `entry_crc` (a torn
+//! or half-written entry is skipped) and, when recovering the worker,
+//! `data_crc` against the slot's bytes. The table describes the arena only
+//! while the worker that owns the arena's lock runs; a reader that is not
+//! that worker (the scheduler at start) takes what it reads as a hint the
+//! worker confirms (a block the worker lacks is a failed load, recomputed).
+
+use crate::block::BlockKey;
+use crate::error::{Error, Result};
+use memmap2::MmapMut;
+use std::fs::OpenOptions;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+const MAGIC: &[u8; 8] = b"KVPSLOT1";
+const HEADER: usize = 64;
+const ENTRY: usize = 64;
+const EMPTY: u32 = 0;
+const VALID: u32 = 1;
+
+/// The table file of the arena file `arena`.
+pub fn table_path(arena: &Path) -> PathBuf {
+    let mut s = arena.as_os_str().to_owned();
+    s.push(".slots");
+    PathBuf::from(s)
+}
+
+/// One valid entry: the block a slot holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlotEntry {
+    /// Slot index in the arena.
+    pub slot: u32,
+    /// Block key.
+    pub key: BlockKey,
+    /// Session the block belongs to.
+    pub session: u64,
+    /// Position of the block in its session's chain.
+    pub seq: u32,
+    /// crc32c of the block's bytes.
+    pub data_crc: u32,
+}
+
+/// A mapped slot table (see the module docs).
+pub struct SlotTable {
+    map: MmapMut,
+    slots: usize,
+}
+
+fn ctx(path: &Path) -> impl Fn(Error) -> Error + '_ {
+    move |e| e.context(format!("host slot table {}", path.display()))
+}
+
+fn entry_crc(e: &[u8]) -> u32 {
+    crc32c::crc32c(&e[4..56])
+}
+
+impl SlotTable {
+    /// Opens (or creates) the table for an arena of `slots` slots of
+    /// `slot_bytes` holding blocks of `block_bytes`. A table written for
+    /// other sizes (or not a table at all) is reset: every slot empty.
+    /// Returns the table and whether it was kept (its entries still apply).
+    pub fn open(
+        path: &Path,
+        slot_bytes: usize,
+        slots: usize,
+        block_bytes: usize,
+    ) -> Result<(SlotTable, bool)> {
+        let c = ctx(path);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)
+            .map_err(|e| {
+                if e.raw_os_error() == Some(libc::ELOOP) {
+                    Error::invalid("is a symbolic link; refusing to follow it")
+                } else {
+                    Error::from(e)
+                }
+            })
+            .map_err(&c)?;
+        let meta = file.metadata().map_err(|e| c(e.into()))?;
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        if !meta.file_type().is_file() || meta.uid() != me {
+            return Err(c(Error::invalid(format!(
+                "not a regular file owned by this process (uid {me})"
+            ))));
+        }
+        if meta.mode() & 0o077 != 0 {
+            file.set_permissions(std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| c(e.into()))?;
+        }
+        let len = HEADER + slots * ENTRY;
+        let mut header = [0u8; HEADER];
+        header[..8].copy_from_slice(MAGIC);
+        header[8..16].copy_from_slice(&(slot_bytes as u64).to_le_bytes());
+        header[16..24].copy_from_slice(&(slots as u64).to_le_bytes());
+        header[24..32].copy_from_slice(&(block_bytes as u64).to_le_bytes());
+        let same_len = meta.len() == len as u64;
+        if !same_len {
+            file.set_len(0).map_err(|e| c(e.into()))?;
+            file.set_len(len as u64).map_err(|e| c(e.into()))?;
+        }
+        // SAFETY: the file is ours (checked above) and sized to `len`; the
+        // arena's lock keeps a second worker from mapping it for writing.
+        let mut map = unsafe { MmapMut::map_mut(&file) }.map_err(|e| c(e.into()))?;
+        let kept = same_len && map[..HEADER] == header;
+        if !kept {
+            map[HEADER..].fill(0);
+            map[..HEADER].copy_from_slice(&header);
+        }
+        Ok((SlotTable { map, slots }, kept))
+    }
+
+    fn state(&self, slot: usize) -> &AtomicU32 {
+        let off = HEADER + slot * ENTRY;
+        // SAFETY: the entry lies inside the mapping, is 4-aligned (page-aligned
+        // base, 64-byte entries) and is only accessed atomically through here.
+        unsafe { &*(self.map.as_ptr().add(off) as *const AtomicU32) }
+    }
+
+    /// Marks `slot` as holding `e` (its bytes must already be complete).
+    pub fn set(&mut self, slot: u32, key: &BlockKey, session: u64, seq: u32, data_crc: u32) {
+        let s = slot as usize;
+        if s >= self.slots {
+            return;
+        }
+        self.state(s).store(EMPTY, Ordering::Release);
+        let off = HEADER + s * ENTRY;
+        let e = &mut self.map[off..off + ENTRY];
+        e[4..8].copy_from_slice(&seq.to_le_bytes());
+        e[8..16].copy_from_slice(&session.to_le_bytes());
+        e[16..48].copy_from_slice(&key.0);
+        e[48..52].copy_from_slice(&data_crc.to_le_bytes());
+        e[52..56].fill(0);
+        let crc = entry_crc(e);
+        e[52..56].copy_from_slice(&crc.to_le_bytes());
+        self.state(s).store(VALID, Ordering::Release);
+    }
+
+    /// Marks `slot` empty (before its bytes may change).
+    pub fn clear(&mut self, slot: u32) {
+        if (slot as usize) < self.slots {
+            self.state(slot as usize).store(EMPTY, Ordering::Release);
+        }
+    }
+
+    /// The valid entries (torn ones skipped).
+    pub fn entries(&self) -> Vec<SlotEntry> {
+        (0..self.slots).filter_map(|s| self.entry(s)).collect()
+    }
+
+    fn entry(&self, s: usize) -> Option<SlotEntry> {
+        if self.state(s).load(Ordering::Acquire) != VALID {
+            return None;
+        }
+        let off = HEADER + s * ENTRY;
+        let e = &self.map[off..off + ENTRY];
+        let mut copy = [0u8; ENTRY];
+        copy.copy_from_slice(e);
+        let want = u32::from_le_bytes(copy[52..56].try_into().expect("4 bytes"));
+        copy[52..56].fill(0);
+        if entry_crc(&copy) != want {
+            return None;
+        }
+        let mut key = [0u8; 32];
+        key.copy_from_slice(&copy[16..48]);
+        Some(SlotEntry {
+            slot: s as u32,
+            key: BlockKey(key),
+            session: u64::from_le_bytes(copy[8..16].try_into().expect("8 bytes")),
+            seq: u32::from_le_bytes(copy[4..8].try_into().expect("4 bytes")),
+            data_crc: u32::from_le_bytes(copy[48..52].try_into().expect("4 bytes")),
+        })
+    }
+}
+
+/// Reads the valid entries of the table of `arena` without changing it (the
+/// scheduler at start). No table, or one for other sizes than `block_bytes`
+/// blocks: no entries.
+pub fn read_entries(arena: &Path, block_bytes: Option<usize>) -> Result<Vec<SlotEntry>> {
+    let path = table_path(arena);
+    let c = ctx(&path);
+    let file = match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(c(e.into())),
+    };
+    let bytes = {
+        use std::io::Read;
+        let mut v = Vec::new();
+        (&file).read_to_end(&mut v).map_err(|e| c(e.into()))?;
+        v
+    };
+    if bytes.len() < HEADER || &bytes[..8] != MAGIC {
+        return Ok(Vec::new());
+    }
+    let slots = u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes")) as usize;
+    let bb = u64::from_le_bytes(bytes[24..32].try_into().expect("8 bytes")) as usize;
+    if bytes.len() != HEADER + slots * ENTRY || block_bytes.is_some_and(|b| b != bb) {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    for s in 0..slots {
+        let off = HEADER + s * ENTRY;
+        let mut e = [0u8; ENTRY];
+        e.copy_from_slice(&bytes[off..off + ENTRY]);
+        if u32::from_le_bytes(e[..4].try_into().expect("4 bytes")) != VALID {
+            continue;
+        }
+        let want = u32::from_le_bytes(e[52..56].try_into().expect("4 bytes"));
+        e[52..56].fill(0);
+        if entry_crc(&e) != want {
+            continue;
+        }
+        let mut key = [0u8; 32];
+        key.copy_from_slice(&e[16..48]);
+        out.push(SlotEntry {
+            slot: s as u32,
+            key: BlockKey(key),
+            session: u64::from_le_bytes(e[8..16].try_into().expect("8 bytes")),
+            seq: u32::from_le_bytes(e[4..8].try_into().expect("4 bytes")),
+            data_crc: u32::from_le_bytes(e[48..52].try_into().expect("4 bytes")),
+        });
+    }
+    Ok(out)
+}
+
+/// The block bytes the table of `arena` was written for (None: no table).
+pub fn table_block_bytes(arena: &Path) -> Option<u64> {
+    let bytes = std::fs::read(table_path(arena)).ok()?;
+    (bytes.len() >= HEADER && &bytes[..8] == MAGIC)
+        .then(|| u64::from_le_bytes(bytes[24..32].try_into().expect("8 bytes")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(i: u32) -> BlockKey {
+        BlockKey::derive(b"t", &i.to_le_bytes())
+    }
+
+    #[test]
+    fn entries_survive_reopen_and_other_sizes_reset() {
+        let d = tempfile::tempdir().unwrap();
+        let arena = d.path().join("arena");
+        let p = table_path(&arena);
+        let (mut t, kept) = SlotTable::open(&p, 8192, 4, 8000).unwrap();
+        assert!(!kept);
+        t.set(1, &key(1), 7, 3, 0xdead);
+        t.set(3, &key(3), 8, 0, 0xbeef);
+        t.set(2, &key(2), 9, 1, 1);
+        t.clear(2);
+        drop(t);
+        let want = vec![
+            SlotEntry {
+                slot: 1,
+                key: key(1),
+                session: 7,
+                seq: 3,
+                data_crc: 0xdead,
+            },
+            SlotEntry {
+                slot: 3,
+                key: key(3),
+                session: 8,
+                seq: 0,
+                data_crc: 0xbeef,
+            },
+        ];
+        assert_eq!(read_entries(&arena, Some(8000)).unwrap(), want);
+        assert!(read_entries(&arena, Some(4096)).unwrap().is_empty());
+        assert_eq!(table_block_bytes(&arena), Some(8000));
+        let (t, kept) = SlotTable::open(&p, 8192, 4, 8000).unwrap();
+        assert!(kept);
+        assert_eq!(t.entries(), want);
+        drop(t);
+        // Another geometry: reset, nothing survives.
+        let (t, kept) = SlotTable::open(&p, 8192, 4, 4000).unwrap();
+        assert!(!kept);
+        assert!(t.entries().is_empty());
+    }
+
+    #[test]
+    fn a_torn_entry_is_skipped() {
+        let d = tempfile::tempdir().unwrap();
+        let arena = d.path().join("arena");
+        let p = table_path(&arena);
+        let (mut t, _) = SlotTable::open(&p, 4096, 2, 4096).unwrap();
+        t.set(0, &key(0), 1, 0, 5);
+        t.set(1, &key(1), 1, 1, 6);
+        drop(t);
+        // Flip one byte of entry 1's key: its entry crc no longer matches.
+        let mut b = std::fs::read(&p).unwrap();
+        b[HEADER + ENTRY + 20] ^= 1;
+        std::fs::write(&p, &b).unwrap();
+        let got = read_entries(&arena, None).unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].key, key(0));
+    }
+}
