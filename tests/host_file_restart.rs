@@ -4,7 +4,10 @@
 //! blocks from the slot table. A slot whose bytes changed behind kvpark's
 //! back is dropped and counted at restart, never served.
 
-use kvpark::block::{BlockKey, Dtype, Geometry, LayerView};
+mod common;
+
+use common::Cache;
+use kvpark::block::{BlockKey, Dtype, Geometry};
 use kvpark::config::Config;
 use kvpark::mover::{scan_host_file, Mover};
 use kvpark::plan::{LoadReq, Plan, SaveReq};
@@ -21,52 +24,6 @@ fn geom() -> Geometry {
         head_size_k: 16,
         head_size_v: 16,
         dtype: Dtype::F32,
-    }
-}
-
-struct Cache {
-    layers: Vec<Vec<f32>>,
-    page: usize,
-}
-
-impl Cache {
-    fn new() -> Self {
-        let page = geom().layer_page_bytes() / 4;
-        Cache {
-            layers: (0..LAYERS)
-                .map(|_| vec![0.0; BLOCKS as usize * page])
-                .collect(),
-            page,
-        }
-    }
-    fn views(&mut self) -> Vec<LayerView> {
-        let g = geom();
-        let row = g.row_elems() as u64;
-        self.layers
-            .iter_mut()
-            .map(|l| LayerView {
-                base: l.as_mut_ptr() as u64,
-                num_blocks: BLOCKS,
-                stride_block: self.page as u64,
-                stride_head: g.block_tokens as u64 * row,
-                stride_token: row,
-            })
-            .collect()
-    }
-    fn block(&self, b: u32) -> Vec<f32> {
-        let o = b as usize * self.page;
-        self.layers
-            .iter()
-            .flat_map(|l| l[o..o + self.page].to_vec())
-            .collect()
-    }
-    fn fill(&mut self, b: u32, seed: f32) {
-        for (li, l) in self.layers.iter_mut().enumerate() {
-            let o = b as usize * self.page;
-            for (i, v) in l[o..o + self.page].iter_mut().enumerate() {
-                *v = seed * 1000.0 + li as f32 * 100.0 + i as f32 * 0.5 + 1.0;
-            }
-        }
     }
 }
 
@@ -94,7 +51,7 @@ fn a_restarted_worker_finds_its_host_blocks_and_drops_a_changed_one() {
         ..Config::default()
     };
     assert!(cfg.nvme_dir.is_none());
-    let mut c = Cache::new();
+    let mut c = Cache::new(geom(), BLOCKS);
     for b in 1..=4 {
         c.fill(b, b as f32);
     }
@@ -160,7 +117,7 @@ fn a_restarted_worker_finds_its_host_blocks_and_drops_a_changed_one() {
     }
 
     // The restarted worker: a new mover over the same files, new vLLM blocks.
-    let mut c2 = Cache::new();
+    let mut c2 = Cache::new(geom(), BLOCKS);
     let mut m = mover(&cfg, &mut c2);
     let k = counters(&m);
     assert_eq!(k["host_recovered_blocks"], 3, "{k}");
@@ -200,7 +157,7 @@ fn a_restarted_worker_finds_its_host_blocks_and_drops_a_changed_one() {
         host_bytes: 4 * geom().block_bytes() as u64,
         ..cfg.clone()
     };
-    let mut c3 = Cache::new();
+    let mut c3 = Cache::new(geom(), BLOCKS);
     let mut m3 = Mover::new(other, 0).unwrap();
     let e = unsafe { m3.register(geom(), c3.views(), None) }.unwrap_err();
     assert!(e.to_string().contains("refusing to reuse it"), "{e}");

@@ -7,8 +7,11 @@
 //! part of them, and `layerwise_load: false` (and `auto` on CPU caches)
 //! loads everything up front.
 
+mod common;
+
+use common::Cache;
 use crossbeam_channel::{Receiver, Sender};
-use kvpark::block::{BlockKey, Dtype, Geometry, LayerView};
+use kvpark::block::{BlockKey, Dtype, Geometry};
 use kvpark::config::{Config, Layerwise};
 use kvpark::copy::{cpu::CpuEngine, CopyEngine, GatherOp, KvCaches, ScatterOp};
 use kvpark::mover::Mover;
@@ -29,61 +32,6 @@ fn geom() -> Geometry {
         head_size_k: 16,
         head_size_v: 16,
         dtype: Dtype::F32,
-    }
-}
-
-/// A head-major (LBHNC) cache, one storage per layer.
-struct Cache {
-    layers: Vec<Vec<f32>>,
-    page: usize,
-}
-
-impl Cache {
-    fn new() -> Self {
-        let page = geom().layer_page_bytes() / 4;
-        Cache {
-            layers: (0..LAYERS)
-                .map(|_| vec![0.0; BLOCKS as usize * page])
-                .collect(),
-            page,
-        }
-    }
-    fn views(&mut self) -> Vec<LayerView> {
-        let g = geom();
-        let row = g.row_elems() as u64;
-        self.layers
-            .iter_mut()
-            .map(|l| LayerView {
-                base: l.as_mut_ptr() as u64,
-                num_blocks: BLOCKS,
-                stride_block: self.page as u64,
-                stride_head: g.block_tokens as u64 * row,
-                stride_token: row,
-            })
-            .collect()
-    }
-    fn block(&self, l: usize, b: u32) -> Vec<f32> {
-        // Volatile reads: the layer thread writes these pages concurrently
-        // with the test thread (ordered by wait_layer, which the compiler
-        // must not read around).
-        let o = b as usize * self.page;
-        (0..self.page)
-            .map(|i| unsafe { std::ptr::read_volatile(self.layers[l].as_ptr().add(o + i)) })
-            .collect()
-    }
-    fn fill(&mut self, b: u32, seed: f32) {
-        for (l, layer) in self.layers.iter_mut().enumerate() {
-            let o = b as usize * self.page;
-            for (i, v) in layer[o..o + self.page].iter_mut().enumerate() {
-                *v = seed * 1000.0 + l as f32 * 100.0 + i as f32 * 0.5 + 1.0;
-            }
-        }
-    }
-    fn clear(&mut self, b: u32) {
-        for layer in &mut self.layers {
-            let o = b as usize * self.page;
-            layer[o..o + self.page].fill(0.0);
-        }
     }
 }
 
@@ -185,19 +133,19 @@ fn counters(m: &Mover) -> serde_json::Value {
 }
 
 fn zero(c: &Cache, l: usize, b: u32) -> bool {
-    c.block(l, b).iter().all(|v| *v == 0.0)
+    c.layer(l, b).iter().all(|v| *v == 0.0)
 }
 
 #[test]
 fn wait_layer_returns_exactly_when_its_layer_is_in_place() {
-    let mut c = Cache::new();
+    let mut c = Cache::new(geom(), BLOCKS);
     let (mut m, e, permits) = gated_mover(&on(), &mut c);
     let blocks: Vec<u32> = (1..=5).collect();
     for &b in &blocks {
         c.fill(b, b as f32);
     }
     let want: Vec<Vec<Vec<f32>>> = (0..LAYERS)
-        .map(|l| blocks.iter().map(|&b| c.block(l, b)).collect())
+        .map(|l| blocks.iter().map(|&b| c.layer(l, b)).collect())
         .collect();
     save(&mut m, &blocks.iter().map(|&b| (b, b)).collect::<Vec<_>>());
     for &b in &blocks {
@@ -239,7 +187,7 @@ fn wait_layer_returns_exactly_when_its_layer_is_in_place() {
             "wait_layer({l}) returned after {waited:?}, before its layer was released"
         );
         for (i, &d) in dst.iter().enumerate() {
-            assert_eq!(c.block(l, d), want_l[i], "layer {l} block {d}");
+            assert_eq!(c.layer(l, d), want_l[i], "layer {l} block {d}");
             if l + 1 < LAYERS {
                 assert!(
                     zero(&c, l + 1, d),
@@ -274,13 +222,13 @@ fn wait_layer_returns_exactly_when_its_layer_is_in_place() {
     m.wait_for_save().unwrap();
     assert!(m.get_finished().failed_blocks.is_empty());
     for (l, w) in want.iter().enumerate() {
-        assert_eq!(c.block(l, 3), w[0], "layer {l}");
+        assert_eq!(c.layer(l, 3), w[0], "layer {l}");
     }
 }
 
 #[test]
 fn a_failing_layer_fails_the_blocks_and_is_reported() {
-    let mut c = Cache::new();
+    let mut c = Cache::new(geom(), BLOCKS);
     let (mut m, e, _permits) = gated_mover(&on(), &mut c);
     for b in 1..=3 {
         c.fill(b, b as f32);
@@ -313,7 +261,7 @@ fn a_failing_layer_fails_the_blocks_and_is_reported() {
     assert!(m.get_finished().failed_blocks.is_empty());
     for l in 0..LAYERS {
         for (b, d) in [(1u32, 9u32), (2, 10), (3, 11)] {
-            assert_eq!(c.block(l, d), c.block(l, b), "layer {l} block {d}");
+            assert_eq!(c.layer(l, d), c.layer(l, b), "layer {l} block {d}");
         }
     }
 }
@@ -328,14 +276,14 @@ fn a_host_tier_smaller_than_the_step_scatters_part_whole_first() {
         nvme_segment_bytes: 1 << 20,
         ..on()
     };
-    let mut c = Cache::new();
+    let mut c = Cache::new(geom(), BLOCKS);
     let (mut m, _e, _permits) = gated_mover(&cfg, &mut c);
     for b in 1..=7 {
         c.fill(b, b as f32 + 0.25);
         save(&mut m, &[(b, b)]);
     }
     let want: Vec<Vec<Vec<f32>>> = (0..LAYERS)
-        .map(|l| (1..=7).map(|b| c.block(l, b)).collect())
+        .map(|l| (1..=7).map(|b| c.layer(l, b)).collect())
         .collect();
     // Seven blocks through a three-slot host tier, most from NVMe.
     start_sync_load(&mut m, &(1..=7).map(|b| (b, b + 8)).collect::<Vec<_>>());
@@ -346,7 +294,7 @@ fn a_host_tier_smaller_than_the_step_scatters_part_whole_first() {
     assert!(m.get_finished().failed_blocks.is_empty());
     for (l, w) in want.iter().enumerate() {
         for b in 1..=7u32 {
-            assert_eq!(c.block(l, b + 8), w[b as usize - 1], "layer {l} block {b}");
+            assert_eq!(c.layer(l, b + 8), w[b as usize - 1], "layer {l} block {b}");
         }
     }
     let k = counters(&m);
@@ -362,7 +310,7 @@ fn layerwise_off_and_auto_on_host_caches_load_every_layer_before_start_load_retu
             layerwise_load: mode,
             ..Config::default()
         };
-        let mut c = Cache::new();
+        let mut c = Cache::new(geom(), BLOCKS);
         let (mut m, _e, _permits) = gated_mover(&cfg, &mut c);
         for b in 1..=2 {
             c.fill(b, b as f32);
@@ -371,8 +319,8 @@ fn layerwise_off_and_auto_on_host_caches_load_every_layer_before_start_load_retu
         start_sync_load(&mut m, &[(1, 5), (2, 6)]);
         // No wait_layer: everything is already there.
         for l in 0..LAYERS {
-            assert_eq!(c.block(l, 5), c.block(l, 1), "{mode:?}");
-            assert_eq!(c.block(l, 6), c.block(l, 2), "{mode:?}");
+            assert_eq!(c.layer(l, 5), c.layer(l, 1), "{mode:?}");
+            assert_eq!(c.layer(l, 6), c.layer(l, 2), "{mode:?}");
         }
         m.wait_for_save().unwrap();
         assert!(m.get_finished().failed_blocks.is_empty());

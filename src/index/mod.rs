@@ -340,7 +340,30 @@ impl BlockIndex {
         slot: SlotId,
         now: u64,
     ) -> Result<()> {
-        self.check_new("begin_save", &key, Some(slot))?;
+        self.insert_in_slot(
+            "begin_save",
+            BlockState::Saving,
+            key,
+            session,
+            seq,
+            slot,
+            now,
+        )
+    }
+
+    /// Adds an absent `key` holding host `slot` in `state`.
+    #[allow(clippy::too_many_arguments)]
+    fn insert_in_slot(
+        &mut self,
+        op: &str,
+        state: BlockState,
+        key: BlockKey,
+        session: u64,
+        seq: u32,
+        slot: SlotId,
+        now: u64,
+    ) -> Result<()> {
+        self.check_new(op, &key, Some(slot))?;
         self.insert(
             key,
             BlockEntry {
@@ -348,7 +371,7 @@ impl BlockIndex {
                 seq,
                 host: Some(slot),
                 on_nvme: false,
-                state: BlockState::Saving,
+                state,
                 pins: 0,
                 last_access: now,
             },
@@ -384,20 +407,15 @@ impl BlockIndex {
         slot: SlotId,
         now: u64,
     ) -> Result<()> {
-        self.check_new("insert_host", &key, Some(slot))?;
-        self.insert(
+        self.insert_in_slot(
+            "insert_host",
+            BlockState::Host,
             key,
-            BlockEntry {
-                session,
-                seq,
-                host: Some(slot),
-                on_nvme: false,
-                state: BlockState::Host,
-                pins: 0,
-                last_access: now,
-            },
-        );
-        Ok(())
+            session,
+            seq,
+            slot,
+            now,
+        )
     }
 
     /// Ends a save. `ok`: `Saving` → `Host`, returns `None`. Failed: the

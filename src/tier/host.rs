@@ -307,6 +307,61 @@ fn geometry(slot_bytes: usize, slots: usize) -> Result<(usize, u32, usize)> {
     Ok((sb, n, len))
 }
 
+/// Opens (creating with mode 0600) a read-write file that must be a
+/// regular file of this process's user, never through a symbolic link;
+/// group/other permission bits are removed. The host arena file and its
+/// slot table are opened this way.
+pub(crate) fn open_private(path: &Path) -> Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                Error::invalid("is a symbolic link; refusing to follow it")
+            } else {
+                Error::from(e)
+            }
+        })?;
+    let meta = file.metadata()?;
+    if !meta.file_type().is_file() {
+        return Err(Error::invalid("not a regular file"));
+    }
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        return Err(Error::invalid(format!(
+            "owned by uid {}, not by this process (uid {me})",
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o077 != 0 {
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(file)
+}
+
+/// How many slots of `slot_bytes` (rounded up to 4 KiB) fit in
+/// `total_bytes`: (rounded slot bytes, slots); none is a config error.
+fn slots_in(total_bytes: u64, slot_bytes: usize) -> Result<(usize, usize)> {
+    let sb = round_slot(slot_bytes)?;
+    let slots = total_bytes / sb as u64;
+    if slots == 0 {
+        return Err(Error::config(format!(
+            "host arena of {} cannot hold one slot of {} (a block rounded up to 4 KiB)",
+            fmt_bytes(total_bytes),
+            fmt_bytes(sb as u64)
+        )));
+    }
+    let slots = usize::try_from(slots)
+        .map_err(|_| Error::config(format!("host arena of {total_bytes} bytes is too large")))?;
+    Ok((sb, slots))
+}
+
 impl HostArena {
     /// Maps an anonymous arena of `slots` slots of `slot_bytes` (rounded up to
     /// 4 KiB) with default options.
@@ -324,18 +379,7 @@ impl HostArena {
     /// An anonymous arena holding as many slots of `slot_bytes` as fit in
     /// `total_bytes` (sizes as they come from config).
     pub fn from_bytes(total_bytes: u64, slot_bytes: usize) -> Result<Self> {
-        let sb = round_slot(slot_bytes)?;
-        let slots = total_bytes / sb as u64;
-        if slots == 0 {
-            return Err(Error::config(format!(
-                "host arena of {} cannot hold one slot of {} (a block rounded up to 4 KiB)",
-                fmt_bytes(total_bytes),
-                fmt_bytes(sb as u64)
-            )));
-        }
-        let slots = usize::try_from(slots).map_err(|_| {
-            Error::config(format!("host arena of {total_bytes} bytes is too large"))
-        })?;
+        let (sb, slots) = slots_in(total_bytes, slot_bytes)?;
         Self::new(sb, slots)
     }
 
@@ -346,18 +390,7 @@ impl HostArena {
         total_bytes: u64,
         slot_bytes: usize,
     ) -> Result<Self> {
-        let sb = round_slot(slot_bytes)?;
-        let slots = total_bytes / sb as u64;
-        if slots == 0 {
-            return Err(Error::config(format!(
-                "host arena of {} cannot hold one slot of {} (a block rounded up to 4 KiB)",
-                fmt_bytes(total_bytes),
-                fmt_bytes(sb as u64)
-            )));
-        }
-        let slots = usize::try_from(slots).map_err(|_| {
-            Error::config(format!("host arena of {total_bytes} bytes is too large"))
-        })?;
+        let (sb, slots) = slots_in(total_bytes, slot_bytes)?;
         Self::open_shared(path, sb, slots)
     }
 
@@ -386,34 +419,8 @@ impl HostArena {
         let path = path.as_ref();
         let (sb, n, len) = geometry(slot_bytes, slots)?;
         let ctx = |e: Error| e.context(format!("host arena file {}", path.display()));
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(path)
-            .map_err(|e| {
-                if e.raw_os_error() == Some(libc::ELOOP) {
-                    Error::invalid("is a symbolic link; refusing to follow it")
-                } else {
-                    Error::from(e)
-                }
-            })
-            .map_err(ctx)?;
+        let file = open_private(path).map_err(ctx)?;
         let meta = file.metadata().map_err(|e| ctx(e.into()))?;
-        if !meta.file_type().is_file() {
-            return Err(ctx(Error::invalid("not a regular file")));
-        }
-        // SAFETY: geteuid has no preconditions.
-        let me = unsafe { libc::geteuid() };
-        if meta.uid() != me {
-            return Err(ctx(Error::invalid(format!(
-                "owned by uid {}, not by this process (uid {me})",
-                meta.uid()
-            ))));
-        }
         // SAFETY: flock on a descriptor we own.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             let e = std::io::Error::last_os_error();
@@ -422,10 +429,6 @@ impl HostArena {
             } else {
                 e.into()
             }));
-        }
-        if meta.mode() & 0o077 != 0 {
-            file.set_permissions(std::fs::Permissions::from_mode(0o600))
-                .map_err(|e| ctx(e.into()))?;
         }
         let reopened = match meta.len() {
             0 => {

@@ -32,7 +32,7 @@ use crate::block::BlockKey;
 use crate::error::{Error, Result};
 use memmap2::MmapMut;
 use std::fs::OpenOptions;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -90,34 +90,8 @@ impl SlotTable {
         block_bytes: usize,
     ) -> Result<(SlotTable, bool)> {
         let c = ctx(path);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(path)
-            .map_err(|e| {
-                if e.raw_os_error() == Some(libc::ELOOP) {
-                    Error::invalid("is a symbolic link; refusing to follow it")
-                } else {
-                    Error::from(e)
-                }
-            })
-            .map_err(&c)?;
+        let file = crate::tier::host::open_private(path).map_err(&c)?;
         let meta = file.metadata().map_err(|e| c(e.into()))?;
-        // SAFETY: geteuid has no preconditions.
-        let me = unsafe { libc::geteuid() };
-        if !meta.file_type().is_file() || meta.uid() != me {
-            return Err(c(Error::invalid(format!(
-                "not a regular file owned by this process (uid {me})"
-            ))));
-        }
-        if meta.mode() & 0o077 != 0 {
-            file.set_permissions(std::fs::Permissions::from_mode(0o600))
-                .map_err(|e| c(e.into()))?;
-        }
         let len = HEADER + slots * ENTRY;
         let mut header = [0u8; HEADER];
         header[..8].copy_from_slice(MAGIC);
@@ -183,24 +157,32 @@ impl SlotTable {
             return None;
         }
         let off = HEADER + s * ENTRY;
-        let e = &self.map[off..off + ENTRY];
         let mut copy = [0u8; ENTRY];
-        copy.copy_from_slice(e);
-        let want = u32::from_le_bytes(copy[52..56].try_into().expect("4 bytes"));
-        copy[52..56].fill(0);
-        if entry_crc(&copy) != want {
-            return None;
-        }
-        let mut key = [0u8; 32];
-        key.copy_from_slice(&copy[16..48]);
-        Some(SlotEntry {
-            slot: s as u32,
-            key: BlockKey(key),
-            session: u64::from_le_bytes(copy[8..16].try_into().expect("8 bytes")),
-            seq: u32::from_le_bytes(copy[4..8].try_into().expect("4 bytes")),
-            data_crc: u32::from_le_bytes(copy[48..52].try_into().expect("4 bytes")),
-        })
+        copy.copy_from_slice(&self.map[off..off + ENTRY]);
+        parse_entry(s, copy)
     }
+}
+
+/// A valid, untorn entry of slot `s` (a copy of its 64 bytes).
+fn parse_entry(s: usize, mut e: [u8; ENTRY]) -> Option<SlotEntry> {
+    let le32 = |b: &[u8]| u32::from_le_bytes(b.try_into().expect("4 bytes"));
+    if le32(&e[..4]) != VALID {
+        return None;
+    }
+    let want = le32(&e[52..56]);
+    e[52..56].fill(0);
+    if entry_crc(&e) != want {
+        return None;
+    }
+    let mut key = [0u8; 32];
+    key.copy_from_slice(&e[16..48]);
+    Some(SlotEntry {
+        slot: s as u32,
+        key: BlockKey(key),
+        session: u64::from_le_bytes(e[8..16].try_into().expect("8 bytes")),
+        seq: le32(&e[4..8]),
+        data_crc: le32(&e[48..52]),
+    })
 }
 
 /// Reads the valid entries of the table of `arena` without changing it (the
@@ -232,30 +214,12 @@ pub fn read_entries(arena: &Path, block_bytes: Option<usize>) -> Result<Vec<Slot
     if bytes.len() != HEADER + slots * ENTRY || block_bytes.is_some_and(|b| b != bb) {
         return Ok(Vec::new());
     }
-    let mut out = Vec::new();
-    for s in 0..slots {
-        let off = HEADER + s * ENTRY;
-        let mut e = [0u8; ENTRY];
-        e.copy_from_slice(&bytes[off..off + ENTRY]);
-        if u32::from_le_bytes(e[..4].try_into().expect("4 bytes")) != VALID {
-            continue;
-        }
-        let want = u32::from_le_bytes(e[52..56].try_into().expect("4 bytes"));
-        e[52..56].fill(0);
-        if entry_crc(&e) != want {
-            continue;
-        }
-        let mut key = [0u8; 32];
-        key.copy_from_slice(&e[16..48]);
-        out.push(SlotEntry {
-            slot: s as u32,
-            key: BlockKey(key),
-            session: u64::from_le_bytes(e[8..16].try_into().expect("8 bytes")),
-            seq: u32::from_le_bytes(e[4..8].try_into().expect("4 bytes")),
-            data_crc: u32::from_le_bytes(e[48..52].try_into().expect("4 bytes")),
-        });
-    }
-    Ok(out)
+    Ok((0..slots)
+        .filter_map(|s| {
+            let off = HEADER + s * ENTRY;
+            parse_entry(s, bytes[off..off + ENTRY].try_into().expect("64 bytes"))
+        })
+        .collect())
 }
 
 /// The block bytes the table of `arena` was written for (None: no table).
