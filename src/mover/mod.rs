@@ -10,8 +10,8 @@
 //! | vLLM hook            | mover                                                        |
 //! |----------------------|--------------------------------------------------------------|
 //! | `bind_connector_metadata` | [`Mover::bind`]: decode the step's [`Plan`]             |
-//! | `start_load_kv`      | [`Mover::start_load`]: sync loads start layer by layer on the layer thread, async ones go to the loader thread |
-//! | `wait_for_layer_load`| [`Mover::wait_layer`]: waits until layer *i* of the step's sync loads is in place (that layer only) |
+//! | `start_load_kv`      | [`Mover::start_load`]: sync loads start (layer by layer on the layer thread, or whole now: `layerwise_load`), async ones go to the loader thread |
+//! | `wait_for_layer_load`| [`Mover::wait_layer`]: waits until layer *i* of the step's sync loads is in place (that layer only; at once when they loaded whole) |
 //! | `wait_for_save`      | [`Mover::wait_for_save`]: gather saved blocks, run tier moves |
 //! | `get_finished`       | [`Mover::get_finished`]: saves done, async loads done, failed block ids |
 //! | worker meta          | [`Mover::take_report`]: where blocks went, for the planner   |
@@ -72,10 +72,10 @@ pub fn scan_parked(dir: &Path, rank: u32) -> Result<Vec<(BlockKey, u64, u64)>> {
 /// block's bytes when it reopens the arena, and a block it cannot confirm
 /// is a failed load, recomputed).
 pub fn scan_host_file(arena: &Path) -> Result<Vec<(BlockKey, u64, u64)>> {
-    let Some(bb) = crate::tier::slots::table_block_bytes(arena) else {
+    let Some((bb, entries)) = crate::tier::slots::read_entries(arena)? else {
         return Ok(Vec::new());
     };
-    Ok(crate::tier::slots::read_entries(arena, None)?
+    Ok(entries
         .into_iter()
         .map(|e| (e.key, e.session, bb))
         .collect())

@@ -185,10 +185,10 @@ fn parse_entry(s: usize, mut e: [u8; ENTRY]) -> Option<SlotEntry> {
     })
 }
 
-/// Reads the valid entries of the table of `arena` without changing it (the
-/// scheduler at start). No table, or one for other sizes than `block_bytes`
-/// blocks: no entries.
-pub fn read_entries(arena: &Path, block_bytes: Option<usize>) -> Result<Vec<SlotEntry>> {
+/// Reads the table of `arena` without changing it (the scheduler at start):
+/// the block bytes it was written for and its valid entries; `None` when
+/// there is no table (or the file is not one).
+pub fn read_entries(arena: &Path) -> Result<Option<(u64, Vec<SlotEntry>)>> {
     let path = table_path(arena);
     let c = ctx(&path);
     let file = match OpenOptions::new()
@@ -197,36 +197,29 @@ pub fn read_entries(arena: &Path, block_bytes: Option<usize>) -> Result<Vec<Slot
         .open(&path)
     {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(c(e.into())),
     };
-    let bytes = {
+    let mut bytes = Vec::new();
+    {
         use std::io::Read;
-        let mut v = Vec::new();
-        (&file).read_to_end(&mut v).map_err(|e| c(e.into()))?;
-        v
-    };
+        (&file).read_to_end(&mut bytes).map_err(|e| c(e.into()))?;
+    }
     if bytes.len() < HEADER || &bytes[..8] != MAGIC {
-        return Ok(Vec::new());
+        return Ok(None);
     }
     let slots = u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes")) as usize;
-    let bb = u64::from_le_bytes(bytes[24..32].try_into().expect("8 bytes")) as usize;
-    if bytes.len() != HEADER + slots * ENTRY || block_bytes.is_some_and(|b| b != bb) {
-        return Ok(Vec::new());
+    let block_bytes = u64::from_le_bytes(bytes[24..32].try_into().expect("8 bytes"));
+    if bytes.len() != HEADER + slots * ENTRY {
+        return Ok(None);
     }
-    Ok((0..slots)
+    let entries = (0..slots)
         .filter_map(|s| {
             let off = HEADER + s * ENTRY;
             parse_entry(s, bytes[off..off + ENTRY].try_into().expect("64 bytes"))
         })
-        .collect())
-}
-
-/// The block bytes the table of `arena` was written for (None: no table).
-pub fn table_block_bytes(arena: &Path) -> Option<u64> {
-    let bytes = std::fs::read(table_path(arena)).ok()?;
-    (bytes.len() >= HEADER && &bytes[..8] == MAGIC)
-        .then(|| u64::from_le_bytes(bytes[24..32].try_into().expect("8 bytes")))
+        .collect();
+    Ok(Some((block_bytes, entries)))
 }
 
 #[cfg(test)]
@@ -265,9 +258,8 @@ mod tests {
                 data_crc: 0xbeef,
             },
         ];
-        assert_eq!(read_entries(&arena, Some(8000)).unwrap(), want);
-        assert!(read_entries(&arena, Some(4096)).unwrap().is_empty());
-        assert_eq!(table_block_bytes(&arena), Some(8000));
+        assert_eq!(read_entries(&arena).unwrap(), Some((8000, want.clone())));
+        assert_eq!(read_entries(&d.path().join("no-such-arena")).unwrap(), None);
         let (t, kept) = SlotTable::open(&p, 8192, 4, 8000).unwrap();
         assert!(kept);
         assert_eq!(t.entries(), want);
@@ -291,7 +283,7 @@ mod tests {
         let mut b = std::fs::read(&p).unwrap();
         b[HEADER + ENTRY + 20] ^= 1;
         std::fs::write(&p, &b).unwrap();
-        let got = read_entries(&arena, None).unwrap();
+        let (_, got) = read_entries(&arena).unwrap().unwrap();
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].key, key(0));
     }
