@@ -1,7 +1,9 @@
 //! One test body for every copy engine: gather and scatter in both physical
 //! orders (LBHNC, LBNHC), layers sharing one storage, layer-wise scatter
 //! order. It runs on the CPU engine always, and on the CUDA engine — with
-//! every strategy, pinned and pageable records — where a device exists:
+//! every strategy, pinned and pageable records — where a device exists. The
+//! GPU-only tests also cover the pinning job and the mover's layer-wise
+//! load on device caches:
 //!
 //! ```text
 //! cargo test --test cuda_engine                       # CPU body + no-driver check
@@ -503,4 +505,99 @@ fn cuda_pinning_job_registers_an_arena_the_engine_maps() {
     let p = CudaPinner::new().unwrap();
     job.unpin_all(&|a, l| p.unpin(a, l)).unwrap();
     assert_eq!(job.pinned_bytes(), 0);
+}
+
+/// The mover on device KV caches: a save gathers on the GPU into the host
+/// tier, and a sync load goes layer by layer (`layerwise_load: auto` is on
+/// for device caches) through `CopyEngine::scatter_layerwise` on the CUDA
+/// engine: after `wait_layer(l)` layer `l` of every loaded block holds the
+/// saved bytes.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn cuda_mover_loads_layer_by_layer_into_device_caches() {
+    use kvpark::block::BlockKey;
+    use kvpark::config::Config;
+    use kvpark::mover::Mover;
+    use kvpark::plan::{LoadReq, Plan, SaveReq};
+    let engine = engine_or_skip();
+    let g = Geometry {
+        layers: 4,
+        kv_heads: 8,
+        block_tokens: 16,
+        head_size_k: 128,
+        head_size_v: 128,
+        dtype: Dtype::Bf16,
+    };
+    let blocks = 16u64;
+    let page = g.layer_page_bytes();
+    let dev = engine
+        .alloc_device(g.layers as usize * blocks as usize * page)
+        .unwrap();
+    let mut img: Vec<u8> = (0..g.layers as usize * blocks as usize * page)
+        .map(|i| (i % 251 + 1) as u8)
+        .collect();
+    let at = |l: usize, b: usize| (l * blocks as usize + b) * page;
+    for l in 0..g.layers as usize {
+        for b in 9..13 {
+            img[at(l, b)..at(l, b) + page].fill(0);
+        }
+    }
+    dev.upload(0, &img).unwrap();
+    let v: Vec<LayerView> = (0..g.layers as u64)
+        .map(|l| LayerView {
+            base: dev.ptr() + l * blocks * page as u64,
+            num_blocks: blocks,
+            stride_block: (page / 2) as u64,
+            stride_head: 16 * 256,
+            stride_token: 256,
+        })
+        .collect();
+    let cfg = Config {
+        host_bytes: 64 << 20,
+        ..Config::default()
+    };
+    let mut m = Mover::new(cfg, 0).unwrap();
+    unsafe { m.register(g, v, Some(0)) }.unwrap();
+    let key = |i: u32| BlockKey::derive(b"cuda-mover", &i.to_le_bytes());
+    let save = Plan {
+        saves: vec![SaveReq {
+            req_id: "s".into(),
+            session: 1,
+            blocks: (1..5u32).map(|b| (key(b), b, b - 1)).collect(),
+            to_nvme: false,
+        }],
+        ..Default::default()
+    };
+    m.bind(&save.encode()).unwrap();
+    m.start_load().unwrap();
+    m.wait_for_save().unwrap();
+    assert_eq!(m.get_finished().sending, vec!["s".to_string()]);
+    let load = Plan {
+        loads: vec![LoadReq {
+            req_id: "l".into(),
+            sync: true,
+            blocks: (1..5u32).map(|b| (key(b), b + 8)).collect(),
+        }],
+        ..Default::default()
+    };
+    m.bind(&load.encode()).unwrap();
+    m.start_load().unwrap();
+    let mut got = vec![0u8; page];
+    for l in 0..g.layers as usize {
+        m.wait_layer(l as u32).unwrap();
+        for b in 1..5usize {
+            dev.download(at(l, b + 8), &mut got).unwrap();
+            assert!(
+                got[..] == img[at(l, b)..at(l, b) + page],
+                "layer {l} of block {} in place after wait_layer({l})",
+                b + 8
+            );
+        }
+    }
+    m.wait_for_save().unwrap();
+    assert!(m.get_finished().failed_blocks.is_empty());
+    let c: serde_json::Value = serde_json::from_str(&m.metrics_json()).unwrap();
+    assert_eq!(c["engine"], "cuda");
+    assert_eq!(c["counters"]["layerwise_loads"], 1, "{c}");
+    assert_eq!(c["counters"]["loaded_blocks"], 4, "{c}");
 }
