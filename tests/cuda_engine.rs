@@ -386,18 +386,40 @@ fn cuda_engine_runs_the_shared_body_with_every_strategy() {
     }
 }
 
-#[test]
-#[ignore = "needs a CUDA device"]
-fn cuda_onload_wait_layer_orders_each_layer() {
-    let engine = engine_or_skip();
-    let g = Geometry {
-        layers: 8,
+/// Llama-3-8B's per-layer shape (8 KV heads, head 128, 16 tokens per
+/// block, bf16) with `layers` layers.
+fn llama_like(layers: u32) -> Geometry {
+    Geometry {
+        layers,
         kv_heads: 8,
         block_tokens: 16,
         head_size_k: 128,
         head_size_v: 128,
         dtype: Dtype::Bf16,
-    };
+    }
+}
+
+/// Head-major views of a [`llama_like`] cache at `base`: layer after layer,
+/// `blocks` blocks each (strides in bf16 elements).
+fn lbhnc_views(base: u64, g: &Geometry, blocks: u64) -> Vec<LayerView> {
+    let page = g.layer_page_bytes() as u64;
+    let row = g.row_elems() as u64;
+    (0..g.layers as u64)
+        .map(|l| LayerView {
+            base: base + l * blocks * page,
+            num_blocks: blocks,
+            stride_block: page / 2,
+            stride_head: g.block_tokens as u64 * row,
+            stride_token: row,
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn cuda_onload_wait_layer_orders_each_layer() {
+    let engine = engine_or_skip();
+    let g = llama_like(8);
     let blocks = 64u64;
     let page = g.layer_page_bytes();
     for strat in Strategy::ALL {
@@ -405,16 +427,7 @@ fn cuda_onload_wait_layer_orders_each_layer() {
         let dev = engine
             .alloc_device(g.layers as usize * blocks as usize * page)
             .unwrap();
-        let v: Vec<LayerView> = (0..g.layers as u64)
-            .map(|l| LayerView {
-                base: dev.ptr() + l * blocks * page as u64,
-                num_blocks: blocks,
-                stride_block: (page / 2) as u64,
-                stride_head: 16 * 256,
-                stride_token: 256,
-            })
-            .collect();
-        let kv = unsafe { KvCaches::new(g, v, true) }.unwrap();
+        let kv = unsafe { KvCaches::new(g, lbhnc_views(dev.ptr(), &g, blocks), true) }.unwrap();
         let mut host = engine
             .alloc_pinned(blocks as usize * g.block_bytes())
             .unwrap();
@@ -520,14 +533,7 @@ fn cuda_mover_loads_layer_by_layer_into_device_caches() {
     use kvpark::mover::Mover;
     use kvpark::plan::{LoadReq, Plan, SaveReq};
     let engine = engine_or_skip();
-    let g = Geometry {
-        layers: 4,
-        kv_heads: 8,
-        block_tokens: 16,
-        head_size_k: 128,
-        head_size_v: 128,
-        dtype: Dtype::Bf16,
-    };
+    let g = llama_like(4);
     let blocks = 16u64;
     let page = g.layer_page_bytes();
     let dev = engine
@@ -543,15 +549,7 @@ fn cuda_mover_loads_layer_by_layer_into_device_caches() {
         }
     }
     dev.upload(0, &img).unwrap();
-    let v: Vec<LayerView> = (0..g.layers as u64)
-        .map(|l| LayerView {
-            base: dev.ptr() + l * blocks * page as u64,
-            num_blocks: blocks,
-            stride_block: (page / 2) as u64,
-            stride_head: 16 * 256,
-            stride_token: 256,
-        })
-        .collect();
+    let v = lbhnc_views(dev.ptr(), &g, blocks);
     let cfg = Config {
         host_bytes: 64 << 20,
         ..Config::default()

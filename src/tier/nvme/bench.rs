@@ -134,6 +134,37 @@ fn store_write(store: &NvmeStore, n: u64, len: usize, src: &[AlignedBuf]) -> Res
     first_err.map_or(Ok(()), Err)
 }
 
+/// Runs `f(worker, i)` for every record `i` in `0..n`, one thread per
+/// worker, each taking the next record index as it finishes one.
+fn for_records<W: Send>(
+    n: u64,
+    workers: impl IntoIterator<Item = W>,
+    f: impl Fn(&mut W, u64) -> Result<()> + Sync,
+) -> Result<()> {
+    let next = AtomicU64::new(0);
+    std::thread::scope(|s| {
+        let hs: Vec<_> = workers
+            .into_iter()
+            .map(|mut w| {
+                let (next, f) = (&next, &f);
+                s.spawn(move || -> Result<()> {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= n {
+                            return Ok(());
+                        }
+                        f(&mut w, i)?;
+                    }
+                })
+            })
+            .collect();
+        hs.into_iter().try_for_each(|h| {
+            h.join()
+                .map_err(|_| Error::internal("bench: I/O thread panicked"))?
+        })
+    })
+}
+
 /// Reads back `n` records with `get` from one thread per aligned buffer
 /// (zero copy, as the loader reads into a host slot), checking the first bytes.
 fn store_read(
@@ -143,30 +174,12 @@ fn store_read(
     bufs: &mut [AlignedBuf],
     data: &[u8],
 ) -> Result<()> {
-    let next = AtomicU64::new(0);
-    std::thread::scope(|s| {
-        let hs: Vec<_> = bufs
-            .iter_mut()
-            .map(|buf| {
-                let next = &next;
-                s.spawn(move || -> Result<()> {
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= n {
-                            return Ok(());
-                        }
-                        store.get(&key(i), &mut buf[..len])?;
-                        if buf[..64] != data[..64] {
-                            return Err(Error::internal("bench: store read back different bytes"));
-                        }
-                    }
-                })
-            })
-            .collect();
-        hs.into_iter().try_for_each(|h| {
-            h.join()
-                .map_err(|_| Error::internal("bench: store read thread panicked"))?
-        })
+    for_records(n, bufs.iter_mut(), |buf, i| {
+        store.get(&key(i), &mut buf[..len])?;
+        if buf[..64] != data[..64] {
+            return Err(Error::internal("bench: store read back different bytes"));
+        }
+        Ok(())
     })
 }
 
@@ -197,57 +210,19 @@ fn open_raw(path: &Path) -> Result<(File, bool)> {
 /// [`THREADS`] threads, record `i` from `src[i % src.len()]` — the same
 /// buffers the store writes from (see [`bench_nvme`] on why that matters).
 fn raw_write(file: &File, n: u64, len: usize, src: &[AlignedBuf]) -> Result<()> {
-    let next = AtomicU64::new(0);
-    std::thread::scope(|s| {
-        let hs: Vec<_> = (0..THREADS)
-            .map(|_| {
-                let next = &next;
-                s.spawn(move || -> Result<()> {
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= n {
-                            return Ok(());
-                        }
-                        let buf = &src[i as usize % src.len()];
-                        file.write_all_at(&buf[..len], i * len as u64)
-                            .ctx("bench: raw write")?;
-                    }
-                })
-            })
-            .collect();
-        join_all(hs)
+    for_records(n, vec![(); THREADS], |_, i| {
+        let buf = &src[i as usize % src.len()];
+        file.write_all_at(&buf[..len], i * len as u64)
+            .ctx("bench: raw write")
     })
 }
 
 /// Raw O_DIRECT reads of `n` records of `len` bytes, one thread per buffer
 /// in `bufs` (the buffers the store reads into).
 fn raw_read(file: &File, n: u64, len: usize, bufs: &mut [AlignedBuf]) -> Result<()> {
-    let next = AtomicU64::new(0);
-    std::thread::scope(|s| {
-        let hs: Vec<_> = bufs
-            .iter_mut()
-            .map(|buf| {
-                let next = &next;
-                s.spawn(move || -> Result<()> {
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= n {
-                            return Ok(());
-                        }
-                        file.read_exact_at(&mut buf[..len], i * len as u64)
-                            .ctx("bench: raw read")?;
-                    }
-                })
-            })
-            .collect();
-        join_all(hs)
-    })
-}
-
-fn join_all(hs: Vec<std::thread::ScopedJoinHandle<'_, Result<()>>>) -> Result<()> {
-    hs.into_iter().try_for_each(|h| {
-        h.join()
-            .map_err(|_| Error::internal("bench: raw I/O thread panicked"))?
+    for_records(n, bufs.iter_mut(), |buf, i| {
+        file.read_exact_at(&mut buf[..len], i * len as u64)
+            .ctx("bench: raw read")
     })
 }
 
