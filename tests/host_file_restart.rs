@@ -7,7 +7,7 @@
 mod common;
 
 use common::Cache;
-use kvpark::block::{BlockKey, Dtype, Geometry};
+use kvpark::block::{BlockKey, Geometry};
 use kvpark::config::Config;
 use kvpark::mover::{scan_host_file, Mover};
 use kvpark::plan::{LoadReq, Plan, SaveReq};
@@ -17,14 +17,7 @@ const BLOCKS: u64 = 16;
 const LAYERS: usize = 2;
 
 fn geom() -> Geometry {
-    Geometry {
-        layers: LAYERS as u32,
-        kv_heads: 2,
-        block_tokens: 16,
-        head_size_k: 16,
-        head_size_v: 16,
-        dtype: Dtype::F32,
-    }
+    common::small_f32(LAYERS as u32)
 }
 
 fn key(i: u32) -> BlockKey {

@@ -11,7 +11,7 @@ mod common;
 
 use common::Cache;
 use crossbeam_channel::{Receiver, Sender};
-use kvpark::block::{BlockKey, Dtype, Geometry};
+use kvpark::block::{BlockKey, Geometry};
 use kvpark::config::{Config, Layerwise};
 use kvpark::copy::{cpu::CpuEngine, CopyEngine, GatherOp, KvCaches, ScatterOp};
 use kvpark::mover::Mover;
@@ -25,14 +25,7 @@ const LAYERS: usize = 4;
 const BLOCKS: u64 = 16;
 
 fn geom() -> Geometry {
-    Geometry {
-        layers: LAYERS as u32,
-        kv_heads: 2,
-        block_tokens: 16,
-        head_size_k: 16,
-        head_size_v: 16,
-        dtype: Dtype::F32,
-    }
+    common::small_f32(LAYERS as u32)
 }
 
 /// The CPU engine, with each single-layer scatter held until a permit

@@ -4,7 +4,20 @@
 
 #![allow(dead_code)]
 
-use kvpark::block::{Geometry, LayerView};
+use kvpark::block::{Dtype, Geometry, LayerView};
+
+/// A small fp32 geometry (2 KV heads, 16 tokens per block, head 16) with
+/// `layers` layers.
+pub fn small_f32(layers: u32) -> Geometry {
+    Geometry {
+        layers,
+        kv_heads: 2,
+        block_tokens: 16,
+        head_size_k: 16,
+        head_size_v: 16,
+        dtype: Dtype::F32,
+    }
+}
 
 /// A head-major cache of `blocks` blocks per layer for `geom`.
 pub struct Cache {
