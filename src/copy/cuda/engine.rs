@@ -23,10 +23,9 @@ use super::driver::{
     self as drv, check, CUcontext, CUdevice, CUevent, CUfunction, CUmodule, CUstream, CtxGuard,
     DevBuf,
 };
-use super::kernels::{self, KvOps, KvShape, MAX_OPS};
+use super::kernels::{self, KvOps, KvShape};
 use super::nvrtc::Nvrtc;
 use super::plan::{self, Caps, Cmd, Copy, DevShape, Direction, Selector, Shape, Strategy};
-use crate::block::KvLayout;
 use crate::copy::{check_len, CopyEngine, GatherOp, KvCaches, ScatterOp};
 use crate::error::{Error, Result};
 use cudarc::driver::sys as cu;
@@ -72,7 +71,8 @@ struct Inner {
     streams: [CUstream; 2],
     module: CUmodule,
     /// [dir][vec width index: 16, 4, 1]
-    funcs: [[CUfunction; 3]; 2],
+    /// One function per `kernels::KV_COPY.entries` ([`plan::kernel_entry`]).
+    funcs: [CUfunction; 6],
     sm_count: u32,
     arch: (i32, i32),
     batch: Option<drv::MemcpyBatchFn>,
@@ -121,14 +121,6 @@ fn dir_idx(d: Direction) -> usize {
 
 fn strat_idx(s: Strategy) -> usize {
     Strategy::ALL.iter().position(|x| *x == s).unwrap_or(0)
-}
-
-fn vec_idx(v: u32) -> usize {
-    match v {
-        16 => 0,
-        4 => 1,
-        _ => 2,
-    }
 }
 
 impl CudaEngine {
@@ -201,18 +193,10 @@ impl CudaEngine {
                 .map_err(|e| e.context(name.to_string()))?;
                 Ok(f)
             };
-            let funcs = [
-                [
-                    func("kvpark_gather_u128")?,
-                    func("kvpark_gather_u32")?,
-                    func("kvpark_gather_u8")?,
-                ],
-                [
-                    func("kvpark_scatter_u128")?,
-                    func("kvpark_scatter_u32")?,
-                    func("kvpark_scatter_u8")?,
-                ],
-            ];
+            let mut funcs: [CUfunction; 6] = [std::ptr::null_mut(); 6];
+            for (f, name) in funcs.iter_mut().zip(kernels::KV_COPY.entries) {
+                *f = func(name)?;
+            }
             let streams = [partial.streams[0], partial.streams[1]];
             std::mem::forget(partial);
             let inner = Inner {
@@ -578,45 +562,29 @@ impl Inner {
         layers: Range<usize>,
     ) -> Result<()> {
         let g = kv.geometry();
-        let row = g.row_bytes() as u64;
-        let vec = plan::vector_width(d, row, recs);
-        let f = self.funcs[dir_idx(dir)][vec_idx(vec)];
-        for c in plan::chunks(blocks.len(), MAX_OPS) {
-            let mut ops = KvOps {
-                rec: [0; MAX_OPS],
-                block: [0; MAX_OPS],
-            };
-            for (i, j) in c.clone().enumerate() {
-                ops.rec[i] = recs[j];
-                ops.block[i] = blocks[j];
-            }
-            let mut shape = KvShape {
-                stride_block_bytes: d.stride_block,
-                page_bytes: d.page,
-                heads: g.kv_heads,
-                tokens: g.block_tokens,
-                row_bytes: g.row_bytes() as u32,
-                head_major: (kv.layout() == KvLayout::Lbhnc) as u32,
-                layer0: layers.start as u32,
-                n_ops: c.len() as u32,
-            };
-            let z = plan::page_split(c.len() * layers.len(), d.page, vec, 4 * self.sm_count);
+        let k = plan::KernelGeometry {
+            heads: g.kv_heads,
+            tokens: g.block_tokens,
+            row_bytes: g.row_bytes() as u32,
+            layout: kv.layout(),
+        };
+        for mut l in plan::launches(dir, d, k, blocks, recs, layers, self.sm_count) {
             let mut tbl = table;
             let mut params: [*mut c_void; 3] = [
                 &mut tbl as *mut u64 as *mut c_void,
-                &mut ops as *mut KvOps as *mut c_void,
-                &mut shape as *mut KvShape as *mut c_void,
+                &mut *l.ops as *mut KvOps as *mut c_void,
+                &mut l.shape as *mut KvShape as *mut c_void,
             ];
-            // SAFETY: f takes (const u64*, KvOps, KvShape) by value; params
-            // point to live values of exactly those types during the call.
+            // SAFETY: the kernel takes (const u64*, KvOps, KvShape) by value;
+            // params point to live values of exactly those types during the call.
             check(
                 unsafe {
                     cu::cuLaunchKernel(
-                        f,
-                        c.len() as u32,
-                        layers.len() as u32,
-                        z,
-                        plan::THREADS,
+                        self.funcs[l.entry],
+                        l.grid[0],
+                        l.grid[1],
+                        l.grid[2],
+                        l.threads,
                         1,
                         1,
                         0,

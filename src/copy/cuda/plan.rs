@@ -2,9 +2,11 @@
 //! (the [`Selector`]), the stream-ordered command list of a transfer
 //! ([`plan_transfer`]: kernel launches, DMA lists, per-layer event points),
 //! the vector width and the launch shape of the kernels. Nothing here touches
-//! CUDA, so all of it is tested on machines without a GPU — the command lists
-//! of every strategy are executed by a CPU emulator of the kernel and the DMA
-//! and compared with the CPU engine byte for byte.
+//! CUDA, so all of it is tested on machines without a GPU:
+//! `tests/cuda_kernels_host.rs` compiles `cuda/kv_copy.cu` itself for the CPU
+//! and executes every strategy's command list — the [`launches`] the engine
+//! would issue, the DMA as memcpy — comparing with the CPU engine byte for
+//! byte and checking each layer at its event.
 //!
 //! ## Mechanisms
 //!
@@ -37,6 +39,7 @@
 //! | 3 | h2d | LBHNC  | page < 28 KiB and ≥ 16 pages      | `kernel_mapped` |
 //! | 4 | any | LBHNC  | otherwise                         | `dma_batch`     |
 
+use super::kernels::{KvOps, KvShape, MAX_OPS};
 use crate::block::KvLayout;
 use crate::error::{Error, Result};
 use serde::Deserialize;
@@ -398,6 +401,97 @@ pub fn chunks(n: usize, max: usize) -> impl Iterator<Item = Range<usize>> {
     (0..n.div_ceil(max)).map(move |i| i * max..((i + 1) * max).min(n))
 }
 
+/// Index into [`KV_COPY`](super::kernels::KV_COPY)`.entries` of the kernel for a direction and a
+/// vector width (16, 4 or 1 bytes).
+pub fn kernel_entry(dir: Direction, vec: u32) -> usize {
+    let d = match dir {
+        Direction::D2H => 0,
+        Direction::H2D => 1,
+    };
+    let v = match vec {
+        16 => 0,
+        4 => 1,
+        _ => 2,
+    };
+    d * 3 + v
+}
+
+/// What a kernel needs to know of the KV cache beside [`DevShape`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelGeometry {
+    /// KV heads.
+    pub heads: u32,
+    /// Tokens per block.
+    pub tokens: u32,
+    /// Bytes of one (head, token) row, K then V.
+    pub row_bytes: u32,
+    /// vLLM's physical order.
+    pub layout: KvLayout,
+}
+
+/// One kernel launch exactly as the engine issues it: `cuLaunchKernel(entry,
+/// grid, (threads, 1, 1), params = (layer table, ops, shape))`.
+#[derive(Clone)]
+pub struct Launch {
+    /// Index into [`KV_COPY`](super::kernels::KV_COPY)`.entries` ([`kernel_entry`]).
+    pub entry: usize,
+    /// Grid: (ops, layers, slices of a page).
+    pub grid: [u32; 3],
+    /// Threads per CTA.
+    pub threads: u32,
+    /// The ops parameter (boxed: 3 KiB).
+    pub ops: Box<KvOps>,
+    /// The shape parameter.
+    pub shape: KvShape,
+}
+
+/// The launches of one [`Cmd::Launch`]: the widest vector the addresses
+/// allow, at most [`MAX_OPS`] ops per launch, pages split over about
+/// `4 * sm_count` CTAs.
+pub fn launches(
+    dir: Direction,
+    d: &DevShape,
+    k: KernelGeometry,
+    blocks: &[u32],
+    recs: &[u64],
+    layers: Range<usize>,
+    sm_count: u32,
+) -> Vec<Launch> {
+    let vec = vector_width(d, k.row_bytes as u64, recs);
+    chunks(blocks.len(), MAX_OPS)
+        .map(|c| {
+            let mut ops = Box::new(KvOps {
+                rec: [0; MAX_OPS],
+                block: [0; MAX_OPS],
+            });
+            for (i, j) in c.clone().enumerate() {
+                ops.rec[i] = recs[j];
+                ops.block[i] = blocks[j];
+            }
+            Launch {
+                entry: kernel_entry(dir, vec),
+                grid: [
+                    c.len() as u32,
+                    layers.len() as u32,
+                    page_split(c.len() * layers.len(), d.page, vec, 4 * sm_count.max(1)),
+                ],
+                threads: THREADS,
+                ops,
+                shape: KvShape {
+                    stride_block_bytes: d.stride_block,
+                    page_bytes: d.page,
+                    heads: k.heads,
+                    tokens: k.tokens,
+                    row_bytes: k.row_bytes,
+                    head_major: (k.layout == KvLayout::Lbhnc) as u32,
+                    layer0: layers.start as u32,
+                    n_ops: c.len() as u32,
+                },
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -597,244 +691,15 @@ mod tests {
         assert_eq!(c, vec![0..256, 256..512, 512..600]);
         assert_eq!(chunks(0, 256).count(), 0);
     }
-    /// Executes a command list on host memory exactly as the device would
-    /// (kernels through the kernel's own index mirror, DMA as memcpy), and
-    /// checks at each `LayerDone(l)` that layer l of every target is final.
-    fn emulate(
-        cmds: &[Cmd],
-        d: &DevShape,
-        shape: &super::super::kernels::KvShape,
-        on_layer_done: &mut dyn FnMut(usize),
-    ) {
-        use super::super::kernels::page_index;
-        for c in cmds {
-            match c {
-                Cmd::Launch {
-                    dir,
-                    blocks,
-                    recs,
-                    layers,
-                } => {
-                    for (b, r) in blocks.iter().zip(recs) {
-                        for l in layers.clone() {
-                            let page = d.page_addr(l, *b) as *mut u8;
-                            let rec = r.wrapping_add(l as u64 * d.page) as *mut u8;
-                            for x in 0..d.page {
-                                let pi = page_index(shape, 1, x);
-                                unsafe {
-                                    match dir {
-                                        Direction::D2H => {
-                                            *rec.add(x as usize) = *page.add(pi as usize)
-                                        }
-                                        Direction::H2D => {
-                                            *page.add(pi as usize) = *rec.add(x as usize)
-                                        }
-                                    }
-                                }
-                            }
-                        }
-                    }
-                }
-                Cmd::Dma { copies, .. } => {
-                    for c in copies {
-                        unsafe {
-                            std::ptr::copy_nonoverlapping(
-                                c.src as *const u8,
-                                c.dst as *mut u8,
-                                c.len as usize,
-                            )
-                        }
-                    }
-                }
-                Cmd::LayerDone(l) => on_layer_done(*l),
-            }
-        }
-    }
-
-    #[test]
-    fn every_strategy_plan_moves_the_same_bytes_as_the_cpu_engine() {
-        use crate::block::{Dtype, Geometry, LayerView};
-        use crate::copy::{cpu::CpuEngine, CopyEngine, GatherOp, KvCaches, ScatterOp};
-        let g = Geometry {
-            layers: 3,
-            kv_heads: 2,
-            block_tokens: 4,
-            head_size_k: 8,
-            head_size_v: 8,
-            dtype: Dtype::Bf16,
-        };
-        let nb = 8u64;
-        let page = g.layer_page_bytes();
-        let bb = g.block_bytes();
-        let blocks = [6u32, 1, 3, 7, 2];
-        for layout in [Lbhnc, Lbnhc] {
-            let (h, n, c) = (
-                g.kv_heads as u64,
-                g.block_tokens as u64,
-                g.row_elems() as u64,
-            );
-            let (sh, sn) = match layout {
-                Lbhnc => (n * c, c),
-                Lbnhc => (c, h * c),
-            };
-            let mk_views = |base: u64| -> Vec<LayerView> {
-                // layers interleaved with a gap, one shared storage
-                (0..g.layers as u64)
-                    .map(|l| LayerView {
-                        base: base + l * (nb + 1) * page as u64,
-                        num_blocks: nb,
-                        stride_block: h * n * c,
-                        stride_head: sh,
-                        stride_token: sn,
-                    })
-                    .collect()
-            };
-            let size = g.layers as usize * (nb as usize + 1) * page;
-            let mut src: Vec<u8> = (0..size).map(|i| (i * 31 + i / 97) as u8 | 1).collect();
-            let skv =
-                unsafe { KvCaches::new(g, mk_views(src.as_mut_ptr() as u64), false) }.unwrap();
-            let mut want: Vec<Vec<u8>> = blocks.iter().map(|_| vec![0u8; bb]).collect();
-            {
-                let mut ops: Vec<GatherOp> = blocks
-                    .iter()
-                    .zip(want.iter_mut())
-                    .map(|(b, w)| GatherOp { block: *b, dst: w })
-                    .collect();
-                CpuEngine.gather(&skv, &mut ops).unwrap();
-            }
-            let kshape = super::super::kernels::KvShape {
-                stride_block_bytes: page as u64,
-                page_bytes: page as u64,
-                heads: g.kv_heads,
-                tokens: g.block_tokens,
-                row_bytes: g.row_bytes() as u32,
-                head_major: (layout == Lbhnc) as u32,
-                layer0: 0,
-                n_ops: 0,
-            };
-            for strat in Strategy::ALL {
-                for mapped in [true, false] {
-                    let s = resolve(
-                        strat,
-                        layout,
-                        Caps {
-                            batch_dma: true,
-                            host_mapped: mapped,
-                        },
-                    );
-                    let tag = format!(
-                        "{layout:?} {} -> {} mapped {mapped}",
-                        strat.name(),
-                        s.name()
-                    );
-                    // ---- offload: staging holds 2 records, so 5 ops take 3 chunks
-                    let d = DevShape {
-                        layer_base: mk_views(src.as_ptr() as u64)
-                            .iter()
-                            .map(|v| v.base)
-                            .collect(),
-                        stride_block: page as u64,
-                        page: page as u64,
-                    };
-                    let mut recs: Vec<Vec<u8>> = blocks.iter().map(|_| vec![0xEE; bb]).collect();
-                    let hosts: Vec<u64> = recs.iter_mut().map(|r| r.as_mut_ptr() as u64).collect();
-                    let mut stage = vec![0u8; 2 * bb + 7];
-                    let plan = TransferPlan {
-                        dev: &d,
-                        strategy: s,
-                        blocks: &blocks,
-                        hosts: &hosts,
-                        mapped: mapped.then_some(&hosts[..]),
-                        staging: Some((stage.as_mut_ptr() as u64, 2 * bb + 7)),
-                        batch_ok: mapped,
-                        record_bytes: bb as u64,
-                    };
-                    let cmds = plan_transfer(&plan, Direction::D2H, 0..3).unwrap();
-                    if s == Strategy::KernelStaged {
-                        assert_eq!(
-                            cmds.iter()
-                                .filter(|c| matches!(c, Cmd::Launch { .. }))
-                                .count(),
-                            3,
-                            "{tag}"
-                        );
-                    }
-                    assert!(
-                        !cmds
-                            .iter()
-                            .any(|c| matches!(c, Cmd::Dma { batch: true, .. }))
-                            || mapped,
-                        "{tag}: batch only when pinned"
-                    );
-                    emulate(&cmds, &d, &kshape, &mut |_| {
-                        panic!("offload has no layer events")
-                    });
-                    assert_eq!(recs, want, "{tag}: offload");
-
-                    // ---- onload of layers 1..3 into an empty cache; staging holds 2 pages
-                    let mut dst = vec![0u8; size];
-                    let dd = DevShape {
-                        layer_base: mk_views(dst.as_mut_ptr() as u64)
-                            .iter()
-                            .map(|v| v.base)
-                            .collect(),
-                        stride_block: page as u64,
-                        page: page as u64,
-                    };
-                    let mut expect = vec![0u8; size];
-                    let ekv =
-                        unsafe { KvCaches::new(g, mk_views(expect.as_mut_ptr() as u64), false) }
-                            .unwrap();
-                    let sops: Vec<ScatterOp> = blocks
-                        .iter()
-                        .zip(&recs)
-                        .map(|(b, r)| ScatterOp { src: r, block: *b })
-                        .collect();
-                    CpuEngine.scatter_layers(&ekv, &sops, 1..3).unwrap();
-                    let mut stage = vec![0u8; 2 * page];
-                    let plan = TransferPlan {
-                        staging: Some((stage.as_mut_ptr() as u64, 2 * page)),
-                        dev: &dd,
-                        ..plan
-                    };
-                    let cmds = plan_transfer(&plan, Direction::H2D, 1..3).unwrap();
-                    let done: Vec<usize> = cmds
-                        .iter()
-                        .filter_map(|c| {
-                            if let Cmd::LayerDone(l) = c {
-                                Some(*l)
-                            } else {
-                                None
-                            }
-                        })
-                        .collect();
-                    assert_eq!(done, vec![1, 2], "{tag}: one event per layer, in order");
-                    let dst_ptr = dst.as_ptr();
-                    let exp = expect.clone();
-                    let region = (nb as usize + 1) * page;
-                    emulate(&cmds, &dd, &kshape, &mut |l| {
-                        // layer l is final when its event is recorded
-                        let got =
-                            unsafe { std::slice::from_raw_parts(dst_ptr.add(l * region), region) };
-                        assert!(
-                            got == &exp[l * region..(l + 1) * region],
-                            "{tag}: layer {l} final at its event"
-                        );
-                    });
-                    assert!(dst == expect, "{tag}: onload");
-                }
-            }
-        }
-    }
 }
 
 /// One step of a transfer, in stream order. The engine executes these on
-/// one stream; the CPU emulator in the tests executes them on host memory.
+/// one stream; `tests/cuda_kernels_host.rs` executes them on host memory.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Cmd {
     /// A gather (`D2H`) or scatter (`H2D`) kernel over `blocks` × `layers`;
     /// `recs[i]` is the device-usable record address of op i (the kernel
-    /// adds `layer * page` to it). More than [`super::kernels::MAX_OPS`] ops
+    /// adds `layer * page` to it). More than [`MAX_OPS`] ops
     /// are split into several launches by the executor.
     Launch {
         /// Kernel direction.
@@ -931,7 +796,7 @@ pub fn plan_transfer(
                 Strategy::KernelStaged => {
                     let bb = p.record_bytes;
                     let (stage, cap) = staging(bb as usize)?;
-                    let per = ((cap as u64 / bb) as usize).clamp(1, super::kernels::MAX_OPS);
+                    let per = ((cap as u64 / bb) as usize).clamp(1, MAX_OPS);
                     for c in chunks(n, per) {
                         let recs: Vec<u64> = (0..c.len() as u64).map(|i| stage + i * bb).collect();
                         let mut copies = Vec::with_capacity(c.len());
@@ -982,8 +847,7 @@ pub fn plan_transfer(
                         }
                         Strategy::KernelStaged => {
                             let (base, cap) = staging(d.page as usize)?;
-                            let per =
-                                ((cap as u64 / d.page) as usize).clamp(1, super::kernels::MAX_OPS);
+                            let per = ((cap as u64 / d.page) as usize).clamp(1, MAX_OPS);
                             for c in chunks(n, per) {
                                 let mut copies = Vec::with_capacity(c.len());
                                 let mut recs = Vec::with_capacity(c.len());
