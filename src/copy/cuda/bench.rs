@@ -491,5 +491,20 @@ mod tests {
         assert_eq!(e.kind(), crate::ErrorKind::InvalidArgument);
         let e = unsafe { cuda_transfer_json("{}") }.unwrap_err();
         assert_eq!(e.kind(), crate::ErrorKind::InvalidArgument);
+        // the requests scripts/gpu/check_and_bench.py sends parse: they get
+        // as far as needing the device
+        let e = cuda_bench_json(r#"{"geometry":"qwen3-32b","blocks":[1,64,1024],"budget_ms":300}"#)
+            .unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::Cuda, "{e}");
+        for dtype in ["bf16", "f16", "f32", "fp8"] {
+            let req = format!(
+                r#"{{"geometry":{{"layers":6,"kv_heads":4,"block_tokens":16,"head_size_k":64,"head_size_v":64,"dtype":"{dtype}"}},
+                    "layers":[{{"base":4096,"num_blocks":40,"stride_block":8192,"stride_head":2048,"stride_token":128}}],
+                    "direction":"h2d","strategy":"kernel_mapped","ops":[[3,65536],[5,131072]],
+                    "probe":{{"blocks":[3],"out":262144}}}}"#
+            );
+            let e = unsafe { cuda_transfer_json(&req) }.unwrap_err();
+            assert_eq!(e.kind(), crate::ErrorKind::Cuda, "{dtype}: {e}");
+        }
     }
 }
