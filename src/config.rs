@@ -6,6 +6,7 @@
 //! variables are used only for paths (`KVPARK_NVME_DIR`).
 
 use crate::codec::CodecTag;
+use crate::copy::cuda::plan::{Rule, Selector};
 use crate::error::{Error, Result};
 use crate::units::{parse_duration_ns, parse_size};
 use serde::Serialize;
@@ -50,6 +51,9 @@ pub struct Config {
     /// before the forward starts.
     #[serde(serialize_with = "ser_layerwise")]
     pub layerwise_load: Layerwise,
+    /// Copy mechanism rules for KV caches on a GPU, tried before the built-in
+    /// table (`copy::cuda::plan`); `None`: the built-in table.
+    pub copy_strategy: Option<Vec<Rule>>,
     /// Placement policy name.
     pub policy: String,
     /// NVMe I/O threads per rank.
@@ -120,6 +124,7 @@ impl Default for Config {
             codec: CodecTag::None,
             sync_load_budget_bytes: 256 << 20,
             layerwise_load: Layerwise::Auto,
+            copy_strategy: None,
             policy: "lmcache-lru".into(),
             io_threads: 2,
             fsync: Fsync::Segment,
@@ -162,6 +167,11 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "layerwise_load",
         "\"auto\"",
         "true: sync loads move layer by layer beside the forward (`wait_for_layer_load` waits for its own layer only); false: every layer before the forward; auto: true for KV caches on a GPU, false on vLLM's CPU backend (where the copy competes with the forward for the cores)",
+    ),
+    (
+        "copy_strategy",
+        "null",
+        "GPU copy mechanism: a name (kernel_mapped, kernel_staged, dma_batch, dma_each) or an array of rules by direction, layout and size, such as the `rules` that `scripts/gpu/check_and_bench.py` derives from measurements; null = the built-in table",
     ),
     ("policy", "\"lmcache-lru\"", "placement policy: lmcache-lru (host + NVMe write-through, LRU), vllm-offload, vllm-offload:arc (host only)"),
     ("io_threads", "2", "NVMe I/O threads per rank"),
@@ -236,6 +246,12 @@ impl Config {
                                 "{k}: expected true, false or \"auto\", got {v}"
                             )))
                         }
+                    }
+                }
+                "copy_strategy" => {
+                    c.copy_strategy = match v {
+                        Value::Null => None,
+                        _ => Some(Selector::rules_from_config(v)?),
                     }
                 }
                 "policy" => {
@@ -324,6 +340,7 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::copy::cuda::plan::Strategy;
 
     #[test]
     fn defaults_and_units() {
@@ -334,6 +351,29 @@ mod tests {
         assert_eq!(c.fsync, Fsync::Record);
         assert_eq!(c.io_threads, 2);
         assert_eq!(Config::from_json(b"").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn copy_strategy_takes_a_name_or_rules() {
+        assert_eq!(Config::default().copy_strategy, None);
+        let c = Config::from_json(br#"{"copy_strategy":"dma_each"}"#).unwrap();
+        assert_eq!(c.copy_strategy.unwrap()[0].strategy, Strategy::DmaEach);
+        let rules = br#"{"copy_strategy":[
+            {"dir":"d2h","layout":"lbhnc","total_bytes":[0,4194304],"strategy":"kernel_mapped"},
+            {"dir":"d2h","layout":"lbhnc","strategy":"dma_batch"}]}"#;
+        let c = Config::from_json(rules).unwrap();
+        assert_eq!(c.copy_strategy.as_ref().unwrap().len(), 2);
+        // normalized form parses back to the same
+        let again = serde_json::to_vec(&c).unwrap();
+        assert_eq!(Config::from_json(&again).unwrap(), c);
+        for bad in [
+            &br#"{"copy_strategy":"fastest"}"#[..],
+            br#"{"copy_strategy":[{"strategy":"dma_batch","pages":7}]}"#,
+            br#"{"copy_strategy":3}"#,
+        ] {
+            let e = Config::from_json(bad).unwrap_err();
+            assert!(e.to_string().contains("copy_strategy"), "{e}");
+        }
     }
 
     #[test]

@@ -22,11 +22,15 @@ Steps:
     poison, and a mid-transfer probe checks that after wait_layer(l) returns
     layer l is already in place (read at once on another stream);
  3. D2H / H2D GB/s for Llama-3-8B (32 layers) and Qwen3-32B (64 layers),
-    8 KV heads x 128, 16 tokens per block, bf16, at 1, 64 and 1024 blocks,
-    every strategy and layout, beside two baselines measured in the same run:
-    kvpark's one-cuMemcpyAsync of the same bytes, and torch's
-    .copy_(non_blocking=True) between one device tensor and one pinned tensor
-    (synchronised before reading clocks, median of repetitions).
+    8 KV heads x 128 (64 KiB pages), and Llama-3-70B at tensor parallelism 8
+    (80 layers, 1 KV head per rank: 8 KiB pages), 16 tokens per block, bf16,
+    at 1, 64 and 1024 blocks, every strategy and layout, beside two baselines
+    measured in the same run: kvpark's one-cuMemcpyAsync of the same bytes,
+    and torch's .copy_(non_blocking=True) between one device tensor and one
+    pinned tensor (synchronised before reading clocks, median of repetitions);
+ 4. the fastest strategy per direction, layout, page size and transfer size
+    as selector rules (kvpark's copy_strategy config form), printed and
+    written to $OUT/selector_rules.json.
 
 Usage: python3 scripts/gpu/check_and_bench.py [path/to/libkvpark.so]
        (or KVPARK_LIB=...); results also go to $OUT/cuda_results.json if OUT is set.
@@ -228,19 +232,22 @@ def torch_baseline(nbytes, reps_s=0.3):
     return out
 
 
+# name -> bytes of one block (layers x KV heads x 16 tokens x (128 + 128) x bf16)
+GEOMETRIES = {"llama-3-8b": 32 * 8 * 16 * 256 * 2,
+              "qwen3-32b": 64 * 8 * 16 * 256 * 2,
+              "llama-3-70b-tp8": 80 * 1 * 16 * 256 * 2}
+BLOCKS = (1, 64, 1024)
+
+
 def bench(lib):
-    rows = []
-    for geo, L in (("llama-3-8b", 32), ("qwen3-32b", 64)):
-        bb = L * 8 * 16 * 256 * 2
-        req = {"geometry": geo, "blocks": [1, 64, 1024], "budget_ms": 300}
-        figs = json.loads(call(lib, "kvpark_cuda_bench", json.dumps(req).encode()))["figures"]
-        tb = {n: torch_baseline(n * bb) for n in (1, 64, 1024)}
-        for f in figs:
-            n = int(f["name"].split(" blk")[0].split()[-1])
-            d = f["name"].split()[0]
-            f["torch_bytes_per_s"] = tb[n][d]
-            rows.append(f)
-    return rows
+    req = {"geometries": list(GEOMETRIES), "blocks": list(BLOCKS), "budget_ms": 300}
+    res = json.loads(call(lib, "kvpark_cuda_bench", json.dumps(req).encode()))
+    rows = res["figures"]
+    tb = {(geo, n): torch_baseline(n * bb) for geo, bb in GEOMETRIES.items() for n in BLOCKS}
+    for f in rows:
+        words = f["name"].split()  # "<dir> <layout> <strategy> <n> blk <geometry>"
+        f["torch_bytes_per_s"] = tb[(words[-1], int(words[-3]))][words[0]]
+    return rows, res["rules"]
 
 
 def main():
@@ -258,15 +265,19 @@ def main():
     print("reference checks (PyTorch):", flush=True)
     ok = check_reference(lib)
     print(f"reference checks passed: {ok}, failures: {len(FAILS)}")
-    rows = bench(lib)
-    res = {"device": torch.cuda.get_device_name(0), "fails": FAILS, "figures": rows}
+    rows, rules = bench(lib)
+    res = {"device": torch.cuda.get_device_name(0), "fails": FAILS, "figures": rows, "rules": rules}
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "cuda_results.json"), "w") as fh:
             json.dump(res, fh, indent=1)
+        with open(os.path.join(os.environ["OUT"], "selector_rules.json"), "w") as fh:
+            json.dump(rules, fh, indent=1)
     print(f"\n{'measured':<46} {'GB/s':>7} {'memcpy':>7} {'torch':>7} {'vs torch':>8}")
     for f in rows:
         print(f"{f['name']:<46} {f['bytes_per_s']/1e9:7.2f} {f['baseline_bytes_per_s']/1e9:7.2f} "
               f"{f['torch_bytes_per_s']/1e9:7.2f} {f['bytes_per_s']/f['torch_bytes_per_s']*100:7.1f}%")
+    print("\nmeasured selector rules (config key copy_strategy; the default table's replacement):")
+    print(json.dumps(rules, indent=1))
     for x in FAILS[:40]:
         print("FAIL", x)
     sys.exit(1 if FAILS else 0)

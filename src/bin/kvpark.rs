@@ -30,7 +30,9 @@ enum Cmd {
         /// Directory for the NVMe figures (on the drive to measure).
         #[arg(long, default_value = ".")]
         dir: PathBuf,
-        /// Comma-separated subset: copy, nvme, codec.
+        /// Comma-separated subset: copy, nvme, codec; cuda (GPU 0: every
+        /// copy mechanism beside one cuMemcpyAsync, and the `copy_strategy`
+        /// rules the numbers give) runs only when named.
         #[arg(long, default_value = "copy,nvme,codec")]
         only: String,
     },
@@ -58,9 +60,9 @@ fn run(cli: Cli) -> kvpark::Result<()> {
         Cmd::Bench { quick, dir, only } => {
             let parts: Vec<&str> = only.split(',').map(str::trim).collect();
             for p in &parts {
-                if !["copy", "nvme", "codec"].contains(p) {
+                if !["copy", "nvme", "codec", "cuda"].contains(p) {
                     return Err(kvpark::Error::invalid(format!(
-                        "bench --only: unknown part {p:?} (copy, nvme, codec)"
+                        "bench --only: unknown part {p:?} (copy, nvme, codec, cuda)"
                     )));
                 }
             }
@@ -90,6 +92,23 @@ fn run(cli: Cli) -> kvpark::Result<()> {
                 for r in ratios {
                     println!("  {r}");
                 }
+            }
+            if parts.contains(&"cuda") {
+                use kvpark::copy::cuda::{bench, Strategy};
+                let geometries: Vec<String> = bench::BENCH_GEOMETRIES
+                    .iter()
+                    .map(|g| g.to_string())
+                    .collect();
+                let budget = std::time::Duration::from_millis(if quick { 100 } else { 300 });
+                let (figs, rules) =
+                    bench::cuda_bench(0, &geometries, &[1, 64, 1024], &Strategy::ALL, budget)?;
+                for f in figs {
+                    println!("{}", f.row());
+                }
+                println!(
+                    "  copy_strategy rules from these numbers:\n{}",
+                    serde_json::to_string(&rules).expect("rules serialize")
+                );
             }
             Ok(())
         }

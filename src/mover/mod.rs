@@ -270,6 +270,9 @@ impl Mover {
             if self.engine.name() == "cpu" {
                 let e = crate::copy::cuda::CudaEngine::new(ordinal)
                     .map_err(|e| e.context("KV caches are on a CUDA device"))?;
+                if let Some(rules) = &self.cfg.copy_strategy {
+                    e.set_selector(crate::copy::cuda::Selector::with_rules(rules.clone()));
+                }
                 self.engine = Arc::new(e);
             }
         }

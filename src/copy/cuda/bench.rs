@@ -15,7 +15,7 @@
 //! one pinned host buffer, same direction.
 
 use super::engine::{CudaEngine, HostRecord};
-use super::plan::{Direction, Selector, Strategy};
+use super::plan::{derive_rules, Direction, Measured, Rule, Selector, Shape, Strategy};
 use crate::benchkit::Figure;
 use crate::block::{Dtype, Geometry, KvLayout, LayerView};
 use crate::copy::{cpu::CpuEngine, CopyEngine, GatherOp, KvCaches};
@@ -40,19 +40,22 @@ pub fn shared_engine(device: i32) -> Result<CudaEngine> {
 }
 
 /// Named geometries: `llama-3-8b` (32 layers), `qwen3-32b` (64 layers), both
-/// 8 KV heads of 128, 16 tokens per block, bf16; or a JSON [`Geometry`].
+/// 8 KV heads of 128 (64 KiB pages); `llama-3-70b-tp8` (80 layers, one KV
+/// head per rank at tensor parallelism 8: 8 KiB pages); all 16 tokens per
+/// block, bf16. Or a JSON [`Geometry`].
 pub fn geometry_by_name(s: &str) -> Result<Geometry> {
-    let g = |layers| Geometry {
+    let g = |layers, kv_heads| Geometry {
         layers,
-        kv_heads: 8,
+        kv_heads,
         block_tokens: 16,
         head_size_k: 128,
         head_size_v: 128,
         dtype: Dtype::Bf16,
     };
     match s.to_ascii_lowercase().as_str() {
-        "llama-3-8b" | "llama-3.1-8b" | "llama3-8b" => Ok(g(32)),
-        "qwen3-32b" => Ok(g(64)),
+        "llama-3-8b" | "llama-3.1-8b" | "llama3-8b" => Ok(g(32, 8)),
+        "qwen3-32b" => Ok(g(64, 8)),
+        "llama-3-70b-tp8" | "llama-3.1-70b-tp8" => Ok(g(80, 1)),
         j if j.trim_start().starts_with('{') => {
             let g: Geometry = serde_json::from_str(s)
                 .map_err(|e| Error::invalid(format!("geometry JSON: {e}")))?;
@@ -60,7 +63,7 @@ pub fn geometry_by_name(s: &str) -> Result<Geometry> {
             Ok(g)
         }
         _ => Err(Error::invalid(format!(
-            "unknown geometry {s:?} (llama-3-8b, qwen3-32b, or a JSON Geometry)"
+            "unknown geometry {s:?} (llama-3-8b, qwen3-32b, llama-3-70b-tp8, or a JSON Geometry)"
         ))),
     }
 }
@@ -106,16 +109,40 @@ fn time_it(budget: Duration, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     Ok(median(v))
 }
 
-/// D2H and H2D GB/s of every feasible strategy and both layouts for
-/// `geometry` at each count in `blocks`, each beside its same-run baseline.
-pub fn cuda_bench(device: i32, geometry: &str, blocks: &[usize]) -> Result<Vec<Figure>> {
-    cuda_bench_with(
-        device,
-        geometry,
-        blocks,
-        &Strategy::ALL,
-        Duration::from_millis(300),
-    )
+/// Geometries the benchmark runs by default: 64 KiB pages at 32 and 64
+/// layers, 8 KiB pages at 80 layers.
+pub const BENCH_GEOMETRIES: [&str; 3] = ["llama-3-8b", "qwen3-32b", "llama-3-70b-tp8"];
+
+/// D2H and H2D GB/s of every strategy in `strategies` (as they resolve on
+/// this device) and both layouts, for each of `geometries` at each count in
+/// `blocks`, each beside its same-run baseline; and the selector rules the
+/// measurements give ([`derive_rules`]).
+pub fn cuda_bench(
+    device: i32,
+    geometries: &[String],
+    blocks: &[usize],
+    strategies: &[Strategy],
+    budget: Duration,
+) -> Result<(Vec<Figure>, Vec<Rule>)> {
+    if geometries.is_empty() {
+        return Err(Error::invalid("no geometries to measure"));
+    }
+    for g in geometries {
+        geometry_by_name(g)?;
+    }
+    let mut figures = Vec::new();
+    let mut measured = Vec::new();
+    for g in geometries {
+        figures.extend(cuda_bench_with(
+            device,
+            g,
+            blocks,
+            strategies,
+            budget,
+            &mut measured,
+        )?);
+    }
+    Ok((figures, derive_rules(&measured)))
 }
 
 fn cuda_bench_with(
@@ -124,6 +151,7 @@ fn cuda_bench_with(
     blocks: &[usize],
     strategies: &[Strategy],
     budget: Duration,
+    measured: &mut Vec<Measured>,
 ) -> Result<Vec<Figure>> {
     let g = geometry_by_name(geometry)?;
     let maxb = *blocks
@@ -189,6 +217,16 @@ fn cuda_bench_with(
                                 .wait_all(),
                         }
                     })?;
+                    measured.push(Measured {
+                        shape: Shape {
+                            dir,
+                            layout,
+                            page_bytes: page,
+                            pages: n * g.layers as usize,
+                        },
+                        strategy: used,
+                        bytes_per_s: bytes as f64 / t,
+                    });
                     out.push(Figure {
                         name: format!(
                             "{} {:?} {} {n} blk {geometry}",
@@ -221,7 +259,10 @@ fn dir_name(d: Direction) -> &'static str {
 struct BenchIn {
     #[serde(default)]
     device: i32,
-    geometry: String,
+    #[serde(default)]
+    geometry: Option<String>,
+    #[serde(default)]
+    geometries: Vec<String>,
     blocks: Vec<usize>,
     #[serde(default)]
     strategies: Option<Vec<String>>,
@@ -229,9 +270,13 @@ struct BenchIn {
     budget_ms: Option<u64>,
 }
 
-/// JSON form of [`cuda_bench`]: `{"device":0,"geometry":"qwen3-32b",
-/// "blocks":[1,64,1024],"strategies":["dma_batch",...]?,"budget_ms":300?}` →
-/// `{"figures":[{"name","bytes_per_s","baseline","baseline_bytes_per_s"}]}`.
+/// JSON form of [`cuda_bench`]: `{"device":0,"geometry":"qwen3-32b"` or
+/// `"geometries":["llama-3-8b",...], "blocks":[1,64,1024],
+/// "strategies":["dma_batch",...]?,"budget_ms":300?}` →
+/// `{"figures":[{"name","bytes_per_s","baseline","baseline_bytes_per_s"}],
+/// "rules":[...]}`, where `rules` ([`derive_rules`]) is the fastest strategy
+/// per direction, layout, page size and transfer size, in the form config key
+/// `copy_strategy` takes.
 pub fn cuda_bench_json(json: &str) -> Result<String> {
     let a: BenchIn =
         serde_json::from_str(json).map_err(|e| Error::invalid(format!("bench JSON: {e}")))?;
@@ -242,9 +287,15 @@ pub fn cuda_bench_json(json: &str) -> Result<String> {
             .collect::<Result<Vec<_>>>()?,
         None => Strategy::ALL.to_vec(),
     };
+    let geometries: Vec<String> = a.geometry.into_iter().chain(a.geometries).collect();
+    if geometries.is_empty() {
+        return Err(Error::invalid(
+            "bench JSON: give \"geometry\" or \"geometries\"",
+        ));
+    }
     let budget = Duration::from_millis(a.budget_ms.unwrap_or(300));
-    let f = cuda_bench_with(a.device, &a.geometry, &a.blocks, &strategies, budget)?;
-    Ok(serde_json::json!({ "figures": f }).to_string())
+    let (figures, rules) = cuda_bench(a.device, &geometries, &a.blocks, &strategies, budget)?;
+    Ok(serde_json::json!({ "figures": figures, "rules": rules }).to_string())
 }
 
 /// Gathers and scatters with every strategy, both layouts and three dtypes on
@@ -475,6 +526,12 @@ mod tests {
         );
         let j = r#"{"layers":2,"kv_heads":1,"block_tokens":16,"head_size_k":64,"head_size_v":64,"dtype":"f16"}"#;
         assert_eq!(geometry_by_name(j).unwrap().layers, 2);
+        assert_eq!(
+            geometry_by_name("llama-3-70b-tp8")
+                .unwrap()
+                .layer_page_bytes(),
+            8 << 10
+        );
         assert!(geometry_by_name("gpt-5").is_err());
     }
 
@@ -493,9 +550,16 @@ mod tests {
         assert_eq!(e.kind(), crate::ErrorKind::InvalidArgument);
         // the requests scripts/gpu/check_and_bench.py sends parse: they get
         // as far as needing the device
-        let e = cuda_bench_json(r#"{"geometry":"qwen3-32b","blocks":[1,64,1024],"budget_ms":300}"#)
-            .unwrap_err();
+        let e = cuda_bench_json(
+            r#"{"geometries":["llama-3-8b","qwen3-32b","llama-3-70b-tp8"],"blocks":[1,64,1024],"budget_ms":300}"#,
+        )
+        .unwrap_err();
         assert_eq!(e.kind(), crate::ErrorKind::Cuda, "{e}");
+        let e =
+            cuda_bench_json(r#"{"geometries":["llama-3-8b","gpt-9"],"blocks":[1]}"#).unwrap_err();
+        assert!(e.message().contains("gpt-9"), "{e}");
+        let e = cuda_bench_json(r#"{"blocks":[1]}"#).unwrap_err();
+        assert!(e.message().contains("geometries"), "{e}");
         for dtype in ["bf16", "f16", "f32", "fp8"] {
             let req = format!(
                 r#"{{"geometry":{{"layers":6,"kv_heads":4,"block_tokens":16,"head_size_k":64,"head_size_v":64,"dtype":"{dtype}"}},

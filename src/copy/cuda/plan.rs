@@ -25,12 +25,15 @@
 //!
 //! ## Default table (before measurement)
 //!
-//! The first matching rule wins; rules from config (`Selector::from_json`)
-//! are tried before these. The defaults follow what vLLM measured for its own
-//! offloading worker on H100 (DMA for device→host and for large pages; a copy
-//! kernel only for host→device batches of ≥ 16 pages under 28 KiB), plus the
-//! token-major case vLLM does not have. They are to be replaced by the numbers
-//! `scripts/gpu/check_and_bench.py` measures (see `BENCHMARKS.md`).
+//! The first matching rule wins; rules from config key `copy_strategy`
+//! ([`Selector::rules_from_config`]) are tried before these. The defaults
+//! follow what vLLM measured for its own offloading worker on H100 (DMA for
+//! device→host and for large pages; a copy kernel only for host→device
+//! batches of ≥ 16 pages under 28 KiB), plus the token-major case vLLM does
+//! not have. They are to be replaced by measured rules: the CUDA benchmark
+//! (`kvpark bench --only cuda`, or `scripts/gpu/check_and_bench.py` on a
+//! machine without Rust) times every mechanism per shape and [`derive_rules`]
+//! turns the winners into rules of the same form.
 //!
 //! | # | dir | layout | condition                         | strategy        |
 //! |---|-----|--------|-----------------------------------|-----------------|
@@ -42,11 +45,11 @@
 use super::kernels::{KvOps, KvShape, MAX_OPS};
 use crate::block::KvLayout;
 use crate::error::{Error, Result};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::ops::Range;
 
 /// Direction of a transfer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Direction {
     /// Device → host (offload, gather).
     #[serde(rename = "d2h")]
@@ -57,7 +60,7 @@ pub enum Direction {
 }
 
 /// How a transfer is moved (see the module docs).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Strategy {
     /// Kernel on mapped pinned host memory (zero-copy).
@@ -132,26 +135,43 @@ pub struct Caps {
 }
 
 /// One selector rule: every given condition must hold. Ranges are half-open.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+/// Absent conditions are left out when a rule is written as JSON.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Rule {
     /// Direction, any when absent.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dir: Option<Direction>,
     /// Layout ("lbhnc" / "lbnhc"), any when absent.
-    #[serde(default, deserialize_with = "de_layout")]
+    #[serde(
+        default,
+        deserialize_with = "de_layout",
+        serialize_with = "ser_layout",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub layout: Option<KvLayout>,
     /// `[min, max)` bytes of one page.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub page_bytes: Option<[u64; 2]>,
     /// `[min, max)` pages (blocks × layers).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pages: Option<[u64; 2]>,
     /// `[min, max)` bytes moved.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total_bytes: Option<[u64; 2]>,
     /// What to use when the rule matches.
     pub strategy: Strategy,
+}
+
+fn ser_layout<S: serde::Serializer>(
+    l: &Option<KvLayout>,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    match l {
+        Some(KvLayout::Lbhnc) => s.serialize_str("lbhnc"),
+        Some(KvLayout::Lbnhc) => s.serialize_str("lbnhc"),
+        None => s.serialize_none(),
+    }
 }
 
 fn de_layout<'de, D: serde::Deserializer<'de>>(
@@ -229,10 +249,36 @@ impl Selector {
     /// Config rules (a JSON array of [`Rule`]s) tried before the defaults.
     /// `{"strategy": "dma_each"}` alone forces one mechanism everywhere.
     pub fn from_json(json: &str) -> Result<Selector> {
-        let mut rules: Vec<Rule> = serde_json::from_str(json)
+        let v: serde_json::Value = serde_json::from_str(json)
             .map_err(|e| Error::config(format!("copy_strategy rules: {e}")))?;
+        Ok(Self::with_rules(Self::rules_from_config(&v)?))
+    }
+
+    /// The rules of config key `copy_strategy`: a strategy name (that one
+    /// everywhere) or an array of [`Rule`]s.
+    pub fn rules_from_config(v: &serde_json::Value) -> Result<Vec<Rule>> {
+        match v {
+            serde_json::Value::String(name) => Ok(vec![Rule {
+                dir: None,
+                layout: None,
+                page_bytes: None,
+                pages: None,
+                total_bytes: None,
+                strategy: Strategy::parse(name).map_err(|e| e.context("copy_strategy"))?,
+            }]),
+            _ => serde_json::from_value(v.clone()).map_err(|e| {
+                Error::config(format!(
+                    "copy_strategy: expected a strategy name or an array of rules \
+                     ({{\"dir\", \"layout\", \"page_bytes\", \"pages\", \"total_bytes\", \"strategy\"}}): {e}"
+                ))
+            }),
+        }
+    }
+
+    /// `rules` tried first, then the default table.
+    pub fn with_rules(mut rules: Vec<Rule>) -> Selector {
         rules.extend(Self::default_rules());
-        Ok(Selector { rules })
+        Selector { rules }
     }
 
     /// Forces one strategy for every transfer (benchmarks).
@@ -263,6 +309,91 @@ impl Selector {
     pub fn pick(&self, s: &Shape, caps: Caps) -> Strategy {
         resolve(self.wanted(s), s.layout, caps)
     }
+}
+
+/// One measured transfer: a strategy that ran (after [`resolve`]) on a
+/// shape, and its speed.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Measured {
+    /// The transfer's shape.
+    pub shape: Shape,
+    /// The strategy that ran.
+    pub strategy: Strategy,
+    /// Bytes per second.
+    pub bytes_per_s: f64,
+}
+
+/// Geometric middle of two sizes (a boundary between two measured points).
+fn geo_mid(a: u64, b: u64) -> u64 {
+    ((a as f64 * b as f64).sqrt().round() as u64).clamp(a.min(b) + 1, a.max(b))
+}
+
+/// Selector rules from measurements (`copy_strategy` config): per direction,
+/// layout and measured page size, the fastest strategy at each measured
+/// transfer size, boundaries half-way (geometrically) between measured
+/// sizes and page sizes, neighbours with the same winner merged. Rules cover
+/// every size, so for the measured directions and layouts they replace the
+/// default table; where a direction or layout was not measured, the default
+/// table still decides.
+pub fn derive_rules(measured: &[Measured]) -> Vec<Rule> {
+    use std::collections::BTreeMap;
+    // (dir, layout) -> page -> total -> fastest (strategy, bytes/s)
+    type Points = BTreeMap<u64, BTreeMap<u64, (Strategy, f64)>>;
+    let mut groups: Vec<((Direction, KvLayout), Points)> = Vec::new();
+    for m in measured {
+        let key = (m.shape.dir, m.shape.layout);
+        let i = match groups.iter().position(|g| g.0 == key) {
+            Some(i) => i,
+            None => {
+                groups.push((key, BTreeMap::new()));
+                groups.len() - 1
+            }
+        };
+        let best = groups[i]
+            .1
+            .entry(m.shape.page_bytes as u64)
+            .or_default()
+            .entry(m.shape.total_bytes() as u64)
+            .or_insert((m.strategy, m.bytes_per_s));
+        if m.bytes_per_s > best.1 {
+            *best = (m.strategy, m.bytes_per_s);
+        }
+    }
+    let mut rules = Vec::new();
+    for ((dir, layout), pages) in groups {
+        let sizes: Vec<u64> = pages.keys().copied().collect();
+        for (i, (page, points)) in pages.iter().enumerate() {
+            let page_range = (sizes.len() > 1).then(|| {
+                [
+                    if i == 0 {
+                        0
+                    } else {
+                        geo_mid(sizes[i - 1], *page)
+                    },
+                    sizes.get(i + 1).map_or(u64::MAX, |n| geo_mid(*page, *n)),
+                ]
+            });
+            let pts: Vec<(u64, Strategy)> = points.iter().map(|(t, w)| (*t, w.0)).collect();
+            let mut lo = 0u64;
+            for (j, (total, strat)) in pts.iter().enumerate() {
+                let hi = match pts.get(j + 1) {
+                    Some((next, ns)) if ns != strat => geo_mid(*total, *next),
+                    Some(_) => continue,
+                    None => u64::MAX,
+                };
+                rules.push(Rule {
+                    dir: Some(dir),
+                    layout: Some(layout),
+                    page_bytes: page_range,
+                    pages: None,
+                    total_bytes: ((lo, hi) != (0, u64::MAX)).then_some([lo, hi]),
+                    strategy: *strat,
+                });
+                lo = hi;
+            }
+        }
+    }
+    rules
 }
 
 /// Degrades `want` to something possible.
@@ -678,6 +809,85 @@ mod tests {
         let mut odd = d.clone();
         odd.layer_base[1] += 4;
         assert_eq!(vector_width(&odd, 512, &[0x9000_0000]), 4);
+    }
+
+    #[test]
+    fn measured_rules_pick_each_measured_winner_and_merge_runs() {
+        // D2H LBHNC at two page sizes, three transfer sizes each; H2D LBNHC
+        // at one page size where kernel_mapped always wins.
+        let m = |dir, layout, page: usize, pages: usize, strategy, gbps: f64| Measured {
+            shape: shape(dir, layout, page, pages),
+            strategy,
+            bytes_per_s: gbps * 1e9,
+        };
+        use Direction::*;
+        let measured = vec![
+            // 64 KiB pages: small transfers by kernel, large by batched DMA
+            m(D2H, Lbhnc, 64 << 10, 32, KernelMapped, 30.0),
+            m(D2H, Lbhnc, 64 << 10, 32, DmaBatch, 20.0),
+            m(D2H, Lbhnc, 64 << 10, 2048, KernelMapped, 40.0),
+            m(D2H, Lbhnc, 64 << 10, 2048, DmaBatch, 50.0),
+            m(D2H, Lbhnc, 64 << 10, 32768, DmaBatch, 52.0),
+            m(D2H, Lbhnc, 64 << 10, 32768, DmaEach, 51.0),
+            // 8 KiB pages: kernel up to the middle size
+            m(D2H, Lbhnc, 8 << 10, 80, KernelMapped, 10.0),
+            m(D2H, Lbhnc, 8 << 10, 5120, KernelMapped, 40.0),
+            m(D2H, Lbhnc, 8 << 10, 5120, DmaBatch, 30.0),
+            m(D2H, Lbhnc, 8 << 10, 81920, KernelStaged, 45.0),
+            m(D2H, Lbhnc, 8 << 10, 81920, DmaBatch, 50.0),
+            m(H2D, Lbnhc, 64 << 10, 32, KernelMapped, 30.0),
+            m(H2D, Lbnhc, 64 << 10, 2048, KernelMapped, 45.0),
+            m(H2D, Lbnhc, 64 << 10, 2048, KernelStaged, 44.0),
+        ];
+        let rules = derive_rules(&measured);
+        // 64K: kernel | dma; 8K: kernel (two points merged) | dma; H2D: one rule
+        assert_eq!(rules.len(), 5, "{rules:#?}");
+        let sel = Selector::with_rules(rules.clone());
+        for x in &measured {
+            let best = measured
+                .iter()
+                .filter(|y| y.shape == x.shape)
+                .max_by(|a, b| a.bytes_per_s.total_cmp(&b.bytes_per_s))
+                .unwrap();
+            assert_eq!(sel.wanted(&x.shape), best.strategy, "{:?}", x.shape);
+        }
+        // between the measured sizes the boundary is the geometric middle
+        let mid = geo_mid(32 * (64 << 10), 2048 * (64 << 10)) as usize / (64 << 10);
+        assert_eq!(
+            sel.wanted(&shape(D2H, Lbhnc, 64 << 10, mid - 1)),
+            KernelMapped
+        );
+        assert_eq!(sel.wanted(&shape(D2H, Lbhnc, 64 << 10, mid + 1)), DmaBatch);
+        // page sizes between and beyond the measured ones belong to the nearest
+        assert_eq!(sel.wanted(&shape(D2H, Lbhnc, 16 << 10, 80)), KernelMapped);
+        assert_eq!(sel.wanted(&shape(D2H, Lbhnc, 1 << 20, 1 << 20)), DmaBatch);
+        // what was not measured keeps the default table
+        assert_eq!(
+            sel.wanted(&shape(H2D, Lbhnc, 64 << 10, 10)),
+            Selector::default().wanted(&shape(H2D, Lbhnc, 64 << 10, 10))
+        );
+        // the rules survive the config round trip
+        let json = serde_json::to_value(&rules).unwrap();
+        assert_eq!(Selector::rules_from_config(&json).unwrap(), rules);
+        assert!(!json.to_string().contains("null"), "{json}");
+    }
+
+    #[test]
+    fn config_form_is_a_name_or_rules() {
+        let v = serde_json::json!("dma_each");
+        let r = Selector::rules_from_config(&v).unwrap();
+        assert_eq!(r.len(), 1);
+        assert_eq!(
+            Selector::with_rules(r).wanted(&shape(Direction::H2D, Lbnhc, 4096, 1)),
+            DmaEach
+        );
+        let e = Selector::rules_from_config(&serde_json::json!("dma_fast")).unwrap_err();
+        assert!(e.message().contains("dma_fast"), "{e}");
+        let e = Selector::rules_from_config(
+            &serde_json::json!([{"strategy": "dma_batch", "pages": 4}]),
+        )
+        .unwrap_err();
+        assert!(e.message().contains("copy_strategy"), "{e}");
     }
 
     #[test]
