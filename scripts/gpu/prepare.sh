@@ -10,9 +10,16 @@ cargo build --release --lib
 BIN=$(cargo test --release --test cuda_engine --no-run --message-format=json 2>/dev/null \
       | sed -n 's/.*"executable":"\([^"]*cuda_engine[^"]*\)".*/\1/p' | tail -1)
 mkdir -p .gpu
-cp target/release/libkvpark.so .gpu/libkvpark.so
-cp "$BIN" .gpu/cuda_engine
+# without debug info (the release profile keeps it): what a device call carries
+# is limited to 64 MiB, and the two files are ~35 MiB each with it, ~2 MiB without
+strip --strip-debug -o .gpu/libkvpark.so target/release/libkvpark.so
+strip --strip-debug -o .gpu/cuda_engine "$BIN"
 ls -la .gpu
+total=$(du -cb .gpu/* | tail -1 | cut -f1)
+if [ "$total" -gt $((48 << 20)) ]; then
+  echo "prepare: .gpu holds $total bytes; a device call carries at most 64 MiB with the tree" >&2
+  exit 1
+fi
 cat <<'CMD'
 # device command (one call):
 set -o pipefail; eval "$(scripts/nvrtc_env.sh python3)"; nvidia-smi --query-gpu=name,driver_version --format=csv; .gpu/cuda_engine --ignored --test-threads=1 --nocapture 2>&1 | tee $OUT/gpu_tests.log; PYTHONUNBUFFERED=1 python3 scripts/gpu/check_and_bench.py .gpu/libkvpark.so 2>&1 | tee $OUT/bench.log
