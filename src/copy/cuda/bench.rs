@@ -125,7 +125,9 @@ pub fn cuda_bench(
     budget: Duration,
 ) -> Result<(Vec<Figure>, Vec<Rule>)> {
     if geometries.is_empty() {
-        return Err(Error::invalid("no geometries to measure"));
+        return Err(Error::invalid(
+            "no geometries to measure (bench JSON: \"geometry\" or \"geometries\")",
+        ));
     }
     for g in geometries {
         geometry_by_name(g)?;
@@ -288,11 +290,6 @@ pub fn cuda_bench_json(json: &str) -> Result<String> {
         None => Strategy::ALL.to_vec(),
     };
     let geometries: Vec<String> = a.geometry.into_iter().chain(a.geometries).collect();
-    if geometries.is_empty() {
-        return Err(Error::invalid(
-            "bench JSON: give \"geometry\" or \"geometries\"",
-        ));
-    }
     let budget = Duration::from_millis(a.budget_ms.unwrap_or(300));
     let (figures, rules) = cuda_bench(a.device, &geometries, &a.blocks, &strategies, budget)?;
     Ok(serde_json::json!({ "figures": figures, "rules": rules }).to_string())

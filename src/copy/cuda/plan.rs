@@ -193,6 +193,18 @@ fn within(r: Option<[u64; 2]>, v: usize) -> bool {
 }
 
 impl Rule {
+    /// A rule without conditions: `strategy` for every transfer.
+    pub fn always(strategy: Strategy) -> Rule {
+        Rule {
+            dir: None,
+            layout: None,
+            page_bytes: None,
+            pages: None,
+            total_bytes: None,
+            strategy,
+        }
+    }
+
     /// Whether the rule applies to `s`.
     pub fn matches(&self, s: &Shape) -> bool {
         self.dir.map_or(true, |d| d == s.dir)
@@ -258,14 +270,9 @@ impl Selector {
     /// everywhere) or an array of [`Rule`]s.
     pub fn rules_from_config(v: &serde_json::Value) -> Result<Vec<Rule>> {
         match v {
-            serde_json::Value::String(name) => Ok(vec![Rule {
-                dir: None,
-                layout: None,
-                page_bytes: None,
-                pages: None,
-                total_bytes: None,
-                strategy: Strategy::parse(name).map_err(|e| e.context("copy_strategy"))?,
-            }]),
+            serde_json::Value::String(name) => Ok(vec![Rule::always(
+                Strategy::parse(name).map_err(|e| e.context("copy_strategy"))?,
+            )]),
             _ => serde_json::from_value(v.clone()).map_err(|e| {
                 Error::config(format!(
                     "copy_strategy: expected a strategy name or an array of rules \
@@ -284,14 +291,7 @@ impl Selector {
     /// Forces one strategy for every transfer (benchmarks).
     pub fn forced(s: Strategy) -> Selector {
         Selector {
-            rules: vec![Rule {
-                dir: None,
-                layout: None,
-                page_bytes: None,
-                pages: None,
-                total_bytes: None,
-                strategy: s,
-            }],
+            rules: vec![Rule::always(s)],
         }
     }
 
