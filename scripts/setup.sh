@@ -24,7 +24,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 export PATH="$PWD/.venv/bin:$PATH"
 PYTHON=.venv/bin/python bash scripts/install_vllm.sh
-.venv/bin/python -m pip install -q pytest nvidia-cuda-nvrtc-cu12
+# NVRTC of CUDA 12 and of CUDA 13 (PyTorch cu13 builds bring the latter)
+.venv/bin/python -m pip install -q pytest nvidia-cuda-nvrtc-cu12 "nvidia-cuda-nvrtc>=13,<14"
 if [ -f scripts/e2e_setup.sh ]; then
   PYTHON=.venv/bin/python bash scripts/e2e_setup.sh
 fi

@@ -7,16 +7,19 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
 
-# NVRTC from the pip wheel, for the PTX compile test (no GPU needed).
-KVPARK_NVRTC_LIB=$(.venv/bin/python - <<'PY'
+# NVRTC from the pip wheels, for the PTX compile test (no GPU needed): every
+# one installed (CUDA 12's and CUDA 13's) is checked; the newest is the default.
+KVPARK_NVRTC_LIBS=$(.venv/bin/python - <<'PY'
 import glob, os
-import nvidia.cuda_nvrtc as m
-base = list(m.__path__)[0]
-libs = sorted(glob.glob(os.path.join(base, "lib", "libnvrtc.so*")))
-print(next((l for l in libs if "builtins" not in l), ""))
+import nvidia
+libs = [p for d in nvidia.__path__ for p in glob.glob(os.path.join(d, "*", "lib", "libnvrtc.so*"))
+        if "builtins" not in p and ".alt." not in p]
+libs.sort(key=lambda p: [int(x) for x in p.rsplit(".so.", 1)[-1].split(".") if x.isdigit()])
+print(":".join(libs))
 PY
 )
-export KVPARK_NVRTC_LIB
+KVPARK_NVRTC_LIB=${KVPARK_NVRTC_LIBS##*:}
+export KVPARK_NVRTC_LIBS KVPARK_NVRTC_LIB
 
 step() { printf '\n=== %s\n' "$*"; }
 

@@ -13,6 +13,10 @@
 //! If none works the test FAILS with install instructions; set
 //! `KVPARK_SKIP_PTX=1` to skip it explicitly (it then prints SKIPPED).
 //! `scripts/nvrtc_env.sh` prints the export line for CI.
+//!
+//! `KVPARK_NVRTC_LIBS` (paths separated by `:`) runs the checks with each of
+//! several NVRTCs instead; the test script sets it to every NVRTC wheel it
+//! installed — CUDA 12's and CUDA 13's, the one PyTorch's cu13 builds bring.
 
 use kvpark::copy::cuda::kernels::ALL;
 use kvpark::copy::cuda::nvrtc::Nvrtc;
@@ -50,24 +54,38 @@ fn python_nvrtc() -> Option<String> {
     (!p.is_empty()).then_some(p)
 }
 
-/// The NVRTC to test with, `None` when skipping explicitly.
-fn nvrtc() -> Option<Nvrtc> {
+/// The NVRTCs to test with, none when skipping explicitly.
+fn nvrtcs() -> Vec<Nvrtc> {
     if std::env::var("KVPARK_SKIP_PTX").as_deref() == Ok("1") {
         println!("SKIPPED: KVPARK_SKIP_PTX=1 (kernels were NOT compiled)");
-        return None;
+        return Vec::new();
     }
+    if let Ok(list) = std::env::var("KVPARK_NVRTC_LIBS") {
+        let v: Vec<Nvrtc> = list
+            .split(':')
+            .filter(|p| !p.is_empty())
+            .map(|p| Nvrtc::open(p).unwrap_or_else(|e| panic!("KVPARK_NVRTC_LIBS: {p}: {e}")))
+            .collect();
+        assert!(
+            !v.is_empty(),
+            "KVPARK_NVRTC_LIBS is set but names no library"
+        );
+        return v;
+    }
+    vec![nvrtc()]
+}
+
+/// One NVRTC, found as the module docs say (fails with instructions).
+fn nvrtc() -> Nvrtc {
     if let Ok(p) = std::env::var("KVPARK_NVRTC_LIB") {
-        return Some(Nvrtc::open(&p).unwrap_or_else(|e| panic!("KVPARK_NVRTC_LIB={p}: {e}")));
+        return Nvrtc::open(&p).unwrap_or_else(|e| panic!("KVPARK_NVRTC_LIB={p}: {e}"));
     }
     if let Some(p) = python_nvrtc() {
         if let Ok(n) = Nvrtc::open(&p) {
-            return Some(n);
+            return n;
         }
     }
-    match Nvrtc::locate() {
-        Ok(n) => Some(n),
-        Err(e) => panic!("{HOWTO}\n({e})"),
-    }
+    Nvrtc::locate().unwrap_or_else(|e| panic!("{HOWTO}\n({e})"))
 }
 
 fn entries(ptx: &str) -> Vec<String> {
@@ -79,7 +97,12 @@ fn entries(ptx: &str) -> Vec<String> {
 
 #[test]
 fn every_kernel_compiles_to_ptx_with_its_entries() {
-    let Some(nv) = nvrtc() else { return };
+    for nv in nvrtcs() {
+        compiles_with_its_entries(&nv);
+    }
+}
+
+fn compiles_with_its_entries(nv: &Nvrtc) {
     let (maj, min) = nv.version().unwrap();
     println!("NVRTC {maj}.{min} from {}", nv.path().display());
     for src in ALL {
@@ -110,7 +133,12 @@ fn every_kernel_compiles_to_ptx_with_its_entries() {
 
 #[test]
 fn wide_kernels_use_16_byte_accesses_and_compile_to_sass() {
-    let Some(nv) = nvrtc() else { return };
+    for nv in nvrtcs() {
+        wide_and_sass(&nv);
+    }
+}
+
+fn wide_and_sass(nv: &Nvrtc) {
     let src = &kvpark::copy::cuda::kernels::KV_COPY;
     let c = nv
         .compile(src.text, src.file, &["--gpu-architecture=compute_90"])
