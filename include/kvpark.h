@@ -228,6 +228,18 @@ enum KvparkStatus kvpark_mover_wait_for_save(struct KvparkMover *m);
 // `m` must be a live mover.
 enum KvparkStatus kvpark_mover_wait_layer(struct KvparkMover *m, uint32_t layer);
 
+// The stream the model runs on (a `CUstream`, e.g. PyTorch's
+// `torch.cuda.current_stream().cuda_stream`; 0 = none): transfers submitted
+// afterwards wait on the device for the work queued on it, so a save never
+// reads KV the forward is still writing and a load never overwrites blocks
+// queued kernels still read. Call it each step before the step's loads and
+// saves when the KV caches are on a GPU; ignored for host-memory caches.
+//
+// # Safety
+// `m` must be a live mover; `stream` a live stream of the device's primary
+// context (or 0) while transfers are submitted.
+enum KvparkStatus kvpark_mover_set_stream(struct KvparkMover *m, uint64_t stream);
+
 // `get_finished`: JSON `{"sending":[..],"recving":[..],"failed_blocks":[..]}`.
 //
 // # Safety

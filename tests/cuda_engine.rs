@@ -475,8 +475,14 @@ fn cuda_pinning_job_registers_an_arena_the_engine_maps() {
 
     let chunk = 2 << 20;
     let mut arena = memmap2::MmapMut::map_anon(3 * chunk).unwrap();
+    // the first chunk at once (from this thread's view: on the job's own
+    // thread, which has no context of its own), the rest after release
     let mut job =
-        unsafe { PinningJob::start_cuda(arena.as_mut_ptr(), arena.len(), chunk) }.unwrap();
+        unsafe { PinningJob::start_cuda(0, arena.as_mut_ptr(), arena.len(), chunk, 1) }.unwrap();
+    assert!(job.wait_settled(0, chunk, Duration::from_secs(60)).unwrap());
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(job.pinned_bytes(), chunk as u64, "held chunks were pinned");
+    job.release();
     assert!(job
         .wait_settled(0, arena.len(), Duration::from_secs(60))
         .unwrap());
@@ -515,7 +521,7 @@ fn cuda_pinning_job_registers_an_arena_the_engine_maps() {
         }
     }
     engine.set_selector(Selector::default());
-    let p = CudaPinner::new().unwrap();
+    let p = CudaPinner::new(0).unwrap();
     job.unpin_all(&|a, l| p.unpin(a, l)).unwrap();
     assert_eq!(job.pinned_bytes(), 0);
 }

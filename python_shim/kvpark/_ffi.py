@@ -130,6 +130,7 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "kvpark_mover_bind": (_Status, [_MoverP, _u8p, c_size_t]),
     "kvpark_mover_start_load": (_Status, [_MoverP]),
     "kvpark_mover_wait_layer": (_Status, [_MoverP, c_uint32]),
+    "kvpark_mover_set_stream": (_Status, [_MoverP, c_uint64]),
     "kvpark_mover_wait_for_save": (_Status, [_MoverP]),
     "kvpark_mover_get_finished": (_Status, [_MoverP, POINTER(KvparkBuf)]),
     "kvpark_mover_take_worker_meta": (_Status, [_MoverP, POINTER(KvparkBuf)]),
@@ -396,6 +397,10 @@ class Mover:
 
     def wait_layer(self, layer: int) -> None:
         _call(self._lib, "kvpark_mover_wait_layer", self._handle(), c_uint32(layer))
+
+    def set_stream(self, stream: int) -> None:
+        """The CUDA stream the model runs on (0: none); see kvpark_mover_set_stream."""
+        _call(self._lib, "kvpark_mover_set_stream", self._handle(), c_uint64(stream))
 
     def wait_for_save(self) -> None:
         _call(self._lib, "kvpark_mover_wait_for_save", self._handle())

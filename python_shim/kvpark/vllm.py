@@ -273,6 +273,7 @@ class KVParkConnector(KVConnectorBase_V1):
         self._planner: _ffi.Planner | None = None
         self._mover: _ffi.Mover | None = None
         self._layer_index: dict[str, int] = {}
+        self._on_cuda = False  # KV caches on a GPU (set at register_kv_caches)
         self._failed_blocks: set[int] = set()
         self._last_match: dict[str, bool] = {}
         self._last_stats_ns = 0
@@ -415,6 +416,7 @@ class KVParkConnector(KVConnectorBase_V1):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]):
         names, geom, views, on_device = kv_geometry(kv_caches, self._vllm_config)
         self._layer_index = {n: i for i, n in enumerate(names)}
+        self._on_cuda = on_device
         self._m().register(geom, views, on_device)
         logger.info(
             "kvpark: registered %d layers, %d blocks x %d tokens, %d kv heads, head %d+%d, dtype %s, %s",
@@ -431,6 +433,10 @@ class KVParkConnector(KVConnectorBase_V1):
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)
         if isinstance(connector_metadata, KVParkConnectorMetadata):
+            if self._on_cuda:
+                # transfers of this step wait, on the GPU, for the work queued
+                # on the stream the model runs on (no host synchronisation)
+                self._m().set_stream(torch.cuda.current_stream().cuda_stream)
             self._m().bind(connector_metadata.plan)
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:

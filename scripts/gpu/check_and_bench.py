@@ -158,54 +158,65 @@ def check_reference(lib):
                              for b in blocks]).cpu()
             for strat in STRATEGIES:
                 tag = f"{dname} {layout} {strat or 'default'}"
-                # ---- gather
-                rec = torch.full((len(blocks), bb), 0xEE, dtype=torch.uint8).pin_memory()
-                req = {"geometry": geom, "layers": [view_json(v) for v in views], "direction": "d2h",
-                       "ops": [[b, rec.data_ptr() + i * bb] for i, b in enumerate(blocks)]}
-                if strat:
-                    req["strategy"] = strat
-                used = json.loads(call(lib, "kvpark_cuda_transfer", json.dumps(req).encode()))["strategy"]
-                if not torch.equal(rec, ref):
-                    bad = (rec != ref).nonzero()[:3].tolist()
-                    FAILS.append(f"gather {tag} ({used}): records differ, first at {bad}")
-                else:
-                    ok += 1
-                # ---- scatter into a poisoned cache, with the wait_layer probe
-                dstore, dviews = make_kv(L, NB, H, N, D, dtype, layout, dev)
-                dstore.fill_(0x5A)
-                torch.cuda.synchronize()
-                tgt = [int(b) for b in torch.randperm(NB - 1)[:len(blocks)] + 1]
-                probe_blocks = tgt[:2]
-                probe = torch.zeros((L, len(probe_blocks), page), dtype=torch.uint8).pin_memory()
-                req = {"geometry": geom, "layers": [view_json(v) for v in dviews], "direction": "h2d",
-                       "ops": [[b, rec.data_ptr() + i * bb] for i, b in enumerate(tgt)],
-                       "probe": {"blocks": probe_blocks, "out": probe.data_ptr()}}
-                if strat:
-                    req["strategy"] = strat
-                used = json.loads(call(lib, "kvpark_cuda_transfer", json.dumps(req).encode()))["strategy"]
-                torch.cuda.synchronize()
-                good = True
-                for i, b in enumerate(tgt):
-                    for l in range(L):
-                        want = views[l][blocks[i]]
-                        if not torch.equal(dviews[l][b].view(torch.uint8), want.view(torch.uint8)):
-                            FAILS.append(f"scatter {tag} ({used}): layer {l} block {b} differs")
-                            good = False
-                untouched = [b for b in range(NB) if b not in tgt]
-                for l in range(L):
-                    page_bytes = dviews[l][untouched].contiguous().view(torch.uint8)
-                    if not bool((page_bytes == 0x5A).all()):
-                        FAILS.append(f"scatter {tag} ({used}): layer {l} wrote outside target blocks")
-                        good = False
-                # probe: physical page bytes of layer l, block b right after wait_layer(l)
-                for l in range(L):
-                    for j, b in enumerate(probe_blocks):
-                        phys = dstore[(l * NB + b) * page:(l * NB + b + 1) * page].view(torch.uint8).cpu()
-                        if not torch.equal(probe[l, j], phys):
-                            FAILS.append(f"wait_layer {tag} ({used}): layer {l} block {b} not in place when wait_layer returned")
-                            good = False
-                ok += good
-                print(f"  {tag:<34} gather+scatter+probe via {used}: {'ok' if good else 'FAIL'}", flush=True)
+                try:
+                    ok += check_case(lib, tag, strat, L, NB, H, N, D, dtype, layout, dev, views, geom, blocks, ref, bb, page)
+                except Exception as e:  # noqa: BLE001 - one failing case must not hide the others
+                    FAILS.append(f"{tag}: {e}")
+                    print(f"  {tag:<34} ERROR {e}", flush=True)
+    return ok
+
+
+def check_case(lib, tag, strat, L, NB, H, N, D, dtype, layout, dev, views, geom, blocks, ref, bb, page):
+    """Gather, then scatter with the wait_layer probe, for one strategy; returns checks passed."""
+    ok = 0
+    # ---- gather
+    rec = torch.full((len(blocks), bb), 0xEE, dtype=torch.uint8).pin_memory()
+    req = {"geometry": geom, "layers": [view_json(v) for v in views], "direction": "d2h",
+           "ops": [[b, rec.data_ptr() + i * bb] for i, b in enumerate(blocks)]}
+    if strat:
+        req["strategy"] = strat
+    used = json.loads(call(lib, "kvpark_cuda_transfer", json.dumps(req).encode()))["strategy"]
+    if not torch.equal(rec, ref):
+        bad = (rec != ref).nonzero()[:3].tolist()
+        FAILS.append(f"gather {tag} ({used}): records differ, first at {bad}")
+    else:
+        ok += 1
+    # ---- scatter into a poisoned cache, with the wait_layer probe
+    dstore, dviews = make_kv(L, NB, H, N, D, dtype, layout, dev)
+    dstore.fill_(0x5A)
+    torch.cuda.synchronize()
+    tgt = [int(b) for b in torch.randperm(NB - 1)[:len(blocks)] + 1]
+    probe_blocks = tgt[:2]
+    probe = torch.zeros((L, len(probe_blocks), page), dtype=torch.uint8).pin_memory()
+    req = {"geometry": geom, "layers": [view_json(v) for v in dviews], "direction": "h2d",
+           "ops": [[b, rec.data_ptr() + i * bb] for i, b in enumerate(tgt)],
+           "probe": {"blocks": probe_blocks, "out": probe.data_ptr()}}
+    if strat:
+        req["strategy"] = strat
+    used = json.loads(call(lib, "kvpark_cuda_transfer", json.dumps(req).encode()))["strategy"]
+    torch.cuda.synchronize()
+    good = True
+    for i, b in enumerate(tgt):
+        for l in range(L):
+            want = views[l][blocks[i]]
+            if not torch.equal(dviews[l][b].view(torch.uint8), want.view(torch.uint8)):
+                FAILS.append(f"scatter {tag} ({used}): layer {l} block {b} differs")
+                good = False
+    untouched = [b for b in range(NB) if b not in tgt]
+    for l in range(L):
+        page_bytes = dviews[l][untouched].contiguous().view(torch.uint8)
+        if not bool((page_bytes == 0x5A).all()):
+            FAILS.append(f"scatter {tag} ({used}): layer {l} wrote outside target blocks")
+            good = False
+    # probe: physical page bytes of layer l, block b right after wait_layer(l)
+    for l in range(L):
+        for j, b in enumerate(probe_blocks):
+            phys = dstore[(l * NB + b) * page:(l * NB + b + 1) * page].view(torch.uint8).cpu()
+            if not torch.equal(probe[l, j], phys):
+                FAILS.append(f"wait_layer {tag} ({used}): layer {l} block {b} not in place when wait_layer returned")
+                good = False
+    ok += good
+    print(f"  {tag:<34} gather+scatter+probe via {used}: {'ok' if good else 'FAIL'}", flush=True)
     return ok
 
 
@@ -265,7 +276,11 @@ def main():
     print("reference checks (PyTorch):", flush=True)
     ok = check_reference(lib)
     print(f"reference checks passed: {ok}, failures: {len(FAILS)}")
-    rows, rules = bench(lib)
+    try:
+        rows, rules = bench(lib)
+    except Exception as e:  # noqa: BLE001 - keep the checks' results
+        FAILS.append(f"benchmark: {e}")
+        rows, rules = [], []
     res = {"device": torch.cuda.get_device_name(0), "fails": FAILS, "figures": rows, "rules": rules}
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "cuda_results.json"), "w") as fh:

@@ -135,6 +135,14 @@ pub trait CopyEngine: Send + Sync {
         layers: Range<usize>,
     ) -> Result<()>;
 
+    /// The stream the model runs on (a `CUstream`: PyTorch's
+    /// `torch.cuda.current_stream().cuda_stream`), `None` to forget it.
+    /// Transfers submitted afterwards wait, on the device, for the work
+    /// queued on it when they are submitted: a save does not read KV the
+    /// forward is still writing, a load does not overwrite blocks that queued
+    /// kernels still read. Engines without streams ignore it.
+    fn set_compute_stream(&self, _stream: Option<u64>) {}
+
     /// Scatters whole records into blocks.
     fn scatter(&self, kv: &KvCaches, ops: &[ScatterOp<'_>]) -> Result<()> {
         self.scatter_layers(kv, ops, 0..kv.geometry().layers as usize)

@@ -157,6 +157,27 @@ pub unsafe extern "C" fn kvpark_mover_wait_layer(m: *mut KvparkMover, layer: u32
     })
 }
 
+/// The stream the model runs on (a `CUstream`, e.g. PyTorch's
+/// `torch.cuda.current_stream().cuda_stream`; 0 = none): transfers submitted
+/// afterwards wait on the device for the work queued on it, so a save never
+/// reads KV the forward is still writing and a load never overwrites blocks
+/// queued kernels still read. Call it each step before the step's loads and
+/// saves when the KV caches are on a GPU; ignored for host-memory caches.
+///
+/// # Safety
+/// `m` must be a live mover; `stream` a live stream of the device's primary
+/// context (or 0) while transfers are submitted.
+#[no_mangle]
+pub unsafe extern "C" fn kvpark_mover_set_stream(m: *mut KvparkMover, stream: u64) -> KvparkStatus {
+    guard("kvpark_mover_set_stream", || {
+        let m = &*nn(m, "mover")?;
+        m.inner
+            .lock()
+            .set_compute_stream(Some(stream).filter(|s| *s != 0));
+        Ok(())
+    })
+}
+
 /// `get_finished`: JSON `{"sending":[..],"recving":[..],"failed_blocks":[..]}`.
 ///
 /// # Safety

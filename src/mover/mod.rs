@@ -224,6 +224,13 @@ const EVICT_SCAN: usize = 32;
 /// Host arena pinning granularity on CUDA machines.
 const PIN_CHUNK_BYTES: usize = 1 << 30;
 
+/// The pinning chunk for slots of `slot_bytes`: about [`PIN_CHUNK_BYTES`],
+/// a whole number of slots (at least one), so a record never spans two
+/// registrations (a DMA over such a range has no documented behaviour).
+fn pin_chunk(slot_bytes: usize) -> usize {
+    (PIN_CHUNK_BYTES / slot_bytes).max(1) * slot_bytes
+}
+
 impl Mover {
     /// A mover for `rank` with the CPU copy engine.
     pub fn new(cfg: Config, rank: u32) -> Result<Self> {
@@ -297,14 +304,23 @@ impl Mover {
                 Some((t, kept && arena.reopened()))
             }
         };
-        if device.is_some() {
-            // Page-lock the arena in the background; offloads run meanwhile on
-            // pageable memory (a chunk that fails to pin stays pageable).
+        if let Some(ordinal) = device {
+            // Page-lock the arena: the first chunk now, the rest on a
+            // background thread from the first step with work (vLLM captures
+            // its CUDA graphs after this call returns, and a registration from
+            // another thread during a capture breaks the capture). Offloads
+            // run meanwhile on pageable memory; a chunk that fails to pin
+            // stays pageable. Chunks hold whole slots, so no record straddles
+            // two registrations.
+            let chunk = pin_chunk(arena.slot_bytes());
             let job = crate::copy::cuda::PinningJob::start_cuda(
+                ordinal,
                 arena.base_ptr(),
                 arena.len(),
-                PIN_CHUNK_BYTES,
+                chunk,
+                1,
             )?;
+            job.wait_settled(0, chunk.min(arena.len()), Duration::from_secs(120))?;
             self.pinning = Some(job);
         }
         let mut index = BlockIndex::new();
@@ -368,14 +384,28 @@ impl Mover {
         Ok(())
     }
 
-    /// `bind_connector_metadata`: the step's plan bytes.
+    /// The stream the model runs on (`CopyEngine::set_compute_stream`):
+    /// later transfers wait on the device for the work queued on it.
+    pub fn set_compute_stream(&mut self, stream: Option<u64>) {
+        self.engine.set_compute_stream(stream);
+    }
+
+    /// `bind_connector_metadata`: the step's plan bytes. The first plan with
+    /// work lets the arena's pinning go on past its first chunk (the engine
+    /// is serving by then, its CUDA graphs captured).
     pub fn bind(&mut self, meta: &[u8]) -> Result<()> {
         self.finish_layered();
-        self.plan = Some(if meta.is_empty() {
+        let plan = if meta.is_empty() {
             Plan::default()
         } else {
             Plan::decode(meta)?
-        });
+        };
+        if let Some(job) = &self.pinning {
+            if !plan.is_empty() && job.is_held() {
+                job.release();
+            }
+        }
+        self.plan = Some(plan);
         Ok(())
     }
 
@@ -1298,6 +1328,25 @@ impl Registered {
                     self.report.lock().lost.push(key);
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pin_chunks_hold_whole_slots() {
+        for slot in [4096usize, 640 << 10, 2 << 20, 3 << 20, 4 << 20, 2 << 30] {
+            let c = pin_chunk(slot);
+            assert_eq!(c % slot, 0, "slot {slot}");
+            assert!(c >= slot);
+            assert!(c <= PIN_CHUNK_BYTES.max(slot), "slot {slot}: chunk {c}");
+            assert!(
+                c + slot > PIN_CHUNK_BYTES || c == slot,
+                "slot {slot}: chunk {c} too small"
+            );
         }
     }
 }

@@ -48,6 +48,7 @@ static void misuse(void) {
     CHECK(last_error_contains("host_bytes"), "config error names the key");
     CHECK(kvpark_planner_match(NULL, NULL, 0, 0, 0, NULL) == KVPARK_STATUS_NULL_POINTER, "match(NULL)");
     CHECK(kvpark_mover_start_load(NULL) == KVPARK_STATUS_NULL_POINTER, "start_load(NULL)");
+    CHECK(kvpark_mover_set_stream(NULL, 0) == KVPARK_STATUS_NULL_POINTER, "set_stream(NULL)");
 
     /* undersized last-error buffer: truncated, NUL-terminated, full length returned */
     char tiny[4];
@@ -148,6 +149,8 @@ static void round_trip(void) {
     uint32_t ids2[4] = {9, 10, 11, 12};
     CHECK(kvpark_planner_on_alloc(p, (const uint8_t *)"turn-2", 6, ids2, 4, mt.external_tokens) == KVPARK_STATUS_OK, "alloc");
     CHECK(kvpark_planner_build_meta(p, 5, &plan) == KVPARK_STATUS_OK, "build_meta 2");
+    /* host-memory caches have no stream: accepted and ignored */
+    CHECK(kvpark_mover_set_stream(m, 0) == KVPARK_STATUS_OK, "set_stream(0)");
     CHECK(kvpark_mover_bind(m, plan.ptr, plan.len) == KVPARK_STATUS_OK, "bind 2");
     kvpark_buf_free(plan);
     CHECK(kvpark_mover_start_load(m) == KVPARK_STATUS_OK, "load");

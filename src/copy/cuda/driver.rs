@@ -162,6 +162,53 @@ pub fn device_count() -> Result<i32> {
     Ok(n)
 }
 
+/// A retained reference to a device's primary context (the one PyTorch
+/// uses), released on drop. Driver calls that need a context (such as
+/// `cuMemHostRegister`) push it around the call from whatever thread runs them.
+pub struct PrimaryContext {
+    dev: CUdevice,
+    ctx: CUcontext,
+}
+
+// SAFETY: a context handle may be pushed on any thread; retain/release are
+// thread-safe driver calls.
+unsafe impl Send for PrimaryContext {}
+unsafe impl Sync for PrimaryContext {}
+
+impl PrimaryContext {
+    /// Retains device `ordinal`'s primary context.
+    pub fn retain(ordinal: i32) -> Result<PrimaryContext> {
+        init()?;
+        let mut dev: CUdevice = 0;
+        let mut ctx: CUcontext = std::ptr::null_mut();
+        // SAFETY: driver initialised; outputs are written on success only.
+        unsafe {
+            check(cu::cuDeviceGet(&mut dev, ordinal), "cuDeviceGet")
+                .map_err(|e| e.context(format!("device {ordinal}")))?;
+            check(
+                cu::cuDevicePrimaryCtxRetain(&mut ctx, dev),
+                "cuDevicePrimaryCtxRetain",
+            )?;
+        }
+        Ok(PrimaryContext { dev, ctx })
+    }
+
+    /// Makes the context current on this thread until the guard drops.
+    pub fn push(&self) -> Result<CtxGuard> {
+        // SAFETY: retained by self, which outlives the guard's use here.
+        unsafe { CtxGuard::push(self.ctx) }
+    }
+}
+
+impl Drop for PrimaryContext {
+    fn drop(&mut self) {
+        // SAFETY: releases the reference retain took.
+        unsafe {
+            cu::cuDevicePrimaryCtxRelease_v2(self.dev);
+        }
+    }
+}
+
 /// Makes a context current on this thread for the guard's lifetime
 /// (push/pop, so a caller's own current context is restored).
 pub struct CtxGuard(());
@@ -251,13 +298,15 @@ pub fn mapped_device_ptr(p: u64, len: u64) -> Option<u64> {
 /// write-combined: the CPU reads the arena to compress it.
 pub const HOST_REGISTER_FLAGS: u32 = 0x01 | 0x02;
 
-/// Pins and maps `[addr, addr+len)` for every context (`cuMemHostRegister`).
+/// Pins and maps `[addr, addr+len)` for every context (`cuMemHostRegister`),
+/// with `ctx` current on the calling thread for the call (the driver needs a
+/// current context; a background thread has none of its own).
 ///
 /// # Safety
 /// The range must be valid mapped host memory that stays mapped until
 /// [`host_unregister`] is called on the same address.
-pub unsafe fn host_register(addr: *mut u8, len: usize) -> Result<()> {
-    init()?;
+pub unsafe fn host_register(ctx: &PrimaryContext, addr: *mut u8, len: usize) -> Result<()> {
+    let _g = ctx.push()?;
     check(
         cu::cuMemHostRegister_v2(addr as *mut c_void, len, HOST_REGISTER_FLAGS),
         "cuMemHostRegister",
@@ -269,8 +318,8 @@ pub unsafe fn host_register(addr: *mut u8, len: usize) -> Result<()> {
 ///
 /// # Safety
 /// No transfer may still use the range.
-pub unsafe fn host_unregister(addr: *mut u8) -> Result<()> {
-    init()?;
+pub unsafe fn host_unregister(ctx: &PrimaryContext, addr: *mut u8) -> Result<()> {
+    let _g = ctx.push()?;
     check(
         cu::cuMemHostUnregister(addr as *mut c_void),
         "cuMemHostUnregister",

@@ -70,7 +70,6 @@ struct Inner {
     ctx: CUcontext,
     streams: [CUstream; 2],
     module: CUmodule,
-    /// [dir][vec width index: 16, 4, 1]
     /// One function per `kernels::KV_COPY.entries` ([`plan::kernel_entry`]).
     funcs: [CUfunction; 6],
     sm_count: u32,
@@ -82,6 +81,8 @@ struct Inner {
     events: Mutex<Vec<CUevent>>,
     bytes: [AtomicU64; 4],
     transfers: [AtomicU64; 4],
+    /// `CopyEngine::set_compute_stream` (0: none).
+    compute_stream: AtomicU64,
     // keep in drop order: tables/staging freed before the context is released
 }
 
@@ -224,11 +225,17 @@ impl CudaEngine {
                 events: Mutex::new(Vec::new()),
                 bytes: Default::default(),
                 transfers: Default::default(),
+                compute_stream: AtomicU64::new(0),
             };
             Ok(CudaEngine {
                 inner: Arc::new(inner),
             })
         }
+    }
+
+    /// The stream set by `CopyEngine::set_compute_stream`, if any.
+    fn compute_stream(&self) -> Option<u64> {
+        Some(self.inner.compute_stream.load(Ordering::Relaxed)).filter(|s| *s != 0)
     }
 
     /// Replaces the strategy selector (config rules or a forced strategy).
@@ -376,18 +383,21 @@ impl Drop for Partial {
 fn compile_for(nv: &Nvrtc, arch: (i32, i32)) -> Result<Vec<u8>> {
     let src = &kernels::KV_COPY;
     let sm = format!("--gpu-architecture=sm_{}{}", arch.0, arch.1);
-    let mut last = None;
+    // the first error is the telling one (later fallbacks may fail only
+    // because an older NVRTC or a newer one lacks that architecture)
+    let mut first = None;
     match nv.compile(src.text, src.file, &[&sm]) {
         Ok(c) => {
             if let Some(cubin) = c.cubin {
                 return Ok(cubin);
             }
         }
-        Err(e) => last = Some(e),
+        Err(e) => first = Some(e),
     }
     let dev = arch.0 * 10 + arch.1;
     let mut virt: Vec<i32> = vec![dev, 90, 89, 86, 80, 75, 70];
     virt.retain(|v| *v <= dev);
+    virt.dedup();
     for v in virt {
         match nv.compile(
             src.text,
@@ -396,10 +406,12 @@ fn compile_for(nv: &Nvrtc, arch: (i32, i32)) -> Result<Vec<u8>> {
         ) {
             Ok(c) if !c.ptx.is_empty() => return Ok(c.ptx),
             Ok(_) => {}
-            Err(e) => last = Some(e),
+            Err(e) => {
+                first.get_or_insert(e);
+            }
         }
     }
-    Err(last
+    Err(first
         .unwrap_or_else(|| Error::cuda("NVRTC produced no image"))
         .context(format!("compiling kernels for sm_{}{}", arch.0, arch.1)))
 }
@@ -479,19 +491,33 @@ impl Inner {
     }
 
     /// Device table of layer base addresses (uploaded once per registration).
-    fn layer_table(&self, bases: &[u64]) -> Result<u64> {
+    /// The upload is queued on `stream` and waited for: a synchronous copy
+    /// from pageable memory may return before the data has landed, and the
+    /// kernels that read the table run on streams that do not wait for the
+    /// legacy stream.
+    fn layer_table(&self, bases: &[u64], stream: CUstream) -> Result<u64> {
         let mut t = self.tables.lock();
         if let Some(b) = t.get(bases) {
             return Ok(b.ptr);
         }
         let buf = DevBuf::alloc(bases.len() * 8)?;
-        // SAFETY: buf holds bases.len() u64; synchronous copy from a live slice.
-        check(
-            unsafe {
-                cu::cuMemcpyHtoD_v2(buf.ptr, bases.as_ptr() as *const c_void, bases.len() * 8)
-            },
-            "cuMemcpyHtoD (layer table)",
-        )?;
+        // SAFETY: buf holds bases.len() u64; the source slice lives until the
+        // stream synchronisation below returns.
+        unsafe {
+            check(
+                cu::cuMemcpyHtoDAsync_v2(
+                    buf.ptr,
+                    bases.as_ptr() as *const c_void,
+                    bases.len() * 8,
+                    stream,
+                ),
+                "cuMemcpyHtoDAsync (layer table)",
+            )?;
+            check(
+                cu::cuStreamSynchronize(stream),
+                "cuStreamSynchronize (layer table)",
+            )?;
+        }
         let p = buf.ptr;
         t.insert(bases.to_vec(), buf);
         Ok(p)
@@ -707,7 +733,9 @@ impl Inner {
             _ => None,
         };
         let table = match strat {
-            Strategy::KernelMapped | Strategy::KernelStaged => self.layer_table(&d.layer_base)?,
+            Strategy::KernelMapped | Strategy::KernelStaged => {
+                self.layer_table(&d.layer_base, stream)?
+            }
             _ => 0,
         };
         let cmds = plan::plan_transfer(
@@ -919,6 +947,12 @@ impl CopyEngine for CudaEngine {
         "cuda"
     }
 
+    fn set_compute_stream(&self, stream: Option<u64>) {
+        self.inner
+            .compute_stream
+            .store(stream.unwrap_or(0), Ordering::Relaxed);
+    }
+
     fn gather(&self, kv: &KvCaches, ops: &mut [GatherOp<'_>]) -> Result<()> {
         for op in ops.iter() {
             check_len(kv, op.block, op.dst.len())?;
@@ -931,7 +965,7 @@ impl CopyEngine for CudaEngine {
             })
             .collect();
         // SAFETY: the records are the caller's &mut buffers, alive across the wait.
-        let mut h = unsafe { self.submit_offload(kv, &recs, None)? };
+        let mut h = unsafe { self.submit_offload(kv, &recs, self.compute_stream())? };
         h.wait()
     }
 
@@ -947,7 +981,7 @@ impl CopyEngine for CudaEngine {
         }
         // SAFETY: the records are the caller's buffers, alive across the
         // wait; scatter only reads them.
-        let mut h = unsafe { self.submit_onload(kv, &recs, layers, None)? };
+        let mut h = unsafe { self.submit_onload(kv, &recs, layers, self.compute_stream())? };
         h.wait_all()
     }
 
@@ -964,7 +998,7 @@ impl CopyEngine for CudaEngine {
         let n = kv.geometry().layers as usize;
         // SAFETY: as in `scatter_layers`: the caller's buffers outlive the
         // handle, which is waited on (or dropped, which waits) before return.
-        let mut h = unsafe { self.submit_onload(kv, &recs, 0..n, None)? };
+        let mut h = unsafe { self.submit_onload(kv, &recs, 0..n, self.compute_stream())? };
         for l in 0..n {
             h.wait_layer(l)?;
             layer_done(l);
@@ -996,13 +1030,14 @@ impl DeviceBuffer {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    /// Copies `data` to `offset` (synchronous, waits for the whole device).
+    /// Copies `data` to `offset` (synchronous: waits for the whole device
+    /// before and after, so the bytes have landed when it returns).
     pub fn upload(&self, offset: usize, data: &[u8]) -> Result<()> {
         if offset + data.len() > self.len() {
             return Err(Error::invalid("upload past the end of the device buffer"));
         }
         let _g = unsafe { CtxGuard::push(self.inner.ctx) }?;
-        // SAFETY: range checked; synchronous copy from a live slice.
+        // SAFETY: range checked; copy from a live slice, waited for.
         unsafe {
             check(cu::cuCtxSynchronize(), "cuCtxSynchronize")?;
             check(
@@ -1012,7 +1047,9 @@ impl DeviceBuffer {
                     data.len(),
                 ),
                 "cuMemcpyHtoD",
-            )
+            )?;
+            // a pageable-source copy may return before the DMA has landed
+            check(cu::cuCtxSynchronize(), "cuCtxSynchronize")
         }
     }
     /// Copies `out.len()` bytes from `offset` (synchronous, does not wait for
@@ -1097,11 +1134,12 @@ impl CudaEngine {
     pub fn alloc_device(&self, bytes: usize) -> Result<DeviceBuffer> {
         let _g = unsafe { CtxGuard::push(self.inner.ctx) }?;
         let buf = DevBuf::alloc(bytes)?;
-        // SAFETY: fresh allocation of `bytes`.
-        check(
-            unsafe { cu::cuMemsetD8_v2(buf.ptr, 0, bytes) },
-            "cuMemsetD8",
-        )?;
+        // SAFETY: fresh allocation of `bytes`; the memset is asynchronous to
+        // the host, so wait for it before work on other streams uses the buffer.
+        unsafe {
+            check(cu::cuMemsetD8_v2(buf.ptr, 0, bytes), "cuMemsetD8")?;
+            check(cu::cuCtxSynchronize(), "cuCtxSynchronize")?;
+        }
         Ok(DeviceBuffer {
             inner: self.inner.clone(),
             buf: Some(buf),

@@ -21,22 +21,31 @@
 use super::driver;
 use crate::error::{Error, Result};
 use parking_lot::{Condvar, Mutex};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 pub use crate::tier::host::PinHook;
 
-/// [`PinHook`] on the CUDA driver (`cuMemHostRegister`, portable + mapped).
-#[derive(Clone, Copy, Debug)]
-pub struct CudaPinner(());
+/// [`PinHook`] on the CUDA driver (`cuMemHostRegister`, portable + mapped),
+/// calling it with the device's primary context current (from any thread).
+#[derive(Clone)]
+pub struct CudaPinner(Arc<driver::PrimaryContext>);
+
+impl std::fmt::Debug for CudaPinner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CudaPinner")
+    }
+}
 
 impl CudaPinner {
-    /// Checks that a driver is present (typed error otherwise).
-    pub fn new() -> Result<CudaPinner> {
-        driver::init()?;
-        Ok(CudaPinner(()))
+    /// Retains device `ordinal`'s primary context (typed error without a
+    /// driver or device).
+    pub fn new(ordinal: i32) -> Result<CudaPinner> {
+        Ok(CudaPinner(Arc::new(driver::PrimaryContext::retain(
+            ordinal,
+        )?)))
     }
 }
 
@@ -48,11 +57,11 @@ impl PinHook for CudaPinner {
     fn pin(&self, addr: *mut u8, len: usize) -> Result<()> {
         // SAFETY: the hook's contract: the arena owns [addr, addr+len) and
         // keeps it mapped until unpin.
-        unsafe { driver::host_register(addr, len) }
+        unsafe { driver::host_register(&self.0, addr, len) }
     }
     fn unpin(&self, addr: *mut u8, _len: usize) -> Result<()> {
         // SAFETY: as above; no transfer uses the range any more.
-        unsafe { driver::host_unregister(addr) }
+        unsafe { driver::host_unregister(&self.0, addr) }
     }
 }
 
@@ -96,12 +105,16 @@ struct Shared {
     pinned_bytes: AtomicU64,
     failed_chunks: AtomicU64,
     cancel: AtomicBool,
+    /// Chunks the thread may register before [`PinningJob::release`].
+    allowed: AtomicUsize,
 }
 
 /// Registers an arena chunk by chunk on a background thread.
 pub struct PinningJob {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
+    /// Unregisters the pinned chunks when the job is dropped.
+    unpin_on_drop: Option<RegisterFn>,
 }
 
 impl PinningJob {
@@ -117,6 +130,23 @@ impl PinningJob {
         len: usize,
         chunk: usize,
         register: RegisterFn,
+    ) -> Result<PinningJob> {
+        Self::start_held(base, len, chunk, register, usize::MAX)
+    }
+
+    /// [`PinningJob::start`], registering only the first `first` chunks
+    /// until [`PinningJob::release`] is called. (vLLM captures CUDA graphs
+    /// right after registering its KV caches; a registration from another
+    /// thread during a capture makes the capture fail, so the rest waits.)
+    ///
+    /// # Safety
+    /// As [`PinningJob::start`].
+    pub unsafe fn start_held(
+        base: *mut u8,
+        len: usize,
+        chunk: usize,
+        register: RegisterFn,
+        first: usize,
     ) -> Result<PinningJob> {
         if base.is_null() || len == 0 {
             return Err(Error::invalid("pinning job: empty or NULL range"));
@@ -136,6 +166,7 @@ impl PinningJob {
             pinned_bytes: AtomicU64::new(0),
             failed_chunks: AtomicU64::new(0),
             cancel: AtomicBool::new(false),
+            allowed: AtomicUsize::new(first),
         });
         let s = shared.clone();
         let thread = std::thread::Builder::new()
@@ -145,16 +176,49 @@ impl PinningJob {
         Ok(PinningJob {
             shared,
             thread: Some(thread),
+            unpin_on_drop: None,
         })
     }
 
-    /// [`PinningJob::start`] with [`CudaPinner`].
+    /// Lets the thread register the chunks held back by
+    /// [`PinningJob::start_held`].
+    pub fn release(&self) {
+        let _st = self.shared.states.lock();
+        self.shared.allowed.store(usize::MAX, Ordering::SeqCst);
+        self.shared.cond.notify_all();
+    }
+
+    /// Whether chunks are still held back ([`PinningJob::release`] not called).
+    pub fn is_held(&self) -> bool {
+        self.shared.allowed.load(Ordering::SeqCst) != usize::MAX
+    }
+
+    /// Unregisters every pinned chunk with `unregister` when the job is
+    /// dropped (after stopping and joining the thread), so the memory is not
+    /// left registered when the arena is unmapped.
+    pub fn unpin_on_drop(mut self, unregister: RegisterFn) -> PinningJob {
+        self.unpin_on_drop = Some(unregister);
+        self
+    }
+
+    /// [`PinningJob::start_held`] with a [`CudaPinner`] of device `ordinal`;
+    /// the chunks are unregistered when the job is dropped.
     ///
     /// # Safety
-    /// As [`PinningJob::start`].
-    pub unsafe fn start_cuda(base: *mut u8, len: usize, chunk: usize) -> Result<PinningJob> {
-        let p = CudaPinner::new()?;
-        Self::start(base, len, chunk, Arc::new(move |a, l| p.pin(a, l)))
+    /// As [`PinningJob::start`]; the range stays mapped until the job is dropped.
+    pub unsafe fn start_cuda(
+        ordinal: i32,
+        base: *mut u8,
+        len: usize,
+        chunk: usize,
+        first: usize,
+    ) -> Result<PinningJob> {
+        let p = CudaPinner::new(ordinal)?;
+        let u = p.clone();
+        Ok(
+            Self::start_held(base, len, chunk, Arc::new(move |a, l| p.pin(a, l)), first)?
+                .unpin_on_drop(Arc::new(move |a, l| u.unpin(a, l))),
+        )
     }
 
     fn chunk_range(&self, i: usize) -> (usize, usize) {
@@ -241,6 +305,13 @@ impl PinningJob {
             .all(|c| *c != ChunkState::Pending)
     }
 
+    /// Tells the thread to stop before its next chunk (waking it if held).
+    fn stop(&self) {
+        let _st = self.shared.states.lock();
+        self.shared.cancel.store(true, Ordering::SeqCst);
+        self.shared.cond.notify_all();
+    }
+
     /// Waits for the background thread to finish.
     pub fn join(&mut self) {
         if let Some(t) = self.thread.take() {
@@ -252,7 +323,7 @@ impl PinningJob {
     /// thread, then calls `unregister` on every pinned chunk and marks it
     /// pending again. Returns the first unregister error, after trying all.
     pub fn unpin_all(&mut self, unregister: &dyn Fn(*mut u8, usize) -> Result<()>) -> Result<()> {
-        self.shared.cancel.store(true, Ordering::SeqCst);
+        self.stop();
         self.join();
         let mut first = None;
         let n = self.shared.states.lock().len();
@@ -280,14 +351,25 @@ impl PinningJob {
 
 impl Drop for PinningJob {
     fn drop(&mut self) {
-        self.shared.cancel.store(true, Ordering::SeqCst);
+        self.stop();
         self.join();
+        if let Some(f) = self.unpin_on_drop.take() {
+            if let Err(e) = self.unpin_all(&*f) {
+                eprintln!("kvpark: unpinning the host arena: {e}");
+            }
+        }
     }
 }
 
 fn run(s: &Shared, register: &(dyn Fn(*mut u8, usize) -> Result<()> + Send + Sync)) {
     let n = s.len.div_ceil(s.chunk);
     for i in 0..n {
+        {
+            let mut st = s.states.lock();
+            while i >= s.allowed.load(Ordering::SeqCst) && !s.cancel.load(Ordering::SeqCst) {
+                s.cond.wait(&mut st);
+            }
+        }
         if s.cancel.load(Ordering::SeqCst) {
             break;
         }
@@ -440,8 +522,77 @@ mod tests {
     }
 
     #[test]
+    fn held_chunks_wait_for_release() {
+        let mut arena = vec![0u8; 4 * 4096];
+        let base = arena.as_mut_ptr();
+        let b0 = base as usize;
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let c = calls.clone();
+        let reg: RegisterFn = Arc::new(move |a, _| {
+            c.lock().push(a as usize - b0);
+            Ok(())
+        });
+        let job = unsafe { PinningJob::start_held(base, arena.len(), 4096, reg, 1) }.unwrap();
+        assert!(job.wait_settled(0, 4096, Duration::from_secs(10)).unwrap());
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(
+            *calls.lock(),
+            vec![0],
+            "only the first chunk before release"
+        );
+        assert!(job.is_held() && !job.is_finished());
+        job.release();
+        assert!(job
+            .wait_settled(0, 4 * 4096, Duration::from_secs(10))
+            .unwrap());
+        assert_eq!(*calls.lock(), vec![0, 4096, 2 * 4096, 3 * 4096]);
+        assert!(!job.is_held());
+        // a job dropped while held stops without registering the rest
+        let calls2 = Arc::new(Mutex::new(0usize));
+        let c2 = calls2.clone();
+        let reg: RegisterFn = Arc::new(move |_, _| {
+            *c2.lock() += 1;
+            Ok(())
+        });
+        let job = unsafe { PinningJob::start_held(base, arena.len(), 4096, reg, 2) }.unwrap();
+        assert!(job
+            .wait_settled(0, 2 * 4096, Duration::from_secs(10))
+            .unwrap());
+        drop(job);
+        assert_eq!(*calls2.lock(), 2);
+    }
+
+    #[test]
+    fn dropping_the_job_unpins_what_it_pinned() {
+        let mut arena = vec![0u8; 5 * 4096];
+        let base = arena.as_mut_ptr();
+        let b0 = base as usize;
+        // chunk 1 fails to pin; 0, 2 (and the short 3rd... here 4) pin
+        let reg: RegisterFn = Arc::new(move |a, _| {
+            if a as usize == b0 + 2 * 4096 {
+                Err(Error::cuda("refused"))
+            } else {
+                Ok(())
+            }
+        });
+        let unpinned = Arc::new(Mutex::new(Vec::new()));
+        let u = unpinned.clone();
+        let mut job = unsafe { PinningJob::start(base, arena.len(), 2 * 4096, reg) }
+            .unwrap()
+            .unpin_on_drop(Arc::new(move |a, l| {
+                u.lock().push((a as usize - b0, l));
+                Ok(())
+            }));
+        job.join();
+        assert_eq!(job.pinned_bytes(), 3 * 4096);
+        drop(job);
+        // every pinned chunk once, the failed one not at all
+        assert_eq!(*unpinned.lock(), vec![(0, 2 * 4096), (4 * 4096, 4096)]);
+    }
+
+    #[test]
     fn cuda_pinner_without_driver_is_a_typed_error() {
-        match CudaPinner::new() {
+        match CudaPinner::new(0) {
             Ok(_) => {} // a machine with a driver: covered by the GPU tests
             Err(e) => assert_eq!(e.kind(), crate::ErrorKind::Cuda),
         }
