@@ -9,7 +9,7 @@
 //!
 //! | vLLM hook            | mover                                                        |
 //! |----------------------|--------------------------------------------------------------|
-//! | `bind_connector_metadata` | [`Mover::bind`]: decode the step's [`Plan`]             |
+//! | `bind_connector_metadata` | [`Mover::set_compute_stream`] (KV caches on a GPU: the model's stream, which the step's transfers then wait for on the device), [`Mover::bind`]: decode the step's [`Plan`]; the first plan with work lets the arena's pinning go past its first chunk |
 //! | `start_load_kv`      | [`Mover::start_load`]: sync loads start (layer by layer on the layer thread, or whole now: `layerwise_load`), async ones go to the loader thread |
 //! | `wait_for_layer_load`| [`Mover::wait_layer`]: waits until layer *i* of the step's sync loads is in place (that layer only; at once when they loaded whole) |
 //! | `wait_for_save`      | [`Mover::wait_for_save`]: gather saved blocks, run tier moves |

@@ -1,7 +1,12 @@
 //! Pinning kvpark's host arena for the device: `cuMemHostRegister` with
 //! `PORTABLE | DEVICEMAP` (never write-combined: the CPU reads the arena to
 //! compress it), done in chunks on a background thread so the engine starts at
-//! once and offloads are admitted as chunks come online.
+//! once and offloads are admitted as chunks come online. Registration runs
+//! with the device's primary context pushed (a background thread has none);
+//! a job may hold all but its first chunks until released (vLLM captures CUDA
+//! graphs after registering its caches, and a registration from another
+//! thread during a capture breaks it); a job started for CUDA unregisters
+//! its chunks when dropped.
 //!
 //! - [`PinHook`]: the host tier's hook (re-exported from `crate::tier::host`),
 //!   so [`crate::tier::host::HostArena::pin_with`] takes a [`CudaPinner`].
