@@ -166,7 +166,7 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     (
         "layerwise_load",
         "\"auto\"",
-        "true: sync loads move layer by layer beside the forward (`wait_for_layer_load` waits for its own layer only); false: every layer before the forward; auto: true for KV caches on a GPU, false on vLLM's CPU backend (where the copy competes with the forward for the cores)",
+        "true: sync loads move layer by layer beside the forward (`wait_for_layer_load` waits for its own layer only); false: every layer before the forward; auto: true for KV caches on a GPU, false on vLLM's CPU backend (where the copy competes with the forward for the cores); unless false, kvpark asks vLLM for PIECEWISE CUDA graphs (a FULL graph replay skips wait_for_layer_load)",
     ),
     (
         "copy_strategy",

@@ -383,10 +383,14 @@ class Mover:
             raise error_for_status(11, "mover is closed", "mover")
         return self._h
 
-    def register(self, geometry: KvparkGeometry, layers: Sequence[KvparkLayerView], on_device: bool) -> None:
+    def register(self, geometry: KvparkGeometry, layers: Sequence[KvparkLayerView], device: int | None) -> None:
+        """device: the CUDA ordinal the caches live on, None for host memory."""
         n = len(layers)
         arr = (KvparkLayerView * n)(*layers)
-        _call(self._lib, "kvpark_mover_register", self._handle(), ctypes.byref(geometry), arr, n, c_uint8(1 if on_device else 0))
+        on_device = 0 if device is None else device + 1
+        if not 0 <= on_device <= 255:
+            raise ValueError(f"kvpark: CUDA device ordinal {device} out of range")
+        _call(self._lib, "kvpark_mover_register", self._handle(), ctypes.byref(geometry), arr, n, c_uint8(on_device))
 
     def bind(self, plan: bytes) -> None:
         ptr, n = _bytes_ptr(plan)

@@ -176,9 +176,18 @@ def order_layers(names: list[str]) -> list[str]:
     return [n for _, _, n in numbered] + rest
 
 
+def device_ordinal(device: torch.device) -> int | None:
+    """The CUDA ordinal of a KV cache's device (each TP rank has its own), None for CPU."""
+    if device.type == "cpu":
+        return None
+    if device.type != "cuda":
+        raise ValueError(f"kvpark: KV caches on {device} are not supported (cpu or cuda)")
+    return torch.cuda.current_device() if device.index is None else int(device.index)
+
+
 def kv_geometry(kv_caches: dict[str, torch.Tensor], vllm_config: "VllmConfig | None"):
-    """(names in model order, KvparkGeometry, [KvparkLayerView], on_device) from the
-    tensors vLLM registers: each a 4-D view [num_blocks, kv_heads, block_size, k+v]."""
+    """(names in model order, KvparkGeometry, [KvparkLayerView], CUDA ordinal or None)
+    from the tensors vLLM registers: each a 4-D view [num_blocks, kv_heads, block_size, k+v]."""
     names = order_layers(list(kv_caches))
     if not names:
         raise ValueError("kvpark: register_kv_caches got no layers")
@@ -189,6 +198,16 @@ def kv_geometry(kv_caches: dict[str, torch.Tensor], vllm_config: "VllmConfig | N
             "expected the 4-D view [num_blocks, num_kv_heads, block_size, head_size_k + head_size_v]"
         )
     num_blocks, kv_heads, block_tokens, content = (int(x) for x in first.shape)
+    cc = getattr(vllm_config, "cache_config", None) if vllm_config is not None else None
+    bs = getattr(cc, "block_size", None)
+    if isinstance(bs, int) and bs != block_tokens:
+        # vLLM split its blocks into smaller kernel blocks: block id b would not
+        # name page b of these views.
+        raise ValueError(
+            f"kvpark: the KV views hold {block_tokens}-token blocks but the scheduler's "
+            f"block_size is {bs} (the attention backend splits blocks into kernel blocks); "
+            "kvpark needs them equal: choose a block_size the backend uses as is"
+        )
     if first.dtype not in _DTYPES:
         raise ValueError(f"kvpark: unsupported KV cache dtype {first.dtype}")
     head_k, head_v = _head_sizes(content, vllm_config)
@@ -220,7 +239,7 @@ def kv_geometry(kv_caches: dict[str, torch.Tensor], vllm_config: "VllmConfig | N
         head_size_v=head_v,
         dtype=_DTYPES[first.dtype],
     )
-    return names, geom, views, first.device.type != "cpu"
+    return names, geom, views, device_ordinal(first.device)
 
 
 def _head_sizes(content: int, vllm_config: "VllmConfig | None") -> tuple[int, int]:
@@ -328,6 +347,15 @@ class KVParkConnector(KVConnectorBase_V1):
             self._planner = None
 
     @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        """Layer-wise sync loads (layerwise_load true, or auto on a GPU) are ordered by
+        wait_for_layer_load, which a FULL CUDA graph replay never calls: the forward would
+        read blocks still being loaded. vLLM then uses PIECEWISE graphs (attention runs
+        eagerly between the pieces). With layerwise_load false, loads are in place before
+        start_load_kv returns and FULL graphs stay allowed."""
+        return _ffi.validate_config(dict(extra_config or {})).get("layerwise_load") is not False
+
+    @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
         return KVParkStats(data=data) if data is not None else KVParkStats()
 
@@ -414,10 +442,10 @@ class KVParkConnector(KVConnectorBase_V1):
         return self._mover
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]):
-        names, geom, views, on_device = kv_geometry(kv_caches, self._vllm_config)
+        names, geom, views, device = kv_geometry(kv_caches, self._vllm_config)
         self._layer_index = {n: i for i, n in enumerate(names)}
-        self._on_cuda = on_device
-        self._m().register(geom, views, on_device)
+        self._on_cuda = device is not None
+        self._m().register(geom, views, device)
         logger.info(
             "kvpark: registered %d layers, %d blocks x %d tokens, %d kv heads, head %d+%d, dtype %s, %s",
             geom.layers,
@@ -427,7 +455,7 @@ class KVParkConnector(KVConnectorBase_V1):
             geom.head_size_k,
             geom.head_size_v,
             kv_caches[names[0]].dtype,
-            "device" if on_device else "host",
+            f"cuda:{device}" if device is not None else "host",
         )
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
@@ -445,7 +473,13 @@ class KVParkConnector(KVConnectorBase_V1):
     def wait_for_layer_load(self, layer_name: str) -> None:
         idx = self._layer_index.get(layer_name)
         if idx is not None:
-            self._m().wait_layer(idx)
+            try:
+                self._m().wait_layer(idx)
+            except _ffi.KvparkError as e:
+                # Raising here would take the engine down from inside the forward.
+                # The mover reports the step's blocks as failed loads (get_finished),
+                # and vLLM recomputes those requests (kv_load_failure_policy).
+                logger.warning("kvpark: layer %d of this step's loads failed: %s", idx, e)
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
         """No-op: kvpark parks a turn when its request ends, not layer by layer.

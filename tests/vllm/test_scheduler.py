@@ -330,3 +330,57 @@ def test_geometry_orders_layers_by_index_and_keeps_strides():
     assert lv[0].stride_head == 2 * HEAD and lv[0].stride_token == HEADS * 2 * HEAD
     # the second layer lives in the same storage, one layer further
     assert lv[1].base - lv[0].base == NUM_BLOCKS * HEADS * BS * 2 * HEAD * 4
+
+
+def test_caches_on_a_gpu_name_their_own_device():
+    """Each tensor-parallel rank's caches live on its own GPU: the mover must open that
+    device, not device 0."""
+    from kvpark.vllm import device_ordinal
+
+    assert device_ordinal(torch.device("cpu")) is None
+    assert device_ordinal(torch.device("cuda", 3)) == 3
+    assert device_ordinal(torch.device("cuda", 0)) == 0
+    with pytest.raises(ValueError, match="meta"):
+        device_ordinal(torch.device("meta"))
+
+
+def test_kernel_block_splitting_is_refused_by_name():
+    """Views of smaller kernel blocks than the scheduler's block_size would make block id b
+    name the wrong page: refused at registration, naming both sizes."""
+    from types import SimpleNamespace
+
+    from kvpark.vllm import kv_geometry
+
+    _, views = kv_tensors("LBNHC")
+    ok = SimpleNamespace(cache_config=SimpleNamespace(block_size=BS), model_config=None)
+    assert kv_geometry(views, ok)[1].block_tokens == BS
+    split = SimpleNamespace(cache_config=SimpleNamespace(block_size=2 * BS), model_config=None)
+    with pytest.raises(ValueError, match=rf"{BS}-token blocks .* block_size is {2 * BS}"):
+        kv_geometry(views, split)
+
+
+def test_layerwise_loads_ask_vllm_for_piecewise_cuda_graphs():
+    """A FULL CUDA graph replay skips wait_for_layer_load; with layer-wise loads (the GPU
+    default) kvpark asks vLLM for PIECEWISE graphs, and not when they are off."""
+    assert KVParkConnector.requires_piecewise_for_cudagraph({}) is True
+    assert KVParkConnector.requires_piecewise_for_cudagraph({"layerwise_load": True}) is True
+    assert KVParkConnector.requires_piecewise_for_cudagraph({"layerwise_load": "auto"}) is True
+    assert KVParkConnector.requires_piecewise_for_cudagraph({"layerwise_load": False}) is False
+
+
+def test_a_failed_layer_load_does_not_raise_into_the_forward(caplog):
+    """wait_for_layer_load runs inside the model's forward: a failed layer is logged (the
+    mover reports the blocks as failed loads for vLLM to recompute), never raised."""
+    from kvpark.errors import KvparkError
+
+    class FailingMover:
+        def wait_layer(self, layer):
+            raise KvparkError("layer 1 scatter failed: device lost", "kvpark_mover_wait_layer")
+
+    c = KVParkConnector.__new__(KVParkConnector)
+    c._layer_index = {"model.layers.1.self_attn.attn": 1}
+    c._mover = FailingMover()
+    with caplog.at_level("WARNING"):
+        c.wait_for_layer_load("model.layers.1.self_attn.attn")
+    assert "layer 1 of this step's loads failed" in caplog.text
+    assert "device lost" in caplog.text
