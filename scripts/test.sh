@@ -9,17 +9,8 @@ export PATH="$PWD/.venv/bin:$PATH"
 
 # NVRTC from the pip wheels, for the PTX compile test (no GPU needed): every
 # one installed (CUDA 12's and CUDA 13's) is checked; the newest is the default.
-KVPARK_NVRTC_LIBS=$(.venv/bin/python - <<'PY'
-import glob, os
-import nvidia
-libs = [p for d in nvidia.__path__ for p in glob.glob(os.path.join(d, "*", "lib", "libnvrtc.so*"))
-        if "builtins" not in p and ".alt." not in p]
-libs.sort(key=lambda p: [int(x) for x in p.rsplit(".so.", 1)[-1].split(".") if x.isdigit()])
-print(":".join(libs))
-PY
-)
-KVPARK_NVRTC_LIB=${KVPARK_NVRTC_LIBS##*:}
-export KVPARK_NVRTC_LIBS KVPARK_NVRTC_LIB
+nvrtc=$(scripts/nvrtc_env.sh .venv/bin/python)  # fails the script when NVRTC is missing
+eval "$nvrtc"
 
 step() { printf '\n=== %s\n' "$*"; }
 

@@ -293,6 +293,7 @@ class KVParkConnector(KVConnectorBase_V1):
         self._mover: _ffi.Mover | None = None
         self._layer_index: dict[str, int] = {}
         self._on_cuda = False  # KV caches on a GPU (set at register_kv_caches)
+        self._stream = None  # the CUDA stream last passed to the mover
         self._failed_blocks: set[int] = set()
         self._last_match: dict[str, bool] = {}
         self._last_stats_ns = 0
@@ -463,8 +464,12 @@ class KVParkConnector(KVConnectorBase_V1):
         if isinstance(connector_metadata, KVParkConnectorMetadata):
             if self._on_cuda:
                 # transfers of this step wait, on the GPU, for the work queued
-                # on the stream the model runs on (no host synchronisation)
-                self._m().set_stream(torch.cuda.current_stream().cuda_stream)
+                # on the stream the model runs on (no host synchronisation);
+                # told again only when vLLM's stream changes
+                stream = torch.cuda.current_stream().cuda_stream
+                if stream != self._stream:
+                    self._m().set_stream(stream)
+                    self._stream = stream
             self._m().bind(connector_metadata.plan)
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:

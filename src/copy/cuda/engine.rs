@@ -113,13 +113,6 @@ impl std::fmt::Debug for CudaEngine {
     }
 }
 
-fn dir_idx(d: Direction) -> usize {
-    match d {
-        Direction::D2H => 0,
-        Direction::H2D => 1,
-    }
-}
-
 fn strat_idx(s: Strategy) -> usize {
     Strategy::ALL.iter().position(|x| *x == s).unwrap_or(0)
 }
@@ -530,7 +523,7 @@ impl Inner {
         if s.buf.as_ref().map_or(true, |b| b.len < need) {
             // SAFETY: the old buffer may still be in use by queued work.
             check(
-                unsafe { cu::cuStreamSynchronize(self.streams[dir_idx(dir)]) },
+                unsafe { cu::cuStreamSynchronize(self.streams[dir.index()]) },
                 "cuStreamSynchronize",
             )?;
             s.buf = None;
@@ -708,9 +701,9 @@ impl Inner {
         let _g = unsafe { CtxGuard::push(self.ctx) }?;
         // One submission per direction at a time: commands of two transfers
         // must not interleave on the stream while they share the staging buffer.
-        let mut st = self.staging[dir_idx(dir)].lock();
+        let mut st = self.staging[dir.index()].lock();
         let bb = g.block_bytes() as u64;
-        let stream = self.streams[dir_idx(dir)];
+        let stream = self.streams[dir.index()];
         let d = Self::dev_shape(kv);
         let mapped = self.mapped(ops, bb);
         let caps = Caps {

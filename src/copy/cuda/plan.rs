@@ -59,6 +59,16 @@ pub enum Direction {
     H2D,
 }
 
+impl Direction {
+    /// 0 for D2H, 1 for H2D (per-direction arrays: streams, staging, kernels).
+    pub fn index(self) -> usize {
+        match self {
+            Direction::D2H => 0,
+            Direction::H2D => 1,
+        }
+    }
+}
+
 /// How a transfer is moved (see the module docs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -535,16 +545,12 @@ pub fn chunks(n: usize, max: usize) -> impl Iterator<Item = Range<usize>> {
 /// Index into [`KV_COPY`](super::kernels::KV_COPY)`.entries` of the kernel for a direction and a
 /// vector width (16, 4 or 1 bytes).
 pub fn kernel_entry(dir: Direction, vec: u32) -> usize {
-    let d = match dir {
-        Direction::D2H => 0,
-        Direction::H2D => 1,
-    };
     let v = match vec {
         16 => 0,
         4 => 1,
         _ => 2,
     };
-    d * 3 + v
+    dir.index() * 3 + v
 }
 
 /// What a kernel needs to know of the KV cache beside [`DevShape`].
