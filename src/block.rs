@@ -25,16 +25,50 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::fmt;
 
-/// A parked block's identity: SHA-256 over (domain, salt, vLLM block hash).
+/// A parked block's identity: SHA-256 over (domain, model, salt, vLLM block hash).
+///
+/// vLLM's block hashes cover tokens (and LoRA, multimodal inputs, the cache
+/// salt) but not the model, so the key also covers a [`ModelNs`]: blocks
+/// parked by one model are never found by another, whatever store they sit in.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 #[repr(C)]
 pub struct BlockKey(pub [u8; 32]);
 
-impl BlockKey {
-    /// Derives the key of a vLLM block hash under a cache salt (empty = no salt).
-    pub fn derive(salt: &[u8], vllm_hash: &[u8]) -> Self {
+/// The model a block belongs to, as a 32-byte digest of its identity
+/// (config key `model_identity`: model name or path, revision, dtypes, KV
+/// geometry, vLLM's block-hash algorithm) and kvpark's key format.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
+pub struct ModelNs(pub [u8; 32]);
+
+impl ModelNs {
+    /// No model named (a C ABI user that gives no `model_identity`).
+    pub const UNNAMED: ModelNs = ModelNs([0; 32]);
+
+    /// The namespace of an identity string; empty = [`ModelNs::UNNAMED`].
+    pub fn of(identity: &str) -> Self {
+        if identity.is_empty() {
+            return Self::UNNAMED;
+        }
         let mut h = Sha256::new();
-        h.update(b"kvpark-block-v1");
+        h.update(b"kvpark-model-v1");
+        h.update((identity.len() as u64).to_le_bytes());
+        h.update(identity.as_bytes());
+        ModelNs(h.finalize().into())
+    }
+}
+
+impl BlockKey {
+    /// Derives the key of a vLLM block hash under a cache salt (empty = no
+    /// salt) for no named model ([`ModelNs::UNNAMED`]).
+    pub fn derive(salt: &[u8], vllm_hash: &[u8]) -> Self {
+        Self::derive_in(&ModelNs::UNNAMED, salt, vllm_hash)
+    }
+
+    /// Derives the key of a vLLM block hash under a cache salt for a model.
+    pub fn derive_in(model: &ModelNs, salt: &[u8], vllm_hash: &[u8]) -> Self {
+        let mut h = Sha256::new();
+        h.update(b"kvpark-block-v2");
+        h.update(model.0);
         h.update((salt.len() as u64).to_le_bytes());
         h.update(salt);
         h.update((vllm_hash.len() as u64).to_le_bytes());
@@ -136,6 +170,10 @@ pub struct Geometry {
 
 impl Geometry {
     /// Checks that every dimension is non-zero and the block fits in 4 GiB.
+    ///
+    /// The sizes come from outside (the C ABI), so they are multiplied in
+    /// `u128`, where `u32` factors cannot overflow: once this returns `Ok`,
+    /// every size method below fits its `usize` result without wrapping.
     pub fn validate(&self) -> Result<()> {
         let dims = [
             ("layers", self.layers),
@@ -148,22 +186,36 @@ impl Geometry {
                 return Err(Error::invalid(format!("geometry: {name} must be > 0")));
             }
         }
-        if self.block_bytes_u128() > u32::MAX as u128 {
+        let bytes = self.block_bytes_u128();
+        if bytes > u32::MAX as u128 {
             return Err(Error::invalid(format!(
-                "geometry: a block of {} bytes exceeds 4 GiB",
-                self.block_bytes_u128()
+                "geometry: a block of {bytes} bytes ({} layers x {} KV heads x {} tokens x ({} + {}) elements of {} bytes) exceeds 4 GiB",
+                self.layers,
+                self.kv_heads,
+                self.block_tokens,
+                self.head_size_k,
+                self.head_size_v,
+                self.dtype.size()
             )));
         }
         Ok(())
     }
 
-    fn block_bytes_u128(&self) -> u128 {
-        self.layers as u128 * self.layer_page_bytes() as u128
+    /// Bytes of one parked block, computed without overflow (any `u32` dimensions).
+    pub fn block_bytes_u128(&self) -> u128 {
+        self.layers as u128 * self.page_elems_u128() * self.dtype.size() as u128
+    }
+
+    /// Elements of one layer's page (`kv_heads × block_tokens × row`), without overflow.
+    pub fn page_elems_u128(&self) -> u128 {
+        self.kv_heads as u128
+            * self.block_tokens as u128
+            * (self.head_size_k as u128 + self.head_size_v as u128)
     }
 
     /// Elements per (head, token) row: K then V.
     pub fn row_elems(&self) -> usize {
-        (self.head_size_k + self.head_size_v) as usize
+        self.head_size_k as usize + self.head_size_v as usize
     }
 
     /// Bytes per (head, token) row.
@@ -215,13 +267,16 @@ pub struct LayerView {
 
 impl LayerView {
     /// Classifies the view's physical order, or explains why it is unsupported.
+    ///
+    /// Strides are compared in `u128`, so no product of outside sizes wraps.
     pub fn layout(&self, g: &Geometry) -> Result<KvLayout> {
-        let row = g.row_elems() as u64;
-        let h = g.kv_heads as u64;
-        let n = g.block_tokens as u64;
-        if self.stride_token == row && self.stride_head == n * row {
+        let row = g.head_size_k as u128 + g.head_size_v as u128;
+        let h = g.kv_heads as u128;
+        let n = g.block_tokens as u128;
+        let (st, sh) = (self.stride_token as u128, self.stride_head as u128);
+        if st == row && sh == n * row {
             Ok(KvLayout::Lbhnc)
-        } else if self.stride_head == row && self.stride_token == h * row {
+        } else if sh == row && st == h * row {
             Ok(KvLayout::Lbnhc)
         } else {
             Err(Error::invalid(format!(
@@ -232,7 +287,9 @@ impl LayerView {
     }
 
     /// Checks the view against the geometry: known order, pages inside the
-    /// block stride, non-null base.
+    /// block stride, non-null base, and every page's last byte addressable
+    /// (`base + (num_blocks - 1) × block stride + page` fits in 64 bits), so
+    /// [`LayerView::page_addr`] never wraps for a block id `< num_blocks`.
     pub fn validate(&self, g: &Geometry) -> Result<KvLayout> {
         if self.base == 0 {
             return Err(Error::invalid("layer view base address is NULL"));
@@ -241,11 +298,21 @@ impl LayerView {
             return Err(Error::invalid("layer view has zero blocks"));
         }
         let layout = self.layout(g)?;
-        let page_elems = (g.kv_heads as u64) * (g.block_tokens as u64) * g.row_elems() as u64;
-        if self.num_blocks > 1 && self.stride_block < page_elems {
+        let page_elems = g.page_elems_u128();
+        if self.num_blocks > 1 && (self.stride_block as u128) < page_elems {
             return Err(Error::invalid(format!(
                 "layer view block stride {} is smaller than a page of {page_elems} elements",
                 self.stride_block
+            )));
+        }
+        let elem = g.dtype.size() as u128;
+        let end = self.base as u128
+            + (self.num_blocks as u128 - 1) * self.stride_block as u128 * elem
+            + page_elems * elem;
+        if end > u64::MAX as u128 {
+            return Err(Error::invalid(format!(
+                "layer view of {} blocks (stride {} elements) at {:#x} runs past the end of the address space",
+                self.num_blocks, self.stride_block, self.base
             )));
         }
         Ok(layout)
@@ -280,12 +347,89 @@ mod tests {
     }
 
     #[test]
+    fn model_changes_key() {
+        let h = [7u8; 32];
+        let a = ModelNs::of(r#"{"model":"/m/base"}"#);
+        let b = ModelNs::of(r#"{"model":"/m/instruct"}"#);
+        assert_ne!(a, b);
+        assert_ne!(a, ModelNs::UNNAMED);
+        assert_eq!(ModelNs::of(""), ModelNs::UNNAMED);
+        assert_ne!(
+            BlockKey::derive_in(&a, b"", &h),
+            BlockKey::derive_in(&b, b"", &h)
+        );
+        assert_ne!(BlockKey::derive_in(&a, b"", &h), BlockKey::derive(b"", &h));
+        assert_eq!(
+            BlockKey::derive_in(&ModelNs::UNNAMED, b"s", &h),
+            BlockKey::derive(b"s", &h)
+        );
+    }
+
+    #[test]
     fn salt_changes_key() {
         let h = [7u8; 32];
         assert_ne!(BlockKey::derive(b"", &h), BlockKey::derive(b"a", &h));
         assert_eq!(BlockKey::derive(b"a", &h), BlockKey::derive(b"a", &h));
         // length prefixes keep (salt, hash) boundaries unambiguous
         assert_ne!(BlockKey::derive(b"ab", b"c"), BlockKey::derive(b"a", b"bc"));
+    }
+
+    #[test]
+    fn overflowing_geometry_is_refused() {
+        // kv_heads × block_tokens × 2 wraps a 64-bit product to 4096
+        let g = Geometry {
+            layers: 1,
+            kv_heads: 2_470_091_528,
+            block_tokens: 3_734_020_352,
+            head_size_k: 1,
+            head_size_v: 1,
+            dtype: Dtype::Fp8,
+        };
+        let e = g.validate().unwrap_err();
+        assert!(e.message().contains("exceeds 4 GiB"), "{e}");
+        assert_eq!(g.block_bytes_u128(), 2_470_091_528u128 * 3_734_020_352 * 2);
+        // head sizes whose u32 sum wraps to a 1-element row
+        let g = Geometry {
+            layers: 1,
+            kv_heads: 1,
+            block_tokens: 1,
+            head_size_k: u32::MAX,
+            head_size_v: 2,
+            dtype: Dtype::Fp8,
+        };
+        assert_eq!(g.row_elems(), u32::MAX as usize + 2);
+        assert!(g.validate().is_err());
+        // a token-major view with those sizes is not taken for a valid layout
+        let v = LayerView {
+            base: 4096,
+            num_blocks: 1,
+            stride_block: 4096,
+            stride_head: 1,
+            stride_token: 1,
+        };
+        assert!(v.layout(&g).is_err());
+    }
+
+    #[test]
+    fn view_past_the_address_space_is_refused() {
+        let g = llama8b();
+        let row = 256u64;
+        let v = LayerView {
+            base: u64::MAX - 4096,
+            num_blocks: 2,
+            stride_block: 8 * 16 * row,
+            stride_head: 16 * row,
+            stride_token: row,
+        };
+        let e = v.validate(&g).unwrap_err();
+        assert!(e.message().contains("address space"), "{e}");
+        let huge = LayerView {
+            base: 4096,
+            num_blocks: u64::MAX,
+            stride_block: u64::MAX / 2,
+            ..v
+        };
+        assert!(huge.validate(&g).is_err());
     }
 
     #[test]

@@ -65,6 +65,11 @@ pub struct Config {
     /// Session idle time after which a session's state is forgotten (ns).
     #[serde(rename = "session_ttl", serialize_with = "ser_ns")]
     pub session_ttl_ns: u64,
+    /// The model the KV belongs to (name or path, revision, dtypes, KV
+    /// geometry, vLLM's block-hash algorithm), as the connector derives it
+    /// from vLLM's config; part of every block key, so one model's blocks
+    /// are never served to another. Empty: no model named.
+    pub model_identity: String,
 }
 
 /// The `layerwise_load` setting.
@@ -130,9 +135,15 @@ impl Default for Config {
             fsync: Fsync::Segment,
             min_park_blocks: 1,
             session_ttl_ns: 24 * 3600 * 1_000_000_000,
+            model_identity: String::new(),
         }
     }
 }
+
+/// Smallest NVMe segment file.
+pub const MIN_SEGMENT_BYTES: u64 = 1 << 20;
+/// Largest NVMe segment file (offsets inside a segment stay within 32 bits).
+pub const MAX_SEGMENT_BYTES: u64 = 4 << 30;
 
 /// Policies the connector can run (the replay also has calibration
 /// baselines and the oracle, which need the future of a trace).
@@ -152,7 +163,11 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "NVMe store directory (null = no NVMe tier); env KVPARK_NVME_DIR overrides",
     ),
     ("nvme_bytes", "\"64GiB\"", "NVMe capacity per rank"),
-    ("nvme_segment_bytes", "\"256MiB\"", "segment file size"),
+    (
+        "nvme_segment_bytes",
+        "\"256MiB\"",
+        "segment file size (1MiB..=4GiB, a multiple of 4096)",
+    ),
     (
         "codec",
         "\"none\"",
@@ -182,6 +197,11 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "shortest prefix worth parking, in blocks",
     ),
     ("session_ttl", "\"24h\"", "forget a session idle this long"),
+    (
+        "model_identity",
+        "null",
+        "the model the parked KV belongs to; the connector fills it from vLLM's config (model, revision, dtypes, KV geometry, block-hash algorithm) and every block key covers it, so a store written by one model is never served to another (the stores carry a label, and an engine that opens another model's store says so once); set it only when driving the C ABI yourself",
+    ),
 ];
 
 fn as_size(key: &str, v: &Value) -> Result<u64> {
@@ -299,6 +319,19 @@ impl Config {
                         }
                     }
                 }
+                "model_identity" => {
+                    c.model_identity = match v {
+                        Value::Null => String::new(),
+                        Value::String(x) => x.clone(),
+                        // An object is kept in its canonical (sorted-key) form.
+                        Value::Object(_) => v.to_string(),
+                        _ => {
+                            return Err(Error::config(format!(
+                                "{k}: expected a string or an object, got {v}"
+                            )))
+                        }
+                    }
+                }
                 other => {
                     let known: Vec<&str> = KEYS.iter().map(|k| k.0).collect();
                     return Err(Error::config(format!(
@@ -313,13 +346,39 @@ impl Config {
                 c.nvme_dir = Some(PathBuf::from(dir));
             }
         }
-        if c.host_bytes == 0 {
+        c.check()?;
+        Ok(c)
+    }
+
+    /// Cross-key and range checks, after every key was read.
+    fn check(&self) -> Result<()> {
+        if self.host_bytes == 0 {
             return Err(Error::config("host_bytes: must be > 0"));
         }
-        if c.nvme_dir.is_some() && c.nvme_segment_bytes < (1 << 20) {
-            return Err(Error::config("nvme_segment_bytes: must be at least 1MiB"));
+        for (key, path) in [("host_file", &self.host_file), ("nvme_dir", &self.nvme_dir)] {
+            if path.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+                return Err(Error::config(format!(
+                    "{key}: empty path (give a path, or null to go without it)"
+                )));
+            }
         }
-        Ok(c)
+        if self.nvme_bytes == 0 {
+            return Err(Error::config(
+                "nvme_bytes: must be > 0 (set nvme_dir to null to go without an NVMe tier)",
+            ));
+        }
+        let seg = self.nvme_segment_bytes;
+        if !(MIN_SEGMENT_BYTES..=MAX_SEGMENT_BYTES).contains(&seg) {
+            return Err(Error::config(format!(
+                "nvme_segment_bytes: {seg} is outside 1MiB..=4GiB"
+            )));
+        }
+        if seg % 4096 != 0 {
+            return Err(Error::config(format!(
+                "nvme_segment_bytes: {seg} is not a multiple of 4096 (records are 4 KiB-aligned)"
+            )));
+        }
+        Ok(())
     }
 
     /// The host arena file of `rank` (`<host_file>.rank<N>`), if configured.
@@ -416,6 +475,33 @@ mod tests {
         let e = Config::from_json(br#"{"io_threads":0}"#).unwrap_err();
         assert!(e.message().starts_with("io_threads"), "{e}");
         assert!(Config::from_json(b"[1]").is_err());
+    }
+
+    #[test]
+    fn bad_sizes_and_paths_are_refused_at_validation() {
+        for (json, key) in [
+            (r#"{"nvme_bytes":0}"#, "nvme_bytes"),
+            (r#"{"nvme_dir":"/tmp/x","nvme_bytes":"0GiB"}"#, "nvme_bytes"),
+            (r#"{"nvme_segment_bytes":1048577}"#, "nvme_segment_bytes"),
+            (r#"{"nvme_segment_bytes":"16EiB"}"#, "nvme_segment_bytes"),
+            (
+                r#"{"nvme_segment_bytes":18446744073709551615}"#,
+                "nvme_segment_bytes",
+            ),
+            (r#"{"nvme_segment_bytes":"4097KiB"}"#, "nvme_segment_bytes"),
+            (r#"{"nvme_segment_bytes":"512KiB"}"#, "nvme_segment_bytes"),
+            (r#"{"nvme_dir":""}"#, "nvme_dir"),
+            (r#"{"host_file":""}"#, "host_file"),
+            (r#"{"host_bytes":"18446744073709551616"}"#, "host_bytes"),
+            (r#"{"host_bytes":18446744073709551616}"#, "host_bytes"),
+            (r#"{"nvme_bytes":"-1"}"#, "nvme_bytes"),
+        ] {
+            let e = Config::from_json(json.as_bytes()).unwrap_err();
+            assert_eq!(e.kind(), crate::ErrorKind::Config, "{json}");
+            assert!(e.message().starts_with(key), "{json}: {e}");
+        }
+        let c = Config::from_json(br#"{"nvme_segment_bytes":"4GiB","nvme_bytes":"1TiB"}"#).unwrap();
+        assert_eq!(c.nvme_segment_bytes, 4 << 30);
         assert!(Config::from_json(b"{").is_err());
     }
 }

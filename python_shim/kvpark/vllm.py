@@ -265,6 +265,41 @@ def _head_sizes(content: int, vllm_config: "VllmConfig | None") -> tuple[int, in
     raise ValueError(f"kvpark: cannot split KV content dim {content} into K and V halves")
 
 
+def model_identity(vllm_config: "VllmConfig") -> dict[str, Any]:
+    """What names the model whose KV is parked: every kvpark block key covers it, so a
+    store written by one model is never served to another (vLLM's block hashes cover the
+    tokens, not the model)."""
+    import os
+
+    mc = getattr(vllm_config, "model_config", None)
+    cc = getattr(vllm_config, "cache_config", None)
+    pc = getattr(vllm_config, "parallel_config", None)
+
+    def call(obj: Any, name: str) -> Any:
+        try:
+            return getattr(obj, name)()
+        except Exception:  # noqa: BLE001 - a field this vLLM does not have
+            return None
+
+    model = str(getattr(mc, "model", "") or "")
+    if model and os.path.isdir(model):
+        model = os.path.realpath(model)
+    hf = getattr(mc, "hf_text_config", None)
+    ident = {
+        "model": model,
+        "revision": getattr(mc, "revision", None),
+        "dtype": str(getattr(mc, "dtype", "")),
+        "kv_cache_dtype": str(getattr(cc, "cache_dtype", "")),
+        "block_size": getattr(cc, "block_size", None),
+        "block_hash": str(getattr(cc, "prefix_caching_hash_algo", "")),
+        "layers": getattr(hf, "num_hidden_layers", None),
+        "kv_heads": call(mc, "get_total_num_kv_heads"),
+        "head_size": call(mc, "get_head_size"),
+        "tensor_parallel_size": getattr(pc, "tensor_parallel_size", None),
+    }
+    return {k: v for k, v in ident.items() if isinstance(v, (str, int)) and not isinstance(v, bool)}
+
+
 def _worker_rank() -> int:
     try:
         from vllm.distributed.parallel_state import get_world_group
@@ -285,6 +320,8 @@ class KVParkConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole, kv_cache_config: "KVCacheConfig" = None):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
+        if extra.get("model_identity") is None:
+            extra["model_identity"] = model_identity(vllm_config)
         # Fails at engine start with the offending key named.
         self._config = _ffi.validate_config(extra)
         self._raw_config = extra

@@ -51,6 +51,13 @@ unsafe fn view<'a>(r: *const KvparkRequest) -> Result<RequestView<'a>, Fail> {
     let r = &*nn(r, "req")?;
     let id = utf8(bytes(r.req_id, r.req_id_len, "req.req_id")?, "req.req_id")?;
     let salt = bytes(r.salt, r.salt_len, "req.salt")?;
+    if r.hash_len == 0 && r.num_hashes != 0 {
+        return Err(crate::Error::invalid(format!(
+            "req: {} block hashes with hash_len 0",
+            r.num_hashes
+        ))
+        .into());
+    }
     let total = r
         .hash_len
         .checked_mul(r.num_hashes)
@@ -88,6 +95,9 @@ pub unsafe extern "C" fn kvpark_planner_new(
         nn(out, "out")?;
         let mut p = BlockPlanner::new(cfg.clone(), block_size)?;
         let mut found: Vec<crate::planner::blocks::Recovered> = Vec::new();
+        // Blocks of another model's store are indexed like any others but
+        // can never match this model's keys (the key covers the model); the
+        // worker, which opens and labels the stores, says so once.
         if let Some(dir) = &cfg.nvme_dir {
             found.extend(
                 crate::mover::scan_parked(dir, 0)?

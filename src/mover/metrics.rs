@@ -57,6 +57,10 @@ counters! {
     layerwise_fallbacks,
     /// Layer-wise scatters that failed (their blocks reported failed).
     layerwise_errors,
+    /// Plans bound while the previous step's plan still had work that had
+    /// not run (its saves, loads and moves were kept and run with the new
+    /// plan's, never dropped).
+    plans_merged,
     /// Host blocks evicted to make room.
     host_evictions,
     /// Host blocks dropped without an NVMe copy.
@@ -77,6 +81,9 @@ counters! {
     recovered_blocks,
     /// NVMe records of another geometry ignored at start.
     recovered_wrong_geometry,
+    /// Stores (NVMe, host arena file) opened at start whose label named
+    /// another model: their blocks are never served to this one.
+    other_model_stores,
     /// Blocks found again in a reopened file-backed host arena at start.
     host_recovered_blocks,
     /// Slot-table entries dropped at start (bytes not matching their

@@ -56,9 +56,41 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+/// Labels a store with this model's identity (none: nothing to label),
+/// saying once when the label named another model.
+fn label_store(label: &Path, identity: &str, metrics: &mut MoverMetrics) -> Result<()> {
+    if identity.is_empty() {
+        return Ok(());
+    }
+    if let crate::tier::identity::Owner::Other(other) =
+        crate::tier::identity::claim(label, identity)?
+    {
+        *metrics.other_model_stores.get_mut() += 1;
+        eprintln!(
+            "{}",
+            crate::tier::identity::other_model_message(label, &other, identity)
+        );
+    }
+    Ok(())
+}
+
 /// Lists the blocks parked on NVMe under `dir` for `rank`: `(key, session, raw_len)`.
 /// Used by the scheduler at start (warm restart); reads record headers only.
+///
+/// The directory and its rank folder are refused when they are symlinks, by
+/// the same rule the worker's store applies when it opens them, so the
+/// scheduler never indexes what the workers will not serve.
 pub fn scan_parked(dir: &Path, rank: u32) -> Result<Vec<(BlockKey, u64, u64)>> {
+    for d in [dir.to_path_buf(), dir.join(format!("rank{rank}"))] {
+        if let Ok(m) = std::fs::symlink_metadata(&d) {
+            if m.file_type().is_symlink() {
+                return Err(Error::config(format!(
+                    "nvme_dir: {} is a symlink; refusing to follow it (give the real path)",
+                    d.display()
+                )));
+            }
+        }
+    }
     crate::tier::nvme::scan_keys(dir, rank).map(|v| {
         v.into_iter()
             .map(|k| (k.key, k.session, k.raw_len as u64))
@@ -339,6 +371,11 @@ impl Mover {
                     Fsync::Record => FsyncPolicy::EveryRecord,
                 };
                 let store = NvmeStore::open(nc).map_err(|e| e.context("nvme store"))?;
+                label_store(
+                    &crate::tier::identity::nvme_label(dir, self.rank),
+                    &self.cfg.model_identity,
+                    &mut metrics,
+                )?;
                 for k in store.keys() {
                     if k.raw_len as usize != block {
                         *metrics.recovered_wrong_geometry.get_mut() += 1;
@@ -352,6 +389,13 @@ impl Mover {
                 (Some(store), Some(done))
             }
         };
+        if let Some(f) = &host_file {
+            label_store(
+                &crate::tier::identity::host_label(f),
+                &self.cfg.model_identity,
+                &mut metrics,
+            )?;
+        }
         let slots = table.map(|(mut t, kept)| {
             if kept {
                 recover_host(&mut t, &arena, &mut index, block, &mut metrics);
@@ -405,6 +449,27 @@ impl Mover {
                 job.release();
             }
         }
+        // A plan bound twice before its step ran (no start_load_kv /
+        // wait_for_save in between) must not drop the first one: its saves
+        // would never reach finished_sending (vLLM would hold their GPU
+        // blocks forever) and its async loads never finished_recving.
+        let plan = match self.plan.take() {
+            Some(mut old) if !old.is_empty() => {
+                if let Some(reg) = &self.reg {
+                    reg.metrics.plans_merged.fetch_add(1, Ordering::Relaxed);
+                }
+                eprintln!(
+                    "kvpark: plan of step {} bound before plan of step {} ran; running both",
+                    plan.step, old.step
+                );
+                old.step = plan.step;
+                old.saves.extend(plan.saves);
+                old.loads.extend(plan.loads);
+                old.moves.extend(plan.moves);
+                old
+            }
+            _ => plan,
+        };
         self.plan = Some(plan);
         Ok(())
     }

@@ -25,7 +25,7 @@
 //! actions become block moves here: a session's blocks are the chain keys it
 //! parked first (a prefix shared with an older session stays that session's).
 
-use crate::block::BlockKey;
+use crate::block::{BlockKey, ModelNs};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::plan::{LoadReq, MoveKind, Plan, Report, SaveReq};
@@ -83,7 +83,8 @@ impl RequestView<'_> {
         self.hashes.len().checked_div(self.hash_len).unwrap_or(0)
     }
 
-    fn keys(&self) -> Result<Vec<BlockKey>> {
+    /// Checks the hash bytes against `hash_len` (no state is touched).
+    fn check(&self) -> Result<()> {
         if self.hash_len == 0 && !self.hashes.is_empty() {
             return Err(Error::invalid("block hashes given with hash_len 0"));
         }
@@ -94,10 +95,15 @@ impl RequestView<'_> {
                 self.hash_len
             )));
         }
+        Ok(())
+    }
+
+    fn keys(&self, model: &ModelNs) -> Result<Vec<BlockKey>> {
+        self.check()?;
         Ok(self
             .hashes
             .chunks(self.hash_len.max(1))
-            .map(|h| BlockKey::derive(self.salt, h))
+            .map(|h| BlockKey::derive_in(model, self.salt, h))
             .collect())
     }
 }
@@ -185,6 +191,8 @@ pub struct PlannerMetrics {
 /// Scheduler-side state of kvpark.
 pub struct BlockPlanner {
     cfg: Config,
+    /// The model's key namespace (config `model_identity`).
+    model: ModelNs,
     block_size: u32,
     block_bytes: u64,
     blocks: HashMap<BlockKey, Loc>,
@@ -229,6 +237,7 @@ impl BlockPlanner {
             save_actions: HashMap::new(),
             resumed: HashSet::new(),
             last_seen: HashMap::new(),
+            model: ModelNs::of(&cfg.model_identity),
             cfg,
             block_size,
             block_bytes: 0,
@@ -343,11 +352,20 @@ impl BlockPlanner {
                 self.block_size
             )));
         }
+        // Everything the request says is checked before any state changes.
+        req.check()?;
+        if num_computed_tokens as usize / self.block_size as usize > req.num_hashes() {
+            return Err(Error::invalid(format!(
+                "num_computed_tokens {num_computed_tokens} covers more than the request's {} hashed blocks of {} tokens",
+                req.num_hashes(),
+                self.block_size
+            )));
+        }
         // vLLM may ask again for the same request: reuse its derived keys
         // (one SHA-256 per block) when the hash chain is unchanged.
         let keys = match self.reqs.remove(req.req_id) {
             Some(st) if st.keys.len() == req.num_hashes() => st.keys,
-            _ => req.keys()?,
+            _ => req.keys(&self.model)?,
         };
         if self.resumed.insert(req.req_id.to_string()) {
             if let Some(s) = self.known_session(req, &keys) {
@@ -469,7 +487,7 @@ impl BlockPlanner {
     ) -> Result<bool> {
         let keys = match self.reqs.remove(req.req_id) {
             Some(st) if st.keys.len() == req.num_hashes() => st.keys,
-            _ => req.keys()?,
+            _ => req.keys(&self.model)?,
         };
         let full = keys
             .len()

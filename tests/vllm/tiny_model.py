@@ -56,6 +56,8 @@ def build(out_dir: str | os.PathLike, seed: int = 1234, overrides: dict | None =
     out = Path(out_dir)
     stamp = out / ".kvpark-build"
     tag = BUILD_TAG + (json.dumps(overrides, sort_keys=True) if overrides else "")
+    if seed != 1234:
+        tag += f" seed {seed}"
     if stamp.exists() and stamp.read_text() == tag:
         return out
     import torch
