@@ -401,3 +401,34 @@ fn missing_file_is_a_clear_error() {
         e.message()
     );
 }
+
+#[test]
+fn timestamps_outside_the_i64_nanosecond_range_are_absent() {
+    use kvpark::sim::trace::parse_ts;
+    // the first and last instants an i64 of nanoseconds holds
+    assert_eq!(parse_ts("2262-04-11T23:47:16.854775807Z"), Some(i64::MAX));
+    assert_eq!(parse_ts("1677-09-21T00:12:43.145224192Z"), Some(i64::MIN));
+    for s in [
+        "9999-12-31T23:59:59Z",
+        "9999-12-31T23:59:59.999999999999999999Z",
+        "2300-01-01T00:00:00Z",
+        "2262-04-11T23:47:16.854775808Z",
+        "2262-04-11T23:47:16.999999999999999999999999Z",
+        "2262-04-11T23:47:16.854775807-00:01",
+        "1677-09-21T00:12:43.145224191Z",
+        "1677-09-21T00:12:43Z",
+        "0000-01-01T00:00:00Z",
+    ] {
+        assert_eq!(parse_ts(s), None, "{s}");
+    }
+    // an offset can bring an instant back into range
+    assert_eq!(
+        parse_ts("2262-04-12T00:47:16.854775807+01:00"),
+        Some(i64::MAX)
+    );
+    // a row with such a timestamp is reported, never given a wrapped time
+    let line = r#"{"provider":"p","session_id":"s","round_index":0,"prefix_tokens":1,"newly_append_tokens":1,"timing_events":[{"event_type":"user_message","timestamp":"9999-12-31T23:59:59Z"}]}"#;
+    let sum = read_bytes(line.as_bytes(), |_, _| Ok(())).unwrap();
+    assert_eq!((sum.rows, sum.bad_lines), (0, 1));
+    assert!(sum.bad[0].reason.contains("9999-12-31"), "{:?}", sum.bad);
+}

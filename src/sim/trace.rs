@@ -275,7 +275,9 @@ struct RawRow<'a> {
 }
 
 /// Parses an RFC 3339 UTC-or-offset timestamp ("2026-06-01T05:40:20.151Z")
-/// into nanoseconds since the Unix epoch.
+/// into nanoseconds since the Unix epoch. An instant outside the i64
+/// nanosecond range (1677-09-21T00:12:43.145224192Z to
+/// 2262-04-11T23:47:16.854775807Z) does not parse: `None`, never a wrapped value.
 pub fn parse_ts(s: &str) -> Option<TimeNs> {
     let b = s.as_bytes();
     if b.len() < 19 {
@@ -334,20 +336,27 @@ pub fn parse_ts(s: &str) -> Option<TimeNs> {
         None => {}
         _ => return None,
     }
-    let days = days_from_civil(y, mo, d);
-    let secs = days * 86400 + h * 3600 + mi * 60 + sec - off;
-    Some(secs * 1_000_000_000 + frac)
+    // i128: the seconds of an in-range instant times 10^9 can leave the i64
+    // range before the fraction brings them back (1677-09-21T00:12:43.2Z).
+    let days = days_from_civil(y, mo, d)? as i128;
+    let secs = days * 86400 + (h * 3600 + mi * 60 + sec - off) as i128;
+    TimeNs::try_from(secs * 1_000_000_000 + frac as i128).ok()
 }
 
-/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm).
-pub fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = if y >= 0 { y } else { y - 399 } / 400;
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146097 + doe - 719468
+/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's
+/// algorithm); `None` when the result leaves the i64 range.
+pub fn days_from_civil(y: i64, m: i64, d: i64) -> Option<i64> {
+    let y = if m <= 2 { y.checked_sub(1)? } else { y };
+    let era = if y >= 0 { y } else { y.checked_sub(399)? } / 400;
+    let yoe = y - era * 400; // 0..=399, cannot overflow
+    let mp = (m.checked_add(9)?) % 12;
+    let doy = (153i64.checked_mul(mp)?.checked_add(2)? / 5)
+        .checked_add(d)?
+        .checked_sub(1)?;
+    let doe = (yoe * 365 + yoe / 4 - yoe / 100).checked_add(doy)?;
+    era.checked_mul(146097)?
+        .checked_add(doe)?
+        .checked_sub(719468)
 }
 
 /// Formats nanoseconds since the epoch as "YYYY-MM-DDTHH:MM:SS.mmmZ".
