@@ -139,14 +139,16 @@ impl Script {
             let arrive = if k == 0 {
                 0
             } else {
+                // u64: two i64 instants can be further apart than i64::MAX
                 let wall = match (st.first_activity, sess.steps[k - 1].last_activity) {
-                    (Some(a), Some(b)) if a >= b => a - b,
+                    (Some(a), Some(b)) if a >= b => a.abs_diff(b),
                     _ => 0,
                 };
-                prev_end + st.gap.unwrap_or(wall).max(0) as u64
+                let gap = st.gap.map_or(wall, |g| g.max(0) as u64);
+                prev_end.saturating_add(gap)
             };
             let dur = st.gen_span.unwrap_or(0).max(0) as u64;
-            prev_end = arrive + dur;
+            prev_end = arrive.saturating_add(dur);
             let next = sess.steps.get(k + 1);
             let next_awaits = match next.map(|x| x.trigger) {
                 Some(Trigger::Tool) => Awaiting::Tool,
@@ -169,7 +171,7 @@ impl Script {
                 l: sat(st.l),
                 fresh: sat(st.fresh),
                 cacheable: sat(st.cacheable),
-                kv_after: sat(st.l + st.output),
+                kv_after: sat(st.l.saturating_add(st.output)),
                 tool,
                 counted: st.counted,
                 user: st.trigger == Trigger::User,
@@ -195,7 +197,8 @@ impl Script {
             .min()
             .unwrap_or(0);
         for (s, &a) in self.sessions.iter_mut().zip(&self.starts_abs) {
-            s.start = if a == i64::MIN { 0 } else { (a - t0) as u64 };
+            // a ≥ t0, so the difference fits in u64 even when not in i64
+            s.start = if a == i64::MIN { 0 } else { a.abs_diff(t0) };
         }
     }
 

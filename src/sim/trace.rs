@@ -30,6 +30,10 @@
 //!   `tool_result`; output events: `reasoning`, `text`, `tool_call`. The span sum
 //!   runs over every row, counted or not.
 //!
+//! A time difference (span, tool duration, gap) that does not fit in i64
+//! nanoseconds (ends more than 292 years apart) is unknown, like one whose
+//! timestamps are missing.
+//!
 //! Call ids are kept as 64-bit hashes (SipHash of the id string); a collision
 //! inside one session would need ~2^32 calls.
 //!
@@ -107,7 +111,7 @@ impl Row {
     /// Generation span (> 0) as §6 defines it.
     pub fn gen_span(&self) -> Option<TimeNs> {
         match (self.request_at, self.last_output) {
-            (Some(a), Some(b)) if b > a => Some(b - a),
+            (Some(a), Some(b)) => b.checked_sub(a).filter(|&d| d > 0),
             _ => None,
         }
     }
@@ -508,7 +512,7 @@ pub fn parse_row(
             earliest_tool = Some(earliest_tool.map_or(x, |l| l.min(x)));
         }
         let dur = match (em, re) {
-            (Some(a), Some(b)) if b >= a => Some(b - a),
+            (Some(a), Some(b)) => b.checked_sub(a).filter(|&d| d >= 0),
             _ => None,
         };
         if let Some(id) = &t.tool_call_id {
@@ -559,7 +563,7 @@ pub fn derive_steps(mut rows: Vec<Row>) -> Vec<Step> {
         if let Some(p) = prev {
             gap = match r.trigger {
                 Trigger::User | Trigger::Other => match (r.first_activity, p.last_activity) {
-                    (Some(a), Some(b)) if a - b >= 0 => Some(a - b),
+                    (Some(a), Some(b)) => a.checked_sub(b).filter(|&g| g >= 0),
                     _ => None,
                 },
                 Trigger::Tool => r
