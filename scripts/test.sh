@@ -23,6 +23,14 @@ step "rust tests"
 cargo test --lib --bins --tests 2>&1 | tee target/rust-tests.log
 cargo test --doc -q
 
+step "fuzz targets under valgrind"
+# tests/fuzz.rs: every parser of outside bytes, a few cases each, with the
+# memory checks of valgrind (lz4_flex is built without its safe-decode
+# feature; the NVMe store reads records into aligned buffers).
+fuzz_bin=$(cargo test --no-run --test fuzz 2>&1 | sed -n 's/.*Executable tests\/fuzz.rs (\(.*\))$/\1/p')
+test -x "$fuzz_bin" || { echo "fuzz test binary not found"; exit 1; }
+KVPARK_FUZZ_CASES=100 timeout 900 valgrind --quiet --error-exitcode=99 "$fuzz_bin" --test-threads=2 -q
+
 step "C ABI smoke test under valgrind"
 cargo build --release --lib -q
 cc -std=c11 -Wall -Wextra -Werror -Iinclude tests/c/abi_smoke.c -Ltarget/release -lkvpark \

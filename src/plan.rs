@@ -8,7 +8,12 @@
 //! plan   = "KVPP" version:u8 step:u64 saves loads ops
 //! report = "KVPR" version:u8 block_bytes:u64 saved loaded moves
 //! list   = count:u32 item*        string = len:u32 utf8        key = 32 bytes
+//! flag   = u8, 0 or 1
 //! ```
+//!
+//! Decoding is strict: a message decodes only if it is exactly the encoding
+//! of what it decodes to (no trailing bytes, flags 0 or 1), so anything else
+//! is a Corrupt error rather than a silently different plan.
 
 use crate::block::BlockKey;
 use crate::error::{Error, Result};
@@ -177,6 +182,17 @@ impl R<'_> {
     fn u8(&mut self) -> Result<u8> {
         Ok(self.take(1)?[0])
     }
+    /// A flag: 0 or 1, anything else is corrupt (so a decoded message
+    /// re-encodes to the bytes it came from).
+    fn flag(&mut self) -> Result<bool> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            b => Err(Error::corrupt(format!(
+                "plan/report: flag byte {b}, not 0 or 1"
+            ))),
+        }
+    }
     fn u32(&mut self) -> Result<u32> {
         Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
     }
@@ -272,7 +288,7 @@ impl Plan {
         for _ in 0..n {
             let req_id = r.str()?;
             let session = r.u64()?;
-            let to_nvme = r.u8()? != 0;
+            let to_nvme = r.flag()?;
             let m = r.len(40)?;
             let mut blocks = Vec::with_capacity(m);
             for _ in 0..m {
@@ -289,7 +305,7 @@ impl Plan {
         let mut loads = Vec::with_capacity(n);
         for _ in 0..n {
             let req_id = r.str()?;
-            let sync = r.u8()? != 0;
+            let sync = r.flag()?;
             let m = r.len(36)?;
             let mut blocks = Vec::with_capacity(m);
             for _ in 0..m {
@@ -451,5 +467,37 @@ mod tests {
             Plan::decode(&b).unwrap_err().kind(),
             crate::ErrorKind::Corrupt
         );
+    }
+
+    #[test]
+    fn a_flag_byte_other_than_0_or_1_is_corrupt() {
+        // A flag read as `!= 0` would take 2 for true and re-encode it as 1:
+        // the plan would not be the bytes that were sent.
+        let p = Plan {
+            step: 1,
+            saves: vec![SaveReq {
+                req_id: "a".into(),
+                session: 1,
+                blocks: vec![(k(1), 1, 0)],
+                to_nvme: true,
+            }],
+            loads: vec![LoadReq {
+                req_id: "b".into(),
+                sync: false,
+                blocks: vec![(k(2), 2)],
+            }],
+            moves: vec![],
+        };
+        let bytes = p.encode();
+        let to_nvme = 4 + 1 + 8 + 4 + 4 + 1 + 8;
+        let sync = to_nvme + 1 + 4 + 40 + 4 + 4 + 1;
+        assert_eq!((bytes[to_nvme], bytes[sync]), (1, 0));
+        for (at, v) in [(to_nvme, 2), (to_nvme, 0xff), (sync, 3)] {
+            let mut bad = bytes.clone();
+            bad[at] = v;
+            let e = Plan::decode(&bad).unwrap_err();
+            assert_eq!(e.kind(), crate::ErrorKind::Corrupt, "byte {at} = {v}");
+            assert!(e.message().contains("flag"), "{e}");
+        }
     }
 }

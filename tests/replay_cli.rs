@@ -133,3 +133,38 @@ fn errors_name_the_problem() {
     let e = kvpark(&["trace", "stats", junk.to_str().unwrap()]).unwrap_err();
     assert!(e.message().contains("line 1"), "{}", e.message());
 }
+
+#[test]
+fn deployment_sizes_out_of_range_are_named_before_the_replay() {
+    use kvpark::sim::deploy::DEFAULT_JSON;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("dep.json");
+    for (from, to, key) in [
+        (
+            "\"kv_bytes_per_token\": 131072",
+            "\"kv_bytes_per_token\": 18446744073709551615",
+            "kv_bytes_per_token",
+        ),
+        (
+            "\"gpu_kv_bytes\": \"56GiB\"",
+            "\"gpu_kv_bytes\": 0",
+            "gpu_kv_bytes",
+        ),
+    ] {
+        let json = DEFAULT_JSON.replace(from, to);
+        assert_ne!(json, DEFAULT_JSON);
+        std::fs::write(&d, &json).unwrap();
+        let e = kvpark(&[
+            "replay",
+            "--trace",
+            EXAMPLE,
+            "--policies",
+            "lmcache-lru",
+            "--deployment",
+            d.to_str().unwrap(),
+        ])
+        .unwrap_err();
+        assert_eq!(e.kind(), kvpark::ErrorKind::Config, "{key}");
+        assert!(e.message().contains(key), "{key}: {}", e.message());
+    }
+}

@@ -401,3 +401,82 @@ fn missing_file_is_a_clear_error() {
         e.message()
     );
 }
+
+#[test]
+fn timestamps_outside_the_i64_nanosecond_range_are_absent() {
+    use kvpark::sim::trace::parse_ts;
+    // the first and last instants an i64 of nanoseconds holds
+    assert_eq!(parse_ts("2262-04-11T23:47:16.854775807Z"), Some(i64::MAX));
+    assert_eq!(parse_ts("1677-09-21T00:12:43.145224192Z"), Some(i64::MIN));
+    for s in [
+        "9999-12-31T23:59:59Z",
+        "9999-12-31T23:59:59.999999999999999999Z",
+        "2300-01-01T00:00:00Z",
+        "2262-04-11T23:47:16.854775808Z",
+        "2262-04-11T23:47:16.999999999999999999999999Z",
+        "2262-04-11T23:47:16.854775807-00:01",
+        "1677-09-21T00:12:43.145224191Z",
+        "1677-09-21T00:12:43Z",
+        "0000-01-01T00:00:00Z",
+    ] {
+        assert_eq!(parse_ts(s), None, "{s}");
+    }
+    // an offset can bring an instant back into range
+    assert_eq!(
+        parse_ts("2262-04-12T00:47:16.854775807+01:00"),
+        Some(i64::MAX)
+    );
+    // a row with such a timestamp is reported, never given a wrapped time
+    let line = r#"{"provider":"p","session_id":"s","round_index":0,"prefix_tokens":1,"newly_append_tokens":1,"timing_events":[{"event_type":"user_message","timestamp":"9999-12-31T23:59:59Z"}]}"#;
+    let sum = read_bytes(line.as_bytes(), |_, _| Ok(())).unwrap();
+    assert_eq!((sum.rows, sum.bad_lines), (0, 1));
+    assert!(sum.bad[0].reason.contains("9999-12-31"), "{:?}", sum.bad);
+}
+
+#[test]
+fn differences_beyond_the_i64_nanosecond_range_are_unknown() {
+    // Both ends parse, but they lie 585 years apart: no span, duration or
+    // gap fits in i64 nanoseconds, so each is unknown (never a wrapped value).
+    const MIN: &str = "1677-09-21T00:12:43.145224192Z";
+    const MAX: &str = "2262-04-11T23:47:16.854775807Z";
+    let rows = [
+        format!(
+            r#"{{"provider":"p","session_id":"s","round_index":0,"prefix_tokens":9223372036854775807,"newly_append_tokens":9223372036854775807,"output_tokens":9223372036854775807,"timing_events":[{{"event_type":"user_message","timestamp":"{MIN}"}},{{"event_type":"tool_call","timestamp":"{MAX}","tool_call_id":"c1"}}],"tools":[{{"tool_name":"bash","tool_call_id":"c1","emitted_at":"{MIN}","result_at":"{MAX}"}}]}}"#
+        ),
+        format!(
+            r#"{{"provider":"p","session_id":"s","round_index":1,"prefix_tokens":1,"newly_append_tokens":1,"timing_events":[{{"event_type":"user_message","timestamp":"{MAX}"}}]}}"#
+        ),
+        format!(
+            r#"{{"provider":"p","session_id":"s","round_index":2,"prefix_tokens":1,"newly_append_tokens":1,"timing_events":[{{"event_type":"user_message","timestamp":"{MIN}"}}]}}"#
+        ),
+        format!(
+            r#"{{"provider":"p","session_id":"s","round_index":3,"prefix_tokens":1,"newly_append_tokens":1,"timing_events":[{{"event_type":"user_message","timestamp":"{MAX}"}}]}}"#
+        ),
+    ];
+    let data = rows.join("\n");
+    let mut steps = Vec::new();
+    let mut st = TraceStats::default();
+    let sum = read_bytes(data.as_bytes(), |s, tools| {
+        st.add(&s, tools);
+        steps.extend(s.steps);
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!((sum.rows, sum.bad_lines), (4, 0));
+    assert_eq!(steps[0].gen_span, None, "span of 585 years");
+    assert_eq!(steps[0].calls[0].dur, None, "tool duration of 585 years");
+    assert_eq!(steps[0].l, u64::MAX - 1);
+    // row 1 starts at MAX, when row 0's last activity (its tool result) ended
+    assert_eq!(steps[1].gap, Some(0));
+    // row 2 starts 585 years before row 1 ended: negative, not measurable
+    assert_eq!(steps[2].gap, None);
+    // row 3 starts 585 years after row 2: too long to measure
+    assert_eq!(steps[3].gap, None);
+    let (peak, _) = st.overlap();
+    assert_eq!(peak, 1);
+    let _ = st.sweep();
+    // the replay script takes the same rows
+    let (script, _) = kvpark::sim::engine::Script::from_bytes(data.as_bytes()).unwrap();
+    assert_eq!(script.steps.len(), 4);
+    assert_eq!(script.steps[0].kv_after, u32::MAX);
+}

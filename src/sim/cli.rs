@@ -133,6 +133,9 @@ pub fn run(cmd: SimCommand) -> Result<()> {
             if sum.rows == 0 {
                 return Err(trace::empty_trace(&file, &sum));
             }
+            if sum.long_lines > 0 {
+                eprintln!("{}", trace::long_lines_warning(&file.display(), &sum));
+            }
             if sum.bad_lines > 0 {
                 eprintln!(
                     "{}: {} malformed lines skipped",
@@ -148,6 +151,7 @@ pub fn run(cmd: SimCommand) -> Result<()> {
                 let v = serde_json::json!({
                     "sessions": st.sessions, "steps": st.steps, "counted": st.counted,
                     "malformed_lines": sum.bad_lines,
+                    "long_lines": sum.long_lines,
                     "sweep": st.sweep(),
                 });
                 std::fs::write(

@@ -3,7 +3,10 @@
 //! (`--deployment FILE`); [`DEFAULT_JSON`] is embedded and documented.
 //!
 //! Sizes accept units ("56GiB") or plain byte counts; bandwidths are in
-//! GB/s (10^9 bytes per second). Unknown keys are an error naming the key.
+//! GB/s (10^9 bytes per second). Unknown keys are an error naming the key, and
+//! so is a value out of range: `kv_bytes_per_token` in 1..=1 GiB
+//! ([`MAX_KV_BYTES_PER_TOKEN`]), `gpu_kv_bytes` at least one token's KV,
+//! bandwidths and speeds positive and finite, `codec_ratio` ≥ 1.
 
 use serde::Deserialize;
 
@@ -33,6 +36,11 @@ pub const DEFAULT_JSON: &str = r#"{
   "prefill_tokens_per_s": 16000,
   "prefill_halving_context_tokens": 64000
 }"#;
+
+/// Largest `kv_bytes_per_token` accepted (1 GiB). With a step's context
+/// capped at `u32::MAX` tokens, a session's KV then stays below 2^62 bytes,
+/// so sizes derived from it ([`Deployment::kv_bytes`]) never overflow.
+pub const MAX_KV_BYTES_PER_TOKEN: u64 = 1 << 30;
 
 #[derive(Deserialize)]
 #[serde(untagged)]
@@ -125,8 +133,19 @@ impl Deployment {
             prefill_tps: r.prefill_tokens_per_s,
             prefill_halving: r.prefill_halving_context_tokens,
         };
-        if d.kv_bytes_per_token == 0 {
-            return Err(Error::config("deployment kv_bytes_per_token: must be > 0"));
+        if !(1..=MAX_KV_BYTES_PER_TOKEN).contains(&d.kv_bytes_per_token) {
+            return Err(Error::config(format!(
+                "deployment kv_bytes_per_token: {} is out of range (1..={MAX_KV_BYTES_PER_TOKEN} \
+                 bytes; a 405B-parameter model in bf16 needs about 0.5 MiB)",
+                d.kv_bytes_per_token
+            )));
+        }
+        if d.gpu_kv_bytes < d.kv_bytes_per_token {
+            return Err(Error::config(format!(
+                "deployment gpu_kv_bytes: {} does not hold one token's KV \
+                 (kv_bytes_per_token is {})",
+                d.gpu_kv_bytes, d.kv_bytes_per_token
+            )));
         }
         for (k, v) in [
             ("pcie_h2d_gbps", d.h2d_bps),
@@ -168,6 +187,12 @@ impl Deployment {
         n as f64 / self.prefill_tps * (1.0 + mean_ctx / self.prefill_halving)
     }
 
+    /// KV bytes of `tokens` tokens, saturating (exact for any context of up to
+    /// `u32::MAX` tokens: see [`MAX_KV_BYTES_PER_TOKEN`]).
+    pub fn kv_bytes(&self, tokens: u64) -> u64 {
+        tokens.saturating_mul(self.kv_bytes_per_token)
+    }
+
     /// Stored (compressed) bytes of `raw` KV bytes.
     pub fn stored(&self, raw: u64) -> u64 {
         (raw as f64 / self.codec_ratio).ceil() as u64
@@ -198,5 +223,47 @@ mod tests {
             .contains("nvme_read_gbps"));
         // 16k tokens at an empty context: 1 s × (1 + 8k/64k)
         assert!((d.prefill_s(16_000, 0) - 1.125).abs() < 1e-12);
+    }
+
+    fn with(from: &str, to: &str) -> String {
+        let j = DEFAULT_JSON.replace(from, to);
+        assert_ne!(j, DEFAULT_JSON, "{from}");
+        j
+    }
+
+    #[test]
+    fn kv_bytes_per_token_must_be_in_range() {
+        let from = "\"kv_bytes_per_token\": 131072";
+        for bad in ["0", "1073741825", "18446744073709551615"] {
+            let e = Deployment::from_json(&with(from, &format!("\"kv_bytes_per_token\": {bad}")))
+                .unwrap_err();
+            assert_eq!(e.kind(), crate::ErrorKind::Config, "{bad}");
+            assert!(
+                e.message().contains("kv_bytes_per_token") && e.message().contains(bad),
+                "{bad}: {}",
+                e.message()
+            );
+        }
+        let d = Deployment::from_json(&with(from, "\"kv_bytes_per_token\": 1073741824")).unwrap();
+        // every size derived from it fits: the longest context a step can hold
+        assert_eq!(d.kv_bytes(u32::MAX as u64), (u32::MAX as u64) << 30);
+        assert_eq!(d.kv_bytes(u64::MAX), u64::MAX, "saturates, never wraps");
+    }
+
+    #[test]
+    fn gpu_kv_bytes_must_hold_a_token() {
+        let from = "\"gpu_kv_bytes\": \"56GiB\"";
+        for bad in ["0", "131071"] {
+            let e = Deployment::from_json(&with(from, &format!("\"gpu_kv_bytes\": {bad}")))
+                .unwrap_err();
+            assert_eq!(e.kind(), crate::ErrorKind::Config, "{bad}");
+            assert!(
+                e.message().contains("gpu_kv_bytes") && e.message().contains(bad),
+                "{bad}: {}",
+                e.message()
+            );
+        }
+        let d = Deployment::from_json(&with(from, "\"gpu_kv_bytes\": 131072")).unwrap();
+        assert_eq!(d.gpu_kv_bytes, 131072);
     }
 }

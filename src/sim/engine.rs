@@ -139,14 +139,16 @@ impl Script {
             let arrive = if k == 0 {
                 0
             } else {
+                // u64: two i64 instants can be further apart than i64::MAX
                 let wall = match (st.first_activity, sess.steps[k - 1].last_activity) {
-                    (Some(a), Some(b)) if a >= b => a - b,
+                    (Some(a), Some(b)) if a >= b => a.abs_diff(b),
                     _ => 0,
                 };
-                prev_end + st.gap.unwrap_or(wall).max(0) as u64
+                let gap = st.gap.map_or(wall, |g| g.max(0) as u64);
+                prev_end.saturating_add(gap)
             };
             let dur = st.gen_span.unwrap_or(0).max(0) as u64;
-            prev_end = arrive + dur;
+            prev_end = arrive.saturating_add(dur);
             let next = sess.steps.get(k + 1);
             let next_awaits = match next.map(|x| x.trigger) {
                 Some(Trigger::Tool) => Awaiting::Tool,
@@ -169,7 +171,7 @@ impl Script {
                 l: sat(st.l),
                 fresh: sat(st.fresh),
                 cacheable: sat(st.cacheable),
-                kv_after: sat(st.l + st.output),
+                kv_after: sat(st.l.saturating_add(st.output)),
                 tool,
                 counted: st.counted,
                 user: st.trigger == Trigger::User,
@@ -195,7 +197,8 @@ impl Script {
             .min()
             .unwrap_or(0);
         for (s, &a) in self.sessions.iter_mut().zip(&self.starts_abs) {
-            s.start = if a == i64::MIN { 0 } else { (a - t0) as u64 };
+            // a ≥ t0, so the difference fits in u64 even when not in i64
+            s.start = if a == i64::MIN { 0 } else { a.abs_diff(t0) };
         }
     }
 
@@ -400,11 +403,11 @@ struct Link {
 impl Link {
     fn run(&mut self, now: u64, dur: u64) -> u64 {
         let start = self.free_at.max(now);
-        self.free_at = start + dur;
+        self.free_at = start.saturating_add(dur);
         self.free_at
     }
     fn demand(&mut self, now: u64, dur: u64) {
-        self.free_at = self.free_at.max(now) + dur;
+        self.free_at = self.free_at.max(now).saturating_add(dur);
     }
 }
 
@@ -511,12 +514,12 @@ impl Sim<'_> {
                     let b = bytes as f64;
                     let done_at = match (from, to) {
                         (None, Tier::Host) => {
-                            self.bytes[D2H] += bytes;
+                            self.bytes[D2H] = self.bytes[D2H].saturating_add(bytes);
                             self.links[D2H].run(now, ns(b / d.d2h_bps))
                         }
                         (None, Tier::Nvme) => {
-                            self.bytes[D2H] += bytes;
-                            self.bytes[NVW] += stored;
+                            self.bytes[D2H] = self.bytes[D2H].saturating_add(bytes);
+                            self.bytes[NVW] = self.bytes[NVW].saturating_add(stored);
                             let dur = ns((b / d.d2h_bps)
                                 .max(b / d.encode_bps)
                                 .max(stored as f64 / d.nvme_write_bps));
@@ -524,19 +527,20 @@ impl Sim<'_> {
                                 .free_at
                                 .max(self.links[NVW].free_at)
                                 .max(now);
-                            self.links[D2H].free_at = start + dur;
-                            self.links[NVW].free_at = start + dur;
-                            start + dur
+                            let end = start.saturating_add(dur);
+                            self.links[D2H].free_at = end;
+                            self.links[NVW].free_at = end;
+                            end
                         }
                         (Some(Tier::Host), Tier::Nvme) => {
-                            self.bytes[NVW] += stored;
+                            self.bytes[NVW] = self.bytes[NVW].saturating_add(stored);
                             self.links[NVW].run(
                                 now,
                                 ns((b / d.encode_bps).max(stored as f64 / d.nvme_write_bps)),
                             )
                         }
                         (Some(Tier::Nvme), Tier::Host) => {
-                            self.bytes[NVR] += stored;
+                            self.bytes[NVR] = self.bytes[NVR].saturating_add(stored);
                             self.prefetch.issued += 1;
                             self.links[NVR].run(
                                 now,
@@ -575,7 +579,6 @@ impl Sim<'_> {
     fn arrive(&mut self, now: u64, i: u32, k: u32) {
         let st = self.script.steps_of(i as usize)[k as usize];
         let sid = i as SessionId;
-        let bpt = self.dep.kv_bytes_per_token;
         let d = self.dep;
         let mut src: Option<usize> = None;
         let mut hit_tokens = 0u64;
@@ -608,12 +611,12 @@ impl Sim<'_> {
                 let held = h.held[1].max(h.held[0]);
                 src = Some(2);
                 hit_tokens = frac(held);
-                let b = (hit_tokens * bpt) as f64;
+                let b = d.kv_bytes(hit_tokens) as f64;
                 load_s = done.saturating_sub(now) as f64 / 1e9 + b / d.h2d_bps;
-                self.bytes[H2D] += hit_tokens * bpt;
+                self.bytes[H2D] = self.bytes[H2D].saturating_add(d.kv_bytes(hit_tokens));
                 self.links[H2D].demand(now, ns(b / d.h2d_bps));
             } else if let (Some(t), Some(h)) = (tier, hold) {
-                let b = (frac(h.held[if t == Tier::Host { 0 } else { 1 }]) * bpt) as f64;
+                let b = d.kv_bytes(frac(h.held[if t == Tier::Host { 0 } else { 1 }])) as f64;
                 hit_tokens = frac(h.held[if t == Tier::Host { 0 } else { 1 }]);
                 match t {
                     Tier::Host => {
@@ -633,12 +636,12 @@ impl Sim<'_> {
                         load_s = (stored as f64 / d.nvme_read_bps)
                             .max(b / d.decode_bps)
                             .max(b / d.h2d_bps);
-                        self.bytes[NVR] += stored;
+                        self.bytes[NVR] = self.bytes[NVR].saturating_add(stored);
                         self.links[NVR].demand(now, ns(load_s));
                         self.links[H2D].demand(now, ns(b / d.h2d_bps));
                     }
                 }
-                self.bytes[H2D] += b as u64;
+                self.bytes[H2D] = self.bytes[H2D].saturating_add(b as u64);
             } else if pref == Pref::Ready {
                 self.prefetch.wasted += 1;
             }
@@ -662,9 +665,12 @@ impl Sim<'_> {
                 self.ttft.add(ttft);
             }
         }
-        self.gpu.active += st.kv_after as u64 * bpt;
+        self.gpu.active = self
+            .gpu
+            .active
+            .saturating_add(d.kv_bytes(st.kv_after as u64));
         self.gpu.evict();
-        self.push(now + st.dur, Ev::End(i, k));
+        self.push(now.saturating_add(st.dur), Ev::End(i, k));
         self.steps += 1;
         if let Some(p) = &self.cfg.progress {
             p.fetch_add(1, Ordering::Relaxed);
@@ -675,8 +681,8 @@ impl Sim<'_> {
         let steps = self.script.steps_of(i as usize);
         let st = steps[k as usize];
         let sid = i as SessionId;
-        let bytes = st.kv_after as u64 * self.dep.kv_bytes_per_token;
-        self.gpu.active -= bytes;
+        let bytes = self.dep.kv_bytes(st.kv_after as u64);
+        self.gpu.active = self.gpu.active.saturating_sub(bytes);
         if bytes < self.kv[i as usize] {
             // compaction: the old KV is invalid
             let acts = self.planner.end(now, sid);
@@ -685,7 +691,7 @@ impl Sim<'_> {
         self.kv[i as usize] = bytes;
         let next = steps
             .get(k as usize + 1)
-            .map(|n| self.starts[i as usize] + n.arrive);
+            .map(|n| self.starts[i as usize].saturating_add(n.arrive));
         self.book.set(sid, next);
         let hint = Hint {
             awaiting: st.next_awaits,
@@ -811,7 +817,7 @@ pub fn run_policy(
     };
     for (i, s) in script.sessions.iter().enumerate() {
         if s.len > 0 {
-            let t = starts[i] + script.steps[s.first as usize].arrive;
+            let t = starts[i].saturating_add(script.steps[s.first as usize].arrive);
             sim.push(t, Ev::Arrive(i as u32, 0));
         }
     }

@@ -141,6 +141,9 @@ fn replay_cli(a: cli::ReplayArgs) -> crate::Result<()> {
     };
     script.tools = sum.tools.clone();
     script.finish();
+    if sum.long_lines > 0 {
+        eprintln!("{}", trace::long_lines_warning(&label, &sum));
+    }
     if sum.bad_lines > 0 {
         eprintln!(
             "{label}: {} malformed lines skipped (first: line {})",

@@ -208,7 +208,7 @@ impl TraceStats {
                 self.append.add(st.append as f64);
                 self.output.add(st.output as f64);
             }
-            if prev_l >= 20_000 && st.l > 0 && st.l * 2 < prev_l {
+            if prev_l >= 20_000 && st.l > 0 && (st.l as u128) * 2 < prev_l as u128 {
                 compacted = true;
             }
             if st.l > 0 {
@@ -290,7 +290,7 @@ impl TraceStats {
             ev.push((b, -1));
             lo = lo.min(a);
             hi = hi.max(b);
-            busy += (b - a) as i128;
+            busy += b as i128 - a as i128;
         }
         ev.sort_unstable();
         let (mut cur, mut peak) = (0i64, 0i64);
@@ -299,7 +299,7 @@ impl TraceStats {
             peak = peak.max(cur);
         }
         let mean = if hi > lo {
-            busy as f64 / (hi - lo) as f64
+            busy as f64 / (hi as i128 - lo as i128) as f64
         } else {
             0.0
         };

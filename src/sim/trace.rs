@@ -30,11 +30,18 @@
 //!   `tool_result`; output events: `reasoning`, `text`, `tool_call`. The span sum
 //!   runs over every row, counted or not.
 //!
+//! A time difference (span, tool duration, gap) that does not fit in i64
+//! nanoseconds (ends more than 292 years apart) is unknown, like one whose
+//! timestamps are missing.
+//!
 //! Call ids are kept as 64-bit hashes (SipHash of the id string); a collision
 //! inside one session would need ~2^32 calls.
 //!
 //! A malformed line (bad JSON, missing `provider`/`session_id`, unparsable
 //! timestamp) is skipped, counted, and reported with its 1-based line number.
+//! So is a line longer than [`MAX_LINE_BYTES`] (16 MiB), which is never held
+//! whole: memory stays bounded whatever a line's length (a 2 MB gzip can
+//! expand to one 2 GB line).
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
@@ -104,7 +111,7 @@ impl Row {
     /// Generation span (> 0) as §6 defines it.
     pub fn gen_span(&self) -> Option<TimeNs> {
         match (self.request_at, self.last_output) {
-            (Some(a), Some(b)) if b > a => Some(b - a),
+            (Some(a), Some(b)) => b.checked_sub(a).filter(|&d| d > 0),
             _ => None,
         }
     }
@@ -209,6 +216,8 @@ pub struct ReadSummary {
     pub sessions: u64,
     /// Malformed lines skipped (all counted; the first 100 kept with reasons).
     pub bad_lines: u64,
+    /// Of those, lines longer than [`MAX_LINE_BYTES`] (skipped unread).
+    pub long_lines: u64,
     /// The first skipped lines.
     pub bad: Vec<BadLine>,
     /// Largest number of sessions open at once during the read.
@@ -275,7 +284,9 @@ struct RawRow<'a> {
 }
 
 /// Parses an RFC 3339 UTC-or-offset timestamp ("2026-06-01T05:40:20.151Z")
-/// into nanoseconds since the Unix epoch.
+/// into nanoseconds since the Unix epoch. An instant outside the i64
+/// nanosecond range (1677-09-21T00:12:43.145224192Z to
+/// 2262-04-11T23:47:16.854775807Z) does not parse: `None`, never a wrapped value.
 pub fn parse_ts(s: &str) -> Option<TimeNs> {
     let b = s.as_bytes();
     if b.len() < 19 {
@@ -334,20 +345,27 @@ pub fn parse_ts(s: &str) -> Option<TimeNs> {
         None => {}
         _ => return None,
     }
-    let days = days_from_civil(y, mo, d);
-    let secs = days * 86400 + h * 3600 + mi * 60 + sec - off;
-    Some(secs * 1_000_000_000 + frac)
+    // i128: the seconds of an in-range instant times 10^9 can leave the i64
+    // range before the fraction brings them back (1677-09-21T00:12:43.2Z).
+    let days = days_from_civil(y, mo, d)? as i128;
+    let secs = days * 86400 + (h * 3600 + mi * 60 + sec - off) as i128;
+    TimeNs::try_from(secs * 1_000_000_000 + frac as i128).ok()
 }
 
-/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm).
-pub fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = if y >= 0 { y } else { y - 399 } / 400;
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146097 + doe - 719468
+/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's
+/// algorithm); `None` when the result leaves the i64 range.
+pub fn days_from_civil(y: i64, m: i64, d: i64) -> Option<i64> {
+    let y = if m <= 2 { y.checked_sub(1)? } else { y };
+    let era = if y >= 0 { y } else { y.checked_sub(399)? } / 400;
+    let yoe = y - era * 400; // 0..=399, cannot overflow
+    let mp = (m.checked_add(9)?) % 12;
+    let doy = (153i64.checked_mul(mp)?.checked_add(2)? / 5)
+        .checked_add(d)?
+        .checked_sub(1)?;
+    let doe = (yoe * 365 + yoe / 4 - yoe / 100).checked_add(doy)?;
+    era.checked_mul(146097)?
+        .checked_add(doe)?
+        .checked_sub(719468)
 }
 
 /// Formats nanoseconds since the epoch as "YYYY-MM-DDTHH:MM:SS.mmmZ".
@@ -494,7 +512,7 @@ pub fn parse_row(
             earliest_tool = Some(earliest_tool.map_or(x, |l| l.min(x)));
         }
         let dur = match (em, re) {
-            (Some(a), Some(b)) if b >= a => Some(b - a),
+            (Some(a), Some(b)) => b.checked_sub(a).filter(|&d| d >= 0),
             _ => None,
         };
         if let Some(id) = &t.tool_call_id {
@@ -545,7 +563,7 @@ pub fn derive_steps(mut rows: Vec<Row>) -> Vec<Step> {
         if let Some(p) = prev {
             gap = match r.trigger {
                 Trigger::User | Trigger::Other => match (r.first_activity, p.last_activity) {
-                    (Some(a), Some(b)) if a - b >= 0 => Some(a - b),
+                    (Some(a), Some(b)) => a.checked_sub(b).filter(|&g| g >= 0),
                     _ => None,
                 },
                 Trigger::Tool => r
@@ -586,6 +604,26 @@ pub fn derive_steps(mut rows: Vec<Row>) -> Vec<Step> {
     out
 }
 
+/// Longest line the reader takes (16 MiB, newline excluded). A longer line
+/// is skipped and counted in [`ReadSummary::long_lines`] (and as a malformed
+/// line) without ever being held whole: the reader keeps at most this many
+/// bytes of a line, plus one buffer of input, whatever the line's length. The
+/// longest real TraceLab row is a few hundred KiB.
+pub const MAX_LINE_BYTES: usize = 16 << 20;
+
+const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+
+fn reader<'a>(r: impl Read + 'a, gzip: bool) -> Box<dyn BufRead + 'a> {
+    if gzip {
+        Box::new(BufReader::with_capacity(
+            1 << 20,
+            flate2::read::MultiGzDecoder::new(r),
+        ))
+    } else {
+        Box::new(BufReader::with_capacity(1 << 20, r))
+    }
+}
+
 fn open(path: &Path) -> Result<Box<dyn BufRead>> {
     let mut f = std::fs::File::open(path).ctx(format!("open trace {}", path.display()))?;
     let mut magic = [0u8; 2];
@@ -594,40 +632,73 @@ fn open(path: &Path) -> Result<Box<dyn BufRead>> {
         .ctx(format!("read trace {}", path.display()))?;
     drop(f);
     let f = std::fs::File::open(path).ctx(format!("open trace {}", path.display()))?;
-    if n == 2 && magic == [0x1f, 0x8b] {
-        Ok(Box::new(BufReader::with_capacity(
-            1 << 20,
-            flate2::read::MultiGzDecoder::new(f),
-        )))
-    } else {
-        Ok(Box::new(BufReader::with_capacity(1 << 20, f)))
-    }
+    Ok(reader(f, n == 2 && magic == GZIP_MAGIC))
 }
 
-/// Calls `f` for every line (1-based number, text). Invalid UTF-8 lines are
-/// passed as `Err` with the line number.
+/// One line as [`for_each_line`] hands it over.
+enum Line<'a> {
+    /// The text of a line within [`MAX_LINE_BYTES`].
+    Text(&'a str),
+    /// Not UTF-8 (why).
+    BadUtf8(String),
+    /// Longer than the limit: its length in bytes, newline excluded.
+    TooLong(u64),
+}
+
+/// Calls `f` for every non-blank line (1-based number, line), holding at
+/// most `max_line` bytes of a line at a time.
 fn for_each_line(
     mut r: impl BufRead,
-    mut f: impl FnMut(u64, std::result::Result<&str, String>) -> Result<()>,
+    max_line: usize,
+    mut f: impl FnMut(u64, Line<'_>) -> Result<()>,
 ) -> Result<()> {
-    let mut buf = Vec::with_capacity(1 << 16);
+    let mut buf = Vec::with_capacity(max_line.min(1 << 16));
     let mut n = 0u64;
     loop {
         buf.clear();
-        let got = r.read_until(b'\n', &mut buf).ctx("read trace")?;
-        if got == 0 {
+        // Bytes of the current line seen so far (all of them, kept or not).
+        let mut len = 0u64;
+        let mut any = false;
+        loop {
+            let chunk = r.fill_buf().ctx("read trace")?;
+            if chunk.is_empty() {
+                break;
+            }
+            any = true;
+            let (take, eol) = match chunk.iter().position(|&c| c == b'\n') {
+                Some(i) => (i, true),
+                None => (chunk.len(), false),
+            };
+            len += take as u64;
+            if len <= max_line as u64 {
+                buf.extend_from_slice(&chunk[..take]);
+            } else if !buf.is_empty() {
+                // over the limit: drop what was kept, count the rest
+                buf.clear();
+                buf.shrink_to(1 << 16);
+            }
+            r.consume(take + eol as usize);
+            if eol {
+                break;
+            }
+        }
+        if !any {
             return Ok(());
         }
         n += 1;
-        while matches!(buf.last(), Some(b'\n' | b'\r')) {
+        if len > max_line as u64 {
+            f(n, Line::TooLong(len))?;
+            continue;
+        }
+        while matches!(buf.last(), Some(b'\r')) {
             buf.pop();
         }
         if buf.iter().all(|c| c.is_ascii_whitespace()) {
             continue;
         }
         match std::str::from_utf8(&buf) {
-            Ok(s) => f(n, Ok(s))?,
-            Err(e) => f(n, Err(format!("invalid UTF-8: {e}")))?,
+            Ok(s) => f(n, Line::Text(s))?,
+            Err(e) => f(n, Line::BadUtf8(format!("invalid UTF-8: {e}")))?,
         }
     }
 }
@@ -644,18 +715,20 @@ pub fn read_file(
 }
 
 /// [`read_file`] over bytes in memory (the embedded default trace, tests).
+/// Gzip data (by its magic) is decompressed as it is read.
 pub fn read_bytes(
     data: &[u8],
     each: impl FnMut(Session, &ToolNames) -> Result<()>,
 ) -> Result<ReadSummary> {
-    let counts = count_rows(data)?;
-    read_with_counts(data, counts, each)
+    let gzip = data.starts_with(&GZIP_MAGIC);
+    let counts = count_rows(reader(data, gzip))?;
+    read_with_counts(reader(data, gzip), counts, each)
 }
 
 fn count_rows(r: impl BufRead) -> Result<HashMap<(String, String), u64>> {
     let mut counts: HashMap<(String, String), u64> = HashMap::new();
-    for_each_line(r, |_, line| {
-        if let Ok(s) = line {
+    for_each_line(r, MAX_LINE_BYTES, |_, line| {
+        if let Line::Text(s) = line {
             if let Ok(k) = serde_json::from_str::<KeyOnly>(s) {
                 if let (Some(p), Some(id)) = (k.provider, k.session_id) {
                     *counts.entry((p.into_owned(), id.into_owned())).or_default() += 1;
@@ -675,11 +748,22 @@ fn read_with_counts(
     let mut sum = ReadSummary::default();
     let mut open: HashMap<(String, String), Vec<Row>> = HashMap::new();
     let mut order = 0u64;
-    for_each_line(r, |n, line| {
+    for_each_line(r, MAX_LINE_BYTES, |n, line| {
         let s = match line {
-            Ok(s) => s,
-            Err(e) => {
+            Line::Text(s) => s,
+            Line::BadUtf8(e) => {
                 sum.bad(n, e);
+                return Ok(());
+            }
+            Line::TooLong(len) => {
+                sum.long_lines += 1;
+                sum.bad(
+                    n,
+                    format!(
+                        "line of {len} bytes is longer than the {} MiB limit; skipped",
+                        MAX_LINE_BYTES >> 20
+                    ),
+                );
                 return Ok(());
             }
         };
@@ -757,6 +841,16 @@ pub fn read_all(path: &Path) -> Result<(Vec<Session>, ReadSummary)> {
         Ok(())
     })?;
     Ok((v, sum))
+}
+
+/// The warning for a read that skipped lines over [`MAX_LINE_BYTES`].
+pub fn long_lines_warning(what: &dyn std::fmt::Display, sum: &ReadSummary) -> String {
+    format!(
+        "warning: {what}: {} lines longer than {} MiB skipped unread (not TraceLab rows; \
+         the limit keeps the reader's memory bounded)",
+        sum.long_lines,
+        MAX_LINE_BYTES >> 20
+    )
 }
 
 /// An error for a trace file that yielded nothing usable.
