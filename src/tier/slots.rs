@@ -32,7 +32,6 @@ use crate::block::BlockKey;
 use crate::error::{Error, Result};
 use memmap2::MmapMut;
 use std::fs::OpenOptions;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -191,13 +190,15 @@ fn parse_entry(s: usize, mut e: [u8; ENTRY]) -> Option<SlotEntry> {
 pub fn read_entries(arena: &Path) -> Result<Option<(u64, Vec<SlotEntry>)>> {
     let path = table_path(arena);
     let c = ctx(&path);
-    let file = match OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(&path)
-    {
+    // Never blocks (a FIFO at the path is refused at once), never follows a symlink.
+    let file = match crate::tier::open_regular(OpenOptions::new().read(true), 0, &path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(c(Error::invalid(
+                "is a symbolic link; refusing to follow it",
+            )))
+        }
         Err(e) => return Err(c(e.into())),
     };
     let mut bytes = Vec::new();

@@ -59,22 +59,12 @@ pub fn create_file(path: &Path, direct: bool) -> Result<File> {
         .map_err(|e| map_open_err(e, path, "create"))
 }
 
-/// Opens an existing file read-only without following a symlink, checking
-/// it is a regular file.
+/// Opens an existing file read-only without following a symlink and
+/// without blocking (a FIFO never blocks the open), checking it is a
+/// regular file (see [`crate::tier::open_regular`]).
 pub fn open_read(path: &Path, direct: bool) -> Result<File> {
-    let f = OpenOptions::new()
-        .read(true)
-        .custom_flags(flags(direct))
-        .open(path)
-        .map_err(|e| map_open_err(e, path, "open"))?;
-    let m = f.metadata().ctx(format!("nvme: stat {}", path.display()))?;
-    if !m.is_file() {
-        return Err(Error::invalid(format!(
-            "nvme: {} is not a regular file",
-            path.display()
-        )));
-    }
-    Ok(f)
+    crate::tier::open_regular(OpenOptions::new().read(true), flags(direct), path)
+        .map_err(|e| map_open_err(e, path, "open"))
 }
 
 fn map_open_err(e: io::Error, path: &Path, what: &str) -> Error {
@@ -83,6 +73,9 @@ fn map_open_err(e: io::Error, path: &Path, what: &str) -> Error {
             "nvme: {what} {}: is a symlink; refusing to follow it",
             path.display()
         ));
+    }
+    if e.kind() == io::ErrorKind::InvalidInput && e.raw_os_error().is_none() {
+        return Error::invalid(format!("nvme: {what} {}: {e}", path.display()));
     }
     Error::from(e).context(format!("nvme: {what} {}", path.display()))
 }
