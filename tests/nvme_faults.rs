@@ -339,7 +339,7 @@ fn symlinks_are_refused_and_modes_are_private() {
         .expect("symlinked rank dir refused");
     assert!(e.message().contains("symlink"), "{e}");
 
-    // A segment file that is a symlink is not followed.
+    // A segment file that is a symlink is not followed: it is skipped and counted.
     let root2 = t.path().join("root2");
     {
         let s = NvmeStore::open(cfg(&root2)).unwrap();
@@ -359,9 +359,118 @@ fn symlinks_are_refused_and_modes_are_private() {
         root2.join("rank0/seg-000001.kvp"),
     )
     .unwrap();
-    let e = NvmeStore::open(cfg(&root2))
-        .err()
-        .expect("symlinked segment refused");
-    assert_eq!(e.kind(), ErrorKind::InvalidArgument);
-    assert!(e.message().contains("refusing to follow"), "{e}");
+    let s = NvmeStore::open(cfg(&root2)).expect("a symlinked segment is skipped");
+    assert_eq!((s.len(), s.stats().skipped_segments), (0, 1));
+}
+
+// ---------------------------------------------------------------------
+// Hostile directory entries and forged records.
+// ---------------------------------------------------------------------
+
+/// Runs `f` on a thread and fails the test if it has not returned within
+/// `secs` seconds (a blocking open would otherwise hang the test forever).
+fn within<T: Send + 'static>(secs: u64, what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(secs)) {
+        Ok(v) => v,
+        Err(_) => panic!("{what}: still blocked after {secs} s"),
+    }
+}
+
+fn mkfifo(path: &Path) {
+    let p = CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: valid NUL-terminated path.
+    assert_eq!(
+        unsafe { libc::mkfifo(p.as_ptr(), 0o600) },
+        0,
+        "mkfifo {}",
+        path.display()
+    );
+}
+
+fn five_records(dir: &Path) {
+    let s = NvmeStore::open(cfg(dir)).unwrap();
+    for i in 0..5 {
+        s.put(&key(i), 1, i as u32, &block(i, LEN)).unwrap();
+    }
+}
+
+#[test]
+fn fifos_never_block_open_inspect_or_the_slot_table() {
+    let t = tempfile::tempdir().unwrap();
+    five_records(t.path());
+    mkfifo(&t.path().join("rank0/seg-000007.kvp"));
+    let dir = t.path().to_path_buf();
+    let d = dir.clone();
+    let s = within(5, "store open", move || NvmeStore::open(cfg(&d)))
+        .expect("a FIFO segment entry is skipped, the store opens");
+    assert_eq!(s.len(), 5);
+    for i in 0..5 {
+        assert_eq!(read(&s, &key(i)), block(i, LEN));
+    }
+    drop(s);
+    let d = dir.clone();
+    let r = within(5, "inspect", move || inspect(&d, true)).unwrap();
+    assert_eq!(r.ranks[0].live_records, 5);
+    let d = dir.clone();
+    let keys = within(5, "scan_keys", move || kvpark::tier::nvme::scan_keys(&d, 0)).unwrap();
+    assert_eq!(keys.len(), 5);
+
+    // A FIFO where the host arena's slot table lives: a clear error, at once.
+    let arena = dir.join("host.rank0");
+    let table = kvpark::tier::slots::table_path(&arena);
+    mkfifo(&table);
+    let a = arena.clone();
+    let e = within(5, "read_entries", move || {
+        kvpark::tier::slots::read_entries(&a)
+    })
+    .expect_err("a FIFO slot table is refused");
+    assert!(e.message().contains("not a regular file"), "{e}");
+    assert!(e.message().contains("host.rank0.slots"), "{e}");
+    let tb = table.clone();
+    let e = within(5, "SlotTable::open", move || {
+        kvpark::tier::slots::SlotTable::open(&tb, 4096, 4, 4096).map(|_| ())
+    })
+    .expect_err("a FIFO slot table is refused");
+    assert!(e.message().contains("not a regular file"), "{e}");
+}
+
+#[test]
+fn unusable_segment_entries_are_skipped_and_counted() {
+    let t = tempfile::tempdir().unwrap();
+    five_records(t.path());
+    let rank = t.path().join("rank0");
+    // A directory, and a symlink to a copy of a valid segment: neither is
+    // used, neither stops the store.
+    std::fs::create_dir(rank.join("seg-000005.kvp")).unwrap();
+    let elsewhere = t.path().join("elsewhere.kvp");
+    std::fs::copy(rank.join("seg-000001.kvp"), &elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, rank.join("seg-000006.kvp")).unwrap();
+    {
+        let s = NvmeStore::open(cfg(t.path())).expect("bad entries are skipped");
+        assert_eq!(s.len(), 5);
+        assert_eq!(s.stats().skipped_segments, 2);
+        // New records go to a new segment past the skipped names.
+        s.put(&key(9), 1, 9, &block(9, LEN)).unwrap();
+    }
+    assert!(rank.join("seg-000007.kvp").exists());
+    let s = NvmeStore::open(cfg(t.path())).unwrap();
+    assert_eq!((s.len(), s.stats().skipped_segments), (6, 2));
+    assert_eq!(read(&s, &key(9)), block(9, LEN));
+    drop(s);
+    let r = inspect(t.path(), false).unwrap();
+    assert_eq!(
+        (r.ranks[0].live_records, r.ranks[0].skipped_segments),
+        (6, 2)
+    );
+    assert!(r.to_string().contains("seg-000006.kvp"), "{r}");
+    assert_eq!(kvpark::tier::nvme::scan_keys(t.path(), 0).unwrap().len(), 6);
+    // The skipped entries are left alone.
+    assert!(std::fs::symlink_metadata(rank.join("seg-000006.kvp"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
 }

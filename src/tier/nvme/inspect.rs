@@ -2,7 +2,9 @@
 //!
 //! Walks every `rank<R>/seg-*.kvp` (or the segments directly in `DIR` when it
 //! is a rank directory) with the same rules as recovery ([`super::scan`]),
-//! without opening a store, taking no lock and writing nothing. *Live* means
+//! without opening a store, taking no lock and writing nothing. An entry
+//! that cannot be a segment (a symlink, a directory, a FIFO, unreadable) is
+//! skipped and listed, as recovery skips it; opens never block. *Live* means
 //! the newest valid record of its key (as recovery would index it; a removed
 //! record not yet collected counts as live, see the module docs). With
 //! `verify`, every payload checksum is checked as well.
@@ -10,7 +12,7 @@
 use super::aligned::BufPool;
 use super::fsio;
 use super::scan::{scan_segment, BadKind, ScanItem};
-use super::store::list_segments;
+use super::store::{list_segments, open_segment};
 use crate::block::BlockKey;
 use crate::codec::CodecTag;
 use crate::error::{Error, Result, ResultExt};
@@ -68,6 +70,20 @@ pub struct RankReport {
     pub corrupt: u64,
     /// Every torn or corrupt record.
     pub problems: Vec<Problem>,
+    /// `seg-*.kvp` entries that cannot be used as a segment (a symlink, a
+    /// directory, a FIFO, unreadable): not read, as recovery skips them.
+    pub skipped_segments: u64,
+    /// Each skipped entry, with the reason.
+    pub skipped: Vec<Skipped>,
+}
+
+/// A `seg-*.kvp` entry that is not read.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Skipped {
+    /// Entry name.
+    pub segment: String,
+    /// Why.
+    pub reason: String,
 }
 
 /// One segment file.
@@ -183,14 +199,26 @@ fn inspect_rank(rank: Option<u32>, dir: &Path, verify: bool, pool: &BufPool) -> 
         torn: 0,
         corrupt: 0,
         problems: Vec::new(),
+        skipped_segments: 0,
+        skipped: Vec::new(),
     };
-    for (si, (_, path)) in list_segments(dir)?.into_iter().enumerate() {
+    for (_, path) in list_segments(dir)? {
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let file = fsio::open_read(&path, false)?;
-        let len = file.metadata().ctx(format!("inspect: stat {name}"))?.len();
+        let (file, len) = match open_segment(&path, false) {
+            Ok(f) => f,
+            Err(reason) => {
+                r.skipped_segments += 1;
+                r.skipped.push(Skipped {
+                    segment: name,
+                    reason,
+                });
+                continue;
+            }
+        };
+        let si = r.segments.len();
         let mut records = 0;
         scan_segment(&file, len, verify, pool, |item| match item {
             ScanItem::Record { hdr, .. } => {
@@ -328,6 +356,12 @@ impl fmt::Display for InspectReport {
                 )?;
             }
             writeln!(f, "  torn {}   corrupt {}", r.torn, r.corrupt)?;
+            if r.skipped_segments > 0 {
+                writeln!(f, "  skipped entries {}", r.skipped_segments)?;
+                for s in &r.skipped {
+                    writeln!(f, "    skipped {}: {}", s.segment, s.reason)?;
+                }
+            }
             for p in &r.problems {
                 writeln!(
                     f,

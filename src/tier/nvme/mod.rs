@@ -9,6 +9,14 @@
 //!     seg-000002.kvp
 //! ```
 //!
+//! Files are opened `O_NOFOLLOW | O_NONBLOCK` and checked with fstat before
+//! any read, so no entry can block an open. A `seg-*.kvp` entry that cannot
+//! be used as a segment (a symlink, a directory, a FIFO or other non-regular
+//! file, unreadable, or a read that fails while recovering it) is skipped:
+//! counted in [`NvmeStats::skipped_segments`], logged once, left in place,
+//! never written or collected, and its number is never reused. It does not
+//! keep the store (and the engine) from starting.
+//!
 //! A segment is a sequence of 4 KiB-aligned records (format version 2), each
 //! a 4 KiB header block (a 128-byte header, [`mod@format`] documents every
 //! byte, then zeros), the payload (codec output) starting on the next 4 KiB

@@ -86,6 +86,10 @@ pub struct NvmeStats {
     pub dropped_corrupt: u64,
     /// Records dropped because a read found them corrupt (never served).
     pub read_corrupt: u64,
+    /// `seg-*.kvp` entries skipped at open because they cannot be used as a
+    /// segment (a symlink, a directory, a FIFO or other non-regular file,
+    /// unreadable); left in place, never written, never collected.
+    pub skipped_segments: u64,
     /// Completed puts.
     pub puts: u64,
     /// Raw bytes of completed puts.
@@ -250,6 +254,7 @@ struct Counters {
     dropped_torn: AtomicU64,
     dropped_corrupt: AtomicU64,
     read_corrupt: AtomicU64,
+    skipped_segments: AtomicU64,
     puts: AtomicU64,
     put_raw: AtomicU64,
     put_stored: AtomicU64,
@@ -311,6 +316,19 @@ pub(crate) fn list_segments(dir: &Path) -> Result<Vec<(u32, PathBuf)>> {
     }
     out.sort();
     Ok(out)
+}
+
+/// Opens the segment file `path` read-only for a scan: without blocking
+/// and without following a symlink. `Err` says, in words, why the entry
+/// cannot be used as a segment (a symlink, a directory, a FIFO, unreadable):
+/// callers skip it and count it, they never fail on it.
+pub(crate) fn open_segment(path: &Path, direct: bool) -> std::result::Result<(File, u64), String> {
+    let file = fsio::open_read(path, direct).map_err(|e| e.message().to_string())?;
+    let len = file
+        .metadata()
+        .map_err(|e| format!("nvme: stat {}: {e}", path.display()))?
+        .len();
+    Ok((file, len))
 }
 
 impl NvmeStore {
@@ -725,40 +743,50 @@ impl Inner {
         let _ = fs::remove_file(self.rank_dir.join(".direct-probe"));
         let mut max_lsn = 0u64;
         for (id, path) in list_segments(&self.rank_dir)? {
-            let file = fsio::open_read(&path, self.direct)?;
-            let file_len = file
-                .metadata()
-                .ctx(format!("nvme: stat {}", path.display()))?
-                .len();
-            st.next_seg = st.next_seg.max(id + 1);
+            // Even a skipped name is never reused for a new segment.
+            st.next_seg = st.next_seg.max(id.saturating_add(1));
+            let (file, file_len) = match open_segment(&path, self.direct) {
+                Ok(f) => f,
+                Err(reason) => {
+                    self.skip_segment(id, &reason);
+                    continue;
+                }
+            };
             if file_len == 0 {
                 fs::remove_file(&path).ctx(format!("nvme: remove empty {}", path.display()))?;
                 continue;
             }
             let mut found: Vec<(u64, RecordHeader)> = Vec::new();
-            scan_segment(
+            let mut bad: Vec<(BadKind, u64, String)> = Vec::new();
+            let scanned = scan_segment(
                 &file,
                 file_len,
                 self.cfg.verify_on_open,
                 &self.pool,
                 |item| match item {
                     ScanItem::Record { off, hdr } => found.push((off, hdr)),
-                    ScanItem::Bad { off, kind, reason } => {
-                        let c = match kind {
-                            BadKind::Torn => &self.c.dropped_torn,
-                            BadKind::Corrupt => &self.c.dropped_corrupt,
-                        };
-                        c.fetch_add(1, Relaxed);
-                        eprintln!(
-                            "kvpark nvme rank {}: {} offset {off}: dropped {:?} record: {reason}",
-                            self.rank(),
-                            seg_name(id),
-                            kind
-                        );
-                    }
+                    ScanItem::Bad { off, kind, reason } => bad.push((kind, off, reason)),
                 },
-            )
-            .ctx(format!("nvme: recover {}", path.display()))?;
+            );
+            if let Err(e) = scanned {
+                self.skip_segment(id, &format!("read failed: {e}"));
+                continue;
+            }
+            // Counted only for a segment that is used (a skipped one's
+            // records are neither indexed nor counted).
+            for (kind, off, reason) in bad {
+                let c = match kind {
+                    BadKind::Torn => &self.c.dropped_torn,
+                    BadKind::Corrupt => &self.c.dropped_corrupt,
+                };
+                c.fetch_add(1, Relaxed);
+                eprintln!(
+                    "kvpark nvme rank {}: {} offset {off}: dropped {:?} record: {reason}",
+                    self.rank(),
+                    seg_name(id),
+                    kind
+                );
+            }
             let len = super::format::align_up(file_len);
             st.segs.insert(
                 id,
@@ -790,6 +818,18 @@ impl Inner {
         st.next_lsn = max_lsn + 1;
         self.c.recovered.store(st.index.len() as u64, Relaxed);
         Ok(())
+    }
+
+    /// A `seg-*.kvp` entry recovery cannot use: counted
+    /// (`skipped_segments`), logged once, left where it is.
+    fn skip_segment(&self, id: u32, reason: &str) {
+        self.c.skipped_segments.fetch_add(1, Relaxed);
+        eprintln!(
+            "kvpark nvme rank {}: skipping {} in {}: {reason}",
+            self.rank(),
+            seg_name(id),
+            self.rank_dir.display()
+        );
     }
 
     fn put(&self, key: &BlockKey, session: u64, seq: u32, raw: &[u8]) -> Result<()> {
@@ -1508,6 +1548,7 @@ impl Inner {
             dropped_torn: c.dropped_torn.load(Relaxed),
             dropped_corrupt: c.dropped_corrupt.load(Relaxed),
             read_corrupt: c.read_corrupt.load(Relaxed),
+            skipped_segments: c.skipped_segments.load(Relaxed),
             puts: c.puts.load(Relaxed),
             put_raw_bytes: c.put_raw.load(Relaxed),
             put_stored_bytes: c.put_stored.load(Relaxed),
