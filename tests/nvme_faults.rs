@@ -439,6 +439,22 @@ fn fifos_never_block_open_inspect_or_the_slot_table() {
 }
 
 #[test]
+fn slot_table_with_a_huge_slot_count_is_a_corrupt_error() {
+    let t = tempfile::tempdir().unwrap();
+    let arena = t.path().join("host.rank0");
+    let mut b = vec![0u8; 64 + 64];
+    b[..8].copy_from_slice(b"KVPSLOT1");
+    b[8..16].copy_from_slice(&4096u64.to_le_bytes());
+    // 2^58 + 1 slots: 64 * slots wraps to 64 in 64-bit arithmetic.
+    b[16..24].copy_from_slice(&((1u64 << 58) + 1).to_le_bytes());
+    b[24..32].copy_from_slice(&4096u64.to_le_bytes());
+    std::fs::write(kvpark::tier::slots::table_path(&arena), &b).unwrap();
+    let e = kvpark::tier::slots::read_entries(&arena).expect_err("refused");
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    assert!(e.message().contains("288230376151711745 slots"), "{e}");
+}
+
+#[test]
 fn unusable_segment_entries_are_skipped_and_counted() {
     let t = tempfile::tempdir().unwrap();
     five_records(t.path());
