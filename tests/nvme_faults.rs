@@ -490,3 +490,30 @@ fn unusable_segment_entries_are_skipped_and_counted() {
         .file_type()
         .is_symlink());
 }
+
+#[test]
+fn a_second_store_on_the_same_rank_directory_is_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let s1 = NvmeStore::open(cfg(t.path())).unwrap();
+    s1.put(&key(1), 1, 1, &block(1, LEN)).unwrap();
+    let e = NvmeStore::open(cfg(t.path()))
+        .err()
+        .expect("a second store on rank0 is refused");
+    assert_eq!(e.kind(), ErrorKind::Busy, "{e}");
+    let rank_dir = t.path().join("rank0");
+    assert!(e.message().contains(&rank_dir.display().to_string()), "{e}");
+    assert!(
+        e.message().contains(&format!("pid {}", std::process::id())),
+        "{e}"
+    );
+    // Another rank of the same root is independent.
+    let mut c1 = cfg(t.path());
+    c1.rank = 1;
+    let other = NvmeStore::open(c1).unwrap();
+    drop(other);
+    // The first store is untouched and, once closed, the directory is free.
+    assert_eq!(read(&s1, &key(1)), block(1, LEN));
+    drop(s1);
+    let s2 = NvmeStore::open(cfg(t.path())).unwrap();
+    assert_eq!(read(&s2, &key(1)), block(1, LEN));
+}

@@ -5,9 +5,17 @@
 //! ```text
 //! <dir>/                      0700, never a symlink
 //!   rank<R>/                  0700, never a symlink
+//!     .lock                   0600, flock'ed by the one store that owns the directory
 //!     seg-000001.kvp          0600, opened O_NOFOLLOW (O_DIRECT when the fs allows)
 //!     seg-000002.kvp
 //! ```
+//!
+//! A store takes an exclusive `flock` on `rank<R>/.lock` (holding its pid)
+//! before it touches anything in the directory and keeps it until it is
+//! dropped: a second store on the same rank directory, in this process or
+//! another, fails with [`ErrorKind::Busy`](crate::ErrorKind::Busy) naming the
+//! directory and the holder's pid. (`inspect` and the scheduler's key scan
+//! only read, and take no lock.)
 //!
 //! Files are opened `O_NOFOLLOW | O_NONBLOCK` and checked with fstat before
 //! any read, so no entry can block an open. A `seg-*.kvp` entry that cannot

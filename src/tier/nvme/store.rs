@@ -269,6 +269,8 @@ struct Counters {
 }
 
 struct Inner {
+    /// The rank directory's lock file, `flock`ed for the store's lifetime.
+    _lock: File,
     cfg: NvmeConfig,
     rank_dir: PathBuf,
     direct: bool,
@@ -344,6 +346,8 @@ impl NvmeStore {
             std::os::unix::fs::PermissionsExt::from_mode(fsio::DIR_MODE),
         )
         .ctx(format!("nvme: chmod 0700 {}", rank_dir.display()))?;
+        // One owner per rank directory, before anything in it is touched.
+        let lock = fsio::lock_dir(&rank_dir)?;
 
         let (direct, direct_fallback) = if cfg.direct {
             match probe_direct_for(&rank_dir)? {
@@ -358,6 +362,7 @@ impl NvmeStore {
         };
 
         let inner = Inner {
+            _lock: lock,
             rank_dir,
             direct,
             direct_fallback,
