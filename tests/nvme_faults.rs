@@ -391,6 +391,23 @@ fn mkfifo(path: &Path) {
     );
 }
 
+/// Rewrites the header of the record at `off` through `edit` and fixes its
+/// header checksum, as a forger who knows the format would.
+fn forge_header(path: &Path, off: u64, edit: impl FnOnce(&mut [u8])) {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut h = [0u8; 128];
+    f.read_exact_at(&mut h, off).unwrap();
+    edit(&mut h);
+    let crc = crc32c::crc32c(&h[..124]);
+    h[124..].copy_from_slice(&crc.to_le_bytes());
+    f.write_all_at(&h, off).unwrap();
+    f.sync_all().unwrap();
+}
+
 fn five_records(dir: &Path) {
     let s = NvmeStore::open(cfg(dir)).unwrap();
     for i in 0..5 {
@@ -516,4 +533,36 @@ fn a_second_store_on_the_same_rank_directory_is_refused() {
     drop(s1);
     let s2 = NvmeStore::open(cfg(t.path())).unwrap();
     assert_eq!(read(&s2, &key(1)), block(1, LEN));
+}
+
+#[test]
+fn a_forged_record_length_does_not_hide_the_records_after_it() {
+    let t = tempfile::tempdir().unwrap();
+    five_records(t.path());
+    let seg = t.path().join("rank0/seg-000001.kvp");
+    // Record 1 claims 2 GiB with a valid header checksum.
+    forge_header(&seg, REC, |h| {
+        h[60..64].copy_from_slice(&0x7fff_0000u32.to_le_bytes());
+        h[64..68].copy_from_slice(&0x7fff_0000u32.to_le_bytes());
+    });
+    for verify_on_open in [false, true] {
+        let mut c = cfg(t.path());
+        c.verify_on_open = verify_on_open;
+        let s = NvmeStore::open(c).unwrap();
+        let st = s.stats();
+        assert_eq!(
+            (st.dropped_corrupt, st.dropped_torn, st.recovered_records),
+            (1, 0, 4),
+            "verify_on_open {verify_on_open}: {st:?}"
+        );
+        for i in [0, 2, 3, 4] {
+            assert_eq!(read(&s, &key(i)), block(i, LEN));
+        }
+        assert!(!s.contains(&key(1)));
+    }
+    let r = inspect(t.path(), true).unwrap();
+    let rk = &r.ranks[0];
+    assert_eq!((rk.live_records, rk.corrupt, rk.torn), (4, 1, 0), "{r}");
+    assert_eq!(rk.problems[0].offset, REC);
+    assert!(rk.problems[0].reason.contains("past end of file"), "{r}");
 }

@@ -47,9 +47,10 @@
 //!   valid record with the highest lsn. GC copies keep their lsn, so a crash
 //!   during GC leaves two identical records of one lsn, either of which is right.
 //! - **Recovery.** `open` walks every segment (see [`scan`] for the exact
-//!   rules): valid records are indexed; a record cut short by end of file is
-//!   *torn* (`dropped_torn`); a record failing a check is *corrupt*
-//!   (`dropped_corrupt`). Neither is ever indexed. By default the walk reads
+//!   rules): valid records are indexed; a record cut short by end of file
+//!   with nothing valid after it is *torn* (`dropped_torn`); a record failing
+//!   a check, or whose length runs past the end while valid records follow,
+//!   is *corrupt* (`dropped_corrupt`) and the walk resynchronises after it. Neither is ever indexed. By default the walk reads
 //!   headers only (fast: one 4 KiB read per record) and payload checksums are
 //!   checked on every read instead; `verify_on_open` checks them at open too.
 //! - **Space.** `used` = bytes of all segment files = live + dead. A put that

@@ -8,7 +8,12 @@
 //!   checked too and a mismatch is a *corrupt* record (skipped by its length).
 //! - a valid header whose payload runs past end of file, or a header cut short
 //!   by end of file, is a *torn* record (a write that did not finish); the
-//!   walk ends there.
+//!   walk ends there — unless a valid header starts at a later 4 KiB
+//!   boundary: then the record's length is damaged or forged (a crash only
+//!   tears the last record), it is counted *corrupt*, and the walk
+//!   resynchronises on the 4 KiB block right after its header, so the
+//!   records after it are recovered (the blocks between, its remains, are
+//!   not counted again).
 //! - a block of zeros is a hole (space reserved by a write that never
 //!   happened, or a failed write whose header the store wiped); skipped, not
 //!   counted, and the non-magic blocks after it are not counted either.
@@ -81,14 +86,34 @@ pub fn scan_segment(
         }
         match RecordHeader::decode(blk) {
             Ok(hdr) => {
-                let end = off + PAYLOAD_OFF as u64 + hdr.stored_len as u64;
-                if end > file_len {
+                let payload_at = off.checked_add(PAYLOAD_OFF as u64);
+                let end = payload_at.and_then(|p| p.checked_add(hdr.stored_len as u64));
+                if end.map_or(true, |e| e > file_len) {
+                    let present = payload_at.map_or(0, |p| file_len.saturating_sub(p));
+                    let next = off.checked_add(ALIGN as u64);
+                    if let Some(next) =
+                        next.filter(|&n| valid_header_after(file, n, file_len, pool))
+                    {
+                        // Something valid follows: this length is damaged
+                        // or forged, not a write cut short by a crash.
+                        f(ScanItem::Bad {
+                            off,
+                            kind: BadKind::Corrupt,
+                            reason: format!(
+                                "stored length {} runs past end of file ({present} bytes present) \
+                                 but valid records follow: a damaged length; walk resumes at offset {next}",
+                                hdr.stored_len
+                            ),
+                        });
+                        off = next;
+                        expect = false;
+                        continue;
+                    }
                     f(ScanItem::Bad {
                         off,
                         kind: BadKind::Torn,
                         reason: format!(
-                            "payload cut short by end of file ({} of {} bytes present)",
-                            file_len.saturating_sub(off + PAYLOAD_OFF as u64),
+                            "payload cut short by end of file ({present} of {} bytes present)",
                             hdr.stored_len
                         ),
                     });
@@ -157,4 +182,29 @@ pub fn scan_segment(
         }
     }
     Ok(())
+}
+
+/// Whether a valid record header starts at some 4 KiB boundary in
+/// `from..file_len`. A read error counts as "no" (the walk then reports
+/// the record before as torn, as it would have anyway).
+fn valid_header_after(file: &File, from: u64, file_len: u64, pool: &BufPool) -> bool {
+    let Ok(mut buf) = pool.get(ALIGN) else {
+        return false;
+    };
+    let mut at = from;
+    while at < file_len {
+        match read_full_at(file, &mut buf[..ALIGN], at) {
+            Ok(n) if n >= HEADER_LEN => {
+                if RecordHeader::decode(&buf[..n]).is_ok() {
+                    return true;
+                }
+            }
+            _ => return false,
+        }
+        match at.checked_add(ALIGN as u64) {
+            Some(a) => at = a,
+            None => return false,
+        }
+    }
+    false
 }
