@@ -566,3 +566,28 @@ fn a_forged_record_length_does_not_hide_the_records_after_it() {
     assert_eq!(rk.problems[0].offset, REC);
     assert!(rk.problems[0].reason.contains("past end of file"), "{r}");
 }
+
+#[test]
+fn inspect_verify_decodes_and_refuses_impossible_lengths() {
+    let t = tempfile::tempdir().unwrap();
+    five_records(t.path());
+    let seg = t.path().join("rank0/seg-000001.kvp");
+    // Record 1: the codec byte forged to lz4 (its payload is raw bytes).
+    forge_header(&seg, REC, |h| h[6] = 1);
+    // Record 3: lz4 claiming 4 GiB of raw bytes from a 10000-byte payload.
+    forge_header(&seg, 3 * REC, |h| {
+        h[6] = 1;
+        h[60..64].copy_from_slice(&u32::MAX.to_le_bytes());
+    });
+    let r = inspect(t.path(), true).unwrap();
+    let rk = &r.ranks[0];
+    let p: Vec<(u64, BadKind)> = rk.problems.iter().map(|p| (p.offset, p.kind)).collect();
+    assert_eq!(
+        p,
+        vec![(REC, BadKind::Corrupt), (3 * REC, BadKind::Corrupt)],
+        "{r}"
+    );
+    assert!(rk.problems[0].reason.contains("decode"), "{r}");
+    assert!(rk.problems[1].reason.contains("raw len 4294967295"), "{r}");
+    assert_eq!((rk.checksum_ok, rk.live_records), (3, 3), "{r}");
+}

@@ -7,7 +7,8 @@
 //! skipped and listed, as recovery skips it; opens never block. *Live* means
 //! the newest valid record of its key (as recovery would index it; a removed
 //! record not yet collected counts as live, see the module docs). With
-//! `verify`, every payload checksum is checked as well.
+//! `verify`, every payload checksum is checked as well and every compressed
+//! payload decoded (a failure is a corrupt record).
 
 use super::aligned::BufPool;
 use super::fsio;

@@ -5,7 +5,13 @@
 //! - a valid header (at the start of its 4 KiB header block) whose payload
 //!   (at record offset + 4096) fits in the file is a record; the walk
 //!   moves on by its padded length. With `verify`, the payload checksum is
-//!   checked too and a mismatch is a *corrupt* record (skipped by its length).
+//!   checked too, and a compressed payload is decoded (its raw length must be
+//!   one the codec can reach from the stored bytes, at most 255 per byte for
+//!   the lz4 codecs); a mismatch or a decode failure is a *corrupt* record
+//!   (skipped by its length). Verifying never allocates more than the
+//!   record's bytes that really are in the file (a raw payload is
+//!   checksummed in 1 MiB chunks) plus, for a compressed record, that raw
+//!   length.
 //! - a valid header whose payload runs past end of file, or a header cut short
 //!   by end of file, is a *torn* record (a write that did not finish); the
 //!   walk ends there — unless a valid header starts at a later 4 KiB
@@ -25,8 +31,9 @@
 //!   without the magic are its remains and are not counted again.
 
 use super::aligned::BufPool;
-use super::format::{RecordHeader, ALIGN, HEADER_LEN, PAYLOAD_OFF};
+use super::format::{align_up, RecordHeader, ALIGN, HEADER_LEN, PAYLOAD_OFF};
 use super::fsio::read_full_at;
+use crate::codec::{self, CodecTag};
 use crate::error::{Result, ResultExt};
 use std::fs::File;
 
@@ -120,27 +127,14 @@ pub fn scan_segment(
                     break;
                 }
                 if verify {
-                    let padded = hdr.padded_len() as usize;
-                    let mut rbuf = pool.get(padded)?;
-                    let got = read_full_at(file, &mut rbuf[..padded], off)
-                        .ctx(format!("scan offset {off}"))?;
-                    let payload_end = PAYLOAD_OFF + hdr.stored_len as usize;
-                    let crc = if got >= payload_end {
-                        Some(crc32c::crc32c(&rbuf[PAYLOAD_OFF..payload_end]))
-                    } else {
-                        None
-                    };
-                    match crc {
-                        Some(c) if c == hdr.payload_crc => f(ScanItem::Record { off, hdr }),
-                        Some(c) => f(ScanItem::Bad {
+                    match verify_payload(file, off, &hdr, pool).ctx(format!("scan offset {off}"))? {
+                        Payload::Ok => f(ScanItem::Record { off, hdr }),
+                        Payload::Corrupt(reason) => f(ScanItem::Bad {
                             off,
                             kind: BadKind::Corrupt,
-                            reason: format!(
-                                "payload checksum mismatch (stored {:08x}, computed {c:08x})",
-                                hdr.payload_crc
-                            ),
+                            reason,
                         }),
-                        None => {
+                        Payload::Short => {
                             f(ScanItem::Bad {
                                 off,
                                 kind: BadKind::Torn,
@@ -182,6 +176,92 @@ pub fn scan_segment(
         }
     }
     Ok(())
+}
+
+/// What a payload check found.
+enum Payload {
+    /// Checksum (and decode) fine.
+    Ok,
+    /// Checksum mismatch, or it does not decode.
+    Corrupt(String),
+    /// End of file before the payload's end.
+    Short,
+}
+
+/// Bytes read at once while checksumming a raw payload.
+const VERIFY_CHUNK: usize = 1 << 20;
+
+/// The most raw bytes an lz4 block (and so an lz4-planes record, plane by
+/// plane) can decode to per stored byte: a match costs at least one byte per
+/// 255 bytes it copies.
+const MAX_EXPANSION: u64 = 255;
+
+/// Checks the payload of the record at `off` (whose payload the caller has
+/// found to lie inside the file): its crc32c and, for a compressed record,
+/// that it decodes to exactly `raw len` bytes. Memory is bounded by the
+/// file's real bytes: a raw payload is checksummed in chunks of
+/// [`VERIFY_CHUNK`]; a compressed one is read whole (it lies in the file)
+/// and decoded only when its raw length is one the codec can reach from it.
+fn verify_payload(file: &File, off: u64, hdr: &RecordHeader, pool: &BufPool) -> Result<Payload> {
+    let at = off + PAYLOAD_OFF as u64; // no overflow: the caller checked the payload's end
+    let len = hdr.stored_len as usize;
+    if hdr.codec == CodecTag::None {
+        let mut buf = pool.get(VERIFY_CHUNK.min(align_up(len as u64) as usize).max(ALIGN))?;
+        let mut crc = 0u32;
+        let mut done = 0usize;
+        while done < len {
+            let want = (len - done).min(VERIFY_CHUNK);
+            // Whole 4 KiB blocks (O_DIRECT); the padding after the payload is in the file.
+            let req = align_up(want as u64) as usize;
+            let n = read_full_at(file, &mut buf[..req], at + done as u64)?;
+            if n < want {
+                return Ok(Payload::Short);
+            }
+            crc = crc32c::crc32c_append(crc, &buf[..want]);
+            done += want;
+        }
+        if crc != hdr.payload_crc {
+            return Ok(Payload::Corrupt(format!(
+                "payload checksum mismatch (stored {:08x}, computed {crc:08x})",
+                hdr.payload_crc
+            )));
+        }
+        return Ok(Payload::Ok);
+    }
+    let max_raw = (len as u64)
+        .checked_mul(MAX_EXPANSION)
+        .and_then(|m| m.checked_add(64))
+        .unwrap_or(u64::MAX);
+    if hdr.raw_len as u64 > max_raw {
+        return Ok(Payload::Corrupt(format!(
+            "raw len {} is more than a {} payload of {len} bytes can decode to",
+            hdr.raw_len,
+            hdr.codec.name()
+        )));
+    }
+    let padded = align_up(len as u64) as usize;
+    let mut buf = pool.get(padded.max(ALIGN))?;
+    let n = read_full_at(file, &mut buf[..padded], at)?;
+    if n < len {
+        return Ok(Payload::Short);
+    }
+    let payload = &buf[..len];
+    let crc = crc32c::crc32c(payload);
+    if crc != hdr.payload_crc {
+        return Ok(Payload::Corrupt(format!(
+            "payload checksum mismatch (stored {:08x}, computed {crc:08x})",
+            hdr.payload_crc
+        )));
+    }
+    let mut raw = vec![0u8; hdr.raw_len as usize];
+    if let Err(e) = codec::by_tag(hdr.codec).decode(payload, hdr.elem_size as usize, &mut raw) {
+        return Ok(Payload::Corrupt(format!(
+            "payload does not decode as {}: {}",
+            hdr.codec.name(),
+            e.message()
+        )));
+    }
+    Ok(Payload::Ok)
 }
 
 /// Whether a valid record header starts at some 4 KiB boundary in
