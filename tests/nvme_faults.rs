@@ -568,6 +568,66 @@ fn a_forged_record_length_does_not_hide_the_records_after_it() {
 }
 
 #[test]
+fn zeroed_headers_and_truncation_at_a_record_boundary_are_counted() {
+    // A record whose header block was zeroed: its remains follow.
+    let t = tempfile::tempdir().unwrap();
+    five_records(t.path());
+    let seg = t.path().join("rank0/seg-000001.kvp");
+    {
+        let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
+        f.write_all_at(&[0u8; 4096], 2 * REC).unwrap();
+    }
+    let s = NvmeStore::open(cfg(t.path())).unwrap();
+    let st = s.stats();
+    assert_eq!(
+        (st.dropped_corrupt, st.dropped_torn, st.recovered_records),
+        (1, 0, 4),
+        "{st:?}"
+    );
+    drop(s);
+    let r = inspect(t.path(), false).unwrap();
+    let rk = &r.ranks[0];
+    assert_eq!((rk.corrupt, rk.problems[0].offset), (1, 2 * REC), "{r}");
+    assert!(rk.problems[0].reason.contains("zeroed"), "{r}");
+
+    // A sealed segment cut exactly at a record boundary.
+    let t = tempfile::tempdir().unwrap();
+    let mut c = cfg(t.path());
+    c.segment_bytes = 3 * REC;
+    {
+        let s = NvmeStore::open(c.clone()).unwrap();
+        for i in 0..6 {
+            s.put(&key(i), 1, i as u32, &block(i, LEN)).unwrap();
+        }
+        assert_eq!(s.stats().segments, 2);
+    }
+    let seg = t.path().join("rank0/seg-000001.kvp");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&seg)
+        .unwrap()
+        .set_len(2 * REC)
+        .unwrap();
+    let s = NvmeStore::open(c.clone()).unwrap();
+    let st = s.stats();
+    assert_eq!(
+        (st.dropped_torn, st.dropped_corrupt, st.recovered_records),
+        (1, 0, 5),
+        "{st:?}"
+    );
+    assert!(!s.contains(&key(2)));
+    drop(s);
+    let r = inspect(t.path(), false).unwrap();
+    let rk = &r.ranks[0];
+    assert_eq!((rk.torn, rk.corrupt), (1, 0), "{r}");
+    assert_eq!(
+        (rk.problems[0].segment.as_str(), rk.problems[0].offset),
+        ("seg-000001.kvp", 2 * REC)
+    );
+    assert!(rk.problems[0].reason.contains("trailer"), "{r}");
+}
+
+#[test]
 fn inspect_verify_decodes_and_refuses_impossible_lengths() {
     let t = tempfile::tempdir().unwrap();
     five_records(t.path());

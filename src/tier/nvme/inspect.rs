@@ -13,7 +13,7 @@
 use super::aligned::BufPool;
 use super::fsio;
 use super::scan::{scan_segment, BadKind, ScanItem};
-use super::store::{list_segments, open_segment};
+use super::store::{list_segments, newest_segment, open_segment};
 use crate::block::BlockKey;
 use crate::codec::CodecTag;
 use crate::error::{Error, Result, ResultExt};
@@ -203,7 +203,9 @@ fn inspect_rank(rank: Option<u32>, dir: &Path, verify: bool, pool: &BufPool) -> 
         skipped_segments: 0,
         skipped: Vec::new(),
     };
-    for (_, path) in list_segments(dir)? {
+    let segs = list_segments(dir)?;
+    let newest_seg = newest_segment(&segs);
+    for (id, path) in segs {
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -221,40 +223,48 @@ fn inspect_rank(rank: Option<u32>, dir: &Path, verify: bool, pool: &BufPool) -> 
         };
         let si = r.segments.len();
         let mut records = 0;
-        scan_segment(&file, len, verify, pool, |item| match item {
-            ScanItem::Record { hdr, .. } => {
-                records += 1;
-                let i = all.len();
-                all.push(Rec {
-                    seg: si,
-                    lsn: hdr.lsn,
-                    raw: hdr.raw_len as u64,
-                    stored: hdr.stored_len as u64,
-                    codec: hdr.codec,
-                });
-                match newest.get(&hdr.key) {
-                    Some(&j) if all[j].lsn >= hdr.lsn => {}
-                    _ => {
-                        newest.insert(hdr.key, i);
+        scan_segment(
+            &file,
+            len,
+            id,
+            newest_seg == Some(id),
+            verify,
+            pool,
+            |item| match item {
+                ScanItem::Record { hdr, .. } => {
+                    records += 1;
+                    let i = all.len();
+                    all.push(Rec {
+                        seg: si,
+                        lsn: hdr.lsn,
+                        raw: hdr.raw_len as u64,
+                        stored: hdr.stored_len as u64,
+                        codec: hdr.codec,
+                    });
+                    match newest.get(&hdr.key) {
+                        Some(&j) if all[j].lsn >= hdr.lsn => {}
+                        _ => {
+                            newest.insert(hdr.key, i);
+                        }
                     }
                 }
-            }
-            ScanItem::Bad { off, kind, reason } => {
-                match kind {
-                    BadKind::Torn => r.torn += 1,
-                    BadKind::Corrupt => r.corrupt += 1,
+                ScanItem::Bad { off, kind, reason } => {
+                    match kind {
+                        BadKind::Torn => r.torn += 1,
+                        BadKind::Corrupt => r.corrupt += 1,
+                    }
+                    if reason.contains("checksum") {
+                        r.checksum_failed += 1;
+                    }
+                    r.problems.push(Problem {
+                        segment: name.clone(),
+                        offset: off,
+                        kind,
+                        reason,
+                    });
                 }
-                if reason.contains("checksum") {
-                    r.checksum_failed += 1;
-                }
-                r.problems.push(Problem {
-                    segment: name.clone(),
-                    offset: off,
-                    kind,
-                    reason,
-                });
-            }
-        })
+            },
+        )
         .ctx(format!("inspect {}", path.display()))?;
         r.file_bytes += len;
         r.segments.push(SegmentReport {

@@ -4,7 +4,7 @@
 
 use super::aligned::BufPool;
 use super::scan::{scan_segment, ScanItem};
-use super::store::{list_segments, open_segment, KeyInfo};
+use super::store::{list_segments, newest_segment, open_segment, KeyInfo};
 use crate::block::BlockKey;
 use crate::error::{Error, Result};
 use std::collections::HashMap;
@@ -24,13 +24,14 @@ pub fn scan_keys(dir: &Path, rank: u32) -> Result<Vec<KeyInfo>> {
     let segs = list_segments(&rank_dir)?;
     let pool = BufPool::new(2);
     let mut newest: HashMap<BlockKey, (u64, KeyInfo)> = HashMap::new();
-    for (_, path) in segs {
+    let newest_seg = newest_segment(&segs);
+    for (id, path) in segs {
         // An entry that is not a usable segment (symlink, directory, FIFO,
         // unreadable) is skipped, as recovery skips it; opens never block.
         let Ok((f, len)) = open_segment(&path, false) else {
             continue;
         };
-        scan_segment(&f, len, false, &pool, |item| {
+        scan_segment(&f, len, id, newest_seg == Some(id), false, &pool, |item| {
             if let ScanItem::Record { hdr, .. } = item {
                 let info = KeyInfo {
                     key: hdr.key,
