@@ -741,7 +741,7 @@ fn fuzz_record_payload() {
 fn check_slots(b: &[u8]) -> Result<(), TestCaseError> {
     let d = tempfile::tempdir().unwrap();
     let arena = d.path().join("arena");
-    std::fs::write(kvpark::tier::slots::table_path(&arena), &b).unwrap();
+    std::fs::write(kvpark::tier::slots::table_path(&arena), b).unwrap();
     let got = kvpark::tier::slots::read_entries(&arena);
     let overflows = b.len() >= 24 && &b[..8] == b"KVPSLOT1" && {
         let slots = u64::from_le_bytes(b[16..24].try_into().unwrap());
