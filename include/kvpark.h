@@ -122,10 +122,6 @@ typedef struct KvparkMatch {
   uint8_t load_async;
 } KvparkMatch;
 
-
-
-
-
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus

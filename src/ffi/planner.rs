@@ -106,11 +106,15 @@ pub unsafe extern "C" fn kvpark_planner_new(
             );
         }
         if let Some(f) = cfg.host_file_for(0) {
-            found.extend(
-                crate::mover::scan_host_file(&f)?
-                    .into_iter()
-                    .map(|(k, s, l)| (k, s, l, true, false)),
-            );
+            match crate::mover::scan_host_file(&f) {
+                Ok(v) => found.extend(v.into_iter().map(|(k, s, l)| (k, s, l, true, false))),
+                // A damaged table: the worker resets it when it opens the
+                // arena, so the engine starts without those host blocks.
+                Err(e) if e.kind() == crate::ErrorKind::Corrupt => {
+                    eprintln!("kvpark: {e}; starting without the host blocks it listed")
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
         if !found.is_empty() {
             p.recover_tiers(found);
