@@ -79,7 +79,7 @@ const HEADER: usize = 16;
 /// Record magic.
 const MAGIC: &[u8; 4] = b"KVPC";
 /// Largest caller metadata per chunk.
-pub(crate) const MAX_META: usize = 4096 - HEADER;
+pub const MAX_META: usize = 4096 - HEADER;
 /// Chunks belong to no session: their records carry session 0, seq 0.
 const NO_SESSION: u64 = 0;
 /// How long a get waits for a transfer of its chunk already in flight.
