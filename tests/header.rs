@@ -25,7 +25,10 @@ fn header_matches_cbindgen_output() {
     );
     let text = String::from_utf8(out).unwrap();
     let defines: Vec<&str> = text.lines().filter(|l| l.starts_with("#define ")).collect();
-    let version = format!("#define KVPARK_ABI_VERSION {}", kvpark::ffi::KVPARK_ABI_VERSION);
+    let version = format!(
+        "#define KVPARK_ABI_VERSION {}",
+        kvpark::ffi::KVPARK_ABI_VERSION
+    );
     assert_eq!(
         defines,
         ["#define KVPARK_H", version.as_str()],
