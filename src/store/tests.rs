@@ -262,3 +262,29 @@ fn records_with_bad_headers_are_corrupt() {
         ErrorKind::Corrupt
     );
 }
+
+#[test]
+fn the_store_is_shared_across_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<ChunkStore>();
+    let s = std::sync::Arc::new(
+        ChunkStore::open(&cfg(r#"{"host_bytes":"1MiB"}"#), 0, 4096, 2).unwrap(),
+    );
+    let hs: Vec<_> = (0..4u8)
+        .map(|t| {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                for i in 0..200u32 {
+                    let k = [t, (i % 50) as u8];
+                    let _ = s.put(&k, b"", &chunk(t, 4096));
+                    if let Ok(d) = get(&s, &k) {
+                        assert_eq!(d, chunk(t, 4096), "never another chunk's bytes");
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in hs {
+        h.join().unwrap();
+    }
+}
