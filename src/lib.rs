@@ -25,6 +25,7 @@
 //! | [`ffi`]      | everything below                                     | —                   |
 //! | [`planner`]  | policy, predict, index, block, config                | tier, copy, ffi     |
 //! | [`mover`]    | tier, copy, codec, index, block, config              | policy, ffi         |
+//! | [`store`]    | tier, index, block, config (chunks under caller keys: the LMCache plugin) | planner, mover, copy, ffi |
 //! | [`policy`]   | predict, block                                       | tier, copy, ffi, io |
 //! | [`predict`]  | (pure)                                               | everything with I/O |
 //! | [`tier`]     | codec, block, error                                  | planner, policy     |
@@ -52,6 +53,7 @@ pub mod planner;
 pub mod policy;
 pub mod predict;
 pub mod sim;
+pub mod store;
 pub mod tier;
 pub mod units;
 

@@ -15,10 +15,12 @@
 mod cuda;
 mod mover;
 mod planner;
+mod store;
 
 pub use cuda::*;
 pub use mover::*;
 pub use planner::*;
+pub use store::*;
 
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
