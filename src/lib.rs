@@ -51,6 +51,7 @@ pub mod plan;
 pub mod planner;
 pub mod policy;
 pub mod predict;
+pub mod preflight;
 pub mod sim;
 pub mod tier;
 pub mod units;
