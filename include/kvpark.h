@@ -198,7 +198,7 @@ enum KvparkStatus kvpark_cuda_bench(const char *json_in, char *out, uintptr_t ou
 enum KvparkStatus kvpark_cuda_transfer(const char *json_in, char *out, uintptr_t out_len);
 
 // Creates a worker-side mover for `rank`, after checking the config
-// against this machine for that rank ([`kvpark_config_preflight`]).
+// against this machine for that rank ([`kvpark_config_preflight`](super::kvpark_config_preflight)).
 //
 // # Safety
 // `config_json` valid for `len` bytes (or NULL with 0); `out` valid for writing.
@@ -284,7 +284,7 @@ enum KvparkStatus kvpark_mover_metrics(struct KvparkMover *m, struct KvparkBuf *
 
 // Creates the scheduler-side planner from the extra config (JSON) and
 // vLLM's block size in tokens, after the rank-independent checks of the
-// config against this machine ([`kvpark_config_preflight`]).
+// config against this machine ([`kvpark_config_preflight`](super::kvpark_config_preflight)).
 //
 // # Safety
 // `config_json` valid for `len` bytes (or NULL with 0); `out` valid for writing.

@@ -30,7 +30,7 @@ pub struct KvparkGeometry {
 }
 
 /// Creates a worker-side mover for `rank`, after checking the config
-/// against this machine for that rank ([`kvpark_config_preflight`]).
+/// against this machine for that rank ([`kvpark_config_preflight`](super::kvpark_config_preflight)).
 ///
 /// # Safety
 /// `config_json` valid for `len` bytes (or NULL with 0); `out` valid for writing.

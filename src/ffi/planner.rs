@@ -80,7 +80,7 @@ unsafe fn view<'a>(r: *const KvparkRequest) -> Result<RequestView<'a>, Fail> {
 
 /// Creates the scheduler-side planner from the extra config (JSON) and
 /// vLLM's block size in tokens, after the rank-independent checks of the
-/// config against this machine ([`kvpark_config_preflight`]).
+/// config against this machine ([`kvpark_config_preflight`](super::kvpark_config_preflight)).
 ///
 /// # Safety
 /// `config_json` valid for `len` bytes (or NULL with 0); `out` valid for writing.
