@@ -33,11 +33,11 @@ use std::path::{Path, PathBuf};
 #[serde(default, deny_unknown_fields)]
 pub struct Preflight {
     /// The worker rank whose tiers are checked; `None`: only the checks
-    /// that do not depend on a rank (the scheduler side, which maps no
-    /// host arena).
+    /// that do not depend on a rank (the scheduler side).
     pub rank: Option<u32>,
     /// Ranks of this engine on this machine, each mapping its own host
-    /// arena (0 is taken as 1).
+    /// arena. The memory check runs when `rank` is set (0 then counts as
+    /// 1) or when this is above 0 (a check made before any worker exists).
     pub ranks: u32,
     /// Host memory the caller still allocates after this check on this
     /// machine (vLLM's KV cache when it lives in host memory), bytes.
@@ -228,7 +228,7 @@ impl Config {
         if let Some(prefix) = &self.host_file {
             arena_needs_memory = self.check_host_file(prefix, ctx, &mut problems);
         }
-        if ctx.rank.is_some() && arena_needs_memory {
+        if (ctx.rank.is_some() || ctx.ranks > 0) && arena_needs_memory {
             if let Some(limit) = host_memory_limit() {
                 if let Some(p) = host_memory_problem(self.host_bytes, ctx, &limit) {
                     problems.push(p);
@@ -333,7 +333,8 @@ impl Config {
             }
         }
         let Some(rank) = ctx.rank else {
-            return true;
+            // Before any worker: an existing arena file already holds its memory.
+            return self.host_file_for(0).is_some_and(|f| !f.exists());
         };
         let arena = self.host_file_for(rank).expect("host_file is set");
         let a = arena.display();
@@ -507,10 +508,17 @@ mod tests {
             e.message().contains("the largest host_bytes that fits is"),
             "{e}"
         );
-        // The scheduler side maps no arena.
+        // The scheduler side maps no arena; a check before any worker counts `ranks`.
         assert!(cfg(r#"{"host_bytes":"1024TiB"}"#)
             .preflight(&Preflight::scheduler())
             .is_ok());
+        let early = Preflight {
+            ranks: 1,
+            ..Preflight::scheduler()
+        };
+        assert!(cfg(r#"{"host_bytes":"1024TiB"}"#)
+            .preflight(&early)
+            .is_err());
     }
 
     #[test]

@@ -107,8 +107,10 @@ fn preflight_counts_every_rank_and_reserved_memory() {
     );
     let (_, e) = run(&reserve).unwrap_err();
     assert!(e.contains("KV cache vLLM allocates in host memory"), "{e}");
-    // Rank-independent checks only: no memory check.
-    assert!(run(r#"{"rank":null,"ranks":8}"#).is_ok());
+    // Rank-independent checks only: no memory check, unless ranks are named
+    // (a check made before any worker exists).
+    assert!(run(r#"{"rank":null}"#).is_ok());
+    assert!(run(r#"{"rank":null,"ranks":8}"#).is_err());
     let (st, e) = run(r#"{"rnak":0}"#).unwrap_err();
     assert_eq!(st, KvparkStatus::InvalidArgument, "{e}");
 }

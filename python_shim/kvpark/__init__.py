@@ -5,7 +5,7 @@ ABI with ctypes. Importing this package does not load the library; the connector
 when vLLM builds it (`$KVPARK_LIB`, else `kvpark/lib/libkvpark.so`).
 """
 
-from ._ffi import ABI_VERSION, LIB_ENV, library_path, load_library, validate_config
+from ._ffi import ABI_VERSION, LIB_ENV, library_path, load_library, preflight_config, validate_config
 from .errors import (
     AbiMismatchError,
     BufferTooSmallError,
@@ -48,5 +48,6 @@ __all__ = [
     "UnsupportedError",
     "library_path",
     "load_library",
+    "preflight_config",
     "validate_config",
 ]

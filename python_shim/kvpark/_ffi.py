@@ -104,6 +104,7 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "kvpark_last_error": (c_size_t, [c_char_p, c_size_t]),
     "kvpark_buf_free": (None, [KvparkBuf]),
     "kvpark_config_validate": (_Status, [_u8p, c_size_t, POINTER(KvparkBuf)]),
+    "kvpark_config_preflight": (_Status, [_u8p, c_size_t, _u8p, c_size_t, POINTER(KvparkBuf)]),
     "kvpark_planner_new": (_Status, [_u8p, c_size_t, c_uint32, POINTER(_PlannerP)]),
     "kvpark_planner_free": (None, [_PlannerP]),
     "kvpark_planner_match": (
@@ -255,6 +256,23 @@ def validate_config(config: dict[str, Any] | None) -> dict[str, Any]:
     return json.loads(_take_buf(l, out) or b"{}")
 
 
+def preflight_config(config: dict[str, Any] | None, context: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Validates kv_connector_extra_config and checks it against this machine
+    (kvpark_config_preflight): directories, host memory, a reused host_file.
+
+    `context`: {"rank": N | None, "ranks": N, "reserve_host_bytes": N, "block_bytes": N}.
+    Returns the normalized config; raises ConfigError with one line per problem.
+    """
+    l = lib()
+    raw = json.dumps(config or {}).encode()
+    ctx = json.dumps(context or {}).encode()
+    ptr, n = _bytes_ptr(raw)
+    cptr, cn = _bytes_ptr(ctx)
+    out = KvparkBuf()
+    _call(l, "kvpark_config_preflight", ptr, n, cptr, cn, ctypes.byref(out))
+    return json.loads(_take_buf(l, out) or b"{}")
+
+
 class RequestView:
     """Keeps the bytes of one KvparkRequest alive while the struct is in use."""
 
@@ -354,10 +372,14 @@ class Planner:
         ptr, n = _bytes_ptr(blob)
         _call(self._lib, "kvpark_planner_on_worker_meta", self._handle(), ptr, n, c_uint64(now_ns))
 
-    def metrics(self) -> dict[str, Any]:
+    def metrics_bytes(self) -> bytes:
+        """The metrics snapshot as the library's JSON bytes."""
         out = KvparkBuf()
         _call(self._lib, "kvpark_planner_metrics", self._handle(), ctypes.byref(out))
-        return json.loads(_take_buf(self._lib, out) or b"{}")
+        return _take_buf(self._lib, out)
+
+    def metrics(self) -> dict[str, Any]:
+        return json.loads(self.metrics_bytes() or b"{}")
 
 
 class Mover:
@@ -419,10 +441,14 @@ class Mover:
         _call(self._lib, "kvpark_mover_take_worker_meta", self._handle(), ctypes.byref(out))
         return _take_buf(self._lib, out)
 
-    def metrics(self) -> dict[str, Any]:
+    def metrics_bytes(self) -> bytes:
+        """The metrics snapshot as the library's JSON bytes."""
         out = KvparkBuf()
         _call(self._lib, "kvpark_mover_metrics", self._handle(), ctypes.byref(out))
-        return json.loads(_take_buf(self._lib, out) or b"{}")
+        return _take_buf(self._lib, out)
+
+    def metrics(self) -> dict[str, Any]:
+        return json.loads(self.metrics_bytes() or b"{}")
 
 
 __all__ = [
@@ -437,5 +463,6 @@ __all__ = [
     "library_path",
     "load_library",
     "last_error",
+    "preflight_config",
     "validate_config",
 ]

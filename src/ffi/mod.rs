@@ -275,7 +275,8 @@ pub unsafe extern "C" fn kvpark_config_validate(
 /// existing `host_file`: `Config::preflight`) for the context
 /// `context_json`, a JSON object `{"rank": N | null, "ranks": N,
 /// "reserve_host_bytes": N, "block_bytes": N}` (every field optional; rank
-/// null or absent: only the checks that do not depend on a rank). Returns
+/// null or absent: only the checks that do not depend on a rank, and the
+/// host memory of `ranks` arenas when `ranks` is above 0). Returns
 /// the normalized configuration as JSON; on failure the last error holds one
 /// line per problem, each starting with the config key.
 ///
