@@ -143,12 +143,33 @@ _lib_path: str | None = None
 _lock = threading.Lock()
 
 
+def _candidates() -> list[Path]:
+    """Where the library may be, in order: in a source checkout (an editable install) the
+    crate's Cargo output, so a rebuilt library is used without reinstalling; then the
+    library the wheel carries (kvpark/lib/libkvpark*.so)."""
+    pkg = Path(__file__).resolve().parent
+    out: list[Path] = []
+    crate = pkg.parent.parent
+    if (crate / "Cargo.toml").is_file() and (crate / "src" / "ffi").is_dir():
+        target = os.environ.get("CARGO_TARGET_DIR")
+        if target:
+            out.append(Path(target) / "release" / "libkvpark.so")
+        out.append(crate / "target" / "release" / "libkvpark.so")
+    out.extend(sorted((pkg / "lib").glob("libkvpark*.so")))
+    return out
+
+
 def library_path() -> Path:
-    """Where the library is looked for: $KVPARK_LIB, else the package's lib/libkvpark.so."""
+    """Where the library is looked for: $KVPARK_LIB, else the first of `_candidates` that
+    exists (the package's lib/libkvpark.abi3.so in a wheel install)."""
     env = os.environ.get(LIB_ENV)
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent / "lib" / "libkvpark.so"
+    cands = _candidates()
+    for c in cands:
+        if c.is_file():
+            return c
+    return cands[0] if cands else Path(__file__).resolve().parent / "lib" / "libkvpark.abi3.so"
 
 
 def load_library(path: str | os.PathLike | None = None) -> ctypes.CDLL:
@@ -164,9 +185,10 @@ def load_library(path: str | os.PathLike | None = None) -> ctypes.CDLL:
             return _lib
         if not want.is_file():
             raise LibraryNotFoundError(
-                f"libkvpark not found at {want}: build it with `cargo build --release` and "
-                f"reinstall python_shim (which copies target/release/libkvpark.so into "
-                f"kvpark/lib/), or set {LIB_ENV}=/path/to/libkvpark.so"
+                f"libkvpark not found at {want}: install the package with `pip install "
+                f"./python_shim` (it builds libkvpark with Cargo and bundles it), run "
+                f"`cargo build --release` for an editable install, or set "
+                f"{LIB_ENV}=/path/to/libkvpark.so"
             )
         lib = ctypes.CDLL(str(want))
         try:
