@@ -322,6 +322,7 @@ class KVParkConnector(KVConnectorBase_V1):
         self._stream = None  # the CUDA stream last passed to the mover
         self._failed_blocks: set[int] = set()
         self._last_match: dict[str, bool] = {}
+        self._bad_hint_reqs: set[str] = set()
         # metrics: the last snapshot sent (worker: its own; scheduler: the planner's),
         # and on the scheduler the newest snapshot of every worker rank
         self._sent_snapshot: bytes | None = None
@@ -449,8 +450,10 @@ class KVParkConnector(KVConnectorBase_V1):
         except kvpark_errors.InvalidArgumentError as e:
             if view.struct.hint_len == 0:
                 raise
-            self.shim_counters["bad_hints"] += 1
-            logger.warning("kvpark: ignoring the hint of request %s: %s", request.request_id, e.message)
+            if request.request_id not in self._bad_hint_reqs:  # once per request
+                self._bad_hint_reqs.add(request.request_id)
+                self.shim_counters["bad_hints"] += 1
+                logger.warning("kvpark: ignoring the hint of request %s: %s", request.request_id, e.message)
             return call(_request_view(request, with_hint=False))
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
@@ -501,6 +504,7 @@ class KVParkConnector(KVConnectorBase_V1):
         )
         self.shim_counters["delayed_frees"] += int(delay)
         self._last_match.pop(request.request_id, None)
+        self._bad_hint_reqs.discard(request.request_id)
         return delay, None
 
     # ------------------------------------------------------------------ worker
