@@ -152,6 +152,30 @@ void kvpark_buf_free(struct KvparkBuf buf);
 // `json` must be valid for `len` bytes; `out` must be valid for writing.
 enum KvparkStatus kvpark_config_validate(const uint8_t *json, uintptr_t len, struct KvparkBuf *out);
 
+// Validates `kv_connector_extra_config` like [`kvpark_config_validate`],
+// then checks it against this machine (directories, host memory, an
+// existing `host_file`: `Config::preflight`) for the context
+// `context_json`, a JSON object `{"rank": N | null, "ranks": N,
+// "reserve_host_bytes": N, "block_bytes": N}` (every field optional; rank
+// null or absent: only the checks that do not depend on a rank, and the
+// host memory of `ranks` arenas when `ranks` is above 0). Returns
+// the normalized configuration as JSON; on failure the last error holds one
+// line per problem, each starting with the config key.
+//
+// [`kvpark_planner_new`] and [`kvpark_mover_new`] run the same checks (the
+// mover for its rank, alone on the machine); calling this first lets a
+// caller that knows more (other ranks, memory it still allocates) check
+// that too.
+//
+// # Safety
+// `json` valid for `len` bytes and `context_json` for `context_len` bytes
+// (each NULL with 0); `out` valid for writing.
+enum KvparkStatus kvpark_config_preflight(const uint8_t *json,
+                                          uintptr_t len,
+                                          const uint8_t *context_json,
+                                          uintptr_t context_len,
+                                          struct KvparkBuf *out);
+
 // Runs the CUDA engine's self-test on `device`; writes a text report.
 //
 // # Safety
@@ -173,7 +197,8 @@ enum KvparkStatus kvpark_cuda_bench(const char *json_in, char *out, uintptr_t ou
 // the sizes it states; `out` valid for `out_len` bytes.
 enum KvparkStatus kvpark_cuda_transfer(const char *json_in, char *out, uintptr_t out_len);
 
-// Creates a worker-side mover for `rank`.
+// Creates a worker-side mover for `rank`, after checking the config
+// against this machine for that rank ([`kvpark_config_preflight`](super::kvpark_config_preflight)).
 //
 // # Safety
 // `config_json` valid for `len` bytes (or NULL with 0); `out` valid for writing.
@@ -258,7 +283,8 @@ enum KvparkStatus kvpark_mover_take_worker_meta(struct KvparkMover *m, struct Kv
 enum KvparkStatus kvpark_mover_metrics(struct KvparkMover *m, struct KvparkBuf *out);
 
 // Creates the scheduler-side planner from the extra config (JSON) and
-// vLLM's block size in tokens.
+// vLLM's block size in tokens, after the rank-independent checks of the
+// config against this machine ([`kvpark_config_preflight`](super::kvpark_config_preflight)).
 //
 // # Safety
 // `config_json` valid for `len` bytes (or NULL with 0); `out` valid for writing.

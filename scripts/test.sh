@@ -40,9 +40,8 @@ valgrind --quiet --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=d
    target/abi_smoke
 
 step "vLLM connector (real vLLM engine, CPU backend)"
-# scripts/e2e_setup.sh (run by setup.sh) built libkvpark and installed python_shim;
-# refresh the library in the package in case the sources changed since.
-cp -f target/release/libkvpark.so python_shim/kvpark/lib/libkvpark.so
+# scripts/e2e_setup.sh (run by setup.sh) installed python_shim in editable mode: it loads
+# target/release/libkvpark.so, which the C ABI step above rebuilt from these sources.
 .venv/bin/python -m pytest tests/vllm -q -p no:cacheprovider 2>&1 | tee target/vllm-tests.log
 
 step "LMCache storage plugin (real lmcache from PyPI, CPU)"

@@ -254,7 +254,7 @@ impl Config {
                 }
                 "nvme_bytes" => c.nvme_bytes = as_size(k, v)?,
                 "nvme_segment_bytes" => c.nvme_segment_bytes = as_size(k, v)?,
-                "codec" => c.codec = CodecTag::parse(as_str(k, v)?).map_err(|e| e.context(k))?,
+                "codec" => c.codec = CodecTag::parse(as_str(k, v)?)?,
                 "sync_load_budget_bytes" => c.sync_load_budget_bytes = as_size(k, v)?,
                 "layerwise_load" => {
                     c.layerwise_load = match v {

@@ -52,6 +52,7 @@ pub mod plan;
 pub mod planner;
 pub mod policy;
 pub mod predict;
+pub mod preflight;
 pub mod sim;
 pub mod store;
 pub mod tier;

@@ -79,7 +79,8 @@ unsafe fn view<'a>(r: *const KvparkRequest) -> Result<RequestView<'a>, Fail> {
 }
 
 /// Creates the scheduler-side planner from the extra config (JSON) and
-/// vLLM's block size in tokens.
+/// vLLM's block size in tokens, after the rank-independent checks of the
+/// config against this machine ([`kvpark_config_preflight`](super::kvpark_config_preflight)).
 ///
 /// # Safety
 /// `config_json` valid for `len` bytes (or NULL with 0); `out` valid for writing.
@@ -93,6 +94,7 @@ pub unsafe extern "C" fn kvpark_planner_new(
     guard("kvpark_planner_new", || {
         let cfg = Config::from_json(bytes(config_json, len, "config_json")?)?;
         nn(out, "out")?;
+        cfg.preflight(&crate::preflight::Preflight::scheduler())?;
         let mut p = BlockPlanner::new(cfg.clone(), block_size)?;
         let mut found: Vec<crate::planner::blocks::Recovered> = Vec::new();
         // Blocks of another model's store are indexed like any others but
