@@ -27,6 +27,8 @@ export PATH="$PWD/.venv/bin:$PATH"
 PYTHON=.venv/bin/python bash scripts/install_vllm.sh
 # NVRTC of CUDA 12 and of CUDA 13 (PyTorch cu13 builds bring the latter)
 .venv/bin/python -m pip install -q pytest nvidia-cuda-nvrtc-cu12 "nvidia-cuda-nvrtc>=13,<14"
+# the real KV corpus of the codec tests and bench (scripts/kv_corpus.py)
+bash scripts/kv_corpus.sh target/kv-corpus
 if [ -f scripts/e2e_setup.sh ]; then
   PYTHON=.venv/bin/python bash scripts/e2e_setup.sh
 fi

@@ -20,6 +20,13 @@ cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps -q
 
+step "real KV corpus"
+# post-RoPE K/V of SmolLM2-135M over real text (scripts/kv_corpus.py, ~1-2 min
+# on two cores); the codec ratio test asserts >= 1.40x on its bf16 records
+export KVPARK_KV_CORPUS="$PWD/target/kv-corpus"
+bash scripts/kv_corpus.sh "$KVPARK_KV_CORPUS"
+export KVPARK_REQUIRE_CORPUS=1
+
 step "rust tests"
 cargo test --lib --bins --tests 2>&1 | tee target/rust-tests.log
 cargo test --doc -q

@@ -30,7 +30,7 @@
 //! | [`predict`]  | (pure)                                               | everything with I/O |
 //! | [`tier`]     | codec, block, error                                  | planner, policy     |
 //! | [`copy`]     | block, error (`copy::cuda` implements `tier::host::PinHook`) | planner, mover |
-//! | [`sim`]      | planner, policy, predict                             | ffi, tier, copy     |
+//! | [`sim`]      | planner, policy, predict, codec (measured figures)   | ffi, tier, copy     |
 //! | [`config`]   | codec, error, units, `copy::cuda::plan` (pure: the `copy_strategy` rules) | tier, planner, mover, ffi |
 //!
 //! `policy` and `predict` are pure code: no threads, no I/O, no clock reads.

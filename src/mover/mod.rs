@@ -383,6 +383,16 @@ impl Mover {
                 nc.io_threads = self.cfg.io_threads as usize;
                 nc.codec = self.cfg.codec;
                 nc.elem_size = geom.dtype.size();
+                if nc.codec == crate::codec::CodecTag::Fp8Lossy
+                    && !matches!(
+                        geom.dtype,
+                        crate::block::Dtype::Bf16 | crate::block::Dtype::F32
+                    )
+                {
+                    return Err(crate::error::Error::config(
+                        "codec fp8-lossy: bf16 or fp32 KV only (its 2-byte input is bf16)",
+                    ));
+                }
                 nc.fsync = match self.cfg.fsync {
                     Fsync::Never => FsyncPolicy::Never,
                     Fsync::Segment => FsyncPolicy::PerSegment,
