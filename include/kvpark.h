@@ -50,9 +50,6 @@ typedef struct KvparkPlanner KvparkPlanner;
 // Opaque chunk-store handle.
 typedef struct KvparkStore KvparkStore;
 
-// How a transfer is moved (see the module docs).
-typedef struct Strategy Strategy;
-
 // Bytes owned by kvpark, returned to the caller; release with [`kvpark_buf_free`].
 typedef struct KvparkBuf {
   // Start of the bytes (NULL when `len` is 0).

@@ -35,6 +35,22 @@ fn header_matches_cbindgen_output() {
         "only kvpark-prefixed names may enter the C namespace, and the ABI version \
          (written in cbindgen.toml) must be the library's"
     );
+    // every type the header names is kvpark's
+    for line in text.lines() {
+        let line = line.trim_start();
+        for intro in ["typedef struct ", "typedef enum ", "struct ", "enum "] {
+            if let Some(rest) = line.strip_prefix(intro) {
+                let name: String = rest
+                    .chars()
+                    .take_while(|c| c.is_alphanumeric() || *c == '_')
+                    .collect();
+                assert!(
+                    name.is_empty() || name.starts_with("Kvpark"),
+                    "unprefixed type {name:?} in the C header ({line})"
+                );
+            }
+        }
+    }
     for sym in [
         "kvpark_abi_version",
         "kvpark_last_error",
