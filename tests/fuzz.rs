@@ -654,7 +654,7 @@ fn records_in(file: &[u8]) -> Vec<(BlockKey, bool, Option<Vec<u8>>)> {
 }
 
 fn check_codecs(payload: &[u8], raw_len: usize) -> Result<(), TestCaseError> {
-    for tag in [CodecTag::None, CodecTag::Lz4, CodecTag::Lz4Planes] {
+    for tag in codec::ALL {
         let c = codec::by_tag(tag);
         for es in [1usize, 2, 4, 8] {
             let mut dst = vec![0u8; raw_len];
@@ -668,7 +668,9 @@ fn check_codecs(payload: &[u8], raw_len: usize) -> Result<(), TestCaseError> {
         c.encode(src, 2, &mut enc).unwrap();
         let mut dec = vec![0u8; src.len()];
         c.decode(&enc, 2, &mut dec).unwrap();
-        prop_assert_eq!(&dec[..], src, "{} round trip", tag.name());
+        if c.lossless() {
+            prop_assert_eq!(&dec[..], src, "{} round trip", tag.name());
+        }
     }
     Ok(())
 }
