@@ -314,3 +314,40 @@ mod closed_loop {
         assert_eq!(t.over_context, 0);
     }
 }
+
+/// On every shipped deployment, at its stated load, the oracle gives the
+/// best user TTFT p90 (within 1%) and recomputes least, and on the embedded
+/// trace host memory binds (peak parked KV ≥ 3× host), as the files state.
+#[test]
+fn oracle_is_best_on_every_shipped_deployment() {
+    let (embedded, _) = trace(kvpark::sim::DEFAULT_SESSIONS, kvpark::sim::DEFAULT_SEED);
+    let (script, _) = trace(300, 11);
+    let names: Vec<String> = kvpark::sim::DEFAULT_POLICIES
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    for (file, d) in Deployment::shipped() {
+        let r = run_all(&script, &d, &names, &cfg(d.time_compression, false), 2).unwrap();
+        let o = get(&r, "oracle");
+        for x in &r {
+            assert!(
+                o.ttft_user_s[1] <= x.ttft_user_s[1] * 1.01,
+                "{file}: oracle p90 {} > {} {}",
+                o.ttft_user_s[1],
+                x.policy,
+                x.ttft_user_s[1]
+            );
+            assert!(
+                o.recompute_tokens <= x.recompute_tokens,
+                "{file}: {}",
+                x.policy
+            );
+        }
+        let e = run_policy(&embedded, &d, "oracle", &cfg(d.time_compression, false)).unwrap();
+        assert!(
+            e.parked.peak as f64 >= 3.0 * d.host_bytes as f64,
+            "{file}: host memory does not bind ({} parked)",
+            e.parked.peak
+        );
+    }
+}
