@@ -47,8 +47,8 @@ typedef struct KvparkMover KvparkMover;
 // Opaque scheduler-side handle.
 typedef struct KvparkPlanner KvparkPlanner;
 
-// How a transfer is moved (see the module docs).
-typedef struct Strategy Strategy;
+// Opaque chunk-store handle.
+typedef struct KvparkStore KvparkStore;
 
 // Bytes owned by kvpark, returned to the caller; release with [`kvpark_buf_free`].
 typedef struct KvparkBuf {
@@ -122,10 +122,6 @@ typedef struct KvparkMatch {
   uint8_t load_async;
 } KvparkMatch;
 
-
-
-
-
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -153,6 +149,30 @@ void kvpark_buf_free(struct KvparkBuf buf);
 // `json` must be valid for `len` bytes; `out` must be valid for writing.
 enum KvparkStatus kvpark_config_validate(const uint8_t *json, uintptr_t len, struct KvparkBuf *out);
 
+// Validates `kv_connector_extra_config` like [`kvpark_config_validate`],
+// then checks it against this machine (directories, host memory, an
+// existing `host_file`: `Config::preflight`) for the context
+// `context_json`, a JSON object `{"rank": N | null, "ranks": N,
+// "reserve_host_bytes": N, "block_bytes": N}` (every field optional; rank
+// null or absent: only the checks that do not depend on a rank, and the
+// host memory of `ranks` arenas when `ranks` is above 0). Returns
+// the normalized configuration as JSON; on failure the last error holds one
+// line per problem, each starting with the config key.
+//
+// [`kvpark_planner_new`] and [`kvpark_mover_new`] run the same checks (the
+// mover for its rank, alone on the machine); calling this first lets a
+// caller that knows more (other ranks, memory it still allocates) check
+// that too.
+//
+// # Safety
+// `json` valid for `len` bytes and `context_json` for `context_len` bytes
+// (each NULL with 0); `out` valid for writing.
+enum KvparkStatus kvpark_config_preflight(const uint8_t *json,
+                                          uintptr_t len,
+                                          const uint8_t *context_json,
+                                          uintptr_t context_len,
+                                          struct KvparkBuf *out);
+
 // Runs the CUDA engine's self-test on `device`; writes a text report.
 //
 // # Safety
@@ -174,7 +194,8 @@ enum KvparkStatus kvpark_cuda_bench(const char *json_in, char *out, uintptr_t ou
 // the sizes it states; `out` valid for `out_len` bytes.
 enum KvparkStatus kvpark_cuda_transfer(const char *json_in, char *out, uintptr_t out_len);
 
-// Creates a worker-side mover for `rank`.
+// Creates a worker-side mover for `rank`, after checking the config
+// against this machine for that rank ([`kvpark_config_preflight`](super::kvpark_config_preflight)).
 //
 // # Safety
 // `config_json` valid for `len` bytes (or NULL with 0); `out` valid for writing.
@@ -259,7 +280,8 @@ enum KvparkStatus kvpark_mover_take_worker_meta(struct KvparkMover *m, struct Kv
 enum KvparkStatus kvpark_mover_metrics(struct KvparkMover *m, struct KvparkBuf *out);
 
 // Creates the scheduler-side planner from the extra config (JSON) and
-// vLLM's block size in tokens.
+// vLLM's block size in tokens, after the rank-independent checks of the
+// config against this machine ([`kvpark_config_preflight`](super::kvpark_config_preflight)).
 //
 // # Safety
 // `config_json` valid for `len` bytes (or NULL with 0); `out` valid for writing.
@@ -330,6 +352,114 @@ enum KvparkStatus kvpark_planner_on_worker_meta(struct KvparkPlanner *p,
 // # Safety
 // `out` valid for writing.
 enum KvparkStatus kvpark_planner_metrics(struct KvparkPlanner *p, struct KvparkBuf *out);
+
+// Opens the chunk store of `rank` with the configuration `config_json`
+// (the keys of `kvpark_config_validate`), for chunks of up to `chunk_bytes`
+// data bytes whose elements are `elem_size` bytes (1, 2, 4 or 8). Chunks
+// found on NVMe are indexed.
+//
+// # Safety
+// `config_json` valid for `len` bytes (or NULL with 0); `out` valid for writing.
+enum KvparkStatus kvpark_store_open(const uint8_t *config_json,
+                                    uintptr_t len,
+                                    uint32_t rank,
+                                    uint64_t chunk_bytes,
+                                    uint32_t elem_size,
+                                    struct KvparkStore **out);
+
+// Closes and frees a store (finishes queued NVMe writes). NULL is a no-op.
+//
+// # Safety
+// `s` must come from [`kvpark_store_open`] and be freed once.
+void kvpark_store_free(struct KvparkStore *s);
+
+// Stores a chunk: `meta` (opaque, at most 4080 bytes) and `data` (at most
+// the store's `chunk_bytes`) under `key`. `*stored` (if not NULL) is 1 when
+// written, 0 when the key was already stored.
+//
+// # Safety
+// Each pointer valid for its length (NULL only with length 0); `stored` NULL or writable.
+enum KvparkStatus kvpark_store_put(struct KvparkStore *s,
+                                   const uint8_t *key,
+                                   uintptr_t key_len,
+                                   const uint8_t *meta,
+                                   uintptr_t meta_len,
+                                   const uint8_t *data,
+                                   uintptr_t data_len,
+                                   uint8_t *stored);
+
+// Whether `key` is stored (`*found` 1 or 0). With `pin` non-zero, a host
+// copy is pinned (release with [`kvpark_store_unpin`]) and a chunk only on
+// NVMe starts coming back into host memory.
+//
+// # Safety
+// `key` valid for `key_len` bytes; `found` valid for writing.
+enum KvparkStatus kvpark_store_contains(struct KvparkStore *s,
+                                        const uint8_t *key,
+                                        uintptr_t key_len,
+                                        uint8_t pin,
+                                        uint8_t *found);
+
+// The metadata (`*meta`, free with `kvpark_buf_free`) and data length
+// (`*data_len`) of `key`, reading it from NVMe when only there.
+// `NotFound` on a miss, `Corrupt` when its record failed a check.
+//
+// # Safety
+// `key` valid for `key_len` bytes; `meta` and `data_len` valid for writing.
+enum KvparkStatus kvpark_store_lookup(struct KvparkStore *s,
+                                      const uint8_t *key,
+                                      uintptr_t key_len,
+                                      struct KvparkBuf *meta,
+                                      uint64_t *data_len);
+
+// Copies the data of `key` into `dst` (`cap` bytes, at least the data
+// length) and writes the data length to `*len`. `NotFound` on a miss,
+// `Corrupt` when its record failed a check, `InvalidArgument` when `cap`
+// is short; `dst` is written only on success.
+//
+// # Safety
+// `key` valid for `key_len` bytes; `dst` valid for writing `cap` bytes; `len` writable.
+enum KvparkStatus kvpark_store_get(struct KvparkStore *s,
+                                   const uint8_t *key,
+                                   uintptr_t key_len,
+                                   uint8_t *dst,
+                                   uintptr_t cap,
+                                   uint64_t *len);
+
+// Pins the host copy of `key`. `InvalidArgument` when it has none (only on NVMe).
+//
+// # Safety
+// `key` valid for `key_len` bytes.
+enum KvparkStatus kvpark_store_pin(struct KvparkStore *s, const uint8_t *key, uintptr_t key_len);
+
+// Releases one pin of `key`. `InvalidArgument` when it is not pinned.
+//
+// # Safety
+// `key` valid for `key_len` bytes.
+enum KvparkStatus kvpark_store_unpin(struct KvparkStore *s, const uint8_t *key, uintptr_t key_len);
+
+// Removes `key` from every tier; `*removed` (if not NULL) 1 or 0 (not
+// stored). `Busy` while it is pinned or being copied.
+//
+// # Safety
+// `key` valid for `key_len` bytes; `removed` NULL or writable.
+enum KvparkStatus kvpark_store_remove(struct KvparkStore *s,
+                                      const uint8_t *key,
+                                      uintptr_t key_len,
+                                      uint8_t *removed);
+
+// Waits up to `timeout_ms` for the NVMe writes in flight (`Busy` if they
+// are still running then).
+//
+// # Safety
+// `s` must be a live store.
+enum KvparkStatus kvpark_store_flush(struct KvparkStore *s, uint64_t timeout_ms);
+
+// Metrics snapshot as JSON (counters, index states, host occupancy, NVMe stats).
+//
+// # Safety
+// `out` valid for writing.
+enum KvparkStatus kvpark_store_metrics(struct KvparkStore *s, struct KvparkBuf *out);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -1,45 +1,71 @@
-"""Build step: copy libkvpark.so into the package (kvpark/lib/libkvpark.so).
+"""Build of the kvpark Python package: compiles libkvpark with Cargo and ships it in the wheel.
 
-Source of the library, first found: $KVPARK_LIB_SRC, ../target/release/libkvpark.so (the
-crate's `cargo build --release` output). With KVPARK_CARGO_BUILD=1 the crate is built first.
-Without a library the package still installs; it then needs $KVPARK_LIB at run time.
+`pip install ./python_shim` runs `cargo rustc --lib --release --crate-type cdylib` on the
+crate one directory up (setuptools-rust, `Binding.NoBinding`: the library is a plain C-ABI
+cdylib that `kvpark._ffi` opens with ctypes, not a Python extension module) and puts it in
+the wheel as `kvpark/lib/libkvpark.abi3.so` (one wheel for every CPython >= 3.10: the
+library does not link against Python). setuptools-rust rather than maturin: maturin's
+layouts are a PyO3/cffi/uniffi module or an executable; a ctypes-loaded cdylib beside
+pure-Python code is setuptools-rust's NoBinding case, and the package keeps its
+setuptools metadata.
+
+Nothing is written into the source tree: Cargo builds in its own target directory
+($CARGO_TARGET_DIR, else the crate's git-ignored target/), setuptools' build/ and
+egg-info go to a temporary directory. An editable install (`pip install -e python_shim`)
+builds the library the same way but copies it nowhere: `kvpark._ffi` loads the crate's
+target/release/libkvpark.so from a source checkout, so a later `cargo build --release` is
+picked up without reinstalling.
 """
 
-import os
+from __future__ import annotations
+
+import atexit
 import shutil
-import subprocess
+import tempfile
 from pathlib import Path
 
 from setuptools import setup
-from setuptools.command.build_py import build_py
+from setuptools_rust import Binding, RustExtension, Strip
+from setuptools_rust.build import build_rust
 
 HERE = Path(__file__).resolve().parent
 CRATE = HERE.parent
 
-
-def _find_lib() -> Path | None:
-    src = os.environ.get("KVPARK_LIB_SRC")
-    if src:
-        return Path(src)
-    if os.environ.get("KVPARK_CARGO_BUILD") == "1":
-        subprocess.run(["cargo", "build", "--release", "--lib"], cwd=CRATE, check=True)
-    cand = CRATE / "target" / "release" / "libkvpark.so"
-    return cand if cand.is_file() else None
+_scratch = tempfile.mkdtemp(prefix="kvpark-build-")
+atexit.register(shutil.rmtree, _scratch, ignore_errors=True)
 
 
-class BuildPyWithLib(build_py):
-    def run(self):
-        lib = _find_lib()
-        if lib is not None:
-            dst = HERE / "kvpark" / "lib"
-            dst.mkdir(exist_ok=True)
-            target = dst / "libkvpark.so"
-            if not (target.exists() and target.resolve() == lib.resolve()):
-                shutil.copy2(lib, target)
-            self.announce(f"kvpark: bundled {lib}", level=2)
-        else:
-            self.announce("kvpark: no libkvpark.so found; set KVPARK_LIB at run time", level=3)
-        super().run()
+class BuildRustOutOfTree(build_rust):
+    """build_rust that, for an editable install (inplace), leaves the library in Cargo's
+    target directory instead of copying it into the source tree."""
+
+    def install_extension(self, ext, dylib_paths, build_artifact_dir):
+        if self.inplace:
+            for _, path in dylib_paths:
+                self.announce(f"kvpark: editable install loads {path}", level=2)
+            return
+        super().install_extension(ext, dylib_paths, build_artifact_dir)
 
 
-setup(cmdclass={"build_py": BuildPyWithLib})
+setup(
+    rust_extensions=[
+        RustExtension(
+            "kvpark.lib.libkvpark",
+            path=str(CRATE / "Cargo.toml"),
+            binding=Binding.NoBinding,
+            py_limited_api=True,
+            debug=False,
+            strip=Strip.Debug,
+            # the crate's own crate types: the same Cargo unit as `cargo build --release
+            # --lib`, so neither build redoes the other's work
+            args=["--crate-type", "cdylib,rlib"],
+        )
+    ],
+    cmdclass={"build_rust": BuildRustOutOfTree},
+    options={
+        "build": {"build_base": str(Path(_scratch) / "build")},
+        "egg_info": {"egg_base": _scratch},
+        "bdist_wheel": {"py_limited_api": "cp310"},
+    },
+    zip_safe=False,
+)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole kvpark test suite: lint, Rust unit + integration tests (NVMe
 # faults, model-based index tests, header check, PTX compile), the C ABI smoke
-# test under valgrind, and the vLLM connector inside a real vLLM engine.
+# test under valgrind, the vLLM connector inside a real vLLM engine, and the
+# LMCache storage plugin under the real lmcache package.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -18,6 +19,13 @@ step "format, lint, docs"
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps -q
+
+step "real KV corpus"
+# post-RoPE K/V of SmolLM2-135M over real text (scripts/kv_corpus.py, ~1-2 min
+# on two cores); the codec ratio test asserts >= 1.40x on its bf16 records
+export KVPARK_KV_CORPUS="$PWD/target/kv-corpus"
+bash scripts/kv_corpus.sh "$KVPARK_KV_CORPUS"
+export KVPARK_REQUIRE_CORPUS=1
 
 step "rust tests"
 cargo test --lib --bins --tests 2>&1 | tee target/rust-tests.log
@@ -39,14 +47,20 @@ valgrind --quiet --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=d
    target/abi_smoke
 
 step "vLLM connector (real vLLM engine, CPU backend)"
-# scripts/e2e_setup.sh (run by setup.sh) built libkvpark and installed python_shim;
-# refresh the library in the package in case the sources changed since.
-cp -f target/release/libkvpark.so python_shim/kvpark/lib/libkvpark.so
+# scripts/e2e_setup.sh (run by setup.sh) installed python_shim in editable mode: it loads
+# target/release/libkvpark.so, which the C ABI step above rebuilt from these sources.
 .venv/bin/python -m pytest tests/vllm -q -p no:cacheprovider 2>&1 | tee target/vllm-tests.log
+
+step "LMCache storage plugin (real lmcache from PyPI, CPU)"
+# scripts/lmcache_setup.sh (run by setup.sh) made .venv-lmcache; the tests load
+# kvpark from python_shim/ and libkvpark from target/release.
+KVPARK_LIB="$PWD/target/release/libkvpark.so" .venv-lmcache/bin/python -m pytest tests/lmcache \
+  -q -p no:cacheprovider 2>&1 | tee target/lmcache-tests.log
 
 step "summary"
 rust=$(grep -E '^test result:' target/rust-tests.log | awk '{p+=$4; f+=$6; i+=$8} END {print p, f, i}')
 py=$(grep -Eo '[0-9]+ passed' target/vllm-tests.log | tail -1 | grep -Eo '[0-9]+')
+lmc=$(grep -Eo '[0-9]+ passed' target/lmcache-tests.log | tail -1 | grep -Eo '[0-9]+')
 read -r rp rf ri <<<"$rust"
-echo "rust ${rp} passed, ${rf} failed, ${ri} skipped (GPU tests without a device); C ABI smoke passed; vLLM ${py:-0} passed"
-echo "kvpark: $((rp + ${py:-0} + 1)) passed, ${rf} failed, ${ri} skipped"
+echo "rust ${rp} passed, ${rf} failed, ${ri} skipped (GPU tests without a device); C ABI smoke passed; vLLM ${py:-0} passed; LMCache ${lmc:-0} passed"
+echo "kvpark: $((rp + ${py:-0} + ${lmc:-0} + 1)) passed, ${rf} failed, ${ri} skipped"

@@ -25,11 +25,12 @@
 //! | [`ffi`]      | everything below                                     | —                   |
 //! | [`planner`]  | policy, predict, index, block, config                | tier, copy, ffi     |
 //! | [`mover`]    | tier, copy, codec, index, block, config              | policy, ffi         |
+//! | [`store`]    | tier, index, block, config (chunks under caller keys: the LMCache plugin) | planner, mover, copy, ffi |
 //! | [`policy`]   | predict, block                                       | tier, copy, ffi, io |
 //! | [`predict`]  | (pure)                                               | everything with I/O |
 //! | [`tier`]     | codec, block, error                                  | planner, policy     |
 //! | [`copy`]     | block, error (`copy::cuda` implements `tier::host::PinHook`) | planner, mover |
-//! | [`sim`]      | planner, policy, predict                             | ffi, tier, copy     |
+//! | [`sim`]      | planner, policy, predict, codec (measured figures)   | ffi, tier, copy     |
 //! | [`config`]   | codec, error, units, `copy::cuda::plan` (pure: the `copy_strategy` rules) | tier, planner, mover, ffi |
 //!
 //! `policy` and `predict` are pure code: no threads, no I/O, no clock reads.
@@ -51,7 +52,9 @@ pub mod plan;
 pub mod planner;
 pub mod policy;
 pub mod predict;
+pub mod preflight;
 pub mod sim;
+pub mod store;
 pub mod tier;
 pub mod units;
 

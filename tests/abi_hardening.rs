@@ -237,3 +237,28 @@ fn a_plan_bound_twice_before_it_ran_is_not_dropped() {
     assert_eq!(cache.block(6), cache.block(2));
     unsafe { kvpark_mover_free(m) };
 }
+
+#[test]
+fn a_damaged_slot_table_does_not_stop_the_scheduler() {
+    // A slot table whose header claims 2^58 + 1 slots: the worker resets such
+    // a table when it opens the arena; the scheduler starts without its
+    // blocks instead of refusing to start.
+    let t = tempfile::tempdir().unwrap();
+    let host_file = t.path().join("kv");
+    let arena = t.path().join("kv.rank0");
+    let mut b = vec![0u8; 128];
+    b[..8].copy_from_slice(b"KVPSLOT1");
+    b[8..16].copy_from_slice(&4096u64.to_le_bytes());
+    b[16..24].copy_from_slice(&((1u64 << 58) + 1).to_le_bytes());
+    b[24..32].copy_from_slice(&4096u64.to_le_bytes());
+    std::fs::write(kvpark::tier::slots::table_path(&arena), &b).unwrap();
+    let cfg = format!(
+        r#"{{"host_bytes":"1MiB","host_file":{:?},"policy":"vllm-offload"}}"#,
+        host_file.to_str().unwrap()
+    );
+    let mut p = ptr::null_mut();
+    let st = unsafe { kvpark_planner_new(cfg.as_ptr(), cfg.len(), 16, &mut p) };
+    assert_eq!(st, KvparkStatus::Ok, "{}", last_error());
+    assert!(!p.is_null());
+    unsafe { kvpark_planner_free(p) };
+}

@@ -25,11 +25,32 @@ fn header_matches_cbindgen_output() {
     );
     let text = String::from_utf8(out).unwrap();
     let defines: Vec<&str> = text.lines().filter(|l| l.starts_with("#define ")).collect();
+    let version = format!(
+        "#define KVPARK_ABI_VERSION {}",
+        kvpark::ffi::KVPARK_ABI_VERSION
+    );
     assert_eq!(
         defines,
-        ["#define KVPARK_H", "#define KVPARK_ABI_VERSION 1"],
-        "only kvpark-prefixed names may enter the C namespace"
+        ["#define KVPARK_H", version.as_str()],
+        "only kvpark-prefixed names may enter the C namespace, and the ABI version \
+         (written in cbindgen.toml) must be the library's"
     );
+    // every type the header names is kvpark's
+    for line in text.lines() {
+        let line = line.trim_start();
+        for intro in ["typedef struct ", "typedef enum ", "struct ", "enum "] {
+            if let Some(rest) = line.strip_prefix(intro) {
+                let name: String = rest
+                    .chars()
+                    .take_while(|c| c.is_alphanumeric() || *c == '_')
+                    .collect();
+                assert!(
+                    name.is_empty() || name.starts_with("Kvpark"),
+                    "unprefixed type {name:?} in the C header ({line})"
+                );
+            }
+        }
+    }
     for sym in [
         "kvpark_abi_version",
         "kvpark_last_error",

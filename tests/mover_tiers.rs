@@ -330,3 +330,62 @@ fn write_behind_never_blocks_a_save_and_lands_everything() {
     let on_nvme = Report::decode(&m.take_report()).unwrap().on_nvme.len();
     assert_eq!(on_nvme, 30);
 }
+
+#[test]
+fn a_save_three_times_the_host_tier_streams_to_nvme_and_lands_while_idle() {
+    let dir = tempfile::tempdir().unwrap();
+    let g = geom();
+    let cfg = Config {
+        host_bytes: 4 * g.block_bytes() as u64,
+        nvme_dir: Some(dir.path().to_path_buf()),
+        nvme_segment_bytes: 1 << 20,
+        ..Config::default()
+    };
+    let mut c = Cache::new();
+    for b in 1..=12 {
+        c.fill(b, b as f32 + 0.25);
+    }
+    let want: Vec<Vec<f32>> = (1..=12).map(|b| c.block(1, b).to_vec()).collect();
+    let items: Vec<(u32, u32)> = (1..=12).map(|b| (300 + b, b)).collect();
+    {
+        let mut m = mover(&cfg, &mut c);
+        save(&mut m, "big", &items);
+        let k = counters(&m);
+        assert_eq!(k["saved_blocks"], 12, "{k}");
+        assert_eq!(k["save_failed_blocks"], 0, "{k}");
+        assert_eq!(k["dropped_blocks"], 0, "{k}");
+        assert!(k["save_stream_batches"].as_u64().unwrap() >= 2, "{k}");
+        // The engine now calls nothing (an idle gap): every block still
+        // reaches the disk, on the mover's own threads.
+        let end = std::time::Instant::now() + Duration::from_secs(20);
+        let mut found = kvpark::mover::scan_parked(dir.path(), 0).unwrap();
+        while found.len() < 12 && std::time::Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(20));
+            found = kvpark::mover::scan_parked(dir.path(), 0).unwrap();
+        }
+        let mut keys: Vec<BlockKey> = found.iter().map(|f| f.0).collect();
+        keys.sort();
+        let mut expect: Vec<BlockKey> = items.iter().map(|&(k, _)| key(k)).collect();
+        expect.sort();
+        assert_eq!(
+            keys, expect,
+            "every block of the turn is on NVMe while idle"
+        );
+    }
+    // A fresh worker serves every block, byte for byte.
+    for b in 1..=12 {
+        c.clear(b);
+    }
+    let mut m = mover(&cfg, &mut c);
+    assert_eq!(counters(&m)["recovered_blocks"], 12);
+    let failed = load(
+        &mut m,
+        "back",
+        false,
+        &(1..=12).map(|b| (300 + b, b + 12)).collect::<Vec<_>>(),
+    );
+    assert!(failed.is_empty(), "{failed:?}");
+    for b in 1..=12u32 {
+        assert_eq!(c.block(1, b + 12), &want[b as usize - 1][..], "block {b}");
+    }
+}

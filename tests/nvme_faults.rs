@@ -339,7 +339,7 @@ fn symlinks_are_refused_and_modes_are_private() {
         .expect("symlinked rank dir refused");
     assert!(e.message().contains("symlink"), "{e}");
 
-    // A segment file that is a symlink is not followed.
+    // A segment file that is a symlink is not followed: it is skipped and counted.
     let root2 = t.path().join("root2");
     {
         let s = NvmeStore::open(cfg(&root2)).unwrap();
@@ -359,9 +359,295 @@ fn symlinks_are_refused_and_modes_are_private() {
         root2.join("rank0/seg-000001.kvp"),
     )
     .unwrap();
-    let e = NvmeStore::open(cfg(&root2))
+    let s = NvmeStore::open(cfg(&root2)).expect("a symlinked segment is skipped");
+    assert_eq!((s.len(), s.stats().skipped_segments), (0, 1));
+}
+
+// ---------------------------------------------------------------------
+// Hostile directory entries and forged records.
+// ---------------------------------------------------------------------
+
+/// Runs `f` on a thread and fails the test if it has not returned within
+/// `secs` seconds (a blocking open would otherwise hang the test forever).
+fn within<T: Send + 'static>(secs: u64, what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(secs)) {
+        Ok(v) => v,
+        Err(_) => panic!("{what}: still blocked after {secs} s"),
+    }
+}
+
+fn mkfifo(path: &Path) {
+    let p = CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: valid NUL-terminated path.
+    assert_eq!(
+        unsafe { libc::mkfifo(p.as_ptr(), 0o600) },
+        0,
+        "mkfifo {}",
+        path.display()
+    );
+}
+
+/// Rewrites the header of the record at `off` through `edit` and fixes its
+/// header checksum, as a forger who knows the format would.
+fn forge_header(path: &Path, off: u64, edit: impl FnOnce(&mut [u8])) {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut h = [0u8; 128];
+    f.read_exact_at(&mut h, off).unwrap();
+    edit(&mut h);
+    let crc = crc32c::crc32c(&h[..124]);
+    h[124..].copy_from_slice(&crc.to_le_bytes());
+    f.write_all_at(&h, off).unwrap();
+    f.sync_all().unwrap();
+}
+
+fn five_records(dir: &Path) {
+    let s = NvmeStore::open(cfg(dir)).unwrap();
+    for i in 0..5 {
+        s.put(&key(i), 1, i as u32, &block(i, LEN)).unwrap();
+    }
+}
+
+#[test]
+fn fifos_never_block_open_inspect_or_the_slot_table() {
+    let t = tempfile::tempdir().unwrap();
+    five_records(t.path());
+    mkfifo(&t.path().join("rank0/seg-000007.kvp"));
+    let dir = t.path().to_path_buf();
+    let d = dir.clone();
+    let s = within(5, "store open", move || NvmeStore::open(cfg(&d)))
+        .expect("a FIFO segment entry is skipped, the store opens");
+    assert_eq!(s.len(), 5);
+    for i in 0..5 {
+        assert_eq!(read(&s, &key(i)), block(i, LEN));
+    }
+    drop(s);
+    let d = dir.clone();
+    let r = within(5, "inspect", move || inspect(&d, true)).unwrap();
+    assert_eq!(r.ranks[0].live_records, 5);
+    let d = dir.clone();
+    let keys = within(5, "scan_keys", move || kvpark::tier::nvme::scan_keys(&d, 0)).unwrap();
+    assert_eq!(keys.len(), 5);
+
+    // A FIFO where the host arena's slot table lives: a clear error, at once.
+    let arena = dir.join("host.rank0");
+    let table = kvpark::tier::slots::table_path(&arena);
+    mkfifo(&table);
+    let a = arena.clone();
+    let e = within(5, "read_entries", move || {
+        kvpark::tier::slots::read_entries(&a)
+    })
+    .expect_err("a FIFO slot table is refused");
+    assert!(e.message().contains("not a regular file"), "{e}");
+    assert!(e.message().contains("host.rank0.slots"), "{e}");
+    let tb = table.clone();
+    let e = within(5, "SlotTable::open", move || {
+        kvpark::tier::slots::SlotTable::open(&tb, 4096, 4, 4096).map(|_| ())
+    })
+    .expect_err("a FIFO slot table is refused");
+    assert!(e.message().contains("not a regular file"), "{e}");
+}
+
+#[test]
+fn slot_table_with_a_huge_slot_count_is_a_corrupt_error() {
+    let t = tempfile::tempdir().unwrap();
+    let arena = t.path().join("host.rank0");
+    let mut b = vec![0u8; 64 + 64];
+    b[..8].copy_from_slice(b"KVPSLOT1");
+    b[8..16].copy_from_slice(&4096u64.to_le_bytes());
+    // 2^58 + 1 slots: 64 * slots wraps to 64 in 64-bit arithmetic.
+    b[16..24].copy_from_slice(&((1u64 << 58) + 1).to_le_bytes());
+    b[24..32].copy_from_slice(&4096u64.to_le_bytes());
+    std::fs::write(kvpark::tier::slots::table_path(&arena), &b).unwrap();
+    let e = kvpark::tier::slots::read_entries(&arena).expect_err("refused");
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    assert!(e.message().contains("288230376151711745 slots"), "{e}");
+}
+
+#[test]
+fn unusable_segment_entries_are_skipped_and_counted() {
+    let t = tempfile::tempdir().unwrap();
+    five_records(t.path());
+    let rank = t.path().join("rank0");
+    // A directory, and a symlink to a copy of a valid segment: neither is
+    // used, neither stops the store.
+    std::fs::create_dir(rank.join("seg-000005.kvp")).unwrap();
+    let elsewhere = t.path().join("elsewhere.kvp");
+    std::fs::copy(rank.join("seg-000001.kvp"), &elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, rank.join("seg-000006.kvp")).unwrap();
+    {
+        let s = NvmeStore::open(cfg(t.path())).expect("bad entries are skipped");
+        assert_eq!(s.len(), 5);
+        assert_eq!(s.stats().skipped_segments, 2);
+        // New records go to a new segment past the skipped names.
+        s.put(&key(9), 1, 9, &block(9, LEN)).unwrap();
+    }
+    assert!(rank.join("seg-000007.kvp").exists());
+    let s = NvmeStore::open(cfg(t.path())).unwrap();
+    assert_eq!((s.len(), s.stats().skipped_segments), (6, 2));
+    assert_eq!(read(&s, &key(9)), block(9, LEN));
+    drop(s);
+    let r = inspect(t.path(), false).unwrap();
+    assert_eq!(
+        (r.ranks[0].live_records, r.ranks[0].skipped_segments),
+        (6, 2)
+    );
+    assert!(r.to_string().contains("seg-000006.kvp"), "{r}");
+    assert_eq!(kvpark::tier::nvme::scan_keys(t.path(), 0).unwrap().len(), 6);
+    // The skipped entries are left alone.
+    assert!(std::fs::symlink_metadata(rank.join("seg-000006.kvp"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+}
+
+#[test]
+fn a_second_store_on_the_same_rank_directory_is_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let s1 = NvmeStore::open(cfg(t.path())).unwrap();
+    s1.put(&key(1), 1, 1, &block(1, LEN)).unwrap();
+    let e = NvmeStore::open(cfg(t.path()))
         .err()
-        .expect("symlinked segment refused");
-    assert_eq!(e.kind(), ErrorKind::InvalidArgument);
-    assert!(e.message().contains("refusing to follow"), "{e}");
+        .expect("a second store on rank0 is refused");
+    assert_eq!(e.kind(), ErrorKind::Busy, "{e}");
+    let rank_dir = t.path().join("rank0");
+    assert!(e.message().contains(&rank_dir.display().to_string()), "{e}");
+    assert!(
+        e.message().contains(&format!("pid {}", std::process::id())),
+        "{e}"
+    );
+    // Another rank of the same root is independent.
+    let mut c1 = cfg(t.path());
+    c1.rank = 1;
+    let other = NvmeStore::open(c1).unwrap();
+    drop(other);
+    // The first store is untouched and, once closed, the directory is free.
+    assert_eq!(read(&s1, &key(1)), block(1, LEN));
+    drop(s1);
+    let s2 = NvmeStore::open(cfg(t.path())).unwrap();
+    assert_eq!(read(&s2, &key(1)), block(1, LEN));
+}
+
+#[test]
+fn a_forged_record_length_does_not_hide_the_records_after_it() {
+    let t = tempfile::tempdir().unwrap();
+    five_records(t.path());
+    let seg = t.path().join("rank0/seg-000001.kvp");
+    // Record 1 claims 2 GiB with a valid header checksum.
+    forge_header(&seg, REC, |h| {
+        h[60..64].copy_from_slice(&0x7fff_0000u32.to_le_bytes());
+        h[64..68].copy_from_slice(&0x7fff_0000u32.to_le_bytes());
+    });
+    for verify_on_open in [false, true] {
+        let mut c = cfg(t.path());
+        c.verify_on_open = verify_on_open;
+        let s = NvmeStore::open(c).unwrap();
+        let st = s.stats();
+        assert_eq!(
+            (st.dropped_corrupt, st.dropped_torn, st.recovered_records),
+            (1, 0, 4),
+            "verify_on_open {verify_on_open}: {st:?}"
+        );
+        for i in [0, 2, 3, 4] {
+            assert_eq!(read(&s, &key(i)), block(i, LEN));
+        }
+        assert!(!s.contains(&key(1)));
+    }
+    let r = inspect(t.path(), true).unwrap();
+    let rk = &r.ranks[0];
+    assert_eq!((rk.live_records, rk.corrupt, rk.torn), (4, 1, 0), "{r}");
+    assert_eq!(rk.problems[0].offset, REC);
+    assert!(rk.problems[0].reason.contains("past end of file"), "{r}");
+}
+
+#[test]
+fn zeroed_headers_and_truncation_at_a_record_boundary_are_counted() {
+    // A record whose header block was zeroed: its remains follow.
+    let t = tempfile::tempdir().unwrap();
+    five_records(t.path());
+    let seg = t.path().join("rank0/seg-000001.kvp");
+    {
+        let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
+        f.write_all_at(&[0u8; 4096], 2 * REC).unwrap();
+    }
+    let s = NvmeStore::open(cfg(t.path())).unwrap();
+    let st = s.stats();
+    assert_eq!(
+        (st.dropped_corrupt, st.dropped_torn, st.recovered_records),
+        (1, 0, 4),
+        "{st:?}"
+    );
+    drop(s);
+    let r = inspect(t.path(), false).unwrap();
+    let rk = &r.ranks[0];
+    assert_eq!((rk.corrupt, rk.problems[0].offset), (1, 2 * REC), "{r}");
+    assert!(rk.problems[0].reason.contains("zeroed"), "{r}");
+
+    // A sealed segment cut exactly at a record boundary.
+    let t = tempfile::tempdir().unwrap();
+    let mut c = cfg(t.path());
+    c.segment_bytes = 3 * REC;
+    {
+        let s = NvmeStore::open(c.clone()).unwrap();
+        for i in 0..6 {
+            s.put(&key(i), 1, i as u32, &block(i, LEN)).unwrap();
+        }
+        assert_eq!(s.stats().segments, 2);
+    }
+    let seg = t.path().join("rank0/seg-000001.kvp");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&seg)
+        .unwrap()
+        .set_len(2 * REC)
+        .unwrap();
+    let s = NvmeStore::open(c.clone()).unwrap();
+    let st = s.stats();
+    assert_eq!(
+        (st.dropped_torn, st.dropped_corrupt, st.recovered_records),
+        (1, 0, 5),
+        "{st:?}"
+    );
+    assert!(!s.contains(&key(2)));
+    drop(s);
+    let r = inspect(t.path(), false).unwrap();
+    let rk = &r.ranks[0];
+    assert_eq!((rk.torn, rk.corrupt), (1, 0), "{r}");
+    assert_eq!(
+        (rk.problems[0].segment.as_str(), rk.problems[0].offset),
+        ("seg-000001.kvp", 2 * REC)
+    );
+    assert!(rk.problems[0].reason.contains("trailer"), "{r}");
+}
+
+#[test]
+fn inspect_verify_decodes_and_refuses_impossible_lengths() {
+    let t = tempfile::tempdir().unwrap();
+    five_records(t.path());
+    let seg = t.path().join("rank0/seg-000001.kvp");
+    // Record 1: the codec byte forged to lz4 (its payload is raw bytes).
+    forge_header(&seg, REC, |h| h[6] = 1);
+    // Record 3: lz4 claiming 4 GiB of raw bytes from a 10000-byte payload.
+    forge_header(&seg, 3 * REC, |h| {
+        h[6] = 1;
+        h[60..64].copy_from_slice(&u32::MAX.to_le_bytes());
+    });
+    let r = inspect(t.path(), true).unwrap();
+    let rk = &r.ranks[0];
+    let p: Vec<(u64, BadKind)> = rk.problems.iter().map(|p| (p.offset, p.kind)).collect();
+    assert_eq!(
+        p,
+        vec![(REC, BadKind::Corrupt), (3 * REC, BadKind::Corrupt)],
+        "{r}"
+    );
+    assert!(rk.problems[0].reason.contains("decode"), "{r}");
+    assert!(rk.problems[1].reason.contains("raw len 4294967295"), "{r}");
+    assert_eq!((rk.checksum_ok, rk.live_records), (3, 3), "{r}");
 }

@@ -2,10 +2,11 @@
 
 `kvpark.vllm.KVParkConnector` is the vLLM V1 connector; `kvpark._ffi` binds libkvpark's C
 ABI with ctypes. Importing this package does not load the library; the connector loads it
-when vLLM builds it (`$KVPARK_LIB`, else `kvpark/lib/libkvpark.so`).
+when vLLM builds it (`$KVPARK_LIB`, else in a source checkout the crate's
+target/release/libkvpark.so, else the library the wheel carries, `kvpark/lib/libkvpark.abi3.so`).
 """
 
-from ._ffi import ABI_VERSION, LIB_ENV, library_path, load_library, validate_config
+from ._ffi import ABI_VERSION, LIB_ENV, library_path, load_library, preflight_config, validate_config
 from .errors import (
     AbiMismatchError,
     BufferTooSmallError,
@@ -48,5 +49,6 @@ __all__ = [
     "UnsupportedError",
     "library_path",
     "load_library",
+    "preflight_config",
     "validate_config",
 ]

@@ -104,6 +104,7 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "kvpark_last_error": (c_size_t, [c_char_p, c_size_t]),
     "kvpark_buf_free": (None, [KvparkBuf]),
     "kvpark_config_validate": (_Status, [_u8p, c_size_t, POINTER(KvparkBuf)]),
+    "kvpark_config_preflight": (_Status, [_u8p, c_size_t, _u8p, c_size_t, POINTER(KvparkBuf)]),
     "kvpark_planner_new": (_Status, [_u8p, c_size_t, c_uint32, POINTER(_PlannerP)]),
     "kvpark_planner_free": (None, [_PlannerP]),
     "kvpark_planner_match": (
@@ -142,12 +143,33 @@ _lib_path: str | None = None
 _lock = threading.Lock()
 
 
+def _candidates() -> list[Path]:
+    """Where the library may be, in order: in a source checkout (an editable install) the
+    crate's Cargo output, so a rebuilt library is used without reinstalling; then the
+    library the wheel carries (kvpark/lib/libkvpark*.so)."""
+    pkg = Path(__file__).resolve().parent
+    out: list[Path] = []
+    crate = pkg.parent.parent
+    if (crate / "Cargo.toml").is_file() and (crate / "src" / "ffi").is_dir():
+        target = os.environ.get("CARGO_TARGET_DIR")
+        if target:
+            out.append(Path(target) / "release" / "libkvpark.so")
+        out.append(crate / "target" / "release" / "libkvpark.so")
+    out.extend(sorted((pkg / "lib").glob("libkvpark*.so")))
+    return out
+
+
 def library_path() -> Path:
-    """Where the library is looked for: $KVPARK_LIB, else the package's lib/libkvpark.so."""
+    """Where the library is looked for: $KVPARK_LIB, else the first of `_candidates` that
+    exists (the package's lib/libkvpark.abi3.so in a wheel install)."""
     env = os.environ.get(LIB_ENV)
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent / "lib" / "libkvpark.so"
+    cands = _candidates()
+    for c in cands:
+        if c.is_file():
+            return c
+    return cands[0] if cands else Path(__file__).resolve().parent / "lib" / "libkvpark.abi3.so"
 
 
 def load_library(path: str | os.PathLike | None = None) -> ctypes.CDLL:
@@ -163,9 +185,10 @@ def load_library(path: str | os.PathLike | None = None) -> ctypes.CDLL:
             return _lib
         if not want.is_file():
             raise LibraryNotFoundError(
-                f"libkvpark not found at {want}: build it with `cargo build --release` and "
-                f"reinstall python_shim (which copies target/release/libkvpark.so into "
-                f"kvpark/lib/), or set {LIB_ENV}=/path/to/libkvpark.so"
+                f"libkvpark not found at {want}: install the package with `pip install "
+                f"./python_shim` (it builds libkvpark with Cargo and bundles it), run "
+                f"`cargo build --release` for an editable install, or set "
+                f"{LIB_ENV}=/path/to/libkvpark.so"
             )
         lib = ctypes.CDLL(str(want))
         try:
@@ -252,6 +275,23 @@ def validate_config(config: dict[str, Any] | None) -> dict[str, Any]:
     ptr, n = _bytes_ptr(raw)
     out = KvparkBuf()
     _call(l, "kvpark_config_validate", ptr, n, ctypes.byref(out))
+    return json.loads(_take_buf(l, out) or b"{}")
+
+
+def preflight_config(config: dict[str, Any] | None, context: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Validates kv_connector_extra_config and checks it against this machine
+    (kvpark_config_preflight): directories, host memory, a reused host_file.
+
+    `context`: {"rank": N | None, "ranks": N, "reserve_host_bytes": N, "block_bytes": N}.
+    Returns the normalized config; raises ConfigError with one line per problem.
+    """
+    l = lib()
+    raw = json.dumps(config or {}).encode()
+    ctx = json.dumps(context or {}).encode()
+    ptr, n = _bytes_ptr(raw)
+    cptr, cn = _bytes_ptr(ctx)
+    out = KvparkBuf()
+    _call(l, "kvpark_config_preflight", ptr, n, cptr, cn, ctypes.byref(out))
     return json.loads(_take_buf(l, out) or b"{}")
 
 
@@ -354,10 +394,14 @@ class Planner:
         ptr, n = _bytes_ptr(blob)
         _call(self._lib, "kvpark_planner_on_worker_meta", self._handle(), ptr, n, c_uint64(now_ns))
 
-    def metrics(self) -> dict[str, Any]:
+    def metrics_bytes(self) -> bytes:
+        """The metrics snapshot as the library's JSON bytes."""
         out = KvparkBuf()
         _call(self._lib, "kvpark_planner_metrics", self._handle(), ctypes.byref(out))
-        return json.loads(_take_buf(self._lib, out) or b"{}")
+        return _take_buf(self._lib, out)
+
+    def metrics(self) -> dict[str, Any]:
+        return json.loads(self.metrics_bytes() or b"{}")
 
 
 class Mover:
@@ -419,10 +463,14 @@ class Mover:
         _call(self._lib, "kvpark_mover_take_worker_meta", self._handle(), ctypes.byref(out))
         return _take_buf(self._lib, out)
 
-    def metrics(self) -> dict[str, Any]:
+    def metrics_bytes(self) -> bytes:
+        """The metrics snapshot as the library's JSON bytes."""
         out = KvparkBuf()
         _call(self._lib, "kvpark_mover_metrics", self._handle(), ctypes.byref(out))
-        return json.loads(_take_buf(self._lib, out) or b"{}")
+        return _take_buf(self._lib, out)
+
+    def metrics(self) -> dict[str, Any]:
+        return json.loads(self.metrics_bytes() or b"{}")
 
 
 __all__ = [
@@ -437,5 +485,6 @@ __all__ = [
     "library_path",
     "load_library",
     "last_error",
+    "preflight_config",
     "validate_config",
 ]

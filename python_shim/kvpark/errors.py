@@ -17,7 +17,8 @@ class KvparkError(Exception):
     def __init__(self, message: str, function: str | None = None):
         self.message = message
         self.function = function
-        where = f"{function}: " if function else ""
+        # The library's messages already start with the function that failed.
+        where = f"{function}: " if function and not message.startswith(f"{function}: ") else ""
         super().__init__(f"{where}{message} [{self.status_name}]")
 
 

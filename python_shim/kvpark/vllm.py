@@ -24,6 +24,7 @@ in every process and across restarts.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -37,11 +38,12 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
     KVConnectorWorkerMetadata,
 )
-from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
 
 from . import _ffi
 from . import errors as kvpark_errors
 from ._ffi import DTYPE_BF16, DTYPE_F16, DTYPE_F32, DTYPE_FP8, KvparkGeometry, KvparkLayerView
+from .metrics import KVParkPromMetrics, KVParkStats, summary
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -57,9 +59,6 @@ logger = logging.getLogger("vllm.kvpark")
 
 #: Key of kvpark's session hints inside a request's kv_transfer_params.
 HINT_KEY = "kvpark"
-
-#: Minimum interval between two metric snapshots sent through vLLM's connector stats.
-STATS_INTERVAL_NS = 1_000_000_000
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -97,53 +96,6 @@ class KVParkWorkerMetadata(KVConnectorWorkerMetadata):
 
     def __repr__(self) -> str:
         return f"KVParkWorkerMetadata({[len(b) for b in self.blobs]} bytes)"
-
-
-class KVParkStats(KVConnectorStats):
-    """kvpark metrics through vLLM's connector stats.
-
-    `data` = {"planner": {...}, "mover": {"<rank>": {...}}}: cumulative counter snapshots
-    from `kvpark_planner_metrics` / `kvpark_mover_metrics`. Aggregating keeps the newest
-    snapshot per source (they are cumulative, so summing over steps would double count);
-    `reduce` flattens them, summing numeric mover counters over ranks.
-    """
-
-    def reset(self):
-        self.data = {}
-
-    def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
-        if other is None or not other.data:
-            return self
-        merged: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in self.data.items()}
-        for key, value in other.data.items():
-            if key == "mover" and isinstance(value, dict):
-                merged.setdefault("mover", {}).update(value)
-            else:
-                merged[key] = value
-        return KVParkStats(data=merged)
-
-    def reduce(self) -> dict[str, int | float]:
-        out: dict[str, int | float] = {}
-        _flatten("planner", self.data.get("planner") or {}, out)
-        for per_rank in (self.data.get("mover") or {}).values():
-            flat: dict[str, int | float] = {}
-            _flatten("mover", per_rank or {}, flat)
-            for k, v in flat.items():
-                out[k] = out.get(k, 0) + v
-        return out
-
-    def is_empty(self) -> bool:
-        return not self.data
-
-
-def _flatten(prefix: str, d: dict, out: dict) -> None:
-    """Numeric leaves of a nested dict as out["prefix_a_b"] (booleans and strings skipped)."""
-    for k, v in d.items():
-        key = f"{prefix}_{k}"
-        if isinstance(v, dict):
-            _flatten(key, v, out)
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[key] = v
 
 
 def _now_ns() -> int:
@@ -300,6 +252,37 @@ def model_identity(vllm_config: "VllmConfig") -> dict[str, Any]:
     return {k: v for k, v in ident.items() if isinstance(v, (str, int)) and not isinstance(v, bool)}
 
 
+def preflight_context(
+    vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig | None", rank: int | None
+) -> dict[str, Any]:
+    """What kvpark_config_preflight needs beyond the config: the rank (None on the
+    scheduler), how many ranks of this engine map a host arena on this machine, the host
+    memory vLLM still allocates after the connector is built (its KV cache, on the CPU
+    backend) and the bytes of one KV block of this rank."""
+    ctx: dict[str, Any] = {"rank": rank}
+    pc = getattr(vllm_config, "parallel_config", None)
+
+    def pos(v: Any) -> int:
+        return v if isinstance(v, int) and v > 0 else 1
+
+    world = pos(getattr(pc, "world_size", 1))
+    nodes = pos(getattr(pc, "nnodes_within_dp", None) or getattr(pc, "nnodes", 1))
+    ctx["ranks"] = max(1, world // nodes) * pos(getattr(pc, "data_parallel_size_local", 1))
+    try:
+        tensors = list(getattr(kv_cache_config, "kv_cache_tensors", None) or [])
+        kv_bytes = sum(int(t.size) for t in tensors)
+        groups = list(getattr(kv_cache_config, "kv_cache_groups", None) or [])
+        block = sum(int(g.kv_cache_spec.page_size_bytes) * len(g.layer_names) for g in groups)
+    except (AttributeError, TypeError, ValueError):
+        kv_bytes, block = 0, 0
+    dc = getattr(vllm_config, "device_config", None)
+    if rank is not None and str(getattr(dc, "device_type", "")) == "cpu":
+        ctx["reserve_host_bytes"] = kv_bytes * ctx["ranks"]
+    if block > 0:
+        ctx["block_bytes"] = block
+    return ctx
+
+
 def _worker_rank() -> int:
     try:
         from vllm.distributed.parallel_state import get_world_group
@@ -322,10 +305,16 @@ class KVParkConnector(KVConnectorBase_V1):
         extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
         if extra.get("model_identity") is None:
             extra["model_identity"] = model_identity(vllm_config)
-        # Fails at engine start with the offending key named.
-        self._config = _ffi.validate_config(extra)
-        self._raw_config = extra
         self._block_size = int(vllm_config.cache_config.block_size)
+        self._rank = 0 if role == KVConnectorRole.SCHEDULER else _worker_rank()
+        #: What vLLM does with a block kvpark offered but could not load.
+        self._failure_policy = str(getattr(self._kv_transfer_config, "kv_load_failure_policy", "fail") or "fail")
+        # Every key and the machine (directories, host memory, a reused host_file) are
+        # checked here, before vLLM allocates its KV cache: one ConfigError naming each
+        # problem's key, value and what would work.
+        context = preflight_context(vllm_config, kv_cache_config, None if role == KVConnectorRole.SCHEDULER else self._rank)
+        self._config = _ffi.preflight_config(extra, context)
+        self._raw_config = extra
         self._planner: _ffi.Planner | None = None
         self._mover: _ffi.Mover | None = None
         self._layer_index: dict[str, int] = {}
@@ -333,8 +322,12 @@ class KVParkConnector(KVConnectorBase_V1):
         self._stream = None  # the CUDA stream last passed to the mover
         self._failed_blocks: set[int] = set()
         self._last_match: dict[str, bool] = {}
-        self._last_stats_ns = 0
-        self._rank = 0
+        self._bad_hint_reqs: set[str] = set()
+        # metrics: the last snapshot sent (worker: its own; scheduler: the planner's),
+        # and on the scheduler the newest snapshot of every worker rank
+        self._sent_snapshot: bytes | None = None
+        self._movers: dict[str, Any] = {}
+        self._movers_changed = False
         #: Counters kept by the shim itself, exactly as vLLM passed the values
         #: (independent of the library's own metrics).
         self.shim_counters: dict[str, int] = {
@@ -350,9 +343,15 @@ class KVParkConnector(KVConnectorBase_V1):
             self._planner = _ffi.Planner(extra, self._block_size)
             logger.info("kvpark: planner up (block_size %d, config %s)", self._block_size, self._config)
         else:
-            self._rank = _worker_rank()
             self._mover = _ffi.Mover(extra, self._rank)
             logger.info("kvpark: mover up (rank %d, config %s)", self._rank, self._config)
+        if self._failure_policy != "recompute":
+            logger.warning(
+                "kvpark: kv_load_failure_policy is %r: a request whose blocks kvpark offered but "
+                "cannot load (a corrupt NVMe record, a reclaimed host slot) fails with an error; "
+                'set "kv_load_failure_policy": "recompute" to have vLLM recompute those blocks',
+                self._failure_policy,
+            )
 
     # ------------------------------------------------------------------ common
 
@@ -390,22 +389,49 @@ class KVParkConnector(KVConnectorBase_V1):
         wait_for_layer_load, which a FULL CUDA graph replay never calls: the forward would
         read blocks still being loaded. vLLM then uses PIECEWISE graphs (attention runs
         eagerly between the pieces). With layerwise_load false, loads are in place before
-        start_load_kv returns and FULL graphs stay allowed."""
-        return _ffi.validate_config(dict(extra_config or {})).get("layerwise_load") is not False
+        start_load_kv returns and FULL graphs stay allowed.
+
+        vLLM asks this while it builds its config, before any model loads (when CUDA graphs
+        are on): the config is checked against the machine here already (directories, the
+        host memory of one rank), so such errors stop the server within seconds."""
+        cfg = _ffi.preflight_config(dict(extra_config or {}), {"rank": None, "ranks": 1})
+        return cfg.get("layerwise_load") is not False
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
         return KVParkStats(data=data) if data is not None else KVParkStats()
 
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: "VllmConfig",
+        metric_types: dict[type, type],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> KVConnectorPromMetrics | None:
+        """kvpark's `kvpark_*` series on vLLM's Prometheus `/metrics` (kvpark.metrics)."""
+        return KVParkPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
-        now = _now_ns()
-        if now - self._last_stats_ns < STATS_INTERVAL_NS:
-            return None
-        self._last_stats_ns = now
-        if self._planner is not None:
-            return KVParkStats(data={"planner": self._planner.metrics()})
+        """A snapshot whenever kvpark's counters changed since the last one sent.
+
+        Worker: its mover's counters `{"mover": {rank: ...}}`. Scheduler: the planner's
+        counters and the newest counters of every worker rank (kept from
+        update_connector_output), so every snapshot vLLM logs or exports is whole.
+        """
         if self._mover is not None:
-            return KVParkStats(data={"mover": {str(self._rank): self._mover.metrics()}})
+            raw = self._mover.metrics_bytes()
+            if raw == self._sent_snapshot:
+                return None
+            self._sent_snapshot = raw
+            return KVParkStats(data={"mover": {str(self._rank): json.loads(raw or b"{}")}})
+        if self._planner is not None:
+            raw = self._planner.metrics_bytes()
+            if raw == self._sent_snapshot and not self._movers_changed:
+                return None
+            self._sent_snapshot = raw
+            self._movers_changed = False
+            return KVParkStats(data={"planner": json.loads(raw or b"{}"), "mover": dict(self._movers)})
         return None
 
     # --------------------------------------------------------------- scheduler
@@ -424,8 +450,10 @@ class KVParkConnector(KVConnectorBase_V1):
         except kvpark_errors.InvalidArgumentError as e:
             if view.struct.hint_len == 0:
                 raise
-            self.shim_counters["bad_hints"] += 1
-            logger.warning("kvpark: ignoring the hint of request %s: %s", request.request_id, e.message)
+            if request.request_id not in self._bad_hint_reqs:  # once per request
+                self._bad_hint_reqs.add(request.request_id)
+                self.shim_counters["bad_hints"] += 1
+                logger.warning("kvpark: ignoring the hint of request %s: %s", request.request_id, e.message)
             return call(_request_view(request, with_hint=False))
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
@@ -450,6 +478,12 @@ class KVParkConnector(KVConnectorBase_V1):
         return KVParkConnectorMetadata(self._p().build_meta(_now_ns()))
 
     def update_connector_output(self, connector_output: "KVConnectorOutput"):
+        stats = getattr(connector_output, "kv_connector_stats", None)
+        movers = getattr(stats, "data", None) or {}
+        for rank, snap in (movers.get("mover") or {}).items():
+            if self._movers.get(rank) != snap:
+                self._movers[rank] = snap
+                self._movers_changed = True
         meta = getattr(connector_output, "kv_connector_worker_meta", None)
         if isinstance(meta, KVParkWorkerMetadata):
             now = _now_ns()
@@ -470,6 +504,7 @@ class KVParkConnector(KVConnectorBase_V1):
         )
         self.shim_counters["delayed_frees"] += int(delay)
         self._last_match.pop(request.request_id, None)
+        self._bad_hint_reqs.discard(request.request_id)
         return delay, None
 
     # ------------------------------------------------------------------ worker
@@ -519,9 +554,9 @@ class KVParkConnector(KVConnectorBase_V1):
                 self._m().wait_layer(idx)
             except _ffi.KvparkError as e:
                 # Raising here would take the engine down from inside the forward.
-                # The mover reports the step's blocks as failed loads (get_finished),
-                # and vLLM recomputes those requests (kv_load_failure_policy).
-                logger.warning("kvpark: layer %d of this step's loads failed: %s", idx, e)
+                # The mover reports the step's blocks as failed loads (get_finished);
+                # vLLM then recomputes or fails those requests (kv_load_failure_policy).
+                logger.warning("kvpark: layer %d of this step's loads failed: %s; %s", idx, e, self._on_failure())
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
         """No-op: kvpark parks a turn when its request ends, not layer by layer.
@@ -546,8 +581,17 @@ class KVParkConnector(KVConnectorBase_V1):
         failed, self._failed_blocks = self._failed_blocks, set()
         if failed:
             self.shim_counters["load_error_blocks"] += len(failed)
-            logger.warning("kvpark: %d block(s) failed to load; vLLM recomputes them", len(failed))
+            logger.warning("kvpark: %d block(s) failed to load; %s", len(failed), self._on_failure())
         return failed
+
+    def _on_failure(self) -> str:
+        """What vLLM does with blocks reported as failed loads, under this engine's policy."""
+        if self._failure_policy == "recompute":
+            return "vLLM recomputes them (kv_load_failure_policy \"recompute\")"
+        return (
+            "vLLM ends the requests that needed them with an error (kv_load_failure_policy "
+            f"{self._failure_policy!r}; \"recompute\" would have vLLM recompute them instead)"
+        )
 
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
         blob = self._m().take_worker_meta()

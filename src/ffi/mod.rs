@@ -15,13 +15,16 @@
 mod cuda;
 mod mover;
 mod planner;
+mod store;
 
 pub use cuda::*;
 pub use mover::*;
 pub use planner::*;
+pub use store::*;
 
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
+use crate::preflight::Preflight;
 use std::cell::RefCell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -264,6 +267,43 @@ pub unsafe extern "C" fn kvpark_config_validate(
         let j = bytes(json, len, "json")?;
         nn(out, "out")?;
         let c = Config::from_json(j)?;
+        put_buf(out, c.to_json().into_bytes());
+        Ok(())
+    })
+}
+
+/// Validates `kv_connector_extra_config` like [`kvpark_config_validate`],
+/// then checks it against this machine (directories, host memory, an
+/// existing `host_file`: `Config::preflight`) for the context
+/// `context_json`, a JSON object `{"rank": N | null, "ranks": N,
+/// "reserve_host_bytes": N, "block_bytes": N}` (every field optional; rank
+/// null or absent: only the checks that do not depend on a rank, and the
+/// host memory of `ranks` arenas when `ranks` is above 0). Returns
+/// the normalized configuration as JSON; on failure the last error holds one
+/// line per problem, each starting with the config key.
+///
+/// [`kvpark_planner_new`] and [`kvpark_mover_new`] run the same checks (the
+/// mover for its rank, alone on the machine); calling this first lets a
+/// caller that knows more (other ranks, memory it still allocates) check
+/// that too.
+///
+/// # Safety
+/// `json` valid for `len` bytes and `context_json` for `context_len` bytes
+/// (each NULL with 0); `out` valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn kvpark_config_preflight(
+    json: *const u8,
+    len: usize,
+    context_json: *const u8,
+    context_len: usize,
+    out: *mut KvparkBuf,
+) -> KvparkStatus {
+    guard("kvpark_config_preflight", || {
+        let j = bytes(json, len, "json")?;
+        let ctx = Preflight::from_json(bytes(context_json, context_len, "context_json")?)?;
+        nn(out, "out")?;
+        let c = Config::from_json(j)?;
+        c.preflight(&ctx)?;
         put_buf(out, c.to_json().into_bytes());
         Ok(())
     })

@@ -29,7 +29,8 @@ pub struct KvparkGeometry {
     pub dtype: u8,
 }
 
-/// Creates a worker-side mover for `rank`.
+/// Creates a worker-side mover for `rank`, after checking the config
+/// against this machine for that rank ([`kvpark_config_preflight`](super::kvpark_config_preflight)).
 ///
 /// # Safety
 /// `config_json` valid for `len` bytes (or NULL with 0); `out` valid for writing.
@@ -43,6 +44,7 @@ pub unsafe extern "C" fn kvpark_mover_new(
     guard("kvpark_mover_new", || {
         let cfg = Config::from_json(bytes(config_json, len, "config_json")?)?;
         nn(out, "out")?;
+        cfg.preflight(&crate::preflight::Preflight::rank(rank))?;
         let m = Mover::new(cfg, rank)?;
         out.write(Box::into_raw(Box::new(KvparkMover {
             inner: Mutex::new(m),

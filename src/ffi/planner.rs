@@ -79,7 +79,8 @@ unsafe fn view<'a>(r: *const KvparkRequest) -> Result<RequestView<'a>, Fail> {
 }
 
 /// Creates the scheduler-side planner from the extra config (JSON) and
-/// vLLM's block size in tokens.
+/// vLLM's block size in tokens, after the rank-independent checks of the
+/// config against this machine ([`kvpark_config_preflight`](super::kvpark_config_preflight)).
 ///
 /// # Safety
 /// `config_json` valid for `len` bytes (or NULL with 0); `out` valid for writing.
@@ -93,6 +94,7 @@ pub unsafe extern "C" fn kvpark_planner_new(
     guard("kvpark_planner_new", || {
         let cfg = Config::from_json(bytes(config_json, len, "config_json")?)?;
         nn(out, "out")?;
+        cfg.preflight(&crate::preflight::Preflight::scheduler())?;
         let mut p = BlockPlanner::new(cfg.clone(), block_size)?;
         let mut found: Vec<crate::planner::blocks::Recovered> = Vec::new();
         // Blocks of another model's store are indexed like any others but
@@ -106,11 +108,15 @@ pub unsafe extern "C" fn kvpark_planner_new(
             );
         }
         if let Some(f) = cfg.host_file_for(0) {
-            found.extend(
-                crate::mover::scan_host_file(&f)?
-                    .into_iter()
-                    .map(|(k, s, l)| (k, s, l, true, false)),
-            );
+            match crate::mover::scan_host_file(&f) {
+                Ok(v) => found.extend(v.into_iter().map(|(k, s, l)| (k, s, l, true, false))),
+                // A damaged table: the worker resets it when it opens the
+                // arena, so the engine starts without those host blocks.
+                Err(e) if e.kind() == crate::ErrorKind::Corrupt => {
+                    eprintln!("kvpark: {e}; starting without the host blocks it listed")
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
         if !found.is_empty() {
             p.recover_tiers(found);

@@ -61,6 +61,9 @@ counters! {
     /// not run (its saves, loads and moves were kept and run with the new
     /// plan's, never dropped).
     plans_merged,
+    /// Batches a save larger than the free host tier was streamed in
+    /// (gathered, queued for NVMe, slots reused as the writes landed).
+    save_stream_batches,
     /// Host blocks evicted to make room.
     host_evictions,
     /// Host blocks dropped without an NVMe copy.

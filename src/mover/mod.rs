@@ -164,7 +164,24 @@ pub struct Mover {
     pinning: Option<crate::copy::cuda::PinningJob>,
     layer_thread: Option<LayerThread>,
     layered: Option<Layered>,
+    writer: Option<Writer>,
 }
+
+/// The thread that keeps write-behind and demotions going while vLLM does
+/// not step (an idle engine calls no hook): it applies NVMe completions and
+/// submits deferred demotions, so a block sent to NVMe is durable there
+/// within the disk's write time whether or not the engine steps.
+struct Writer {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// How long the writer waits for an NVMe completion before it looks again.
+const WRITER_POLL: Duration = Duration::from_millis(20);
+
+/// How long one save may wait, in total, for NVMe writes to make room in a
+/// full host tier (a turn larger than the tier streams through it to NVMe).
+const SAVE_STREAM_WAIT: Duration = Duration::from_secs(60);
 
 /// Progress of one layer-wise scatter, shared with the layer thread.
 #[derive(Default)]
@@ -278,6 +295,7 @@ impl Mover {
             pinning: None,
             layer_thread: None,
             layered: None,
+            writer: None,
         })
     }
 
@@ -365,6 +383,16 @@ impl Mover {
                 nc.io_threads = self.cfg.io_threads as usize;
                 nc.codec = self.cfg.codec;
                 nc.elem_size = geom.dtype.size();
+                if nc.codec == crate::codec::CodecTag::Fp8Lossy
+                    && !matches!(
+                        geom.dtype,
+                        crate::block::Dtype::Bf16 | crate::block::Dtype::F32
+                    )
+                {
+                    return Err(crate::error::Error::config(
+                        "codec fp8-lossy: bf16 or fp32 KV only (its 2-byte input is bf16)",
+                    ));
+                }
                 nc.fsync = match self.cfg.fsync {
                     Fsync::Never => FsyncPolicy::Never,
                     Fsync::Segment => FsyncPolicy::PerSegment,
@@ -424,6 +452,9 @@ impl Mover {
         });
         self.loader = Some(spawn_loader(reg.clone())?);
         self.layer_thread = Some(spawn_layer_thread()?);
+        if reg.nvme.is_some() {
+            self.writer = Some(spawn_writer(reg.clone())?);
+        }
         self.reg = Some(reg);
         Ok(())
     }
@@ -764,6 +795,12 @@ impl Drop for Mover {
                 let _ = t.join();
             }
         }
+        if let Some(mut w) = self.writer.take() {
+            w.stop.store(true, Ordering::Release);
+            if let Some(t) = w.thread.take() {
+                let _ = t.join();
+            }
+        }
         if let Some(reg) = &self.reg {
             // Let write-behind finish so what was acknowledged is on disk.
             let end = Instant::now() + Duration::from_secs(10);
@@ -845,6 +882,23 @@ fn spawn_layer_thread() -> Result<LayerThread> {
     })
 }
 
+fn spawn_writer(reg: Arc<Registered>) -> Result<Writer> {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    let thread = std::thread::Builder::new()
+        .name("kvpark-writer".into())
+        .spawn(move || {
+            while !flag.load(Ordering::Acquire) {
+                reg.poll_nvme(WRITER_POLL);
+            }
+        })
+        .map_err(|e| Error::new(ErrorKind::Io, format!("spawn writer thread: {e}")))?;
+    Ok(Writer {
+        stop,
+        thread: Some(thread),
+    })
+}
+
 fn spawn_loader(reg: Arc<Registered>) -> Result<Loader> {
     let (jtx, jrx) = crossbeam_channel::unbounded::<LoadReq>();
     let (dtx, drx) = crossbeam_channel::unbounded();
@@ -897,13 +951,23 @@ impl Registered {
     /// disk: it evicts a block that has an NVMe copy if it can, else drops
     /// the least recently used host-only block; with everything pinned or in
     /// flight it fails with NoSpace (the caller reports the block unsaved).
-    fn alloc_slot(&self) -> Result<SlotId> {
+    ///
+    /// With `keep_queued`, host-only blocks are not dropped while NVMe
+    /// writes are in flight or queued (they may be the very blocks on their
+    /// way to the disk): the caller waits for the disk instead.
+    fn alloc_slot(&self, keep_queued: bool) -> Result<SlotId> {
         loop {
             match self.arena.alloc() {
                 Ok(s) => return Ok(s),
                 Err(e) if e.kind() == ErrorKind::NoSpace => {
                     self.poll_nvme(Duration::ZERO);
-                    if self.evict_one(false)? || self.evict_one(true)? {
+                    if self.evict_one(false)? {
+                        continue;
+                    }
+                    if keep_queued && self.nvme_busy() {
+                        return Err(e.context("host tier full until NVMe writes land"));
+                    }
+                    if self.evict_one(true)? {
                         continue;
                     }
                     self.metrics.host_full.fetch_add(1, Ordering::Relaxed);
@@ -947,13 +1011,23 @@ impl Registered {
         Ok(false)
     }
 
+    /// Parks a finished request's blocks in the host tier (and, with
+    /// `to_nvme`, writes them behind to NVMe).
+    ///
+    /// A save larger than the free host tier streams through it: blocks are
+    /// gathered in batches, each batch is queued for NVMe, and the next
+    /// batch's slots come from blocks whose NVMe copy has landed (waiting
+    /// for the disk, at most [`SAVE_STREAM_WAIT`] per save) rather than from
+    /// dropping host-only blocks still queued for the disk.
     fn save(&self, s: &SaveReq) -> SaveDone {
         let t0 = Instant::now();
         let mut done = SaveDone {
             req_id: s.req_id.clone(),
             ..Default::default()
         };
-        let mut todo: Vec<(BlockKey, u32, SlotId, u32)> = Vec::with_capacity(s.blocks.len());
+        let stream = s.to_nvme && self.nvme.is_some();
+        let deadline = t0 + SAVE_STREAM_WAIT;
+        let mut batch: Vec<(BlockKey, u32, SlotId, u32)> = Vec::with_capacity(s.blocks.len());
         for &(key, block, seq) in &s.blocks {
             if self.index.lock().get(&key).is_some() {
                 done.ok.push(key);
@@ -963,12 +1037,26 @@ impl Registered {
                 done.failed.push(key);
                 continue;
             }
-            let slot = match self.alloc_slot() {
-                Ok(slot) => slot,
-                Err(_) => {
-                    done.failed.push(key);
-                    continue;
+            let slot = loop {
+                match self.alloc_slot(stream) {
+                    Ok(slot) => break Some(slot),
+                    Err(_) if stream && !batch.is_empty() => {
+                        // Park what is gathered so far; it goes to the disk
+                        // and its slots come free as the writes land.
+                        self.gather_batch(s, &mut batch, &mut done);
+                        self.metrics
+                            .save_stream_batches
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(_) if stream && self.nvme_busy() && Instant::now() < deadline => {
+                        self.poll_nvme(Duration::from_millis(5));
+                    }
+                    Err(_) => break None,
                 }
+            };
+            let Some(slot) = slot else {
+                done.failed.push(key);
+                continue;
             };
             let now = self.now();
             if self
@@ -981,11 +1069,29 @@ impl Registered {
                 done.failed.push(key);
                 continue;
             }
-            todo.push((key, block, slot, seq));
+            batch.push((key, block, slot, seq));
         }
-        if todo.is_empty() {
-            return self.count_save(done, t0);
+        self.gather_batch(s, &mut batch, &mut done);
+        self.count_save(done, t0)
+    }
+
+    /// True while NVMe writes are in flight or queued.
+    fn nvme_busy(&self) -> bool {
+        !self.writes.lock().is_empty() || !self.deferred.lock().is_empty()
+    }
+
+    /// Gathers the batch's blocks from vLLM into their host slots, records
+    /// the outcome in `done` and (with `to_nvme`) queues the NVMe writes.
+    fn gather_batch(
+        &self,
+        s: &SaveReq,
+        batch: &mut Vec<(BlockKey, u32, SlotId, u32)>,
+        done: &mut SaveDone,
+    ) {
+        if batch.is_empty() {
+            return;
         }
+        let todo = std::mem::take(batch);
         let mut guards = Vec::with_capacity(todo.len());
         for t in &todo {
             match self.arena.slot_mut(t.2) {
@@ -1022,7 +1128,6 @@ impl Registered {
                 _ => done.failed.push(key),
             }
         }
-        self.count_save(done, t0)
     }
 
     fn count_save(&self, done: SaveDone, t0: Instant) -> SaveDone {
@@ -1182,7 +1287,7 @@ impl Registered {
             .nvme
             .as_ref()
             .ok_or_else(|| Error::not_found("block on NVMe but no NVMe tier is open"))?;
-        let slot = self.alloc_slot()?;
+        let slot = self.alloc_slot(false)?;
         if let Err(e) = self.index.lock().begin_promote(key, slot, now) {
             let _ = self.free_slot(slot);
             return Err(e);

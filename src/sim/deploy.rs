@@ -10,8 +10,9 @@
 //! parallel) is modelled as one GPU with the sums of their KV capacity, HBM
 //! and PCIe bandwidth (each rank holds its share of every block).
 //!
-//! The codec is named (`"codec": "none"`) and its ratio and speeds come from
-//! [`CODECS`], one row per codec kvpark ships, measured by `kvpark bench`.
+//! The codec is named (`"codec": "exp-huff"`) and its ratio and per-core
+//! speeds come from [`crate::codec::measured`] (real KV, `kvpark bench`),
+//! times `codec_threads` (default: as many as keep up with the disk).
 //!
 //! Unknown keys are an error naming the key, and so is a value out of
 //! range: `kv_bytes_per_token` in 1..=1 GiB ([`MAX_KV_BYTES_PER_TOKEN`]),
@@ -22,60 +23,6 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::units::parse_size;
-
-/// A codec's measured figures (speeds per core, raw bytes per second).
-#[derive(Clone, Copy, Debug, serde::Serialize)]
-pub struct CodecRow {
-    /// The name (`codec` of the connector config).
-    pub name: &'static str,
-    /// Raw / stored on bf16 KV (≥ 1: a codec stores raw when it would grow data).
-    pub ratio: f64,
-    /// Encode GB/s per core (`f64::INFINITY`: no transform).
-    pub encode_gbps: f64,
-    /// Decode GB/s per core.
-    pub decode_gbps: f64,
-}
-
-/// Every codec kvpark ships, with the figures of BENCHMARKS.md ("Codecs vs
-/// zstd-1": `kvpark bench --only codec`, 2 MiB of synthetic bf16 KV, one
-/// core). Adding a codec is one row.
-pub const CODECS: &[CodecRow] = &[
-    // raw records: the disk is the only cost
-    CodecRow {
-        name: "none",
-        ratio: 1.0,
-        encode_gbps: f64::INFINITY,
-        decode_gbps: f64::INFINITY,
-    },
-    // measured 0.996×: nothing to find in interleaved bf16 (counted as 1.0)
-    CodecRow {
-        name: "lz4",
-        ratio: 1.0,
-        encode_gbps: 18.8,
-        decode_gbps: 32.5,
-    },
-    CodecRow {
-        name: "lz4-planes",
-        ratio: 1.202,
-        encode_gbps: 0.47,
-        decode_gbps: 1.97,
-    },
-];
-
-/// The row of codec `name`.
-pub fn codec(name: &str) -> Result<CodecRow> {
-    CODECS
-        .iter()
-        .find(|c| c.name == name)
-        .copied()
-        .ok_or_else(|| {
-            let names: Vec<&str> = CODECS.iter().map(|c| c.name).collect();
-            Error::config(format!(
-                "deployment codec: unknown codec {name:?} (known: {})",
-                names.join(", ")
-            ))
-        })
-}
 
 /// The shipped deployments: (file name, JSON), the default first.
 pub const SHIPPED: [(&str, &str); 3] = [
@@ -140,10 +87,16 @@ struct Raw {
     pcie_d2h_gbps: f64,
     nvme_read_gbps: f64,
     nvme_write_gbps: f64,
-    #[serde(default = "default_codec")]
-    codec: String,
-    #[serde(default = "default_codec_threads")]
-    codec_threads: u32,
+    #[serde(default)]
+    codec: Option<String>,
+    #[serde(default)]
+    codec_threads: Option<u32>,
+    #[serde(default)]
+    codec_ratio: Option<f64>,
+    #[serde(default)]
+    codec_encode_gbps: Option<f64>,
+    #[serde(default)]
+    codec_decode_gbps: Option<f64>,
     prefill_tokens_per_s: f64,
     prefill_halving_context_tokens: f64,
     decode_step_ms: f64,
@@ -154,12 +107,6 @@ struct Raw {
 
 fn default_block_size() -> u32 {
     16
-}
-fn default_codec() -> String {
-    "none".into()
-}
-fn default_codec_threads() -> u32 {
-    2
 }
 fn default_tc() -> f64 {
     1.0
@@ -217,13 +164,12 @@ impl Deployment {
     pub fn from_json(text: &str) -> Result<Self> {
         let r: Raw =
             serde_json::from_str(text).map_err(|e| Error::config(format!("deployment: {e}")))?;
-        let c = codec(&r.codec)?;
-        if !(1..=256).contains(&r.codec_threads) {
-            return Err(Error::config(format!(
-                "deployment codec_threads: {} is out of range (1..=256)",
-                r.codec_threads
-            )));
-        }
+        let c = crate::codec::deployment_codec(
+            r.codec.as_deref(),
+            r.codec_threads,
+            [r.codec_ratio, r.codec_encode_gbps, r.codec_decode_gbps],
+            [r.nvme_write_gbps, r.nvme_read_gbps],
+        )?;
         let d = Deployment {
             name: r.name.unwrap_or_else(|| "deployment".into()),
             model: r.model.unwrap_or_default(),
@@ -237,10 +183,10 @@ impl Deployment {
             d2h_bps: r.pcie_d2h_gbps * 1e9,
             nvme_read_bps: r.nvme_read_gbps * 1e9,
             nvme_write_bps: r.nvme_write_gbps * 1e9,
-            codec: c.name.to_string(),
+            codec: r.codec.clone().unwrap_or_else(|| "custom".into()),
             codec_ratio: c.ratio,
-            encode_bps: c.encode_gbps * 1e9 * r.codec_threads as f64,
-            decode_bps: c.decode_gbps * 1e9 * r.codec_threads as f64,
+            encode_bps: c.encode_gbps * 1e9,
+            decode_bps: c.decode_gbps * 1e9,
             prefill_tps: r.prefill_tokens_per_s,
             prefill_halving: r.prefill_halving_context_tokens,
             decode_step_s: r.decode_step_ms / 1e3,
@@ -352,9 +298,9 @@ mod tests {
         let d = Deployment::default_deployment();
         assert_eq!(d.gpu_kv_bytes, 56 << 30);
         assert_eq!(d.kv_bytes_per_token, 131072);
-        let bad = DEFAULT_JSON.replace("\"codec\"", "\"codek\"");
+        let bad = DEFAULT_JSON.replace("\"codec\"", "\"codec_name\"");
         let e = Deployment::from_json(&bad).unwrap_err();
-        assert!(e.message().contains("codek"), "{}", e.message());
+        assert!(e.message().contains("codec_name"), "{}", e.message());
         let bad = DEFAULT_JSON.replace("\"56GiB\"", "\"56 gigs\"");
         assert!(Deployment::from_json(&bad)
             .unwrap_err()
@@ -365,7 +311,7 @@ mod tests {
             .unwrap_err()
             .message()
             .contains("nvme_read_gbps"));
-        let bad = DEFAULT_JSON.replace("\"codec\": \"none\"", "\"codec\": \"zip\"");
+        let bad = DEFAULT_JSON.replace("\"codec\": \"exp-huff\"", "\"codec\": \"zip\"");
         let e = Deployment::from_json(&bad).unwrap_err();
         assert!(
             e.message().contains("zip") && e.message().contains("lz4-planes"),
@@ -380,7 +326,7 @@ mod tests {
     #[test]
     fn every_shipped_deployment_parses_and_names_a_known_codec() {
         for (n, d) in Deployment::shipped() {
-            assert!(codec(&d.codec).is_ok(), "{n}");
+            assert!(crate::codec::measured(&d.codec).is_some(), "{n}");
             assert!(d.gpu_kv_bytes >= d.kv_bytes(d.max_context_tokens), "{n}");
         }
         // the default names the codec the connector ships as its default

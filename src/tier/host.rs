@@ -312,25 +312,24 @@ fn geometry(slot_bytes: usize, slots: usize) -> Result<(usize, u32, usize)> {
 /// group/other permission bits are removed. The host arena file and its
 /// slot table are opened this way.
 pub(crate) fn open_private(path: &Path) -> Result<File> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(|e| {
-            if e.raw_os_error() == Some(libc::ELOOP) {
-                Error::invalid("is a symbolic link; refusing to follow it")
-            } else {
-                Error::from(e)
-            }
-        })?;
+    let file = crate::tier::open_regular(
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600),
+        0,
+        path,
+    )
+    .map_err(|e| {
+        if e.raw_os_error() == Some(libc::ELOOP) {
+            Error::invalid("is a symbolic link; refusing to follow it")
+        } else {
+            Error::from(e)
+        }
+    })?;
     let meta = file.metadata()?;
-    if !meta.file_type().is_file() {
-        return Err(Error::invalid("not a regular file"));
-    }
     // SAFETY: geteuid has no preconditions.
     let me = unsafe { libc::geteuid() };
     if meta.uid() != me {

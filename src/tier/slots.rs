@@ -32,7 +32,6 @@ use crate::block::BlockKey;
 use crate::error::{Error, Result};
 use memmap2::MmapMut;
 use std::fs::OpenOptions;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -47,6 +46,11 @@ pub fn table_path(arena: &Path) -> PathBuf {
     let mut s = arena.as_os_str().to_owned();
     s.push(".slots");
     PathBuf::from(s)
+}
+
+/// Bytes of a table of `slots` slots; `None` when that overflows.
+fn table_len_u64(slots: u64) -> Option<u64> {
+    slots.checked_mul(ENTRY as u64)?.checked_add(HEADER as u64)
 }
 
 /// One valid entry: the block a slot holds.
@@ -92,7 +96,13 @@ impl SlotTable {
         let c = ctx(path);
         let file = crate::tier::host::open_private(path).map_err(&c)?;
         let meta = file.metadata().map_err(|e| c(e.into()))?;
-        let len = HEADER + slots * ENTRY;
+        let len = table_len_u64(slots as u64)
+            .and_then(|l| usize::try_from(l).ok())
+            .ok_or_else(|| {
+                c(Error::invalid(format!(
+                    "{slots} slots: the table size overflows"
+                )))
+            })?;
         let mut header = [0u8; HEADER];
         header[..8].copy_from_slice(MAGIC);
         header[8..16].copy_from_slice(&(slot_bytes as u64).to_le_bytes());
@@ -187,31 +197,60 @@ fn parse_entry(s: usize, mut e: [u8; ENTRY]) -> Option<SlotEntry> {
 
 /// Reads the table of `arena` without changing it (the scheduler at start):
 /// the block bytes it was written for and its valid entries; `None` when
-/// there is no table (or the file is not one).
+/// there is no table (or the file is not one, or its length does not match
+/// the slot count its header gives). A header whose slot count makes the
+/// table size overflow is a [`Corrupt`](crate::ErrorKind::Corrupt) error; a
+/// path that is not a regular file (a FIFO, a symlink) is refused at once.
 pub fn read_entries(arena: &Path) -> Result<Option<(u64, Vec<SlotEntry>)>> {
     let path = table_path(arena);
     let c = ctx(&path);
-    let file = match OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(&path)
-    {
+    // Never blocks (a FIFO at the path is refused at once), never follows a symlink.
+    let file = match crate::tier::open_regular(OpenOptions::new().read(true), 0, &path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(c(Error::invalid(
+                "is a symbolic link; refusing to follow it",
+            )))
+        }
         Err(e) => return Err(c(e.into())),
     };
-    let mut bytes = Vec::new();
+    let file_len = file.metadata().map_err(|e| c(e.into()))?.len();
+    let mut header = [0u8; HEADER];
+    if file_len < HEADER as u64 {
+        return Ok(None);
+    }
     {
-        use std::io::Read;
-        (&file).read_to_end(&mut bytes).map_err(|e| c(e.into()))?;
+        use std::os::unix::fs::FileExt;
+        file.read_exact_at(&mut header, 0)
+            .map_err(|e| c(e.into()))?;
     }
-    if bytes.len() < HEADER || &bytes[..8] != MAGIC {
+    if &header[..8] != MAGIC {
         return Ok(None);
     }
-    let slots = u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes")) as usize;
-    let block_bytes = u64::from_le_bytes(bytes[24..32].try_into().expect("8 bytes"));
-    if bytes.len() != HEADER + slots * ENTRY {
+    let slots = u64::from_le_bytes(header[16..24].try_into().expect("8 bytes"));
+    let block_bytes = u64::from_le_bytes(header[24..32].try_into().expect("8 bytes"));
+    let want = table_len_u64(slots).ok_or_else(|| {
+        c(Error::corrupt(format!(
+            "header claims {slots} slots: the table size overflows"
+        )))
+    })?;
+    if file_len != want {
+        // A table for another arena size, or one being rewritten.
         return Ok(None);
+    }
+    // The whole table is now known to be `want` bytes, and it is in memory
+    // already (mapped by the worker), so reading it is bounded.
+    let len = usize::try_from(want).map_err(|_| {
+        c(Error::corrupt(format!(
+            "header claims {slots} slots: too large"
+        )))
+    })?;
+    let slots = (want as usize - HEADER) / ENTRY;
+    let mut bytes = vec![0u8; len];
+    {
+        use std::os::unix::fs::FileExt;
+        file.read_exact_at(&mut bytes, 0).map_err(|e| c(e.into()))?;
     }
     let entries = (0..slots)
         .filter_map(|s| {

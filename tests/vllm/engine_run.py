@@ -20,6 +20,8 @@ SPEC = {
     {"op": "drain"},                    # step the engine until delayed frees finished
     {"op": "snapshot", "tag": str},     # kvpark metrics (planner, mover, shim counters)
     {"op": "check_empty", "tag": str},  # scheduler leak check after drain + reset
+    {"op": "idle", "seconds": x},       # sleep without stepping the engine
+    {"op": "sigkill", "tag": str},      # snapshot, write the output, then SIGKILL itself
   ]
 }
 A turn appends `new_tokens` deterministic tokens (seeded by session name and turn number)
@@ -33,6 +35,7 @@ import hashlib
 import json
 import os
 import sys
+import signal
 import time
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -221,9 +224,23 @@ class Runner:
                 self.results.append(self.snapshot(op))
             elif kind == "check_empty":
                 self.results.append(self.check_empty(op))
+            elif kind == "idle":
+                # The engine is not stepped: no connector hook runs meanwhile.
+                time.sleep(float(op["seconds"]))
+                self.results.append({"op": kind})
+            elif kind == "sigkill":
+                # A crash: write what happened so far, then die without any
+                # cleanup (no connector destructor, no flush).
+                self.results.append(self.snapshot({"tag": op.get("tag")}))
+                with open(self.spec["_out_path"], "w") as f:
+                    json.dump(self._output(), f)
+                os.kill(os.getpid(), signal.SIGKILL)
             else:
                 raise ValueError(f"unknown op {kind}")
         self.drain()
+        return self._output()
+
+    def _output(self) -> dict:
         return {
             "startup_s": self.startup_s,
             "results": self.results,
@@ -235,6 +252,7 @@ class Runner:
 
 def main(argv: list[str]) -> int:
     spec = json.loads(open(argv[1]).read())
+    spec["_out_path"] = argv[2]
     out = Runner(spec).run()
     with open(argv[2], "w") as f:
         json.dump(out, f)

@@ -40,6 +40,7 @@ STUBFN(kvpark_planner_on_worker_meta) STUBFN(kvpark_planner_metrics) STUBFN(kvpa
 STUBFN(kvpark_mover_register) STUBFN(kvpark_mover_bind) STUBFN(kvpark_mover_start_load)
 STUBFN(kvpark_mover_wait_layer) STUBFN(kvpark_mover_wait_for_save) STUBFN(kvpark_mover_get_finished)
 STUBFN(kvpark_mover_take_worker_meta) STUBFN(kvpark_mover_metrics) STUBFN(kvpark_mover_set_stream)
+STUBFN(kvpark_config_preflight)
 void kvpark_planner_free(void *p) { (void)p; }
 void kvpark_mover_free(void *p) { (void)p; }
 """
@@ -123,3 +124,23 @@ def test_config_validate_names_the_key(libkvpark, bad, key):
     with pytest.raises(kvpark.ConfigError) as ei:
         kvpark.validate_config(bad)
     assert key in ei.value.message
+    text = str(ei.value)
+    # each prefix once: the function, the kind, the key
+    assert text.startswith("kvpark_config_validate: config error: "), text
+    assert text.count("kvpark_config_validate") == 1 and text.count(f"{key}: ") <= 1, text
+
+
+def test_preflight_names_key_value_and_what_fits(libkvpark, tmp_path):
+    """Checks against the machine, all problems in one error, one line each: an nvme_dir
+    that is a file, a host_file in a missing directory, a host tier larger than memory."""
+    f = tmp_path / "file"
+    f.write_text("x")
+    cfg = {"nvme_dir": str(f), "host_file": str(tmp_path / "no" / "kv"), "host_bytes": "1024TiB"}
+    with pytest.raises(kvpark.ConfigError) as ei:
+        kvpark.preflight_config(cfg, {"rank": 0, "ranks": 1})
+    lines = ei.value.message.split("\n")
+    assert lines[0].startswith("kvpark_config_preflight: config error: nvme_dir: " + str(f)), lines
+    assert lines[1].startswith("host_file: ") and "does not exist" in lines[1], lines
+    assert lines[2].startswith("host_bytes: 1024.00TiB per rank") and "largest host_bytes" in lines[2], lines
+    ok = kvpark.preflight_config({"host_bytes": "4MiB", "nvme_dir": str(tmp_path / "nvme")}, {"rank": 0})
+    assert ok["host_bytes"] == 4 << 20 and (tmp_path / "nvme").is_dir()

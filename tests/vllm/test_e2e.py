@@ -90,7 +90,8 @@ PHASE_E = [
 ]
 
 
-def run_engine(tmp: Path, name: str, spec: dict) -> dict:
+def run_engine(tmp: Path, name: str, spec: dict, killed: bool = False) -> dict:
+    """Runs one engine process; `killed`: it ends itself with SIGKILL (op "sigkill")."""
     spec_path, out_path = tmp / f"{name}.spec.json", tmp / f"{name}.out.json"
     spec_path.write_text(json.dumps(spec))
     env = dict(os.environ)
@@ -104,7 +105,7 @@ def run_engine(tmp: Path, name: str, spec: dict) -> dict:
             env=env,
             timeout=600,
         )
-    if p.returncode != 0:
+    if p.returncode != (-9 if killed else 0):
         tail = log.read_text()[-6000:]
         raise AssertionError(f"engine {name} exited {p.returncode}; log tail:\n{tail}")
     return json.loads(out_path.read_text())

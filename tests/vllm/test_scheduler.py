@@ -261,35 +261,96 @@ def test_unknown_config_key_fails_engine_start(vllm_unit_utils, tiny_model, libk
 
 
 def test_connector_stats_reach_vllm(make):
-    """Metrics flow through vLLM's connector stats: the scheduler's stats payload holds
-    kvpark's snapshots, vLLM rebuilds them with build_kv_connector_stats, and reducing
-    sums the cumulative counters of each source once (newest snapshot wins)."""
-    from kvpark.vllm import KVParkStats
+    """Metrics flow through vLLM's connector stats, whole and never stale: a worker sends
+    its snapshot on every step its counters changed (nothing when they did not), the
+    scheduler keeps every rank's newest snapshot from update_connector_output and sends
+    planner and workers together; vLLM rebuilds the payload with build_kv_connector_stats
+    and the log line (reduce) shows planner and worker counters side by side."""
+    from kvpark.metrics import KVParkStats
+    from vllm.v1.outputs import KVConnectorOutput
 
     h = make({"host_bytes": "4MiB"})
+    h.worker.get_kv_connector_stats()  # what registration counted
+    h.connector.get_kv_connector_stats()
     park_one(h, prompt(2 * BS + 1, 9))
-    h.connector._last_stats_ns = 0
-    st = h.connector.get_kv_connector_stats()
-    assert isinstance(st, KVParkStats)
-    assert st.data["planner"]["saved_blocks"] == 2
-    h.worker._last_stats_ns = 0
     wst = h.worker.get_kv_connector_stats()
+    assert isinstance(wst, KVParkStats)
     assert wst.data["mover"]["0"]["counters"]["saved_blocks"] == 2
+    assert h.worker.get_kv_connector_stats() is None, "unchanged counters are not resent"
+    # a second rank, as vLLM's KVOutputAggregator merges the workers' stats
+    other = KVParkStats(data={"mover": {"1": wst.data["mover"]["0"]}})
+    both = wst.aggregate(other)
+    assert sorted(both.data["mover"]) == ["0", "1"]
+    h.connector.update_connector_output(KVConnectorOutput(kv_connector_stats=both))
+    st = h.connector.get_kv_connector_stats()
+    assert st.data["planner"]["saved_blocks"] == 2
+    assert sorted(st.data["mover"]) == ["0", "1"], "planner and every rank in one snapshot"
+    assert h.connector.get_kv_connector_stats() is None
     # as vLLM does: worker stats aggregated with scheduler stats, shipped as a dict,
-    # rebuilt by the connector class, accumulated over intervals, reduced for the log
-    payload = wst.aggregate(st).to_dict()
+    # rebuilt by the connector class, accumulated over an interval, reduced for the log
+    payload = both.aggregate(st).to_dict()
     rebuilt = KVParkConnector.build_kv_connector_stats(payload)
-    again = rebuilt.aggregate(KVConnectorStatsLike(payload))
+    again = rebuilt.aggregate(KVParkStats(data=payload))
     red = again.reduce()
-    assert red["planner_saved_blocks"] == 2
-    assert red["mover_counters_saved_blocks"] == 2
+    assert red["saved_blocks"] == 2, red
+    assert red["worker_saved_blocks"] == 4, red  # two ranks, two blocks each
+    assert red["host_used_bytes"] > 0, red
     assert not again.is_empty()
 
 
-def KVConnectorStatsLike(data):
-    from kvpark.vllm import KVParkStats
+def test_prometheus_series_follow_snapshots():
+    """kvpark_* series: counters advance by the difference between snapshots of the same
+    source (a repeated snapshot adds nothing, a worker that restarted counts from zero),
+    worker series carry their rank, gauges hold the latest value."""
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-    return KVParkStats(data=data)
+    from kvpark.metrics import KVParkPromMetrics
+
+    reg = CollectorRegistry()
+
+    def bound(cls):
+        class Bound(cls):
+            def __init__(self, *a, **kw):
+                kw.pop("multiprocess_mode", None)
+                super().__init__(*a, registry=reg, **kw)
+
+        return Bound
+
+    class Cfg:
+        kv_transfer_config = None
+
+    prom = KVParkConnector.build_prom_metrics(
+        Cfg(),
+        {Counter: bound(Counter), Gauge: bound(Gauge), Histogram: bound(Histogram)},
+        ["model_name", "engine"],
+        {0: ["m", "0"]},
+    )
+    assert isinstance(prom, KVParkPromMetrics)
+
+    def snap(hit, saved, used):
+        return {
+            "planner": {"hit_tokens": hit, "hit_blocks_host": hit // 16, "hit_blocks_nvme": 0},
+            "mover": {
+                "0": {"counters": {"saved_blocks": saved}, "host_slots_used": used, "host_slot_bytes": 4096},
+                "1": {"counters": {"saved_blocks": saved + 1}, "host_slots_used": used, "host_slot_bytes": 4096},
+            },
+        }
+
+    def val(name, **labels):
+        return reg.get_sample_value(name, {"model_name": "m", "engine": "0", **labels})
+
+    prom.observe(snap(64, 2, 3), 0)
+    prom.observe(snap(64, 2, 3), 0)
+    prom.observe(snap(96, 5, 1), 0)
+    assert val("kvpark_hit_tokens_total") == 96
+    assert val("kvpark_hit_blocks_total", tier="host") == 6
+    assert val("kvpark_worker_saved_blocks_total", rank="0") == 5
+    assert val("kvpark_worker_saved_blocks_total", rank="1") == 6
+    assert val("kvpark_host_used_bytes", rank="1") == 4096
+    restarted = snap(96, 5, 1)
+    restarted["mover"]["0"]["counters"]["saved_blocks"] = 1
+    prom.observe(restarted, 0)
+    assert val("kvpark_worker_saved_blocks_total", rank="0") == 6
 
 
 def test_bad_hint_is_ignored_not_fatal(make):
@@ -302,10 +363,12 @@ def test_bad_hint_is_ignored_not_fatal(make):
     r.kv_transfer_params = {"kvpark": {"session": "x", "awaiting": "lunch"}}
     h.scheduler.add_request(r)
     h.step()
-    assert h.connector.shim_counters["bad_hints"] >= 1
+    assert h.connector.shim_counters["bad_hints"] == 1
     assert h.connector.shim_counters["external_tokens"] == 2 * BS
     h.run_until_empty()
     h.u.assert_scheduler_empty(h.scheduler)
+    # matched, allocated and finished with the same bad hint: counted (and logged) once
+    assert h.connector.shim_counters["bad_hints"] == 1
 
 
 def test_geometry_orders_layers_by_index_and_keeps_strides():
@@ -380,7 +443,16 @@ def test_a_failed_layer_load_does_not_raise_into_the_forward(caplog):
     c = KVParkConnector.__new__(KVParkConnector)
     c._layer_index = {"model.layers.1.self_attn.attn": 1}
     c._mover = FailingMover()
+    c._failure_policy = "recompute"
     with caplog.at_level("WARNING"):
         c.wait_for_layer_load("model.layers.1.self_attn.attn")
     assert "layer 1 of this step's loads failed" in caplog.text
     assert "device lost" in caplog.text
+    assert "vLLM recomputes them" in caplog.text
+    # under vLLM's default policy the message says what vLLM really does
+    caplog.clear()
+    c._failure_policy = "fail"
+    with caplog.at_level("WARNING"):
+        c.wait_for_layer_load("model.layers.1.self_attn.attn")
+    assert "recomputes them" not in caplog.text
+    assert "ends the requests that needed them with an error" in caplog.text

@@ -27,14 +27,41 @@
 //!     60    4 raw len         bytes after decoding
 //!     64    4 stored len      payload bytes (codec output)
 //!     68    4 payload crc     crc32c of the stored payload
-//!     72   52 reserved        zero
+//!     72    1 flags           bit 0 (FLAG_SEALED_SEGMENT): written by a build that
+//!                             seals segments with a trailer (0 in older records)
+//!     73   51 reserved        zero
 //!    124    4 header crc      crc32c of bytes 0..124
 //!    128 3968 zero            rest of the header block
 //!   4096    … payload         stored len bytes, then zeros to a 4 KiB boundary
 //! ```
 //!
-//! The header holds no location: a record can be copied byte for byte to
-//! another segment (garbage collection does) and stays valid, keeping its lsn.
+//! The header holds no location: a record can be copied to another segment
+//! (garbage collection does, setting the flag) and stays valid, keeping its lsn.
+//!
+//! ## Seal trailer
+//!
+//! A segment that is sealed (rolled over, the store closed, or recovered
+//! after a crash) ends with one 4 KiB *trailer* block right after its record
+//! area. It says where the records end, so a file cut exactly at a record
+//! boundary is told from a complete one:
+//!
+//! ```text
+//! offset size field
+//!      0    4 magic           b"KVPT"
+//!      4    2 trailer version 1
+//!      6    2 zero
+//!      8    4 segment id      the NNNNNN of seg-NNNNNN.kvp
+//!     12    4 zero
+//!     16    8 end             bytes of the record area (the trailer sits at align_up(end))
+//!     24   36 zero
+//!     60    4 crc             crc32c of bytes 0..60
+//!     64 4032 zero
+//! ```
+//!
+//! Stores written before the trailer (records without the flag) open as
+//! before: no trailer is expected of a segment none of whose records carries
+//! the flag. An older build reading a sealed segment sees the trailer as one
+//! corrupt block after the last record and never serves it.
 
 use crate::block::BlockKey;
 use crate::codec::CodecTag;
@@ -53,6 +80,64 @@ pub const ALIGN: usize = 4096;
 pub const PAYLOAD_OFF: usize = ALIGN;
 
 const HEADER_CRC_AT: usize = 124;
+
+/// Header flag: the record was written by a build that seals every segment
+/// with a [`Trailer`].
+pub const FLAG_SEALED_SEGMENT: u8 = 1;
+
+/// Seal trailer magic.
+pub const TRAILER_MAGIC: [u8; 4] = *b"KVPT";
+/// Trailer version written and read by this build.
+pub const TRAILER_VERSION: u16 = 1;
+const TRAILER_CRC_AT: usize = 60;
+
+/// The seal trailer of a segment (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Trailer {
+    /// Segment id.
+    pub seg: u32,
+    /// Bytes of the record area.
+    pub end: u64,
+}
+
+impl Trailer {
+    /// Writes the trailer block into `out[..ALIGN]` (zeros included).
+    pub fn encode(&self, out: &mut [u8]) {
+        let b = &mut out[..ALIGN];
+        b.fill(0);
+        b[0..4].copy_from_slice(&TRAILER_MAGIC);
+        b[4..6].copy_from_slice(&TRAILER_VERSION.to_le_bytes());
+        b[8..12].copy_from_slice(&self.seg.to_le_bytes());
+        b[16..24].copy_from_slice(&self.end.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..TRAILER_CRC_AT]);
+        b[TRAILER_CRC_AT..TRAILER_CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    /// `None`: `b` (at least 64 bytes) does not start with the trailer
+    /// magic. `Some(Err(why))`: it does, but is not a valid trailer.
+    pub fn decode(b: &[u8]) -> Option<Result<Trailer, String>> {
+        if b.len() < 64 || b[0..4] != TRAILER_MAGIC {
+            return None;
+        }
+        let stored = u32_at(b, TRAILER_CRC_AT);
+        let computed = crc32c::crc32c(&b[..TRAILER_CRC_AT]);
+        if stored != computed {
+            return Some(Err(format!(
+                "seal trailer checksum mismatch (stored {stored:08x}, computed {computed:08x})"
+            )));
+        }
+        let version = u16::from_le_bytes([b[4], b[5]]);
+        if version != TRAILER_VERSION {
+            return Some(Err(format!(
+                "seal trailer version {version} (this build reads version {TRAILER_VERSION})"
+            )));
+        }
+        Some(Ok(Trailer {
+            seg: u32_at(b, 8),
+            end: u64_at(b, 16),
+        }))
+    }
+}
 
 /// Rounds `n` up to a multiple of [`ALIGN`].
 pub fn align_up(n: u64) -> u64 {
@@ -86,6 +171,8 @@ pub struct RecordHeader {
     pub stored_len: u32,
     /// crc32c of the payload.
     pub payload_crc: u32,
+    /// Flags ([`FLAG_SEALED_SEGMENT`]).
+    pub flags: u8,
 }
 
 /// Why a header block was rejected.
@@ -153,6 +240,7 @@ impl RecordHeader {
         h[60..64].copy_from_slice(&self.raw_len.to_le_bytes());
         h[64..68].copy_from_slice(&self.stored_len.to_le_bytes());
         h[68..72].copy_from_slice(&self.payload_crc.to_le_bytes());
+        h[72] = self.flags;
         let crc = crc32c::crc32c(&h[..HEADER_CRC_AT]);
         h[HEADER_CRC_AT..HEADER_LEN].copy_from_slice(&crc.to_le_bytes());
     }
@@ -197,6 +285,7 @@ impl RecordHeader {
             raw_len,
             stored_len,
             payload_crc: u32_at(h, 68),
+            flags: h[72],
         })
     }
 }
@@ -224,6 +313,7 @@ mod tests {
             raw_len: 10_000,
             stored_len: 8_000,
             payload_crc: 0xdead_beef,
+            flags: FLAG_SEALED_SEGMENT,
         }
     }
 
@@ -243,7 +333,8 @@ mod tests {
         assert_eq!(u32_at(&b, 60), 10_000);
         assert_eq!(u32_at(&b, 64), 8_000);
         assert_eq!(u32_at(&b, 68), 0xdead_beef);
-        assert!(b[72..124].iter().all(|&x| x == 0));
+        assert_eq!(b[72], FLAG_SEALED_SEGMENT);
+        assert!(b[73..124].iter().all(|&x| x == 0));
         assert_eq!(u32_at(&b, 124), crc32c::crc32c(&b[..124]));
         assert_eq!(RecordHeader::decode(&b).unwrap(), h);
         assert_eq!(h.padded_len(), 4096 + 8192);
@@ -270,6 +361,25 @@ mod tests {
             c[i] ^= 0x10;
             assert!(RecordHeader::decode(&c).is_err(), "byte {i}");
         }
+    }
+
+    #[test]
+    fn trailer_round_trips_and_damage_is_named() {
+        let t = Trailer {
+            seg: 7,
+            end: 3 * 4096 + 100,
+        };
+        let mut b = vec![0xffu8; ALIGN];
+        t.encode(&mut b);
+        assert_eq!(&b[0..4], b"KVPT");
+        assert!(b[64..].iter().all(|&x| x == 0));
+        assert_eq!(Trailer::decode(&b), Some(Ok(t)));
+        b[17] ^= 1;
+        assert!(Trailer::decode(&b)
+            .unwrap()
+            .unwrap_err()
+            .contains("checksum"));
+        assert_eq!(Trailer::decode(&[0u8; ALIGN]), None);
     }
 
     #[test]

@@ -59,22 +59,12 @@ pub fn create_file(path: &Path, direct: bool) -> Result<File> {
         .map_err(|e| map_open_err(e, path, "create"))
 }
 
-/// Opens an existing file read-only without following a symlink, checking
-/// it is a regular file.
+/// Opens an existing file read-only without following a symlink and
+/// without blocking (a FIFO never blocks the open), checking it is a
+/// regular file (see [`crate::tier::open_regular`]).
 pub fn open_read(path: &Path, direct: bool) -> Result<File> {
-    let f = OpenOptions::new()
-        .read(true)
-        .custom_flags(flags(direct))
-        .open(path)
-        .map_err(|e| map_open_err(e, path, "open"))?;
-    let m = f.metadata().ctx(format!("nvme: stat {}", path.display()))?;
-    if !m.is_file() {
-        return Err(Error::invalid(format!(
-            "nvme: {} is not a regular file",
-            path.display()
-        )));
-    }
-    Ok(f)
+    crate::tier::open_regular(OpenOptions::new().read(true), flags(direct), path)
+        .map_err(|e| map_open_err(e, path, "open"))
 }
 
 fn map_open_err(e: io::Error, path: &Path, what: &str) -> Error {
@@ -84,7 +74,67 @@ fn map_open_err(e: io::Error, path: &Path, what: &str) -> Error {
             path.display()
         ));
     }
+    if e.kind() == io::ErrorKind::InvalidInput && e.raw_os_error().is_none() {
+        return Error::invalid(format!("nvme: {what} {}: {e}", path.display()));
+    }
     Error::from(e).context(format!("nvme: {what} {}", path.display()))
+}
+
+/// Name of the lock file of a rank directory.
+pub const LOCK_NAME: &str = ".lock";
+
+/// Takes the exclusive lock of the rank directory `dir`: an `flock` on
+/// `dir/.lock` (created 0600, never a symlink or FIFO), held as long as the
+/// returned file is open, with this process's pid written in it. A
+/// directory locked by another live store is a [`crate::ErrorKind::Busy`]
+/// error naming the directory and, when the file gives it, the holder's pid.
+pub fn lock_dir(dir: &Path) -> Result<File> {
+    let path = dir.join(LOCK_NAME);
+    let f = crate::tier::open_regular(
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(FILE_MODE),
+        0,
+        &path,
+    )
+    .map_err(|e| map_open_err(e, &path, "lock"))?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe {
+        libc::flock(
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            libc::LOCK_EX | libc::LOCK_NB,
+        )
+    } != 0
+    {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(Error::from(e).context(format!("nvme: lock {}", path.display())));
+        }
+        let mut buf = [0u8; 32];
+        let n = read_full_at(&f, &mut buf, 0).unwrap_or(0);
+        let holder = std::str::from_utf8(&buf[..n])
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+            .map(|p| format!(" (pid {p})"))
+            .unwrap_or_default();
+        return Err(Error::new(
+            crate::ErrorKind::Busy,
+            format!(
+                "nvme: rank directory {} is in use by another store{holder}: it holds the lock {}; \
+                 a rank directory has one owner at a time",
+                dir.display(),
+                path.display()
+            ),
+        ));
+    }
+    let pid = format!("{}\n", std::process::id());
+    f.set_len(0)
+        .and_then(|_| f.write_all_at(pid.as_bytes(), 0))
+        .ctx(format!("nvme: write {}", path.display()))?;
+    Ok(f)
 }
 
 /// Whether O_DIRECT works in `dir`: opens, writes and reads back one aligned

@@ -2,15 +2,18 @@
 //!
 //! Walks every `rank<R>/seg-*.kvp` (or the segments directly in `DIR` when it
 //! is a rank directory) with the same rules as recovery ([`super::scan`]),
-//! without opening a store, taking no lock and writing nothing. *Live* means
+//! without opening a store, taking no lock and writing nothing. An entry
+//! that cannot be a segment (a symlink, a directory, a FIFO, unreadable) is
+//! skipped and listed, as recovery skips it; opens never block. *Live* means
 //! the newest valid record of its key (as recovery would index it; a removed
 //! record not yet collected counts as live, see the module docs). With
-//! `verify`, every payload checksum is checked as well.
+//! `verify`, every payload checksum is checked as well and every compressed
+//! payload decoded (a failure is a corrupt record).
 
 use super::aligned::BufPool;
 use super::fsio;
 use super::scan::{scan_segment, BadKind, ScanItem};
-use super::store::list_segments;
+use super::store::{list_segments, newest_segment, open_segment};
 use crate::block::BlockKey;
 use crate::codec::CodecTag;
 use crate::error::{Error, Result, ResultExt};
@@ -68,6 +71,20 @@ pub struct RankReport {
     pub corrupt: u64,
     /// Every torn or corrupt record.
     pub problems: Vec<Problem>,
+    /// `seg-*.kvp` entries that cannot be used as a segment (a symlink, a
+    /// directory, a FIFO, unreadable): not read, as recovery skips them.
+    pub skipped_segments: u64,
+    /// Each skipped entry, with the reason.
+    pub skipped: Vec<Skipped>,
+}
+
+/// A `seg-*.kvp` entry that is not read.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Skipped {
+    /// Entry name.
+    pub segment: String,
+    /// Why.
+    pub reason: String,
 }
 
 /// One segment file.
@@ -183,49 +200,71 @@ fn inspect_rank(rank: Option<u32>, dir: &Path, verify: bool, pool: &BufPool) -> 
         torn: 0,
         corrupt: 0,
         problems: Vec::new(),
+        skipped_segments: 0,
+        skipped: Vec::new(),
     };
-    for (si, (_, path)) in list_segments(dir)?.into_iter().enumerate() {
+    let segs = list_segments(dir)?;
+    let newest_seg = newest_segment(&segs);
+    for (id, path) in segs {
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let file = fsio::open_read(&path, false)?;
-        let len = file.metadata().ctx(format!("inspect: stat {name}"))?.len();
-        let mut records = 0;
-        scan_segment(&file, len, verify, pool, |item| match item {
-            ScanItem::Record { hdr, .. } => {
-                records += 1;
-                let i = all.len();
-                all.push(Rec {
-                    seg: si,
-                    lsn: hdr.lsn,
-                    raw: hdr.raw_len as u64,
-                    stored: hdr.stored_len as u64,
-                    codec: hdr.codec,
-                });
-                match newest.get(&hdr.key) {
-                    Some(&j) if all[j].lsn >= hdr.lsn => {}
-                    _ => {
-                        newest.insert(hdr.key, i);
-                    }
-                }
-            }
-            ScanItem::Bad { off, kind, reason } => {
-                match kind {
-                    BadKind::Torn => r.torn += 1,
-                    BadKind::Corrupt => r.corrupt += 1,
-                }
-                if reason.contains("checksum") {
-                    r.checksum_failed += 1;
-                }
-                r.problems.push(Problem {
-                    segment: name.clone(),
-                    offset: off,
-                    kind,
+        let (file, len) = match open_segment(&path, false) {
+            Ok(f) => f,
+            Err(reason) => {
+                r.skipped_segments += 1;
+                r.skipped.push(Skipped {
+                    segment: name,
                     reason,
                 });
+                continue;
             }
-        })
+        };
+        let si = r.segments.len();
+        let mut records = 0;
+        scan_segment(
+            &file,
+            len,
+            id,
+            newest_seg == Some(id),
+            verify,
+            pool,
+            |item| match item {
+                ScanItem::Record { hdr, .. } => {
+                    records += 1;
+                    let i = all.len();
+                    all.push(Rec {
+                        seg: si,
+                        lsn: hdr.lsn,
+                        raw: hdr.raw_len as u64,
+                        stored: hdr.stored_len as u64,
+                        codec: hdr.codec,
+                    });
+                    match newest.get(&hdr.key) {
+                        Some(&j) if all[j].lsn >= hdr.lsn => {}
+                        _ => {
+                            newest.insert(hdr.key, i);
+                        }
+                    }
+                }
+                ScanItem::Bad { off, kind, reason } => {
+                    match kind {
+                        BadKind::Torn => r.torn += 1,
+                        BadKind::Corrupt => r.corrupt += 1,
+                    }
+                    if reason.contains("checksum") {
+                        r.checksum_failed += 1;
+                    }
+                    r.problems.push(Problem {
+                        segment: name.clone(),
+                        offset: off,
+                        kind,
+                        reason,
+                    });
+                }
+            },
+        )
         .ctx(format!("inspect {}", path.display()))?;
         r.file_bytes += len;
         r.segments.push(SegmentReport {
@@ -328,6 +367,12 @@ impl fmt::Display for InspectReport {
                 )?;
             }
             writeln!(f, "  torn {}   corrupt {}", r.torn, r.corrupt)?;
+            if r.skipped_segments > 0 {
+                writeln!(f, "  skipped entries {}", r.skipped_segments)?;
+                for s in &r.skipped {
+                    writeln!(f, "    skipped {}: {}", s.segment, s.reason)?;
+                }
+            }
             for p in &r.problems {
                 writeln!(
                     f,

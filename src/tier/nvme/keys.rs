@@ -4,11 +4,10 @@
 
 use super::aligned::BufPool;
 use super::scan::{scan_segment, ScanItem};
-use super::store::{parse_seg_name, KeyInfo};
+use super::store::{list_segments, newest_segment, open_segment, KeyInfo};
 use crate::block::BlockKey;
-use crate::error::{Error, Result, ResultExt};
+use crate::error::{Error, Result};
 use std::collections::HashMap;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 /// Every valid record under `<dir>/rank<rank>`, newest per key. A missing
@@ -21,24 +20,18 @@ pub fn scan_keys(dir: &Path, rank: u32) -> Result<Vec<KeyInfo>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
         Err(e) => return Err(Error::from(e).context(rank_dir.display())),
     };
-    let mut segs: Vec<(u32, std::path::PathBuf)> = rd
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let name = e.file_name().into_string().ok()?;
-            Some((parse_seg_name(&name)?, e.path()))
-        })
-        .collect();
-    segs.sort();
+    drop(rd);
+    let segs = list_segments(&rank_dir)?;
     let pool = BufPool::new(2);
     let mut newest: HashMap<BlockKey, (u64, KeyInfo)> = HashMap::new();
-    for (_, path) in segs {
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&path)
-            .ctx(path.display())?;
-        let len = f.metadata().ctx(path.display())?.len();
-        scan_segment(&f, len, false, &pool, |item| {
+    let newest_seg = newest_segment(&segs);
+    for (id, path) in segs {
+        // An entry that is not a usable segment (symlink, directory, FIFO,
+        // unreadable) is skipped, as recovery skips it; opens never block.
+        let Ok((f, len)) = open_segment(&path, false) else {
+            continue;
+        };
+        scan_segment(&f, len, id, newest_seg == Some(id), false, &pool, |item| {
             if let ScanItem::Record { hdr, .. } = item {
                 let info = KeyInfo {
                     key: hdr.key,

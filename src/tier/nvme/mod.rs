@@ -5,9 +5,25 @@
 //! ```text
 //! <dir>/                      0700, never a symlink
 //!   rank<R>/                  0700, never a symlink
+//!     .lock                   0600, flock'ed by the one store that owns the directory
 //!     seg-000001.kvp          0600, opened O_NOFOLLOW (O_DIRECT when the fs allows)
 //!     seg-000002.kvp
 //! ```
+//!
+//! A store takes an exclusive `flock` on `rank<R>/.lock` (holding its pid)
+//! before it touches anything in the directory and keeps it until it is
+//! dropped: a second store on the same rank directory, in this process or
+//! another, fails with [`ErrorKind::Busy`](crate::ErrorKind::Busy) naming the
+//! directory and the holder's pid. (`inspect` and the scheduler's key scan
+//! only read, and take no lock.)
+//!
+//! Files are opened `O_NOFOLLOW | O_NONBLOCK` and checked with fstat before
+//! any read, so no entry can block an open. A `seg-*.kvp` entry that cannot
+//! be used as a segment (a symlink, a directory, a FIFO or other non-regular
+//! file, unreadable, or a read that fails while recovering it) is skipped:
+//! counted in [`NvmeStats::skipped_segments`], logged once, left in place,
+//! never written or collected, and its number is never reused. It does not
+//! keep the store (and the engine) from starting.
 //!
 //! A segment is a sequence of 4 KiB-aligned records (format version 2), each
 //! a 4 KiB header block (a 128-byte header, [`mod@format`] documents every
@@ -16,8 +32,15 @@
 //! records (payload right after the header) are refused: recovery and
 //! `inspect` report them corrupt, naming the version. New records are
 //! appended to the one *active* segment; it is sealed and a new one started
-//! when the next record would take it past `segment_bytes`. Segments are never appended to after a
-//! restart: recovery seals them all and the first put starts a new one.
+//! when the next record would take it past `segment_bytes`. Sealing writes
+//! a 4 KiB *seal trailer* right after the record area (its layout is in
+//! [`mod@format`]; records written by a build that seals carry a flag), so
+//! a segment later cut exactly at a record boundary is detected and
+//! counted. The active segment is sealed when the store closes; after a
+//! crash, recovery seals the newest segment (the only one that may lack its
+//! trailer). Segments are never appended records after a restart: recovery
+//! seals them all and the first put starts a new one. A segment file is
+//! thus at most `segment_bytes` plus its trailer.
 //!
 //! ## Invariants
 //!
@@ -31,19 +54,22 @@
 //!   valid record with the highest lsn. GC copies keep their lsn, so a crash
 //!   during GC leaves two identical records of one lsn, either of which is right.
 //! - **Recovery.** `open` walks every segment (see [`scan`] for the exact
-//!   rules): valid records are indexed; a record cut short by end of file is
-//!   *torn* (`dropped_torn`); a record failing a check is *corrupt*
-//!   (`dropped_corrupt`). Neither is ever indexed. By default the walk reads
+//!   rules): valid records are indexed; a record cut short by end of file
+//!   with nothing valid after it is *torn* (`dropped_torn`); a record failing
+//!   a check, or whose length runs past the end while valid records follow,
+//!   is *corrupt* (`dropped_corrupt`) and the walk resynchronises after it. Neither is ever indexed. By default the walk reads
 //!   headers only (fast: one 4 KiB read per record) and payload checksums are
 //!   checked on every read instead; `verify_on_open` checks them at open too.
-//! - **Space.** `used` = bytes of all segment files = live + dead. A put that
+//! - **Space.** `used` = bytes of the segments' record areas (their files
+//!   less the 4 KiB trailers) = live + dead. A put that
 //!   would take `used` past `capacity_bytes` first runs GC (delete segments
 //!   with no live record; copy the live records of the segment with the most
 //!   dead bytes forward and delete it); if that does not free enough, the put
 //!   fails with [`ErrorKind::NoSpace`](crate::ErrorKind::NoSpace). GC copies
 //!   may take `used` above the cap by at most the live bytes of one segment
 //!   while it runs. A file-system ENOSPC is also `NoSpace`: the partial record
-//!   is never indexed, a tail reservation is truncated away, the store stays
+//!   is never indexed, a tail reservation of the active segment is truncated
+//!   away (any other failed reservation is punched out: a hole), the store stays
 //!   readable, and once space is freed (remove + [`NvmeStore::gc`]) puts work again.
 //! - **Removal is in memory.** [`NvmeStore::remove`] drops the key from the
 //!   index and makes its bytes dead; no tombstone is written, so a removed

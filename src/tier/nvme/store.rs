@@ -3,7 +3,10 @@
 //! [`super`] for the invariants.
 
 use super::aligned::BufPool;
-use super::format::{padded_len, RecordHeader, ALIGN, HEADER_LEN, PAYLOAD_OFF};
+use super::format::{
+    align_up, padded_len, RecordHeader, Trailer, ALIGN, FLAG_SEALED_SEGMENT, HEADER_LEN,
+    PAYLOAD_OFF,
+};
 use super::fsio;
 use super::scan::{scan_segment, BadKind, ScanItem};
 use super::{FsyncPolicy, NvmeConfig};
@@ -72,7 +75,8 @@ pub struct NvmeStats {
     pub live_bytes: u64,
     /// Bytes of superseded, removed or lost records not yet collected.
     pub dead_bytes: u64,
-    /// live + dead: what the segment files occupy.
+    /// live + dead: what the segments' record areas occupy (their files also
+    /// hold one 4 KiB seal trailer each once sealed).
     pub used_bytes: u64,
     /// The capacity cap.
     pub capacity_bytes: u64,
@@ -86,6 +90,10 @@ pub struct NvmeStats {
     pub dropped_corrupt: u64,
     /// Records dropped because a read found them corrupt (never served).
     pub read_corrupt: u64,
+    /// `seg-*.kvp` entries skipped at open because they cannot be used as a
+    /// segment (a symlink, a directory, a FIFO or other non-regular file,
+    /// unreadable); left in place, never written, never collected.
+    pub skipped_segments: u64,
     /// Completed puts.
     pub puts: u64,
     /// Raw bytes of completed puts.
@@ -250,6 +258,7 @@ struct Counters {
     dropped_torn: AtomicU64,
     dropped_corrupt: AtomicU64,
     read_corrupt: AtomicU64,
+    skipped_segments: AtomicU64,
     puts: AtomicU64,
     put_raw: AtomicU64,
     put_stored: AtomicU64,
@@ -264,6 +273,8 @@ struct Counters {
 }
 
 struct Inner {
+    /// The rank directory's lock file, `flock`ed for the store's lifetime.
+    _lock: File,
     cfg: NvmeConfig,
     rank_dir: PathBuf,
     direct: bool,
@@ -313,6 +324,29 @@ pub(crate) fn list_segments(dir: &Path) -> Result<Vec<(u32, PathBuf)>> {
     Ok(out)
 }
 
+/// Opens the segment file `path` read-only for a scan: without blocking
+/// and without following a symlink. `Err` says, in words, why the entry
+/// cannot be used as a segment (a symlink, a directory, a FIFO, unreadable):
+/// callers skip it and count it, they never fail on it.
+pub(crate) fn open_segment(path: &Path, direct: bool) -> std::result::Result<(File, u64), String> {
+    let file = fsio::open_read(path, direct).map_err(|e| e.message().to_string())?;
+    let len = file
+        .metadata()
+        .map_err(|e| format!("nvme: stat {}: {e}", path.display()))?
+        .len();
+    Ok((file, len))
+}
+
+/// The highest id among `segs` that is a non-empty regular file (by lstat,
+/// which never blocks): the segment that may lack its seal trailer after a
+/// crash.
+pub(crate) fn newest_segment(segs: &[(u32, PathBuf)]) -> Option<u32> {
+    segs.iter()
+        .rev()
+        .find(|(_, p)| fs::symlink_metadata(p).is_ok_and(|m| m.is_file() && m.len() > 0))
+        .map(|(id, _)| *id)
+}
+
 impl NvmeStore {
     /// Opens (or creates) the store of `cfg.rank` under `cfg.dir`, recovering
     /// the index from the segment headers, and starts the I/O threads.
@@ -326,6 +360,8 @@ impl NvmeStore {
             std::os::unix::fs::PermissionsExt::from_mode(fsio::DIR_MODE),
         )
         .ctx(format!("nvme: chmod 0700 {}", rank_dir.display()))?;
+        // One owner per rank directory, before anything in it is touched.
+        let lock = fsio::lock_dir(&rank_dir)?;
 
         let (direct, direct_fallback) = if cfg.direct {
             match probe_direct_for(&rank_dir)? {
@@ -340,6 +376,7 @@ impl NvmeStore {
         };
 
         let inner = Inner {
+            _lock: lock,
             rank_dir,
             direct,
             direct_fallback,
@@ -599,7 +636,21 @@ impl NvmeStore {
         for w in workers {
             let _ = w.join();
         }
-        let was_closed = std::mem::replace(&mut self.inner.state.lock().closed, true);
+        let was_closed = {
+            let mut st = self.inner.state.lock();
+            let was = std::mem::replace(&mut st.closed, true);
+            if !was {
+                // Seal the active segment (an empty one is removed at the next open).
+                if let Some(a) = st.active {
+                    let s = st.segs.get_mut(&a).expect("active segment");
+                    if s.len > 0 && !s.sealed {
+                        s.sealed = true;
+                        self.inner.write_trailer(a, &s.file, s.len);
+                    }
+                }
+            }
+            was
+        };
         if !was_closed && self.inner.cfg.fsync != FsyncPolicy::Never {
             self.sync()?;
         }
@@ -724,42 +775,67 @@ impl Inner {
         // A probe file left by a crash is garbage.
         let _ = fs::remove_file(self.rank_dir.join(".direct-probe"));
         let mut max_lsn = 0u64;
-        for (id, path) in list_segments(&self.rank_dir)? {
-            let file = fsio::open_read(&path, self.direct)?;
-            let file_len = file
-                .metadata()
-                .ctx(format!("nvme: stat {}", path.display()))?
-                .len();
-            st.next_seg = st.next_seg.max(id + 1);
-            if file_len == 0 {
-                fs::remove_file(&path).ctx(format!("nvme: remove empty {}", path.display()))?;
-                continue;
-            }
+        let segs = list_segments(&self.rank_dir)?;
+        let newest = newest_segment(&segs);
+        for (id, path) in segs {
+            // Even a skipped name is never reused for a new segment.
+            st.next_seg = st.next_seg.max(id.saturating_add(1));
+            let (file, file_len) = match open_segment(&path, self.direct) {
+                Ok(f) => f,
+                Err(reason) => {
+                    self.skip_segment(id, &reason);
+                    continue;
+                }
+            };
             let mut found: Vec<(u64, RecordHeader)> = Vec::new();
-            scan_segment(
+            let mut bad: Vec<(BadKind, u64, String)> = Vec::new();
+            let scanned = scan_segment(
                 &file,
                 file_len,
+                id,
+                newest == Some(id),
                 self.cfg.verify_on_open,
                 &self.pool,
                 |item| match item {
                     ScanItem::Record { off, hdr } => found.push((off, hdr)),
-                    ScanItem::Bad { off, kind, reason } => {
-                        let c = match kind {
-                            BadKind::Torn => &self.c.dropped_torn,
-                            BadKind::Corrupt => &self.c.dropped_corrupt,
-                        };
-                        c.fetch_add(1, Relaxed);
-                        eprintln!(
-                            "kvpark nvme rank {}: {} offset {off}: dropped {:?} record: {reason}",
-                            self.rank(),
-                            seg_name(id),
-                            kind
-                        );
-                    }
+                    ScanItem::Bad { off, kind, reason } => bad.push((kind, off, reason)),
                 },
-            )
-            .ctx(format!("nvme: recover {}", path.display()))?;
-            let len = super::format::align_up(file_len);
+            );
+            let scanned = match scanned {
+                Ok(sc) => sc,
+                Err(e) => {
+                    self.skip_segment(id, &format!("read failed: {e}"));
+                    continue;
+                }
+            };
+            // Counted only for a segment that is used (a skipped one's
+            // records are neither indexed nor counted).
+            for (kind, off, reason) in bad {
+                let c = match kind {
+                    BadKind::Torn => &self.c.dropped_torn,
+                    BadKind::Corrupt => &self.c.dropped_corrupt,
+                };
+                c.fetch_add(1, Relaxed);
+                eprintln!(
+                    "kvpark nvme rank {}: {} offset {off}: dropped {:?} record: {reason}",
+                    self.rank(),
+                    seg_name(id),
+                    kind
+                );
+            }
+            if file_len == 0 {
+                // Nothing in it (a loss, if any, was counted just above).
+                fs::remove_file(&path).ctx(format!("nvme: remove empty {}", path.display()))?;
+                continue;
+            }
+            if scanned.trailer.is_none() && newest == Some(id) {
+                // The newest segment after a crash (or an older build's):
+                // seal it now, so that a later cut at a record boundary is
+                // seen. An older segment without its trailer is left as
+                // found (counted above, at every open, like any loss).
+                self.seal_recovered(id, &path, scanned.end);
+            }
+            let len = super::format::align_up(scanned.end);
             st.segs.insert(
                 id,
                 Seg {
@@ -790,6 +866,53 @@ impl Inner {
         st.next_lsn = max_lsn + 1;
         self.c.recovered.store(st.index.len() as u64, Relaxed);
         Ok(())
+    }
+
+    /// A `seg-*.kvp` entry recovery cannot use: counted
+    /// (`skipped_segments`), logged once, left where it is.
+    fn skip_segment(&self, id: u32, reason: &str) {
+        self.c.skipped_segments.fetch_add(1, Relaxed);
+        eprintln!(
+            "kvpark nvme rank {}: skipping {} in {}: {reason}",
+            self.rank(),
+            seg_name(id),
+            self.rank_dir.display()
+        );
+    }
+
+    /// Writes the seal trailer of segment `id` for a record area of `end`
+    /// bytes (at `align_up(end)`). Best effort: a failure is counted and
+    /// logged, and the next open reports the segment without its trailer.
+    fn write_trailer(&self, id: u32, file: &File, end: u64) {
+        let r = self.pool.get(ALIGN).and_then(|mut b| {
+            Trailer { seg: id, end }.encode(&mut b[..ALIGN]);
+            file.write_all_at(&b[..ALIGN], align_up(end))
+                .ctx(format!("nvme: write seal trailer of {}", seg_name(id)))
+        });
+        if let Err(e) = r {
+            self.count_err(&e);
+            eprintln!("kvpark nvme rank {}: {e}", self.rank());
+        }
+    }
+
+    /// Seals a segment recovery found without a trailer.
+    fn seal_recovered(&self, id: u32, path: &Path, end: u64) {
+        match crate::tier::open_regular(fs::OpenOptions::new().write(true), 0, path) {
+            Ok(f) => {
+                self.write_trailer(id, &f, end);
+                if self.cfg.fsync != FsyncPolicy::Never {
+                    let _ = fsio::sync_data(&f);
+                }
+            }
+            Err(e) => {
+                self.c.io_errors.fetch_add(1, Relaxed);
+                eprintln!(
+                    "kvpark nvme rank {}: open {} to seal it: {e}",
+                    self.rank(),
+                    path.display()
+                );
+            }
+        }
     }
 
     fn put(&self, key: &BlockKey, session: u64, seq: u32, raw: &[u8]) -> Result<()> {
@@ -854,6 +977,7 @@ impl Inner {
             raw_len,
             stored_len,
             payload_crc,
+            flags: FLAG_SEALED_SEGMENT,
         }
     }
 
@@ -1028,6 +1152,9 @@ impl Inner {
         if let Some(old) = st.active.take() {
             let s = st.segs.get_mut(&old).expect("active segment");
             s.sealed = true;
+            // After the new file exists: a crash in between leaves this one
+            // the newest non-empty segment, allowed to lack its trailer.
+            self.write_trailer(old, &s.file, s.len);
             if s.pending == 0 && self.cfg.fsync == FsyncPolicy::PerSegment {
                 fsio::sync_data(&s.file).ctx(format!("nvme: fdatasync {}", seg_name(old)))?;
             }
@@ -1103,19 +1230,24 @@ impl Inner {
                 }
                 Err(e) => {
                     self.count_err(&e);
-                    if s.len == res.off + res.len {
+                    if !s.sealed && s.len == res.off + res.len {
                         // The tail reservation: cut the partial record off so
                         // the space (and the file) are as before.
                         s.len = res.off;
                         st.used -= res.len;
                         let _ = res.file.set_len(res.off);
-                    } else if let Ok(mut zero) = self.pool.get(ALIGN) {
-                        // A later record follows: turn this one's header into
-                        // a hole (best effort; the block is already allocated
-                        // when the header got written), so recovery never
-                        // indexes the partial record over an older good one.
-                        zero[..ALIGN].fill(0);
-                        let _ = res.file.write_all_at(&zero[..ALIGN], res.off);
+                    } else if !punch_hole(&res.file, res.off, res.len) {
+                        // A later record (or the seal trailer) follows: the
+                        // record becomes a hole (punched out above), so
+                        // recovery never indexes the partial record over an
+                        // older good one. Where punching is refused, zero its
+                        // header (best effort; the block is already allocated
+                        // when the header got written): recovery then counts
+                        // the remains as one lost record.
+                        if let Ok(mut zero) = self.pool.get(ALIGN) {
+                            zero[..ALIGN].fill(0);
+                            let _ = res.file.write_all_at(&zero[..ALIGN], res.off);
+                        }
                     }
                     Err(e)
                 }
@@ -1470,7 +1602,13 @@ impl Inner {
     fn copy_forward(&self, key: &BlockKey, loc: &Loc, file: &File) -> Result<bool> {
         let mut buf = self.pool.get(loc.len as usize)?;
         match self.read_verified(key, loc, file, &mut buf, None) {
-            Ok(_) => {}
+            Ok((mut hdr, _)) => {
+                // The copy lands in a segment that will be sealed.
+                if hdr.flags & FLAG_SEALED_SEGMENT == 0 {
+                    hdr.flags |= FLAG_SEALED_SEGMENT;
+                    hdr.encode(&mut buf[..HEADER_LEN]);
+                }
+            }
             Err(e) if e.kind() == ErrorKind::Corrupt => return Ok(false),
             Err(e) => return Err(e),
         }
@@ -1508,6 +1646,7 @@ impl Inner {
             dropped_torn: c.dropped_torn.load(Relaxed),
             dropped_corrupt: c.dropped_corrupt.load(Relaxed),
             read_corrupt: c.read_corrupt.load(Relaxed),
+            skipped_segments: c.skipped_segments.load(Relaxed),
             puts: c.puts.load(Relaxed),
             put_raw_bytes: c.put_raw.load(Relaxed),
             put_stored_bytes: c.put_stored.load(Relaxed),
@@ -1604,6 +1743,23 @@ fn install(st: &mut State, key: BlockKey, loc: Loc) {
             st.index.insert(key, loc);
             st.segs.get_mut(&loc.seg).expect("segment").live += loc.len;
         }
+    }
+}
+
+/// Deallocates `off..off + len` of `f` (the bytes then read as zeros, the
+/// file keeps its size). False where the file system refuses.
+fn punch_hole(f: &File, off: u64, len: u64) -> bool {
+    let (Ok(o), Ok(l)) = (libc::off_t::try_from(off), libc::off_t::try_from(len)) else {
+        return false;
+    };
+    // SAFETY: fallocate on a descriptor we own.
+    unsafe {
+        libc::fallocate(
+            std::os::fd::AsRawFd::as_raw_fd(f),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            o,
+            l,
+        ) == 0
     }
 }
 

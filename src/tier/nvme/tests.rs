@@ -356,6 +356,7 @@ fn raw_record(k: &BlockKey, lsn: u64, payload: &[u8]) -> Vec<u8> {
         raw_len: payload.len() as u32,
         stored_len: payload.len() as u32,
         payload_crc: crc32c::crc32c(payload),
+        flags: 0,
     };
     let mut v = vec![0u8; hdr.padded_len() as usize];
     hdr.encode(&mut v);
@@ -370,7 +371,7 @@ fn scan_file(bytes: &[u8]) -> Vec<String> {
     let f = std::fs::File::open(&p).unwrap();
     let pool = aligned::BufPool::new(2);
     let mut out = Vec::new();
-    scan::scan_segment(&f, bytes.len() as u64, true, &pool, |it| {
+    scan::scan_segment(&f, bytes.len() as u64, 1, true, true, &pool, |it| {
         out.push(match it {
             scan::ScanItem::Record { off, hdr } => format!("rec@{off} lsn{}", hdr.lsn),
             scan::ScanItem::Bad { off, kind, .. } => format!("{kind:?}@{off}"),
@@ -385,13 +386,24 @@ fn scan_skips_holes_and_wiped_headers_and_counts_each_loss_once() {
     let a = raw_record(&key(1), 1, &[1u8; 5000]); // 4096 + 8192 bytes
     let b = raw_record(&key(2), 2, &[2u8; 9000]); // 4096 + 12288 bytes
     assert_eq!((a.len(), b.len()), (12288, 16384));
-    let mut wiped = raw_record(&key(3), 3, &[3u8; 9000]);
-    wiped[..4096].fill(0); // a failed write whose header the store zeroed
+    let wiped = vec![0u8; 16384]; // a failed write the store punched out
     let mut file = a.clone();
     file.extend(vec![0u8; 4096]); // a hole
     file.extend(&wiped);
     file.extend(&b);
     assert_eq!(scan_file(&file), vec!["rec@0 lsn1", "rec@32768 lsn2"]);
+
+    // A zeroed header block with the record's remains after it: one loss,
+    // at the first zero block where a record was expected.
+    let mut zeroed = raw_record(&key(3), 3, &[3u8; 9000]);
+    zeroed[..4096].fill(0);
+    let mut file = a.clone();
+    file.extend(&zeroed);
+    file.extend(&b);
+    assert_eq!(
+        scan_file(&file),
+        vec!["rec@0 lsn1", "Corrupt@12288", "rec@28672 lsn2"]
+    );
 
     // A flipped magic right after a record: one corrupt record, its payload
     // blocks are not counted again, the next record is found.
@@ -440,7 +452,8 @@ fn aligned_copy(bytes: &[u8]) -> aligned::AlignedBuf {
 
 /// The bytes of the `rec`-th record written (0-based), as found on disk.
 fn record_on_disk(s: &NvmeStore, payload_len: usize, rec: usize) -> Vec<u8> {
-    // Segments hold whole records: their concatenation is the record log.
+    // Segments hold whole records (then a seal trailer once sealed): their
+    // record areas, concatenated, are the record log.
     let mut names: Vec<_> = std::fs::read_dir(s.rank_dir())
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -449,7 +462,13 @@ fn record_on_disk(s: &NvmeStore, payload_len: usize, rec: usize) -> Vec<u8> {
     names.sort();
     let f: Vec<u8> = names
         .iter()
-        .flat_map(|p| std::fs::read(p).unwrap())
+        .flat_map(|p| {
+            let mut b = std::fs::read(p).unwrap();
+            if b.len() >= 4096 && format::Trailer::decode(&b[b.len() - 4096..]).is_some() {
+                b.truncate(b.len() - 4096);
+            }
+            b
+        })
         .collect();
     let mut off = 0;
     for _ in 0..rec {
