@@ -65,7 +65,11 @@ fn main() {
     .map(|s| s.to_string())
     .collect();
     let dep = Deployment::default_deployment();
-    let cfg = SimConfig::default();
+    // at the load the default deployment states (host memory binds)
+    let cfg = SimConfig {
+        time_compression: dep.time_compression,
+        ..SimConfig::default()
+    };
     let t = Instant::now();
     let results = run_all(&script, &dep, &policies, &cfg, threads).expect("replay");
     let wall = t.elapsed().as_secs_f64();

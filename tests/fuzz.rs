@@ -237,7 +237,11 @@ const JSON_KEYS: &[&str] = &[
     "min_park_blocks",
     "kv_bytes_per_token",
     "gpu_kv_bytes",
-    "codec_ratio",
+    "max_context_tokens",
+    "block_size",
+    "decode_step_ms",
+    "hbm_gbps",
+    "time_compression",
     "pcie_h2d_gbps",
     "prefill_tokens_per_s",
     "prefill_halving_context_tokens",
@@ -900,15 +904,20 @@ fn check_deployment(b: &[u8]) -> Result<(), TestCaseError> {
             prop_assert!((1..=MAX_KV_BYTES_PER_TOKEN).contains(&d.kv_bytes_per_token));
             prop_assert!(d.gpu_kv_bytes >= d.kv_bytes_per_token);
             prop_assert!(d.codec_ratio.is_finite() && d.codec_ratio >= 1.0);
+            prop_assert!(d.gpu_kv_bytes >= d.kv_bytes(d.max_context_tokens));
+            prop_assert!((1..=4096).contains(&d.block_size));
+            // codec speeds come from the table: `none` has no cost (infinite)
+            prop_assert!(d.encode_bps > 0.0 && d.decode_bps > 0.0);
             for v in [
                 d.h2d_bps,
                 d.d2h_bps,
                 d.nvme_read_bps,
                 d.nvme_write_bps,
-                d.encode_bps,
-                d.decode_bps,
                 d.prefill_tps,
                 d.prefill_halving,
+                d.decode_step_s,
+                d.hbm_bps,
+                d.time_compression,
             ] {
                 prop_assert!(v.is_finite() && v > 0.0);
             }
@@ -920,7 +929,10 @@ fn check_deployment(b: &[u8]) -> Result<(), TestCaseError> {
             let r = run_policy(example_script(), &d, policy, &SimConfig::default());
             prop_assert!(r.is_ok(), "{:?}", r.err());
             let r = r.unwrap();
-            prop_assert_eq!(r.steps, example_script().steps.len() as u64);
+            prop_assert_eq!(
+                r.steps + r.over_context,
+                example_script().steps.len() as u64
+            );
             prop_assert!((0.0..=1.0).contains(&r.hit.all), "hit {}", r.hit.all);
         }
         Err(e) => {
@@ -1134,7 +1146,7 @@ fn write_corpus() {
     put(
         "deployment",
         "small.json",
-        br#"{"name":"small","kv_bytes_per_token":32768,"gpu_kv_bytes":"4GiB","host_bytes":"16GiB","nvme_bytes":"512GiB","pcie_h2d_gbps":12,"pcie_d2h_gbps":12,"nvme_read_gbps":3,"nvme_write_gbps":1.5,"codec_ratio":1,"codec_encode_gbps":2,"codec_decode_gbps":3,"prefill_tokens_per_s":4000,"prefill_halving_context_tokens":32000}"#,
+        br#"{"name":"small","kv_bytes_per_token":32768,"max_context_tokens":32768,"gpu_kv_bytes":"4GiB","host_bytes":"16GiB","nvme_bytes":"512GiB","pcie_h2d_gbps":12,"pcie_d2h_gbps":12,"nvme_read_gbps":3,"nvme_write_gbps":1.5,"codec":"lz4-planes","prefill_tokens_per_s":4000,"prefill_halving_context_tokens":32000,"decode_step_ms":10,"hbm_gbps":900}"#,
     );
 }
 

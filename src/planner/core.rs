@@ -466,6 +466,29 @@ impl Planner {
         tier
     }
 
+    /// A load is about to read `s`'s copy in `t`: until [`Planner::unpin_load`]
+    /// the copy is neither evicted nor dropped by a policy (as for a copy in
+    /// flight out of `t`).
+    pub fn pin_load(&mut self, s: SessionId, t: Tier) {
+        if let Some(x) = self.sessions.get_mut(&s).filter(|x| x.live) {
+            x.reading[tier_index(t)] += 1;
+        }
+    }
+
+    /// The load of [`Planner::pin_load`] finished.
+    pub fn unpin_load(&mut self, s: SessionId, t: Tier) {
+        if let Some(x) = self.sessions.get_mut(&s).filter(|x| x.live) {
+            let r = &mut x.reading[tier_index(t)];
+            *r = r.saturating_sub(1);
+        }
+    }
+
+    /// The policy's place for `s`'s context in the GPU prefix cache (lowest
+    /// goes first), as of `now` (vLLM's own order is least recently used).
+    pub fn gpu_order(&self, s: SessionId, now: Nanos) -> u64 {
+        self.policy.gpu_order(s, now)
+    }
+
     /// Time-driven work due by `now`: demotions, prefetches, drops.
     pub fn tick(&mut self, now: Nanos) -> Vec<Action> {
         self.last_now = self.last_now.max(now);

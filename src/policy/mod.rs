@@ -170,6 +170,13 @@ pub trait Policy: Send {
     fn on_resume(&mut self, now: Nanos, s: &SessionView, gap: Nanos, ghost: Option<(Tier, u8)>) {
         let _ = (now, s, gap, ghost);
     }
+    /// The order in which the GPU prefix cache gives up a parked context
+    /// (lowest first), for a context parked at `now`: least recently used
+    /// unless the policy knows better.
+    fn gpu_order(&self, s: SessionId, now: Nanos) -> u64 {
+        let _ = s;
+        now
+    }
     /// A session ended.
     fn on_end(&mut self, s: SessionId) {
         let _ = s;

@@ -118,6 +118,11 @@ impl Policy for Oracle {
         };
         EvictKey { class: 0, order }
     }
+    fn gpu_order(&self, s: SessionId, _now: Nanos) -> u64 {
+        // Belady: the context that returns last goes first; one that never
+        // returns before any
+        self.book.get(s).map_or(0, |nr| u64::MAX - nr)
+    }
     fn on_end(&mut self, s: SessionId) {
         self.next.remove(&s);
     }

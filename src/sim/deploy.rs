@@ -1,42 +1,51 @@
-//! The modelled deployment: one GPU's KV capacity, kvpark's host and NVMe
-//! tiers, link bandwidths, codec, prefill speed. Read from JSON
-//! (`--deployment FILE`); [`DEFAULT_JSON`] is embedded and documented.
+//! The modelled deployment: one serving node's GPU KV capacity and compute,
+//! kvpark's host and NVMe tiers, link bandwidths, codec, the model's context
+//! window, and the load to replay at. Read from JSON (`--deployment FILE`);
+//! the shipped deployments live in `deployments/` (documented in
+//! `deployments/README.md`) and are embedded ([`SHIPPED`]); the first,
+//! [`DEFAULT_JSON`], is what `kvpark replay` uses without `--deployment`.
 //!
 //! Sizes accept units ("56GiB") or plain byte counts; bandwidths are in
-//! GB/s (10^9 bytes per second). Unknown keys are an error naming the key, and
-//! so is a value out of range: `kv_bytes_per_token` in 1..=1 GiB
-//! ([`MAX_KV_BYTES_PER_TOKEN`]), `gpu_kv_bytes` at least one token's KV,
-//! bandwidths and speeds positive and finite, `codec_ratio` ≥ 1.
+//! GB/s (10^9 bytes per second). A node with several GPUs (tensor
+//! parallel) is modelled as one GPU with the sums of their KV capacity, HBM
+//! and PCIe bandwidth (each rank holds its share of every block).
+//!
+//! The codec is named (`"codec": "exp-huff"`) and its ratio and per-core
+//! speeds come from [`crate::codec::measured`] (real KV, `kvpark bench`),
+//! times `codec_threads` (default: as many as keep up with the disk).
+//!
+//! Unknown keys are an error naming the key, and so is a value out of
+//! range: `kv_bytes_per_token` in 1..=1 GiB ([`MAX_KV_BYTES_PER_TOKEN`]),
+//! `gpu_kv_bytes` at least one full context's KV, bandwidths and speeds
+//! positive and finite, `block_size` in 1..=4096, an unknown codec.
 
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::units::parse_size;
 
-/// The embedded default: Llama-3.1-8B (bf16, 128 KiB of KV per token) on one
-/// 80 GB H100 — 56 GiB left for KV after weights and activations — with
-/// 256 GiB of pinned host memory and one 4 TiB NVMe drive (PCIe 4.0 x4 class:
-/// 6.5 GB/s read, 3.5 GB/s write), PCIe 5.0 x16 to the GPU (~25 GB/s each
-/// way in practice), the `exp-huff` codec with its measured ratio and
-/// per-core speeds on real KV (`codec::measured`: 1.45×, 1.47 / 2.91 GB/s
-/// per core) on as many threads as keep up with the drive (3; override with
-/// `codec_threads`, or give `codec_ratio`, `codec_encode_gbps` and
-/// `codec_decode_gbps` instead of `codec`), and prefill at 16k tokens/s on
-/// a short context, halving every 64k tokens of context.
-pub const DEFAULT_JSON: &str = r#"{
-  "name": "llama-3.1-8b on 1x H100-80GB, 256 GiB pinned host, 4 TiB NVMe",
-  "kv_bytes_per_token": 131072,
-  "gpu_kv_bytes": "56GiB",
-  "host_bytes": "256GiB",
-  "nvme_bytes": "4TiB",
-  "pcie_h2d_gbps": 25.0,
-  "pcie_d2h_gbps": 25.0,
-  "nvme_read_gbps": 6.5,
-  "nvme_write_gbps": 3.5,
-  "codec": "exp-huff",
-  "prefill_tokens_per_s": 16000,
-  "prefill_halving_context_tokens": 64000
-}"#;
+/// The shipped deployments: (file name, JSON), the default first.
+pub const SHIPPED: [(&str, &str); 3] = [
+    (
+        "h100-llama-3.1-8b.json",
+        include_str!("../../deployments/h100-llama-3.1-8b.json"),
+    ),
+    (
+        "8xh200-llama-3.3-70b-tp8.json",
+        include_str!("../../deployments/8xh200-llama-3.3-70b-tp8.json"),
+    ),
+    (
+        "h200-qwen2.5-7b-1m.json",
+        include_str!("../../deployments/h200-qwen2.5-7b-1m.json"),
+    ),
+];
+
+/// The default deployment (`deployments/h100-llama-3.1-8b.json`): Llama-3.1-8B
+/// (bf16, 128 KiB of KV per token, 128k context) on one 80 GB H100 — 56 GiB
+/// left for KV after weights and activations — with 64 GiB of pinned host
+/// memory and 2 TiB of NVMe, the default codec, at a load where host memory
+/// binds.
+pub const DEFAULT_JSON: &str = SHIPPED[0].1;
 
 /// Largest `kv_bytes_per_token` accepted (1 GiB). With a step's context
 /// capped at `u32::MAX` tokens, a session's KV then stays below 2^62 bytes,
@@ -65,7 +74,12 @@ impl Size {
 struct Raw {
     #[serde(default)]
     name: Option<String>,
+    #[serde(default)]
+    model: Option<String>,
     kv_bytes_per_token: u64,
+    max_context_tokens: u64,
+    #[serde(default = "default_block_size")]
+    block_size: u32,
     gpu_kv_bytes: Size,
     host_bytes: Size,
     nvme_bytes: Size,
@@ -85,6 +99,17 @@ struct Raw {
     codec_decode_gbps: Option<f64>,
     prefill_tokens_per_s: f64,
     prefill_halving_context_tokens: f64,
+    decode_step_ms: f64,
+    hbm_gbps: f64,
+    #[serde(default = "default_tc")]
+    time_compression: f64,
+}
+
+fn default_block_size() -> u32 {
+    16
+}
+fn default_tc() -> f64 {
+    1.0
 }
 
 /// A validated deployment (bandwidths in bytes per second).
@@ -92,8 +117,14 @@ struct Raw {
 pub struct Deployment {
     /// Free-form name.
     pub name: String,
+    /// The model (free-form).
+    pub model: String,
     /// Model KV bytes per token.
     pub kv_bytes_per_token: u64,
+    /// The model's context window (tokens): longer steps are not replayed.
+    pub max_context_tokens: u64,
+    /// vLLM block size (tokens): GPU KV is allocated in whole blocks.
+    pub block_size: u32,
     /// GPU KV capacity (vLLM's paged cache).
     pub gpu_kv_bytes: u64,
     /// kvpark host tier capacity.
@@ -108,16 +139,24 @@ pub struct Deployment {
     pub nvme_read_bps: f64,
     /// NVMe write bytes/s.
     pub nvme_write_bps: f64,
+    /// The codec's name.
+    pub codec: String,
     /// Raw / stored.
     pub codec_ratio: f64,
-    /// Encode raw bytes/s.
+    /// Encode raw bytes/s (all codec threads; infinite for `none`).
     pub encode_bps: f64,
-    /// Decode raw bytes/s.
+    /// Decode raw bytes/s (all codec threads; infinite for `none`).
     pub decode_bps: f64,
     /// Prefill tokens/s at an empty context.
     pub prefill_tps: f64,
     /// Context length (tokens) at which prefill speed halves.
     pub prefill_halving: f64,
+    /// Seconds of one decode iteration with an empty batch (weights read).
+    pub decode_step_s: f64,
+    /// HBM bytes/s (a decode iteration also reads every running context's KV).
+    pub hbm_bps: f64,
+    /// The load: session starts are divided by this.
+    pub time_compression: f64,
 }
 
 impl Deployment {
@@ -133,7 +172,10 @@ impl Deployment {
         )?;
         let d = Deployment {
             name: r.name.unwrap_or_else(|| "deployment".into()),
+            model: r.model.unwrap_or_default(),
             kv_bytes_per_token: r.kv_bytes_per_token,
+            max_context_tokens: r.max_context_tokens,
+            block_size: r.block_size,
             gpu_kv_bytes: r.gpu_kv_bytes.bytes("gpu_kv_bytes")?,
             host_bytes: r.host_bytes.bytes("host_bytes")?,
             nvme_bytes: r.nvme_bytes.bytes("nvme_bytes")?,
@@ -141,11 +183,15 @@ impl Deployment {
             d2h_bps: r.pcie_d2h_gbps * 1e9,
             nvme_read_bps: r.nvme_read_gbps * 1e9,
             nvme_write_bps: r.nvme_write_gbps * 1e9,
+            codec: r.codec.clone().unwrap_or_else(|| "custom".into()),
             codec_ratio: c.ratio,
             encode_bps: c.encode_gbps * 1e9,
             decode_bps: c.decode_gbps * 1e9,
             prefill_tps: r.prefill_tokens_per_s,
             prefill_halving: r.prefill_halving_context_tokens,
+            decode_step_s: r.decode_step_ms / 1e3,
+            hbm_bps: r.hbm_gbps * 1e9,
+            time_compression: r.time_compression,
         };
         if !(1..=MAX_KV_BYTES_PER_TOKEN).contains(&d.kv_bytes_per_token) {
             return Err(Error::config(format!(
@@ -154,11 +200,25 @@ impl Deployment {
                 d.kv_bytes_per_token
             )));
         }
-        if d.gpu_kv_bytes < d.kv_bytes_per_token {
+        if !(1..=u32::MAX as u64).contains(&d.max_context_tokens) {
             return Err(Error::config(format!(
-                "deployment gpu_kv_bytes: {} does not hold one token's KV \
-                 (kv_bytes_per_token is {})",
-                d.gpu_kv_bytes, d.kv_bytes_per_token
+                "deployment max_context_tokens: {} is out of range (1..={})",
+                d.max_context_tokens,
+                u32::MAX
+            )));
+        }
+        if !(1..=4096).contains(&d.block_size) {
+            return Err(Error::config(format!(
+                "deployment block_size: {} is out of range (1..=4096 tokens)",
+                d.block_size
+            )));
+        }
+        let full = d.kv_bytes(d.max_context_tokens);
+        if d.gpu_kv_bytes < full {
+            return Err(Error::config(format!(
+                "deployment gpu_kv_bytes: {} does not hold one full context's KV \
+                 ({} tokens × {} bytes = {full}; vLLM would not start)",
+                d.gpu_kv_bytes, d.max_context_tokens, d.kv_bytes_per_token
             )));
         }
         for (k, v) in [
@@ -166,21 +226,17 @@ impl Deployment {
             ("pcie_d2h_gbps", d.d2h_bps),
             ("nvme_read_gbps", d.nvme_read_bps),
             ("nvme_write_gbps", d.nvme_write_bps),
-            ("codec_encode_gbps", d.encode_bps),
-            ("codec_decode_gbps", d.decode_bps),
             ("prefill_tokens_per_s", d.prefill_tps),
             ("prefill_halving_context_tokens", d.prefill_halving),
+            ("decode_step_ms", d.decode_step_s),
+            ("hbm_gbps", d.hbm_bps),
+            ("time_compression", d.time_compression),
         ] {
             if !(v.is_finite() && v > 0.0) {
                 return Err(Error::config(format!(
                     "deployment {k}: must be a positive number"
                 )));
             }
-        }
-        if !(d.codec_ratio.is_finite() && d.codec_ratio >= 1.0) {
-            return Err(Error::config(
-                "deployment codec_ratio: must be ≥ 1 (lossless codecs never grow data here)",
-            ));
         }
         Ok(d)
     }
@@ -190,9 +246,17 @@ impl Deployment {
         Self::from_json(DEFAULT_JSON).expect("embedded default deployment is valid")
     }
 
-    /// Seconds to prefill `n` new tokens on top of `ctx` cached ones: the
-    /// rate falls as 1 / (1 + c / halving) with the mean context c over the
-    /// prefilled span.
+    /// Every shipped deployment, parsed: (file name, deployment).
+    pub fn shipped() -> Vec<(&'static str, Deployment)> {
+        SHIPPED
+            .iter()
+            .map(|(n, j)| (*n, Self::from_json(j).expect("shipped deployment is valid")))
+            .collect()
+    }
+
+    /// Seconds of exclusive GPU time to prefill `n` new tokens on top of
+    /// `ctx` cached ones: the rate falls as 1 / (1 + c / halving) with the
+    /// mean context c over the prefilled span.
     pub fn prefill_s(&self, n: u64, ctx: u64) -> f64 {
         if n == 0 {
             return 0.0;
@@ -201,10 +265,22 @@ impl Deployment {
         n as f64 / self.prefill_tps * (1.0 + mean_ctx / self.prefill_halving)
     }
 
+    /// Seconds of one decode iteration of a batch whose contexts hold
+    /// `batch_kv` bytes.
+    pub fn decode_iter_s(&self, batch_kv: u64) -> f64 {
+        self.decode_step_s + batch_kv as f64 / self.hbm_bps
+    }
+
     /// KV bytes of `tokens` tokens, saturating (exact for any context of up to
     /// `u32::MAX` tokens: see [`MAX_KV_BYTES_PER_TOKEN`]).
     pub fn kv_bytes(&self, tokens: u64) -> u64 {
         tokens.saturating_mul(self.kv_bytes_per_token)
+    }
+
+    /// GPU KV bytes of `tokens` tokens allocated in whole blocks.
+    pub fn gpu_bytes(&self, tokens: u64) -> u64 {
+        let bs = self.block_size as u64;
+        self.kv_bytes(tokens.div_ceil(bs).saturating_mul(bs))
     }
 
     /// Stored (compressed) bytes of `raw` KV bytes.
@@ -235,8 +311,32 @@ mod tests {
             .unwrap_err()
             .message()
             .contains("nvme_read_gbps"));
-        // 16k tokens at an empty context: 1 s × (1 + 8k/64k)
-        assert!((d.prefill_s(16_000, 0) - 1.125).abs() < 1e-12);
+        let bad = DEFAULT_JSON.replace("\"codec\": \"exp-huff\"", "\"codec\": \"zip\"");
+        let e = Deployment::from_json(&bad).unwrap_err();
+        assert!(
+            e.message().contains("zip") && e.message().contains("lz4-planes"),
+            "{}",
+            e.message()
+        );
+        // 16k tokens at an empty context: 1 s × (1 + 8k/halving)
+        let want = 1.0 + 8000.0 / d.prefill_halving;
+        assert!((d.prefill_s(16_000, 0) - want).abs() < 1e-12);
+    }
+
+    #[test]
+    fn every_shipped_deployment_parses_and_names_a_known_codec() {
+        for (n, d) in Deployment::shipped() {
+            assert!(crate::codec::measured(&d.codec).is_some(), "{n}");
+            assert!(d.gpu_kv_bytes >= d.kv_bytes(d.max_context_tokens), "{n}");
+        }
+        // the default names the codec the connector ships as its default
+        assert_eq!(
+            Deployment::default_deployment().codec,
+            crate::config::Config::default().codec.name()
+        );
+        assert!(Deployment::shipped()
+            .iter()
+            .any(|(_, d)| d.max_context_tokens >= 1_000_000));
     }
 
     fn with(from: &str, to: &str) -> String {
@@ -258,16 +358,20 @@ mod tests {
                 e.message()
             );
         }
-        let d = Deployment::from_json(&with(from, "\"kv_bytes_per_token\": 1073741824")).unwrap();
+        let j = with(from, "\"kv_bytes_per_token\": 1073741824").replace(
+            "\"max_context_tokens\": 131072",
+            "\"max_context_tokens\": 16",
+        );
+        let d = Deployment::from_json(&j).unwrap();
         // every size derived from it fits: the longest context a step can hold
         assert_eq!(d.kv_bytes(u32::MAX as u64), (u32::MAX as u64) << 30);
         assert_eq!(d.kv_bytes(u64::MAX), u64::MAX, "saturates, never wraps");
     }
 
     #[test]
-    fn gpu_kv_bytes_must_hold_a_token() {
+    fn gpu_kv_bytes_must_hold_a_full_context() {
         let from = "\"gpu_kv_bytes\": \"56GiB\"";
-        for bad in ["0", "131071"] {
+        for bad in ["0", "131071", "17179869183"] {
             let e = Deployment::from_json(&with(from, &format!("\"gpu_kv_bytes\": {bad}")))
                 .unwrap_err();
             assert_eq!(e.kind(), crate::ErrorKind::Config, "{bad}");
@@ -277,7 +381,7 @@ mod tests {
                 e.message()
             );
         }
-        let d = Deployment::from_json(&with(from, "\"gpu_kv_bytes\": 131072")).unwrap();
-        assert_eq!(d.gpu_kv_bytes, 131072);
+        let d = Deployment::from_json(&with(from, "\"gpu_kv_bytes\": 17179869184")).unwrap();
+        assert_eq!(d.gpu_kv_bytes, 16 << 30);
     }
 }

@@ -4,8 +4,10 @@
 //! - [`trace`]: TraceLab JSONL reader and the derived quantities of DESIGN §6.
 //! - [`stats`]: `kvpark trace stats` (distributions, idealised TTL sweep).
 //! - [`synth`]: the calibrated synthetic generator (`kvpark trace synth`).
-//! - [`deploy`]: the modelled deployment (JSON, with an embedded default).
-//! - [`engine`]: the event-driven replay on a virtual clock.
+//! - [`deploy`]: the modelled deployment (JSON; the shipped ones in
+//!   `deployments/`, embedded; the codec table).
+//! - [`engine`]: the event-driven, closed-loop replay on a virtual clock
+//!   (GPU admission, compute sharing, bandwidth-conserving links).
 //! - [`report`], [`plot`]: tables, JSON and hand-written SVG.
 //! - [`cli`]: the `replay` and `trace` subcommands.
 //!
@@ -20,8 +22,9 @@
 //!
 //! Memory: the reader keeps compact rows of the sessions open in the file
 //! only; `trace stats` keeps fixed-size histograms and O(sessions) counters;
-//! the replay keeps a 40-byte script per step (≈14 MB for the full
-//! 357k-step trace) plus state proportional to the sessions in flight.
+//! the replay keeps a 36-byte script per step (≈13 MB for the full
+//! 357k-step trace), a few words per session, and state proportional to the
+//! requests and copies in flight.
 
 pub mod cli;
 pub mod deploy;
@@ -61,8 +64,6 @@ pub const DEFAULT_POLICIES: [&str; 5] = [
 pub const DEFAULT_SESSIONS: u64 = 400;
 /// Seed of the embedded default trace.
 pub const DEFAULT_SEED: u64 = 1;
-/// Default time compression of `kvpark replay`.
-pub const DEFAULT_TIME_COMPRESSION: f64 = 4.0;
 
 fn write_file(path: &std::path::Path, data: &[u8]) -> crate::Result<()> {
     use crate::error::ResultExt;
@@ -100,11 +101,9 @@ fn replay_cli(a: cli::ReplayArgs) -> crate::Result<()> {
     for p in &policies {
         crate::policy::by_name(p, crate::policy::PolicyEnv::default(), Some(book.clone()))?;
     }
-    let tc = a.time_compression.unwrap_or(if a.trace.is_some() {
-        1.0
-    } else {
-        DEFAULT_TIME_COMPRESSION
-    });
+    // the deployment states the load; --time-compression overrides it for
+    // the embedded trace and for --trace alike
+    let tc = a.time_compression.unwrap_or(dep.time_compression);
     if !(tc.is_finite() && tc > 0.0) {
         return Err(crate::Error::invalid(format!(
             "--time-compression {tc}: must be a positive number"
@@ -157,6 +156,7 @@ fn replay_cli(a: cli::ReplayArgs) -> crate::Result<()> {
         time_compression: tc,
         progress: show.then(|| cfg_progress.clone()),
         check_invariants: false,
+        record_links: false,
     };
     let total = script.steps.len() as u64 * policies.len() as u64;
     let done = Arc::new(AtomicBool::new(false));
@@ -238,8 +238,23 @@ fn replay_cli(a: cli::ReplayArgs) -> crate::Result<()> {
                 markers: true,
             });
         }
+        // each policy at the TTL whose idealised hit rate it matches
+        for r in results.iter().filter(|r| !r.idealised) {
+            let Some(p) = sweep.iter().min_by(|a, b| {
+                (a.hit - r.hit.all)
+                    .abs()
+                    .total_cmp(&(b.hit - r.hit.all).abs())
+            }) else {
+                continue;
+            };
+            series.push(plot::Series {
+                name: format!("{} (≈ TTL {})", r.policy, fmt_dur_s(p.tau_s)),
+                points: vec![(p.tau_s, r.hit.all)],
+                markers: true,
+            });
+        }
         let svg = plot::line_chart(
-            "Hit rate vs TTL (idealised)",
+            "Hit rate vs TTL (idealised), policies at their equivalent TTL",
             "TTL (s)",
             "token-weighted hit rate",
             &series,

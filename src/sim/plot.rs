@@ -16,6 +16,43 @@ pub struct Series {
 const COLORS: [&str; 8] = [
     "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
 ];
+/// Past eight series the colours repeat with another dash pattern (lines)
+/// or marker shape (points), so every series stays distinguishable.
+const DASHES: [&str; 4] = ["", "6 3", "2 2", "8 3 2 3"];
+
+fn marker(o: &mut String, shape: usize, x: f64, y: f64, c: &str) {
+    let _ = match shape % 4 {
+        0 => writeln!(o, r#"<circle cx="{x:.1}" cy="{y:.1}" r="4" fill="{c}"/>"#),
+        1 => writeln!(
+            o,
+            r#"<rect x="{:.1}" y="{:.1}" width="8" height="8" fill="{c}"/>"#,
+            x - 4.0,
+            y - 4.0
+        ),
+        2 => writeln!(
+            o,
+            r#"<polygon points="{:.1},{:.1} {:.1},{:.1} {:.1},{:.1}" fill="{c}"/>"#,
+            x,
+            y - 5.0,
+            x - 5.0,
+            y + 4.0,
+            x + 5.0,
+            y + 4.0
+        ),
+        _ => writeln!(
+            o,
+            r#"<polygon points="{:.1},{:.1} {:.1},{:.1} {:.1},{:.1} {:.1},{:.1}" fill="{c}"/>"#,
+            x,
+            y - 5.0,
+            x + 5.0,
+            y,
+            x,
+            y + 5.0,
+            x - 5.0,
+            y
+        ),
+    };
+}
 
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
@@ -145,14 +182,16 @@ pub fn line_chart(
     );
     for (i, s) in series.iter().enumerate() {
         let c = COLORS[i % COLORS.len()];
+        let style = i / COLORS.len();
+        let dash = DASHES[style % DASHES.len()];
+        let dash_attr = if dash.is_empty() {
+            String::new()
+        } else {
+            format!(r#" stroke-dasharray="{dash}""#)
+        };
         if s.markers {
             for &(x, y) in &s.points {
-                let _ = writeln!(
-                    o,
-                    r#"<circle cx="{:.1}" cy="{:.1}" r="4" fill="{c}"/>"#,
-                    px(x),
-                    py(y)
-                );
+                marker(&mut o, style, px(x), py(y), c);
             }
         } else if !s.points.is_empty() {
             let pts: Vec<String> = s
@@ -162,21 +201,27 @@ pub fn line_chart(
                 .collect();
             let _ = writeln!(
                 o,
-                r#"<polyline fill="none" stroke="{c}" stroke-width="2" points="{}"/>"#,
+                r#"<polyline fill="none" stroke="{c}" stroke-width="2"{dash_attr} points="{}"/>"#,
                 pts.join(" ")
             );
         }
         let ly = t + 14.0 + 18.0 * i as f64;
-        let _ = writeln!(
-            o,
-            r#"<rect x="{:.1}" y="{:.1}" width="14" height="4" fill="{c}"/>"#,
-            l + pw + 12.0,
-            ly - 4.0
-        );
+        if s.markers {
+            marker(&mut o, style, l + pw + 19.0, ly - 2.0, c);
+        } else {
+            let _ = writeln!(
+                o,
+                r#"<line x1="{:.1}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="{c}" stroke-width="3"{dash_attr}/>"#,
+                l + pw + 8.0,
+                ly - 2.0,
+                l + pw + 28.0,
+                ly - 2.0
+            );
+        }
         let _ = writeln!(
             o,
             r#"<text x="{:.1}" y="{ly:.1}">{}</text>"#,
-            l + pw + 30.0,
+            l + pw + 32.0,
             esc(&s.name)
         );
     }
@@ -217,8 +262,27 @@ mod tests {
         let svg = line_chart("t", "x", "y", &s, true, (0.0, 1.0));
         assert!(svg.starts_with("<svg"));
         assert_eq!(svg.matches("<polyline").count(), 1);
-        assert_eq!(svg.matches("<circle").count(), 1);
+        // the point and its legend entry
+        assert_eq!(svg.matches("<circle").count(), 2);
         assert!(svg.contains("a&lt;b"));
         assert!(svg.trim_end().ends_with("</svg>"));
+    }
+
+    #[test]
+    fn more_than_eight_series_stay_distinguishable() {
+        let s: Vec<Series> = (0..20)
+            .map(|i| Series {
+                name: format!("p{i}"),
+                points: vec![(1.0, 0.1), (10.0, 0.05 * i as f64)],
+                markers: false,
+            })
+            .collect();
+        let svg = line_chart("t", "x", "y", &s, true, (0.0, 1.0));
+        let styles: std::collections::HashSet<String> = svg
+            .lines()
+            .filter(|l| l.starts_with("<polyline"))
+            .map(|l| l.split(" points=").next().unwrap().to_string())
+            .collect();
+        assert_eq!(styles.len(), 20, "every line has its own colour and dash");
     }
 }

@@ -31,23 +31,46 @@ pub fn render(results: &[PolicyResult], dep: &Deployment, header: &str) -> Strin
     let _ = writeln!(o, "{header}");
     let _ = writeln!(
         o,
-        "deployment: {} — GPU KV {}, host {}, NVMe {}, {} KiB/token",
+        "deployment: {} — GPU KV {}, host {}, NVMe {}, {} KiB/token, context {} tokens, codec {}",
         dep.name,
         fmt_bytes(dep.gpu_kv_bytes),
         fmt_bytes(dep.host_bytes),
         fmt_bytes(dep.nvme_bytes),
-        dep.kv_bytes_per_token / 1024
+        dep.kv_bytes_per_token / 1024,
+        dep.max_context_tokens,
+        dep.codec
     );
+    if let Some(r) = results.iter().find(|r| !r.idealised) {
+        let _ = writeln!(
+            o,
+            "load: parked KV (suspended sessions that return) peaks at {} = {:.1}× host, mean {}; \
+             {} steps over the {}-token context not replayed",
+            gb(r.parked.peak as f64),
+            r.parked.peak as f64 / dep.host_bytes.max(1) as f64,
+            gb(r.parked.mean),
+            r.over_context,
+            dep.max_context_tokens
+        );
+    }
     let _ = writeln!(o);
     let _ = writeln!(
         o,
-        "{:<18} {:>7} {:>7} {:>7} | {:>6} {:>6} {:>6} | {:>6} | {:>8} {:>8} {:>8}",
-        "policy", "hit", "user", "tool", "GPU", "host", "NVMe", "amp", "TTFT p50", "p90", "p99"
+        "{:<18} {:>6} {:>6} {:>6} | {:>5} {:>5} {:>5} | {:>6} | {:>22} | {:>22}",
+        "policy",
+        "hit",
+        "user",
+        "tool",
+        "GPU",
+        "host",
+        "NVMe",
+        "amp",
+        "TTFT user p50/p90/p99",
+        "TTFT tool p50/p90/p99"
     );
     for r in results {
         let _ = writeln!(
             o,
-            "{:<18} {:>6.1}% {:>6.1}% {:>6.1}% | {:>5.1}% {:>5.1}% {:>5.1}% | {:>5.2}× | {:>7}s {:>7}s {:>7}s",
+            "{:<18} {:>5.1}% {:>5.1}% {:>5.1}% | {:>4.1}% {:>4.1}% {:>4.1}% | {:>5.2}× | {:>22} | {:>22}",
             format!("{}{}", r.policy, if r.idealised { "*" } else { "" }),
             100.0 * r.hit.all,
             100.0 * r.hit.user,
@@ -56,25 +79,24 @@ pub fn render(results: &[PolicyResult], dep: &Deployment, header: &str) -> Strin
             100.0 * r.hit_from[1],
             100.0 * r.hit_from[2],
             r.amplification,
-            secs(r.ttft_user_s[0]),
-            secs(r.ttft_user_s[1]),
-            secs(r.ttft_user_s[2]),
+            three(&r.ttft_user_s),
+            three(&r.ttft_tool_s),
         );
     }
     let _ = writeln!(o);
     let _ = writeln!(
         o,
-        "{:<18} {:>8} {:>8} {:>8} {:>8} {:>9} | {:>8} {:>8} {:>8} | {:>8} {:>8} | {:>15}",
+        "{:<18} {:>20} {:>9} | {:>7} {:>7} {:>7} {:>7} {:>8} | {:>7} {:>7} {:>7} | {:>14}",
         "policy",
-        "PCIe d2h",
-        "h2d",
+        "queue p50/p90/p99",
+        "GPU busy",
+        "PCIe→h",
+        "→GPU",
         "NVMe wr",
         "rd",
-        "NVMe wr/d",
-        "peak GPU",
+        "wr/day",
+        "pk GPU",
         "host",
-        "NVMe",
-        "mean hst",
         "NVMe",
         "prefetch e/l/w"
     );
@@ -90,7 +112,7 @@ pub fn render(results: &[PolicyResult], dep: &Deployment, header: &str) -> Strin
         if r.idealised {
             let _ = writeln!(
                 o,
-                "{:<18} (idealised: no links, no capacity limit; mean kept {})",
+                "{:<18} (idealised: no GPU cache, no links, no capacity limit; mean kept {})",
                 format!("{}*", r.policy),
                 gb(r.occupancy[1].mean)
             );
@@ -98,8 +120,11 @@ pub fn render(results: &[PolicyResult], dep: &Deployment, header: &str) -> Strin
         }
         let _ = writeln!(
             o,
-            "{:<18} {:>8} {:>8} {:>8} {:>8} {:>9} | {:>8} {:>8} {:>8} | {:>8} {:>8} | {:>15}",
+            "{:<18} {:>20} {:>4.0}%/{:>2.0}% | {:>7} {:>7} {:>7} {:>7} {:>8} | {:>7} {:>7} {:>7} | {:>14}",
             r.policy.clone(),
+            three(&r.queue_s),
+            100.0 * r.gpu_busy,
+            100.0 * r.gpu_prefill_busy,
             gb(r.pcie_d2h_bytes as f64),
             gb(r.pcie_h2d_bytes as f64),
             gb(r.nvme_write_bytes as f64),
@@ -108,34 +133,26 @@ pub fn render(results: &[PolicyResult], dep: &Deployment, header: &str) -> Strin
             gb(r.occupancy[0].peak as f64),
             gb(r.occupancy[1].peak as f64),
             gb(r.occupancy[2].peak as f64),
-            gb(r.occupancy[1].mean),
-            gb(r.occupancy[2].mean),
             pf
-        );
-    }
-    if let Some(r) = results
-        .iter()
-        .find(|r| !r.idealised && r.gpu_oversubscribed_s > 0.0)
-    {
-        let _ = writeln!(
-            o,
-            "\nnote: the running steps alone exceeded the GPU KV capacity {:.2}% of the time (peak GPU above); \
-             a real server would queue them — lower --time-compression or raise gpu_kv_bytes.",
-            100.0 * r.gpu_oversubscribed_s / r.virtual_s.max(1e-9)
         );
     }
     if results.iter().any(|r| r.idealised) {
         let _ = writeln!(
             o,
-            "\n* idealised (DESIGN §6): no GPU cache, unlimited capacity, instant copies — for calibration, not a deployment."
+            "\n* idealised (DESIGN §6): no GPU cache, no context window, unlimited capacity, instant copies — for calibration, not a deployment."
         );
     }
     let _ = writeln!(
         o,
         "hit = token-weighted over counted steps; GPU/host/NVMe = share of all counted tokens served from each; \
-         TTFT = modelled load + prefill of user-initiated steps; bytes in GB (10^9), NVMe bytes stored (compressed)."
+         TTFT = arrival → end of prefill (queueing + load + shared prefill), seconds; queue = arrival → admission (GPU KV full); \
+         GPU busy = any compute / prefill; bytes in GB (10^9), NVMe bytes stored (compressed); prefetch early/late/wasted."
     );
     o
+}
+
+fn three(p: &[f64; 4]) -> String {
+    format!("{}/{}/{}", secs(p[0]), secs(p[1]), secs(p[2]))
 }
 
 /// The JSON document of a replay.
