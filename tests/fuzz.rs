@@ -8,7 +8,7 @@
 //! | `fuzz_record_header` | `tier::nvme::format::RecordHeader::decode` | no panic; a decoded header has a known codec, a valid element size, raw len = stored len for raw records, re-encodes to the input (when its reserved bytes are zero) and every single-bit flip of it is an error |
 //! | `fuzz_record_payload` | a segment file through `NvmeStore` recovery and `get` (header, payload crc32c, codec decode), and every codec's `decode` on the payload | never wrong bytes: a `get` that succeeds returns exactly the codec decode of a record in the file with that key whose payload checksum matches, so a record whose payload checksum does not match is an error (`Corrupt`); codecs never panic and fail only with `Corrupt`; every lossless codec round-trips the input |
 //! | `fuzz_slots` | `tier::slots::read_entries` (the host arena `.slots` table; `parse_entry`) | no panic; `None` exactly when the file is not a table of its own declared size; otherwise exactly the entries whose state is valid and whose entry crc32c matches |
-//! | `fuzz_trace` | `sim::trace::read_bytes` (plain and gzip) and `parse_row`, then `derive_steps`, `stats::TraceStats` and `engine::Script` | no panic; corrupt gzip is an error; every row is delivered once; each step has fresh + cacheable = L, fresh ≤ append, a gap ≥ 0, a span > 0 |
+//! | `fuzz_trace` | `sim::trace::read_bytes` (plain and gzip) and `parse_row`, then `derive_steps`, `stats::TraceStats` (JSON and report) and `engine::Script` | no panic; corrupt gzip is an error; every row is delivered once, loose rows are not replayed; each step has fresh + cacheable = L, fresh ≤ append, a gap ≥ 0, a span > 0 |
 //! | `fuzz_config` | `config::Config::from_json` (`kv_connector_extra_config`) | no panic; an error is a `Config` error; a config that parses re-serialises to JSON that parses to the same value |
 //! | `fuzz_deployment` | `sim::deploy::Deployment::from_json` (`replay --deployment`) | no panic; an error is a `Config` error naming the deployment; an accepted deployment satisfies every documented bound and replays the example trace |
 //!
@@ -838,8 +838,12 @@ fn check_trace(b: &[u8]) -> Result<(), TestCaseError> {
                     .count() as u64;
                 prop_assert_eq!(ok, sum.rows);
             }
+            prop_assert!(sum.loose_rows <= sum.rows);
+            let _ = st.to_json();
+            let _ = st.render();
+            // rows outside the session walk (DESIGN §6) are not replayed
             let (script, _) = Script::from_bytes(b).unwrap();
-            prop_assert_eq!(script.steps.len() as u64, sum.rows);
+            prop_assert_eq!(script.steps.len() as u64, sum.rows - sum.loose_rows);
         }
         Err(e) => prop_assert!(gzip, "only a gzip read can fail: {}", e),
     }

@@ -168,3 +168,73 @@ fn deployment_sizes_out_of_range_are_named_before_the_replay() {
         assert!(e.message().contains(key), "{key}: {}", e.message());
     }
 }
+
+/// `trace stats --json` on the 19 example rows. Every expected value was
+/// computed independently of kvpark by `tests/data/study_quantities.py` (a
+/// reading of DESIGN §6 in Python: `json.loads` rows, `datetime` timestamps in
+/// ms, numpy's `percentile` and `logspace`, `argmin` for the first minimum),
+/// `python3 tests/data/study_quantities.py tests/data/tracelab-example.jsonl`,
+/// and copied here; they agree to the last digit.
+#[test]
+fn stats_json_of_the_example_matches_an_independent_computation() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = dir.path().join("stats.json");
+    kvpark(&[
+        "trace",
+        "stats",
+        EXAMPLE,
+        "--json",
+        j.to_str().unwrap(),
+        "--taus",
+        "10s,1m",
+    ])
+    .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&j).unwrap()).unwrap();
+    let f = |p: &str| {
+        v.pointer(p)
+            .and_then(|x| x.as_f64())
+            .unwrap_or_else(|| panic!("{p} missing in {v}"))
+    };
+    assert_eq!(v["steps"], 19);
+    assert_eq!(v["counted"], 17);
+    assert_eq!(f("/real_hit/all"), 0.9301695962880173);
+    assert_eq!(f("/real_hit/user"), 0.9405279908977691);
+    assert_eq!(f("/real_hit/tool"), 0.928515846500907);
+    assert_eq!(f("/optimal_hit/all"), 0.9813532987875093);
+    assert_eq!(f("/optimal_hit/user"), 0.9998154953181937);
+    assert_eq!(f("/optimal_hit/tool"), 0.9784057519202115);
+    assert_eq!(f("/observed_amplification"), 3.7449199682143264);
+    // the grid point 10^(81·log10(14400)/259) of numpy.logspace(0, log10(14400), 260)
+    assert_eq!(f("/effective_eviction_s"), 19.975227977960795);
+    let w = "/distributions/human_input_wait_s";
+    assert_eq!(f(&format!("{w}/count")), 3.0);
+    for (p, want) in [
+        ("p10", 8.7388),
+        ("p25", 12.3475),
+        ("p50", 18.362),
+        ("p75", 19.1375),
+        ("p90", 19.6028),
+        ("p99", 19.88198),
+    ] {
+        assert_eq!(f(&format!("{w}/{p}")), want, "human_input_wait {p}");
+    }
+    let t = "/distributions/tool_latency_s";
+    assert_eq!(f(&format!("{t}/count")), 13.0);
+    for (p, want) in [
+        ("p10", 0.03400000000000002),
+        ("p25", 0.145),
+        ("p50", 1.002),
+        ("p75", 12.684),
+        ("p90", 18.651400000000002),
+        ("p99", 21.205399999999997),
+    ] {
+        assert_eq!(f(&format!("{t}/{p}")), want, "tool latency {p}");
+    }
+    // --taus sets the table; the sweep sums are those of trace_reader.rs
+    let table = v["table"].as_array().unwrap();
+    assert_eq!(table.len(), 2);
+    assert_eq!(table[0]["tau_s"], 10.0);
+    assert_eq!(table[0]["hit"].as_f64().unwrap(), 254_841.0 / 472_416.0);
+    assert_eq!(table[1]["hit"].as_f64().unwrap(), 463_607.0 / 472_416.0);
+    assert!(kvpark(&["trace", "stats", EXAMPLE, "--taus", "5 fortnights"]).is_err());
+}

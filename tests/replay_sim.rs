@@ -64,7 +64,7 @@ fn invariants_hold_under_pressure() {
     let (script, st) = trace(120, 5);
     let dep = tight_deployment();
     let names: Vec<String> = POLICIES.iter().map(|s| s.to_string()).collect();
-    let r = run_all(&script, &dep, &names, &cfg(6.0, true), 2).unwrap();
+    let r = run_all(&script, &dep, &names, &cfg(24.0, true), 2).unwrap();
     for x in &r {
         assert_eq!(
             (x.steps + x.over_context) as usize,

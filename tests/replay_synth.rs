@@ -154,6 +154,34 @@ fn distributions_land_near_the_study() {
     );
     within("append p50 (870)", st.append.quantile(0.5), 700.0, 1050.0);
     within("output p50 (200)", st.output.quantile(0.5), 170.0, 235.0);
+    // the provider's own cache (DESIGN §6 real hit) and the step split
+    let real = st.real_hit();
+    within("real hit, user steps (84%)", real[1], 0.78, 0.90);
+    within("real hit, tool steps (97.5%)", real[2], 0.96, 0.985);
+    within(
+        "observed amplification (5.3)",
+        st.observed_amplification(),
+        4.0,
+        8.0,
+    );
+    let steps = |p: &str| *st.provider_steps.get(p).unwrap() as f64;
+    within(
+        "Codex-like share of steps (217k / 357k)",
+        steps("codex") / (steps("codex") + steps("claude")),
+        0.5,
+        0.72,
+    );
+    within(
+        "largest Claude-like context (≈1M)",
+        *st.provider_max_l.get("claude").unwrap() as f64,
+        500_000.0,
+        1_000_000.0,
+    );
+    assert!(
+        st.span_days() > 20.0,
+        "spread over days: {}",
+        st.span_days()
+    );
     let comp = st.sessions_with_compaction as f64 / st.sessions as f64;
     within("sessions with compaction (10%)", comp, 0.05, 0.2);
     let (peak, mean) = st.overlap();
@@ -175,6 +203,8 @@ fn distributions_land_near_the_study() {
     within("hit(1 h) (98.6%)", h1.hit, 0.97, 0.995);
     within("R(1 min) (0.74)", m1.storage_ratio, 0.5, 1.1);
     within("R(1 h) (5.07)", h1.storage_ratio, 3.5, 6.5);
-    within("amplification(1 min) (18.9)", m1.amplification, 10.0, 26.0);
-    within("amplification(1 h) (1.8)", h1.amplification, 1.3, 2.5);
+    // the 1M-token contexts make this sum heavy-tailed at 1,000 sessions
+    // (17.5× and 19.0× at 4,300 sessions, seeds 1 and 2)
+    within("amplification(1 min) (18.9)", m1.amplification, 10.0, 32.0);
+    within("amplification(1 h) (1.8)", h1.amplification, 1.3, 3.2);
 }

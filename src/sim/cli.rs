@@ -42,9 +42,13 @@ pub enum TraceCommand {
     Stats {
         /// A TraceLab `.jsonl` or `.jsonl.gz` file.
         file: PathBuf,
-        /// Also write the numbers as JSON.
+        /// Also write the numbers as JSON (study quantities, distributions
+        /// with p10/p25/p50/p75/p90/p99, the sweep).
         #[arg(long)]
         json: Option<PathBuf>,
+        /// TTLs of the printed sweep table, comma-separated (e.g. 30s,1m,5m,1h).
+        #[arg(long, value_delimiter = ',', default_value = "1m,5m,1h")]
+        taus: Vec<String>,
     },
 }
 
@@ -123,9 +127,17 @@ pub fn run(cmd: SimCommand) -> Result<()> {
             Ok(())
         }
         SimCommand::Trace {
-            cmd: TraceCommand::Stats { file, json },
+            cmd: TraceCommand::Stats { file, json, taus },
         } => {
-            let mut st = TraceStats::default();
+            let mut table = Vec::with_capacity(taus.len());
+            for t in taus.iter().map(|t| t.trim()).filter(|t| !t.is_empty()) {
+                let ns = crate::units::parse_duration_ns(t)
+                    .map_err(|e| crate::Error::invalid(format!("--taus {t:?}: {}", e.message())))?;
+                table.push(i64::try_from(ns).map_err(|_| {
+                    crate::Error::invalid(format!("--taus {t:?}: longer than 292 years"))
+                })?);
+            }
+            let mut st = TraceStats::with_table(&table);
             let sum = trace::read_file(&file, |s, tools| {
                 st.add(&s, tools);
                 Ok(())
@@ -148,12 +160,9 @@ pub fn run(cmd: SimCommand) -> Result<()> {
             }
             print!("{}", st.render());
             if let Some(j) = json {
-                let v = serde_json::json!({
-                    "sessions": st.sessions, "steps": st.steps, "counted": st.counted,
-                    "malformed_lines": sum.bad_lines,
-                    "long_lines": sum.long_lines,
-                    "sweep": st.sweep(),
-                });
+                let mut v = st.to_json();
+                v["malformed_lines"] = sum.bad_lines.into();
+                v["long_lines"] = sum.long_lines.into();
                 std::fs::write(
                     &j,
                     serde_json::to_vec_pretty(&v)

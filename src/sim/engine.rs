@@ -151,7 +151,7 @@ impl Script {
 
     /// Adds a session (its timeline as the module docs describe).
     pub fn push(&mut self, sess: &Session) {
-        if sess.steps.is_empty() {
+        if sess.steps.is_empty() || sess.loose {
             return;
         }
         let first = self.steps.len() as u32;

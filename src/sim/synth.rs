@@ -4,30 +4,47 @@
 //! Model, per session (each session draws from its own stream
 //! `Rng::fork(seed, index)`, so the output is a pure function of
 //! `(sessions, seed)`; rows are written session after session):
-//! - provider: Claude-like with p = 0.63, else Codex-like;
-//! - start: a day in `[0, sessions / sessions_per_day)`, an hour drawn from a
-//!   daily rhythm (quiet nights, busy afternoons UTC), uniform within the hour;
+//! - provider: Claude-like with p = 0.63, else Codex-like; 55% of the
+//!   Claude-like sessions run a 1M-token window (contexts up to ≈ 960k);
+//! - start: a day in `[0, sessions / 36)` (the study's 4,265 sessions over
+//!   about four months), an hour drawn from a daily rhythm (quiet nights,
+//!   busy afternoons UTC), uniform within the hour;
 //! - requests R: 1 with p = 0.5, else 1 + ⌊LogNormal(4.2, σ 1.69)⌋
 //!   (mean ≈ 9.3, p90 18, p99 ≈ 137);
 //! - tool-initiated steps per request T: 0 (p 0.31), 1 (p 0.23), else
-//!   1 + ⌊LogNormal(8.4, σ 1.15)⌋ (mean ≈ 8, p50 1, p90 21);
+//!   1 + ⌊LogNormal(m, σ 1.15)⌋ with m = 4.2 (Claude) or 14.5 (Codex): Codex
+//!   runs the longer agent loops, so ≈ 37% / 63% of the steps come from 63% /
+//!   37% of the sessions (study: ≈140k / ≈217k steps); together mean ≈ 7.8,
+//!   p50 1, p90 ≈ 19;
 //! - tool calls per tool-emitting step: 1 + Poisson(0.2);
 //! - tools: per-provider mixes (Claude: Bash, Read, Edit, ...; Codex:
 //!   exec_command, apply_patch, write_stdin, ...), each a fast log-normal
 //!   mode plus, for shells and subagents, a slow mode (builds, tests) whose
-//!   probability grows with the context (long sessions run the long jobs);
-//!   together p50 ≈ 0.25 s, p90 ≈ 16 s, p99 ≈ 3.8 min, ≈ 4% over 1 min;
-//! - human wait before a user message: LogNormal(78 s, σ 1.75) with p = 0.955,
-//!   else LogNormal(8 h, σ 0.8) (overnight): p50 ≈ 86 s, p90 ≈ 21 min, p99 ≈ 14 h;
+//!   probability grows with the context up to 1.4 × 130k (long sessions run
+//!   the long jobs); together p50 ≈ 0.22 s, p90 ≈ 13 s, p99 ≈ 3.3 min,
+//!   ≈ 3.5% over 1 min;
+//! - human wait before a user message: LogNormal(76 s, σ 1.75) with p = 0.955,
+//!   else LogNormal(7.5 h, σ 0.8) (overnight): p50 ≈ 84 s, p90 ≈ 20 min,
+//!   p99 ≈ 14 h;
 //! - generation span LogNormal(5.3 s, σ 1.0), or with p = 0.05 LogNormal(70 s,
 //!   σ 0.6) (long generations): p50 ≈ 5.7 s, p90 ≈ 22–26 s;
-//! - tokens: 40% of sessions continue earlier work with a long context
-//!   (system prompt + LogNormal(90k, σ 0.45)); the context grows by the previous
-//!   output (LogNormal(200, σ 1.2)) plus new input (tool results
-//!   LogNormal(480, σ 0.9) × √calls, user messages LogNormal(300, σ 1.2));
-//!   prefix = previous context (Codex: rounded down to 128); a context past the
-//!   provider's cap (Claude 190k, Codex 250k, near its 258k window) is
-//!   compacted to the system prompt plus a summary of ≈ 6k tokens.
+//! - tokens: 50% of the Claude-like and 20% of the Codex-like sessions
+//!   continue earlier work with a long context (system prompt +
+//!   LogNormal(110k, σ 0.45)); the context grows by the previous output
+//!   (LogNormal(214, σ 1.2)) plus new input (tool results LogNormal(380,
+//!   σ 1.45) × √calls, user messages LogNormal(300, σ 1.5)); a context past
+//!   the window's cap (Claude 190k or 960k, Codex 250k, near its 258k window)
+//!   is compacted to the system prompt plus a summary of ≈ 6k tokens
+//!   (≈ 12% of the sessions);
+//! - the provider's prompt cache: prefix = previous context (Claude: less
+//!   0–2 tokens; Codex: rounded down to 128) unless the cache lost the
+//!   session, which happens when the gap before the step (the human wait, or
+//!   the longest tool call the step waited for) exceeds the session's cache
+//!   retention (Claude: 5 min or 1 h, even odds; Codex: LogNormal(15 min,
+//!   σ 1.0) within 5 min..2 h), or otherwise with p = 0.009 (a replica
+//!   without the prefix); then only the shared system prompt is still cached
+//!   (p 0.7) or nothing. Real hit ≈ 84% on user steps and ≈ 97.6% on tool
+//!   steps, observed amplification ≈ 5.7 (study: 84%, 97.5%, 5.3).
 
 use std::io::Write;
 
@@ -47,16 +64,19 @@ pub struct SynthConfig {
 }
 
 impl SynthConfig {
-    /// `sessions` sessions from `seed`, 150 sessions a day (the study's
-    /// 4,265 sessions over about four weeks).
+    /// `sessions` sessions from `seed`, [`SESSIONS_PER_DAY`] a day.
     pub fn new(sessions: u64, seed: u64) -> Self {
         SynthConfig {
             sessions,
             seed,
-            sessions_per_day: 150.0,
+            sessions_per_day: SESSIONS_PER_DAY,
         }
     }
 }
+
+/// Session starts per day: the study's 4,265 sessions over about four
+/// months (its example rows lie in March and June 2026).
+pub const SESSIONS_PER_DAY: f64 = 36.0;
 
 /// What was written.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -75,6 +95,10 @@ const DAY: [f64; 24] = [
     0.25, 0.2, 0.15, 0.12, 0.12, 0.15, 0.25, 0.4, 0.6, 0.8, 0.9, 0.95, 0.9, 1.0, 1.0, 1.0, 0.95,
     0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3,
 ];
+
+/// Probability that the provider's cache misses a step whose gap it would
+/// have kept (routing to a replica without the prefix, early eviction).
+const P_MISS: f64 = 0.009;
 
 struct Tool {
     name: &'static str,
@@ -104,7 +128,7 @@ const fn tool(
 }
 
 const CLAUDE_TOOLS: [Tool; 8] = [
-    tool("Bash", 0.48, (0.2, 1.2), 0.27, (11.0, 1.8)),
+    tool("Bash", 0.48, (0.2, 1.2), 0.2, (11.0, 1.8)),
     tool("Read", 0.30, (0.12, 0.9), 0.0, (1.0, 1.0)),
     tool("Edit", 0.09, (0.15, 0.9), 0.0, (1.0, 1.0)),
     tool("Grep", 0.04, (0.3, 1.0), 0.0, (1.0, 1.0)),
@@ -115,7 +139,7 @@ const CLAUDE_TOOLS: [Tool; 8] = [
 ];
 
 const CODEX_TOOLS: [Tool; 4] = [
-    tool("exec_command", 0.90, (0.14, 1.3), 0.24, (9.0, 1.8)),
+    tool("exec_command", 0.90, (0.14, 1.3), 0.16, (9.0, 1.8)),
     tool("apply_patch", 0.05, (0.1, 0.8), 0.0, (1.0, 1.0)),
     tool("write_stdin", 0.04, (5.0, 1.6), 0.0, (1.0, 1.0)),
     tool("update_plan", 0.01, (0.01, 0.5), 0.0, (1.0, 1.0)),
@@ -155,6 +179,8 @@ struct PendingCall {
 fn session(cfg: &SynthConfig, index: u64, out: &mut String) -> u64 {
     let mut r = Rng::fork(cfg.seed, index);
     let claude = r.chance(0.63);
+    // 55% of the Claude-like sessions run a 1M-token context window
+    let big_window = claude && r.chance(0.55);
     let days = (cfg.sessions as f64 / cfg.sessions_per_day).ceil().max(1.0) as u64;
     let day = r.below(days) as TimeNs;
     let hour = r.pick(&DAY) as TimeNs;
@@ -170,10 +196,32 @@ fn session(cfg: &SynthConfig, index: u64, out: &mut String) -> u64 {
         r.next_u64() & 0xffff_ffff_ffff
     );
     let project = format!("project_{:08x}", r.next_u64() as u32);
-    let model = if claude { "claude-opus-4-8" } else { "gpt-5.4" };
+    let model = match (claude, big_window) {
+        (true, true) => "claude-opus-4-8[1m]",
+        (true, false) => "claude-opus-4-8",
+        _ => "gpt-5.4",
+    };
     let tools: &[Tool] = if claude { &CLAUDE_TOOLS } else { &CODEX_TOOLS };
     let shares: Vec<f64> = tools.iter().map(|x| x.share).collect();
-    let cap: u64 = if claude { 190_000 } else { 250_000 };
+    let cap: u64 = match (claude, big_window) {
+        (true, true) => 960_000,
+        (true, false) => 190_000,
+        _ => 250_000,
+    };
+    // Codex-like sessions run longer agent loops (the study: ≈217k of its
+    // 357k steps from 37% of the sessions)
+    let tool_tail = if claude { 4.2 } else { 14.5 };
+    // how long the provider's prompt cache keeps this session's prefix
+    // (Claude: 5 min or 1 h caching; Codex: minutes to an hour)
+    let keep: TimeNs = if claude {
+        if r.chance(0.5) {
+            secs(300.0)
+        } else {
+            secs(3600.0)
+        }
+    } else {
+        secs(r.lognormal(900.0, 1.0).clamp(300.0, 7200.0))
+    };
 
     let requests: u64 = if r.chance(0.5) {
         1
@@ -183,8 +231,8 @@ fn session(cfg: &SynthConfig, index: u64, out: &mut String) -> u64 {
     let mut sys = r.lognormal(if claude { 22_000.0 } else { 7_000.0 }, 0.25) as u64;
     sys = sys.max(1000);
     // a quarter of the sessions continue earlier work with a long context
-    let start_ctx = if r.chance(0.4) {
-        sys + r.lognormal(90_000.0, 0.45).min(140_000.0) as u64
+    let start_ctx = if r.chance(if claude { 0.5 } else { 0.2 }) {
+        sys + r.lognormal(110_000.0, 0.45).min(160_000.0) as u64
     } else {
         sys
     };
@@ -205,7 +253,7 @@ fn session(cfg: &SynthConfig, index: u64, out: &mut String) -> u64 {
             } else if u < 0.54 {
                 1
             } else {
-                (1.0 + r.lognormal(8.4, 1.15).floor()).min(1500.0) as u64
+                (1.0 + r.lognormal(tool_tail, 1.15).floor()).min(1500.0) as u64
             }
         };
         for k in 0..=tool_steps {
@@ -213,14 +261,17 @@ fn session(cfg: &SynthConfig, index: u64, out: &mut String) -> u64 {
             let mut events: Vec<Ev> = Vec::with_capacity(8);
             let calls_in = std::mem::take(&mut pending);
             let req_at: TimeNs;
+            // the gap before this step, as the provider's cache sees it
+            let mut gap: TimeNs = 0;
             if user {
                 if req > 0 || round > 0 {
                     let w = if r.chance(0.955) {
-                        r.lognormal(78.0, 1.75)
+                        r.lognormal(76.0, 1.75)
                     } else {
-                        r.lognormal(8.0 * 3600.0, 0.8)
+                        r.lognormal(7.5 * 3600.0, 0.8)
                     };
                     t = last_activity + secs(w.max(0.5));
+                    gap = t - last_activity;
                 }
                 events.push(Ev {
                     kind: "user_message",
@@ -239,12 +290,17 @@ fn session(cfg: &SynthConfig, index: u64, out: &mut String) -> u64 {
                     });
                 }
                 req_at = calls_in.iter().map(|c| c.result).max().unwrap_or(t);
+                gap = calls_in
+                    .iter()
+                    .map(|c| c.result - c.emitted)
+                    .max()
+                    .unwrap_or(0);
             }
             // tokens
             let new_in = if user {
-                r.lognormal(300.0, 1.2)
+                r.lognormal(300.0, 1.5)
             } else {
-                r.lognormal(480.0, 0.9) * (calls_in.len().max(1) as f64).sqrt()
+                r.lognormal(380.0, 1.45) * (calls_in.len().max(1) as f64).sqrt()
             }
             .min(120_000.0) as u64
                 + 1;
@@ -258,10 +314,18 @@ fn session(cfg: &SynthConfig, index: u64, out: &mut String) -> u64 {
             } else {
                 append = new_in + prev_out;
                 prefix = ctx;
+                if gap > keep || r.chance(P_MISS) {
+                    // the provider's cache lost the session (evicted after an
+                    // idle gap, or served by a replica without it): only the
+                    // shared system prompt may still be cached
+                    let full = prefix + append;
+                    prefix = if r.chance(0.7) { sys.min(prefix) } else { 0 };
+                    append = full - prefix;
+                }
                 if claude {
                     // the provider's cache boundary trails the last message a little
-                    let lag = r.below(3);
-                    prefix = prefix.saturating_sub(lag);
+                    let lag = r.below(3).min(prefix);
+                    prefix -= lag;
                     append += lag;
                 } else {
                     let full = prefix + append;
@@ -273,7 +337,7 @@ fn session(cfg: &SynthConfig, index: u64, out: &mut String) -> u64 {
                 prefix = start_ctx;
                 append = new_in;
             }
-            let output = (r.lognormal(200.0, 1.2) as u64).clamp(1, 32_000);
+            let output = (r.lognormal(214.0, 1.2) as u64).clamp(1, 32_000);
             let l = prefix + append;
             // timing
             let span = if r.chance(0.05) {
@@ -313,7 +377,7 @@ fn session(cfg: &SynthConfig, index: u64, out: &mut String) -> u64 {
                 let emitted = last_out - secs(0.05 * (n_calls - 1 - c) as f64);
                 let tool = &tools[r.pick(&shares)];
                 // long builds and test runs come with long contexts
-                let rel = l as f64 / 130_000.0;
+                let rel = (l as f64 / 130_000.0).min(1.4);
                 let p_slow = (tool.p_slow * (0.1 + 1.1 * rel * rel * rel)).min(1.0);
                 let (m, sg) = if r.chance(p_slow) {
                     tool.slow

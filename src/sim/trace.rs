@@ -37,8 +37,25 @@
 //! Call ids are kept as 64-bit hashes (SipHash of the id string); a collision
 //! inside one session would need ~2^32 calls.
 //!
-//! A malformed line (bad JSON, missing `provider`/`session_id`, unparsable
-//! timestamp) is skipped, counted, and reported with its 1-based line number.
+//! Field rules (DESIGN §6, as the TraceLab pipeline reads rows): a token
+//! count is present only when it is a JSON integer (not a float such as
+//! `1100.0`, not a boolean; kvpark also reads a negative one, or one beyond
+//! i64, as absent); an absent count leaves the row in the trace and makes
+//! what needs it unknown. A timestamp that is not a string or does not parse is
+//! absent (the row stays). An empty `tool_call_id` is absent. A row enters the
+//! session walk only with a string `provider`, a non-empty string
+//! `session_id` and an integer `round_index`; any other row is delivered as a
+//! *loose* one-row [`Session`] that counts in per-row statistics only (rows,
+//! tool calls, generation span, token and latency distributions). A key given
+//! twice takes its last value.
+//!
+//! `human_input_wait` (§6) is walked here, in file order per session_id: the
+//! time from the previous timed event of the session (events of a row sorted
+//! by time) to each `user_message` event, kept when > 0; each row carries its
+//! own values ([`Row::human_waits`]).
+//!
+//! A malformed line (not one JSON object, not UTF-8) is skipped, counted, and
+//! reported with its 1-based line number.
 //! So is a line longer than [`MAX_LINE_BYTES`] (16 MiB), which is never held
 //! whole: memory stays bounded whatever a line's length (a 2 MB gzip can
 //! expand to one 2 GB line).
@@ -49,7 +66,9 @@ use std::hash::{Hash, Hasher};
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 
-use serde::Deserialize;
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use std::borrow::Cow;
+use std::fmt;
 
 use crate::error::{Error, Result, ResultExt};
 
@@ -70,18 +89,22 @@ pub enum Trigger {
 /// One tool call of a row, compact.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Call {
-    /// Hash of `tool_call_id`.
-    pub id: u64,
+    /// Hash of `tool_call_id` (absent when missing, not a string, or empty).
+    pub id: Option<u64>,
     /// Interned tool name (index into [`ToolNames`]).
     pub tool: u32,
     /// `result_at − emitted_at` when both are present and non-negative.
     pub dur: Option<TimeNs>,
+    /// Effective tool latency (ms): `tool_internal_latency_ms` when it is an
+    /// integer, else `tool_wall_latency_ms` when that is (DESIGN §6); the
+    /// study keeps it when > 0.
+    pub latency_ms: Option<i64>,
 }
 
 /// One parsed row, compact: derived numbers only.
 #[derive(Clone, Debug)]
 pub struct Row {
-    /// `round_index` (missing reads as 0).
+    /// `round_index` (0 for a row outside the session walk).
     pub round_index: i64,
     /// 0-based position of the row in the file (ties in sorting).
     pub file_order: u64,
@@ -101,10 +124,15 @@ pub struct Row {
     pub append: Option<u64>,
     /// `output_tokens` (missing reads as 0).
     pub output: u64,
+    /// Whether `output_tokens` is present (a JSON integer).
+    pub output_known: bool,
     /// Hashes of the call ids of the leading `tool_result` events.
     pub leading_results: Vec<u64>,
-    /// Tool calls the row emitted.
+    /// Tool calls the row emitted (every object of `tools`).
     pub calls: Vec<Call>,
+    /// The row's `human_input_wait` values (ns, > 0), set by the reader's
+    /// file-order walk per session_id (DESIGN §6).
+    pub human_waits: Vec<TimeNs>,
 }
 
 impl Row {
@@ -132,6 +160,8 @@ pub struct Step {
     pub prefix: u64,
     /// `newly_append_tokens` (0 when missing).
     pub append: u64,
+    /// Which of prefix, append and output tokens are present (JSON integers).
+    pub known: [bool; 3],
     /// L = prefix + append (0 when missing).
     pub l: u64,
     /// Fresh tokens (0 for the first row).
@@ -150,6 +180,10 @@ pub struct Step {
     pub request_at: Option<TimeNs>,
     /// Tool calls emitted by the step.
     pub calls: Vec<Call>,
+    /// `human_input_wait` values (ns, > 0) of the row's `user_message` events.
+    pub human_waits: Vec<TimeNs>,
+    /// 0-based position of the row in the file.
+    pub file_order: u64,
 }
 
 /// A finished session: its key and its derived steps in order.
@@ -161,6 +195,10 @@ pub struct Session {
     pub session_id: String,
     /// Steps sorted by (round_index, first activity, file order).
     pub steps: Vec<Step>,
+    /// A single row outside the session walk (no string provider, no
+    /// non-empty string session_id, or no integer round_index): it counts in
+    /// per-row statistics only (provider and session_id are then empty).
+    pub loose: bool,
 }
 
 /// Interned tool names (stable ids in first-seen order).
@@ -210,8 +248,10 @@ pub struct BadLine {
 /// What a read saw besides the sessions.
 #[derive(Clone, Debug, Default)]
 pub struct ReadSummary {
-    /// Rows parsed.
+    /// Rows parsed (JSON objects), in the session walk or not.
     pub rows: u64,
+    /// Of those, rows outside the session walk (DESIGN §6 field rules).
+    pub loose_rows: u64,
     /// Sessions delivered.
     pub sessions: u64,
     /// Malformed lines skipped (all counted; the first 100 kept with reasons).
@@ -236,51 +276,346 @@ impl ReadSummary {
 }
 
 // ---------------------------------------------------------------- parsing
+//
+// Rows are read leniently, field by field, as the TraceLab pipeline reads
+// them (DESIGN §6 field rules): a field of the wrong JSON type is absent, never
+// a reason to drop the row. Only a line that is not one JSON object is
+// malformed. A key given twice takes its last value (as `json.loads` does).
 
-#[derive(Deserialize)]
-struct KeyOnly<'a> {
-    #[serde(borrow)]
-    provider: Option<std::borrow::Cow<'a, str>>,
-    #[serde(borrow)]
-    session_id: Option<std::borrow::Cow<'a, str>>,
+/// A JSON value as far as the reader cares: an integer, a string, or
+/// anything else (float, boolean, null, array, object — drained unread).
+#[derive(Debug, Default)]
+enum Lax<'a> {
+    Int(i128),
+    Str(Cow<'a, str>),
+    #[default]
+    Other,
 }
 
-#[derive(Deserialize)]
+impl<'a> Lax<'a> {
+    fn int(&self) -> Option<i128> {
+        match self {
+            Lax::Int(v) => Some(*v),
+            _ => None,
+        }
+    }
+    fn str(&self) -> Option<&str> {
+        match self {
+            Lax::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+struct LaxVisitor;
+
+impl<'de> Visitor<'de> for LaxVisitor {
+    type Value = Lax<'de>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_i64<E>(self, v: i64) -> std::result::Result<Lax<'de>, E> {
+        Ok(Lax::Int(v as i128))
+    }
+    fn visit_u64<E>(self, v: u64) -> std::result::Result<Lax<'de>, E> {
+        Ok(Lax::Int(v as i128))
+    }
+    fn visit_f64<E>(self, _: f64) -> std::result::Result<Lax<'de>, E> {
+        Ok(Lax::Other)
+    }
+    fn visit_bool<E>(self, _: bool) -> std::result::Result<Lax<'de>, E> {
+        Ok(Lax::Other)
+    }
+    fn visit_unit<E>(self) -> std::result::Result<Lax<'de>, E> {
+        Ok(Lax::Other)
+    }
+    fn visit_none<E>(self) -> std::result::Result<Lax<'de>, E> {
+        Ok(Lax::Other)
+    }
+    fn visit_borrowed_str<E>(self, v: &'de str) -> std::result::Result<Lax<'de>, E> {
+        Ok(Lax::Str(Cow::Borrowed(v)))
+    }
+    fn visit_str<E>(self, v: &str) -> std::result::Result<Lax<'de>, E> {
+        Ok(Lax::Str(Cow::Owned(v.to_string())))
+    }
+    fn visit_string<E>(self, v: String) -> std::result::Result<Lax<'de>, E> {
+        Ok(Lax::Str(Cow::Owned(v)))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut s: A) -> std::result::Result<Lax<'de>, A::Error> {
+        while s.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Lax::Other)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> std::result::Result<Lax<'de>, A::Error> {
+        while m.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(Lax::Other)
+    }
+}
+
+impl<'de> de::Deserialize<'de> for Lax<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        d.deserialize_any(LaxVisitor)
+    }
+}
+
+/// An object type read field by field: `set` takes one value of a key.
+trait LaxObject<'de>: Default {
+    /// Reads the value of `key` from `m` (or skips it).
+    fn set<A: MapAccess<'de>>(&mut self, key: &str, m: &mut A)
+        -> std::result::Result<(), A::Error>;
+}
+
+/// Map keys as borrowed text where possible, without allocating otherwise.
+struct Key<'a>(Cow<'a, str>);
+
+impl<'de> de::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a key")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> std::result::Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> std::result::Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v.to_string())))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// `Some(T)` for a JSON object, `None` for any other value.
+struct Obj<T>(Option<T>);
+
+impl<'de, T: LaxObject<'de>> de::Deserialize<'de> for Obj<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V<T>(std::marker::PhantomData<T>);
+        impl<'de, T: LaxObject<'de>> Visitor<'de> for V<T> {
+            type Value = Obj<T>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> std::result::Result<Obj<T>, A::Error> {
+                let mut t = T::default();
+                while let Some(k) = m.next_key::<Key>()? {
+                    t.set(&k.0, &mut m)?;
+                }
+                Ok(Obj(Some(t)))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, s: A) -> std::result::Result<Obj<T>, A::Error> {
+                LaxVisitor.visit_seq(s).map(|_| Obj(None))
+            }
+            fn visit_i64<E>(self, _: i64) -> std::result::Result<Obj<T>, E> {
+                Ok(Obj(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> std::result::Result<Obj<T>, E> {
+                Ok(Obj(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> std::result::Result<Obj<T>, E> {
+                Ok(Obj(None))
+            }
+            fn visit_bool<E>(self, _: bool) -> std::result::Result<Obj<T>, E> {
+                Ok(Obj(None))
+            }
+            fn visit_unit<E>(self) -> std::result::Result<Obj<T>, E> {
+                Ok(Obj(None))
+            }
+            fn visit_str<E>(self, _: &str) -> std::result::Result<Obj<T>, E> {
+                Ok(Obj(None))
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
+    }
+}
+
+/// The objects of a JSON array (other elements dropped); empty for a
+/// value that is not an array.
+struct List<T>(Vec<T>);
+
+impl<T> Default for List<T> {
+    fn default() -> Self {
+        List(Vec::new())
+    }
+}
+
+impl<'de, T: LaxObject<'de>> de::Deserialize<'de> for List<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V<T>(std::marker::PhantomData<T>);
+        impl<'de, T: LaxObject<'de>> Visitor<'de> for V<T> {
+            type Value = List<T>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(
+                self,
+                mut s: A,
+            ) -> std::result::Result<List<T>, A::Error> {
+                let mut v = Vec::new();
+                while let Some(Obj(x)) = s.next_element::<Obj<T>>()? {
+                    v.extend(x);
+                }
+                Ok(List(v))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, m: A) -> std::result::Result<List<T>, A::Error> {
+                LaxVisitor.visit_map(m).map(|_| List(Vec::new()))
+            }
+            fn visit_i64<E>(self, _: i64) -> std::result::Result<List<T>, E> {
+                Ok(List(Vec::new()))
+            }
+            fn visit_u64<E>(self, _: u64) -> std::result::Result<List<T>, E> {
+                Ok(List(Vec::new()))
+            }
+            fn visit_f64<E>(self, _: f64) -> std::result::Result<List<T>, E> {
+                Ok(List(Vec::new()))
+            }
+            fn visit_bool<E>(self, _: bool) -> std::result::Result<List<T>, E> {
+                Ok(List(Vec::new()))
+            }
+            fn visit_unit<E>(self) -> std::result::Result<List<T>, E> {
+                Ok(List(Vec::new()))
+            }
+            fn visit_str<E>(self, _: &str) -> std::result::Result<List<T>, E> {
+                Ok(List(Vec::new()))
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
+    }
+}
+
+/// The key of a row: what decides whether it enters the session walk.
+#[derive(Default)]
+struct RawKey<'a> {
+    provider: Lax<'a>,
+    session_id: Lax<'a>,
+    round_index: Lax<'a>,
+}
+
+impl<'de> LaxObject<'de> for RawKey<'de> {
+    fn set<A: MapAccess<'de>>(
+        &mut self,
+        key: &str,
+        m: &mut A,
+    ) -> std::result::Result<(), A::Error> {
+        match key {
+            "provider" => self.provider = m.next_value()?,
+            "session_id" => self.session_id = m.next_value()?,
+            "round_index" => self.round_index = m.next_value()?,
+            _ => {
+                m.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl RawKey<'_> {
+    /// `(provider, session_id, round_index)` when the row enters the walk:
+    /// a string provider, a non-empty string session_id, an integer
+    /// round_index (within i64).
+    fn walk_key(&self) -> Option<(&str, &str, i64)> {
+        let p = self.provider.str()?;
+        let s = self.session_id.str().filter(|s| !s.is_empty())?;
+        let r = i64::try_from(self.round_index.int()?).ok()?;
+        Some((p, s, r))
+    }
+}
+
+#[derive(Default)]
 struct RawEvent<'a> {
-    #[serde(borrow)]
-    event_type: Option<std::borrow::Cow<'a, str>>,
-    #[serde(borrow)]
-    timestamp: Option<std::borrow::Cow<'a, str>>,
-    #[serde(borrow)]
-    tool_call_id: Option<std::borrow::Cow<'a, str>>,
+    event_type: Lax<'a>,
+    timestamp: Lax<'a>,
+    tool_call_id: Lax<'a>,
 }
 
-#[derive(Deserialize)]
+impl<'de> LaxObject<'de> for RawEvent<'de> {
+    fn set<A: MapAccess<'de>>(
+        &mut self,
+        key: &str,
+        m: &mut A,
+    ) -> std::result::Result<(), A::Error> {
+        match key {
+            "event_type" => self.event_type = m.next_value()?,
+            "timestamp" => self.timestamp = m.next_value()?,
+            "tool_call_id" => self.tool_call_id = m.next_value()?,
+            _ => {
+                m.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Default)]
 struct RawTool<'a> {
-    #[serde(borrow)]
-    tool_name: Option<std::borrow::Cow<'a, str>>,
-    #[serde(borrow)]
-    tool_call_id: Option<std::borrow::Cow<'a, str>>,
-    #[serde(borrow)]
-    emitted_at: Option<std::borrow::Cow<'a, str>>,
-    #[serde(borrow)]
-    result_at: Option<std::borrow::Cow<'a, str>>,
+    tool_name: Lax<'a>,
+    tool_call_id: Lax<'a>,
+    emitted_at: Lax<'a>,
+    result_at: Lax<'a>,
+    tool_wall_latency_ms: Lax<'a>,
+    tool_internal_latency_ms: Lax<'a>,
 }
 
-#[derive(Deserialize)]
+impl<'de> LaxObject<'de> for RawTool<'de> {
+    fn set<A: MapAccess<'de>>(
+        &mut self,
+        key: &str,
+        m: &mut A,
+    ) -> std::result::Result<(), A::Error> {
+        match key {
+            "tool_name" => self.tool_name = m.next_value()?,
+            "tool_call_id" => self.tool_call_id = m.next_value()?,
+            "emitted_at" => self.emitted_at = m.next_value()?,
+            "result_at" => self.result_at = m.next_value()?,
+            "tool_wall_latency_ms" => self.tool_wall_latency_ms = m.next_value()?,
+            "tool_internal_latency_ms" => self.tool_internal_latency_ms = m.next_value()?,
+            _ => {
+                m.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Default)]
 struct RawRow<'a> {
-    #[serde(borrow)]
-    provider: Option<std::borrow::Cow<'a, str>>,
-    #[serde(borrow)]
-    session_id: Option<std::borrow::Cow<'a, str>>,
-    round_index: Option<i64>,
-    prefix_tokens: Option<i64>,
-    newly_append_tokens: Option<i64>,
-    output_tokens: Option<i64>,
-    #[serde(borrow, default)]
-    timing_events: Option<Vec<RawEvent<'a>>>,
-    #[serde(borrow, default)]
-    tools: Option<Vec<RawTool<'a>>>,
+    key: RawKey<'a>,
+    prefix_tokens: Lax<'a>,
+    newly_append_tokens: Lax<'a>,
+    output_tokens: Lax<'a>,
+    timing_events: List<RawEvent<'a>>,
+    tools: List<RawTool<'a>>,
+}
+
+impl<'de> LaxObject<'de> for RawRow<'de> {
+    fn set<A: MapAccess<'de>>(
+        &mut self,
+        key: &str,
+        m: &mut A,
+    ) -> std::result::Result<(), A::Error> {
+        match key {
+            "prefix_tokens" => self.prefix_tokens = m.next_value()?,
+            "newly_append_tokens" => self.newly_append_tokens = m.next_value()?,
+            "output_tokens" => self.output_tokens = m.next_value()?,
+            "timing_events" => self.timing_events = m.next_value()?,
+            "tools" => self.tools = m.next_value()?,
+            _ => self.key.set(key, m)?,
+        }
+        Ok(())
+    }
+}
+
+/// Parses a line as one JSON object of type `T`; `Err` (why) for anything else.
+fn parse_obj<'a, T: LaxObject<'a>>(line: &'a str) -> std::result::Result<T, String> {
+    match serde_json::from_str::<Obj<T>>(line) {
+        Ok(Obj(Some(t))) => Ok(t),
+        Ok(Obj(None)) => Err("not a JSON object".to_string()),
+        Err(e) => Err(format!("bad JSON: {e}")),
+    }
 }
 
 /// Parses an RFC 3339 UTC-or-offset timestamp ("2026-06-01T05:40:20.151Z")
@@ -402,85 +737,100 @@ fn hash_id(s: &str) -> u64 {
     h.finish()
 }
 
-fn opt_ts(
-    s: &Option<std::borrow::Cow<'_, str>>,
-    what: &str,
-) -> std::result::Result<Option<TimeNs>, String> {
-    match s {
-        None => Ok(None),
-        Some(v) => parse_ts(v)
-            .map(Some)
-            .ok_or_else(|| format!("bad timestamp {what} {v:?}")),
-    }
+/// A timestamp field: absent unless a string that parses.
+fn lax_ts(v: &Lax<'_>) -> Option<TimeNs> {
+    v.str().and_then(parse_ts)
 }
 
-fn tokens(v: Option<i64>, what: &str) -> std::result::Result<Option<u64>, String> {
-    match v {
-        None => Ok(None),
-        Some(x) if x >= 0 => Ok(Some(x as u64)),
-        Some(x) => Err(format!("negative {what} {x}")),
-    }
+/// A token count: present only as a JSON integer (within 0..=i64::MAX; a
+/// negative or larger integer is unknown too, so L never overflows).
+fn lax_tokens(v: &Lax<'_>) -> Option<u64> {
+    v.int()
+        .filter(|x| (0..=i64::MAX as i128).contains(x))
+        .map(|x| x as u64)
 }
 
-/// Parses one JSONL line into its session key and compact row.
+/// A `tool_call_id`: absent unless a non-empty string.
+fn lax_id(v: &Lax<'_>) -> Option<u64> {
+    v.str().filter(|s| !s.is_empty()).map(hash_id)
+}
+
+/// What the `human_input_wait` walk needs of a row (DESIGN §6): its timed
+/// events sorted by time (stable), reduced to the first event (time, whether
+/// it is a `user_message`), the last time, and the waits of the
+/// `user_message` events after the first (from the event before, in the row),
+/// kept when > 0.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RowWaits {
+    /// First event by time, and whether it is a `user_message`.
+    pub first: Option<(TimeNs, bool)>,
+    /// Last event time.
+    pub last: Option<TimeNs>,
+    /// Waits (> 0) of the later `user_message` events, within the row.
+    pub inner: Vec<TimeNs>,
+}
+
+/// One parsed line.
+#[derive(Clone, Debug)]
+pub struct ParsedRow {
+    /// `(provider, session_id)` when the row enters the session walk (a
+    /// string provider, a non-empty string session_id, an integer round_index).
+    pub key: Option<(String, String)>,
+    /// `session_id` when it is a non-empty string (the `human_input_wait`
+    /// walk goes by session_id alone, in file order).
+    pub session_id: Option<String>,
+    /// The compact row.
+    pub row: Row,
+    /// The row's part of the `human_input_wait` walk.
+    pub waits: RowWaits,
+}
+
+/// Parses one JSONL line into its session key and compact row, by the field
+/// rules of DESIGN §6. `Err` only for a line that is not one JSON object.
 pub fn parse_row(
     line: &str,
     file_order: u64,
     tools: &mut ToolNames,
-) -> std::result::Result<((String, String), Row), String> {
-    let raw: RawRow = serde_json::from_str(line).map_err(|e| format!("bad JSON: {e}"))?;
-    let provider = raw.provider.ok_or("missing provider")?.into_owned();
-    let session_id = raw.session_id.ok_or("missing session_id")?.into_owned();
-    let events = raw.timing_events.unwrap_or_default();
-    let raw_tools = raw.tools.unwrap_or_default();
+) -> std::result::Result<ParsedRow, String> {
+    let raw: RawRow = parse_obj(line)?;
+    let walk = raw.key.walk_key();
+    let key = walk.map(|(p, s, _)| (p.to_string(), s.to_string()));
+    let round_index = walk.map_or(0, |w| w.2);
+    let session_id = raw
+        .key
+        .session_id
+        .str()
+        .filter(|s| !s.is_empty())
+        .map(str::to_string);
+    let events = &raw.timing_events.0;
+    let raw_tools = &raw.tools.0;
 
     let mut first_activity = None;
     let mut last_activity: Option<TimeNs> = None;
-    let mut first_out: Option<TimeNs> = None;
     let mut last_out: Option<TimeNs> = None;
+    let mut first_out: Option<TimeNs> = None;
     let mut ev_times = Vec::with_capacity(events.len());
-    for e in &events {
-        let t = opt_ts(&e.timestamp, "in timing_events")?;
+    for e in events {
+        let t = lax_ts(&e.timestamp);
         ev_times.push(t);
         if let Some(t) = t {
             if first_activity.is_none() {
                 first_activity = Some(t);
             }
             last_activity = Some(last_activity.map_or(t, |l| l.max(t)));
-            let et = e.event_type.as_deref().unwrap_or("");
-            if matches!(et, "reasoning" | "text" | "tool_call") {
-                if first_out.is_none() {
-                    first_out = Some(t);
-                }
+            if matches!(e.event_type.str(), Some("reasoning" | "text" | "tool_call")) {
+                // earliest and latest output event by time
+                first_out = Some(first_out.map_or(t, |x| x.min(t)));
                 last_out = Some(last_out.map_or(t, |l| l.max(t)));
             }
         }
-    }
-    // earliest output event by time (events are normally in time order; be exact anyway)
-    if let Some(_fo) = first_out {
-        let mut m = None;
-        for (e, t) in events.iter().zip(&ev_times) {
-            if let (Some(t), true) = (
-                t,
-                matches!(
-                    e.event_type.as_deref(),
-                    Some("reasoning" | "text" | "tool_call")
-                ),
-            ) {
-                m = Some(m.map_or(*t, |x: TimeNs| x.min(*t)));
-            }
-        }
-        first_out = m;
     }
     let mut request_at: Option<TimeNs> = None;
     if let Some(fo) = first_out {
         for (e, t) in events.iter().zip(&ev_times) {
             if let (Some(t), true) = (
                 t,
-                matches!(
-                    e.event_type.as_deref(),
-                    Some("user_message" | "tool_result")
-                ),
+                matches!(e.event_type.str(), Some("user_message" | "tool_result")),
             ) {
                 if *t <= fo {
                     request_at = Some(request_at.map_or(*t, |x| x.max(*t)));
@@ -488,25 +838,42 @@ pub fn parse_row(
             }
         }
     }
-    let trigger = match events.first().and_then(|e| e.event_type.as_deref()) {
+    // the human_input_wait walk's view of the row
+    let mut timed: Vec<(TimeNs, bool)> = events
+        .iter()
+        .zip(&ev_times)
+        .filter_map(|(e, t)| t.map(|t| (t, e.event_type.str() == Some("user_message"))))
+        .collect();
+    timed.sort_by_key(|x| x.0); // stable: ties keep file order
+    let waits = RowWaits {
+        first: timed.first().copied(),
+        last: timed.last().map(|x| x.0),
+        inner: timed
+            .windows(2)
+            .filter(|w| w[1].1)
+            .filter_map(|w| w[1].0.checked_sub(w[0].0))
+            .filter(|&d| d > 0)
+            .collect(),
+    };
+    let trigger = match events.first().and_then(|e| e.event_type.str()) {
         Some("user_message") => Trigger::User,
         Some("tool_result") => Trigger::Tool,
         _ => Trigger::Other,
     };
     let mut leading_results = Vec::new();
-    for e in &events {
-        if e.event_type.as_deref() != Some("tool_result") {
+    for e in events {
+        if e.event_type.str() != Some("tool_result") {
             break;
         }
-        if let Some(id) = &e.tool_call_id {
-            leading_results.push(hash_id(id));
+        if let Some(id) = lax_id(&e.tool_call_id) {
+            leading_results.push(id);
         }
     }
     let mut calls = Vec::with_capacity(raw_tools.len());
     let mut earliest_tool: Option<TimeNs> = None;
-    for t in &raw_tools {
-        let em = opt_ts(&t.emitted_at, "emitted_at")?;
-        let re = opt_ts(&t.result_at, "result_at")?;
+    for t in raw_tools {
+        let em = lax_ts(&t.emitted_at);
+        let re = lax_ts(&t.result_at);
         for x in [em, re].into_iter().flatten() {
             last_activity = Some(last_activity.map_or(x, |l| l.max(x)));
             earliest_tool = Some(earliest_tool.map_or(x, |l| l.min(x)));
@@ -515,32 +882,40 @@ pub fn parse_row(
             (Some(a), Some(b)) => b.checked_sub(a).filter(|&d| d >= 0),
             _ => None,
         };
-        if let Some(id) = &t.tool_call_id {
-            calls.push(Call {
-                id: hash_id(id),
-                tool: tools.intern(t.tool_name.as_deref().unwrap_or("?")),
-                dur,
-            });
-        }
+        let ms = |v: &Lax<'_>| v.int().and_then(|x| i64::try_from(x).ok());
+        calls.push(Call {
+            id: lax_id(&t.tool_call_id),
+            tool: tools.intern(t.tool_name.str().unwrap_or("?")),
+            dur,
+            latency_ms: ms(&t.tool_internal_latency_ms).or_else(|| ms(&t.tool_wall_latency_ms)),
+        });
     }
     if first_activity.is_none() {
         first_activity = earliest_tool;
     }
+    let output = lax_tokens(&raw.output_tokens);
     let row = Row {
-        round_index: raw.round_index.unwrap_or(0),
+        round_index,
         file_order,
         trigger,
         first_activity,
         last_activity,
         request_at,
         last_output: last_out,
-        prefix: tokens(raw.prefix_tokens, "prefix_tokens")?,
-        append: tokens(raw.newly_append_tokens, "newly_append_tokens")?,
-        output: tokens(raw.output_tokens, "output_tokens")?.unwrap_or(0),
+        prefix: lax_tokens(&raw.prefix_tokens),
+        append: lax_tokens(&raw.newly_append_tokens),
+        output: output.unwrap_or(0),
+        output_known: output.is_some(),
         leading_results,
         calls,
+        human_waits: Vec::new(),
     };
-    Ok(((provider, session_id), row))
+    Ok(ParsedRow {
+        key,
+        session_id,
+        row,
+        waits,
+    })
 }
 
 /// Sorts a session's rows and derives its steps (§6).
@@ -586,6 +961,7 @@ pub fn derive_steps(mut rows: Vec<Row>) -> Vec<Step> {
             gap,
             prefix: r.prefix.unwrap_or(0),
             append: r.append.unwrap_or(0),
+            known: [r.prefix.is_some(), r.append.is_some(), r.output_known],
             l,
             fresh,
             cacheable: l - fresh,
@@ -595,9 +971,13 @@ pub fn derive_steps(mut rows: Vec<Row>) -> Vec<Step> {
             last_activity: r.last_activity,
             request_at: r.request_at,
             calls: r.calls.clone(),
+            human_waits: r.human_waits.clone(),
+            file_order: r.file_order,
         });
         for c in &r.calls {
-            known.insert(c.id, c.dur);
+            if let Some(id) = c.id {
+                known.insert(id, c.dur);
+            }
         }
         prev = Some(r);
     }
@@ -729,9 +1109,9 @@ fn count_rows(r: impl BufRead) -> Result<HashMap<(String, String), u64>> {
     let mut counts: HashMap<(String, String), u64> = HashMap::new();
     for_each_line(r, MAX_LINE_BYTES, |_, line| {
         if let Line::Text(s) = line {
-            if let Ok(k) = serde_json::from_str::<KeyOnly>(s) {
-                if let (Some(p), Some(id)) = (k.provider, k.session_id) {
-                    *counts.entry((p.into_owned(), id.into_owned())).or_default() += 1;
+            if let Ok(k) = parse_obj::<RawKey>(s) {
+                if let Some((p, id, _)) = k.walk_key() {
+                    *counts.entry((p.to_string(), id.to_string())).or_default() += 1;
                 }
             }
         }
@@ -747,6 +1127,8 @@ fn read_with_counts(
 ) -> Result<ReadSummary> {
     let mut sum = ReadSummary::default();
     let mut open: HashMap<(String, String), Vec<Row>> = HashMap::new();
+    // the human_input_wait walk: last timed event per session_id, in file order
+    let mut last_event: HashMap<String, TimeNs> = HashMap::new();
     let mut order = 0u64;
     for_each_line(r, MAX_LINE_BYTES, |n, line| {
         let s = match line {
@@ -767,42 +1149,58 @@ fn read_with_counts(
                 return Ok(());
             }
         };
-        match parse_row(s, order, &mut sum.tools) {
+        let p = match parse_row(s, order, &mut sum.tools) {
             Err(e) => {
-                // a line whose key parsed in pass 1 but whose body is bad still
-                // counts toward its session's row total
-                if let Ok(k) = serde_json::from_str::<KeyOnly>(s) {
-                    if let (Some(p), Some(id)) = (k.provider, k.session_id) {
-                        let key = (p.into_owned(), id.into_owned());
-                        if let Some(c) = counts.get_mut(&key) {
-                            *c -= 1;
-                            if *c == 0 {
-                                counts.remove(&key);
-                                if let Some(rows) = open.remove(&key) {
-                                    deliver(key, rows, &mut sum, &mut each)?;
-                                }
-                            }
-                        }
+                sum.bad(n, e);
+                return Ok(());
+            }
+            Ok(p) => p,
+        };
+        order += 1;
+        sum.rows += 1;
+        let mut row = p.row;
+        if let Some(sid) = p.session_id {
+            let last = last_event.get(&sid).copied();
+            if let (Some((t0, true)), Some(prev)) = (p.waits.first, last) {
+                if let Some(w) = t0.checked_sub(prev).filter(|&w| w > 0) {
+                    row.human_waits.push(w);
+                }
+            }
+            row.human_waits.extend_from_slice(&p.waits.inner);
+            if let Some(t) = p.waits.last {
+                match last_event.get_mut(&sid) {
+                    Some(x) => *x = t,
+                    None => {
+                        last_event.insert(sid, t);
                     }
                 }
-                sum.bad(n, e);
             }
-            Ok((key, row)) => {
-                order += 1;
-                sum.rows += 1;
-                let left = counts.get_mut(&key).map(|c| {
-                    *c -= 1;
-                    *c
-                });
-                let rows = open.entry(key.clone()).or_default();
-                rows.push(row);
-                sum.max_open_sessions = sum.max_open_sessions.max(open.len());
-                if left.unwrap_or(0) == 0 {
-                    counts.remove(&key);
-                    let rows = open.remove(&key).unwrap_or_default();
-                    deliver(key, rows, &mut sum, &mut each)?;
-                }
-            }
+        }
+        let Some(key) = p.key else {
+            // outside the session walk: a session of its own, uncounted
+            sum.loose_rows += 1;
+            let steps = derive_steps(vec![row]);
+            return each(
+                Session {
+                    provider: String::new(),
+                    session_id: String::new(),
+                    steps,
+                    loose: true,
+                },
+                &sum.tools,
+            );
+        };
+        let left = counts.get_mut(&key).map(|c| {
+            *c -= 1;
+            *c
+        });
+        let rows = open.entry(key.clone()).or_default();
+        rows.push(row);
+        sum.max_open_sessions = sum.max_open_sessions.max(open.len());
+        if left.unwrap_or(0) == 0 {
+            counts.remove(&key);
+            let rows = open.remove(&key).unwrap_or_default();
+            deliver(key, rows, &mut sum, &mut each)?;
         }
         Ok(())
     })?;
@@ -828,6 +1226,7 @@ fn deliver(
             provider: key.0,
             session_id: key.1,
             steps,
+            loose: false,
         },
         &sum.tools,
     )
