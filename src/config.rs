@@ -171,7 +171,7 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     (
         "codec",
         "\"exp-huff\"",
-        "NVMe record codec: exp-huff (lossless, Huffman-coded exponent plane: 1.44x on real bf16 KV), none, lz4, lz4-planes (lossless), or fp8-lossy (LOSSY: per-group scaled e4m3, 2x on bf16, bf16/fp32 KV only)",
+        "NVMe record codec: exp-huff (lossless, Huffman-coded exponent plane: 1.45x on real bf16 KV), none, lz4, lz4-planes (lossless), or fp8-lossy (LOSSY: per-group scaled e4m3, 2x on bf16, bf16/fp32 KV only)",
     ),
     (
         "sync_load_budget_bytes",

@@ -157,6 +157,17 @@ pub fn rel_error_bf16(want: &[u8], got: &[u8]) -> (f64, f64) {
 }
 
 /// Encodes every record; returns stored bytes.
+/// Each record encoded on its own.
+fn encode_each<R: AsRef<[u8]>>(c: &dyn Codec, recs: &[R], es: usize) -> Vec<Vec<u8>> {
+    recs.iter()
+        .map(|x| {
+            let mut e = Vec::new();
+            c.encode(x.as_ref(), es, &mut e).expect("encode");
+            e
+        })
+        .collect()
+}
+
 fn stored_bytes(c: &dyn Codec, f: &CorpusFile) -> usize {
     let mut enc = Vec::new();
     f.records()
@@ -273,14 +284,7 @@ pub fn bench_codecs(quick: bool) -> (Vec<Figure>, Vec<String>) {
         }
         for tag in codecs {
             let c = by_tag(tag);
-            let encs: Vec<Vec<u8>> = recs
-                .iter()
-                .map(|x| {
-                    let mut e = Vec::new();
-                    c.encode(x, es, &mut e).expect("encode");
-                    e
-                })
-                .collect();
+            let encs = encode_each(c, &recs, es);
             let mut scratch = Vec::new();
             run(
                 tag.name(),
@@ -338,14 +342,7 @@ pub fn bench_codecs(quick: bool) -> (Vec<Figure>, Vec<String>) {
                     c.encode(x, es, &mut scratch).expect("encode");
                 }
             });
-            let encs: Vec<Vec<u8>> = recs
-                .iter()
-                .map(|x| {
-                    let mut e = Vec::new();
-                    c.encode(x, es, &mut e).expect("encode");
-                    e
-                })
-                .collect();
+            let encs = encode_each(c, &recs, es);
             let mut o = vec![0u8; f.block_bytes];
             let dec_rate = crate::benchkit::best_rate(set_bytes, 3, per, || {
                 for (e, x) in encs.iter().zip(&recs) {

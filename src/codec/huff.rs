@@ -4,7 +4,7 @@
 //! exponent + 2 mantissa bits; fp32: sign + 7 exponent bits; 1-byte fp8: the
 //! whole byte) carries ~3 bits of entropy on real KV; the lower bytes are
 //! close to 8 bits and are stored as they are. On real bf16 KV this reaches
-//! 1.44× against an order-0 bound of 1.46× (BENCHMARKS.md).
+//! 1.450× against an order-0 bound of 1.457× (BENCHMARKS.md).
 //!
 //! # Record format (version 1, all integers little-endian)
 //!
