@@ -387,6 +387,16 @@ fn ns(secs: f64) -> u64 {
     }
 }
 
+/// Whole nanoseconds at or above `secs`, so that rounding never lends a link
+/// bandwidth it does not have.
+fn ns_up(secs: f64) -> u64 {
+    if secs.is_finite() {
+        (secs * 1e9).ceil().max(0.0) as u64
+    } else {
+        u64::MAX / 4
+    }
+}
+
 /// What a transfer does when a stage's last chunk lands.
 #[derive(Clone, Debug)]
 enum Then {
@@ -709,7 +719,8 @@ impl Sim<'_> {
         let idx = t.started[stage as usize];
         t.started[stage as usize] += 1;
         let on_link = Self::chunk_bytes(t, stage, idx);
-        let dur = ns(self.service_s(l, on_link)).max(1);
+        // rounded up: a chunk never moves faster than its link
+        let dur = ns_up(self.service_s(l, on_link)).max(1);
         let end = now.saturating_add(dur);
         self.links[l].busy = Some((tid, stage, now, on_link));
         self.bytes[l] = self.bytes[l].saturating_add(on_link);
