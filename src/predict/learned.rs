@@ -15,6 +15,10 @@
 //! n0)`): tool ← kind ← global, hour ← kind ← global. Several pending tools:
 //! the distribution of the longest, P(max ≤ t) = Π P(gap_i ≤ t).
 //!
+//! Whether the hour of day helps is measured the same way: human gaps are
+//! predicted with and without their hour's histogram, and the one with the
+//! lower decayed pinball loss is used.
+//!
 //! The session's own gaps enter as a second candidate: the session's shrunk
 //! mean residual `a` shifts a distribution learned from *adjusted* gaps
 //! (log gap − `a` of sessions that had seen enough of their own gaps), which
@@ -43,8 +47,12 @@ pub struct LearnedConfig {
     /// Decay per observation of a tool's or an hour's histogram (its recent
     /// latencies count most).
     pub alpha_key: f64,
-    /// Weight at which a specific histogram and its parent count equally.
+    /// Weight at which a tool's or an hour's histogram and its parent
+    /// count equally.
     pub n0: f64,
+    /// The same for a kind's histogram over the global one (small: the
+    /// kinds differ by orders of magnitude).
+    pub n0_kind: f64,
     /// Tool names tracked; later new names use the tool kind's histogram.
     pub max_tools: usize,
     /// Pending tools combined (the longest of the first this many).
@@ -69,6 +77,7 @@ impl Default for LearnedConfig {
             alpha_kind: 1.0 / 20_000.0,
             alpha_key: 1.0 / 2_000.0,
             n0: 30.0,
+            n0_kind: 2.0,
             max_tools: 512,
             max_pending: 8,
             hour_buckets: 8,
@@ -111,6 +120,9 @@ pub struct Learned {
     /// Decayed mean pinball loss per kind and candidate, and observations.
     loss: [[f64; 2]; 3],
     seen: [u32; 3],
+    /// The same for human gaps without and with the hour of day.
+    hour_loss: [f64; 2],
+    hour_seen: u32,
 }
 
 impl Default for Learned {
@@ -135,6 +147,8 @@ impl Learned {
             sessions: HashMap::new(),
             loss: [[0.0; 2]; 3],
             seen: [0; 3],
+            hour_loss: [0.0; 2],
+            hour_seen: 0,
             cfg,
         }
     }
@@ -145,6 +159,12 @@ impl Learned {
         kind != Kind::Unknown
             && self.seen[k] >= self.cfg.select_after
             && self.loss[k][ADJ] < self.loss[k][RAW]
+    }
+
+    /// Whether human gaps are predicted per hour of day (once the loss says
+    /// it helps).
+    pub fn uses_hour(&self) -> bool {
+        self.hour_seen >= self.cfg.select_after && self.hour_loss[1] < self.hour_loss[0]
     }
 
     /// Tool names tracked.
@@ -171,9 +191,9 @@ impl Learned {
 
     /// Blends `own` (weight by its count) over the normalised `parent` into
     /// `out` (probability masses).
-    fn blend(&self, own: Option<&LogHist>, parent: &[f64; BINS], out: &mut [f64; BINS]) {
+    fn blend(&self, own: Option<&LogHist>, n0: f64, parent: &[f64; BINS], out: &mut [f64; BINS]) {
         let n = own.map_or(0.0, |h| h.count());
-        let w = n / (n + self.cfg.n0);
+        let w = n / (n + n0);
         for (o, p) in out.iter_mut().zip(parent) {
             *o = p * (1.0 - w);
         }
@@ -184,7 +204,7 @@ impl Learned {
 
     /// The CDF (at the bin edges) of candidate `c` for `ctx`, unshifted;
     /// `None` when nothing has been seen.
-    fn cdf(&self, ctx: &GapContext, c: usize, out: &mut [f64; BINS + 1]) -> Option<()> {
+    fn cdf(&self, ctx: &GapContext, c: usize, hour: bool, out: &mut [f64; BINS + 1]) -> Option<()> {
         if self.global.count() <= 0.0 {
             return None;
         }
@@ -196,7 +216,12 @@ impl Learned {
         if kind == Kind::Unknown {
             parent = glob;
         } else {
-            self.blend(Some(&h.kind[kind.index()]), &glob, &mut parent);
+            self.blend(
+                Some(&h.kind[kind.index()]),
+                self.cfg.n0_kind,
+                &glob,
+                &mut parent,
+            );
         }
         let mut mass = [0.0; BINS];
         match kind {
@@ -206,7 +231,8 @@ impl Learned {
                 let mut one = [0.0; BINS + 1];
                 for name in ctx.pending_tools().take(self.cfg.max_pending.max(1)) {
                     any = true;
-                    self.blend(self.tools.get(name).map(|t| &t[c]), &parent, &mut mass);
+                    let own = self.tools.get(name).map(|t| &t[c]);
+                    self.blend(own, self.cfg.n0, &parent, &mut mass);
                     cdf_of_mass(&mass, &mut one);
                     for (o, x) in out.iter_mut().zip(one.iter()) {
                         *o *= x;
@@ -217,8 +243,8 @@ impl Learned {
                 }
             }
             Kind::User => {
-                let own = self.hour_bucket(ctx).map(|b| &h.hour[b]);
-                self.blend(own, &parent, &mut mass);
+                let own = self.hour_bucket(ctx).filter(|_| hour).map(|b| &h.hour[b]);
+                self.blend(own, self.cfg.n0, &parent, &mut mass);
                 cdf_of_mass(&mass, out);
             }
             Kind::Unknown => cdf_of_mass(&parent, out),
@@ -240,13 +266,14 @@ impl GapPredictor for Learned {
     fn predict(&self, ctx: &GapContext) -> Option<GapDist> {
         let kind = ctx.kind();
         let mut cdf = [0.0; BINS + 1];
+        let hour = self.uses_hour();
         if self.uses_session(kind) {
             if let Some(a) = self.shift(ctx.session, kind) {
-                self.cdf(ctx, ADJ, &mut cdf)?;
+                self.cdf(ctx, ADJ, hour, &mut cdf)?;
                 return Some(dist_from_cdf(&cdf, a));
             }
         }
-        self.cdf(ctx, RAW, &mut cdf)?;
+        self.cdf(ctx, RAW, hour, &mut cdf)?;
         Some(dist_from_cdf(&cdf, 0.0))
     }
 
@@ -258,13 +285,27 @@ impl GapPredictor for Learned {
         // score the candidates on this gap before learning from it
         let mut raw = [0.0; BINS + 1];
         let mut center = None;
-        if self.cdf(ctx, RAW, &mut raw).is_some() {
+        let hour = self.uses_hour();
+        if kind == Kind::User && ctx.hour().is_some() {
+            let mut other = [0.0; BINS + 1];
+            if self.cdf(ctx, RAW, !hour, &mut other).is_some() {
+                let l = Self::loss_of(&other, 0.0, y);
+                let alpha = self.cfg.alpha_loss.max(1.0 / (self.hour_seen as f64 + 1.0));
+                self.cdf(ctx, RAW, hour, &mut raw);
+                let mine = Self::loss_of(&raw, 0.0, y);
+                let (no, yes) = if hour { (l, mine) } else { (mine, l) };
+                self.hour_loss[0] += alpha * (no - self.hour_loss[0]);
+                self.hour_loss[1] += alpha * (yes - self.hour_loss[1]);
+                self.hour_seen = self.hour_seen.saturating_add(1);
+            }
+        }
+        if self.cdf(ctx, RAW, hour, &mut raw).is_some() {
             // the mean, not the median: it moves little when the
             // distribution has two modes
             center = Some(mean_of_cdf(&raw));
             if let Some(a) = shift {
                 let mut adj = [0.0; BINS + 1];
-                if self.cdf(ctx, ADJ, &mut adj).is_some() {
+                if self.cdf(ctx, ADJ, hour, &mut adj).is_some() {
                     let l = [Self::loss_of(&raw, 0.0, y), Self::loss_of(&adj, a, y)];
                     let alpha = self.cfg.alpha_loss.max(1.0 / (self.seen[k] as f64 + 1.0));
                     for (m, l) in self.loss[k].iter_mut().zip(l) {

@@ -31,6 +31,7 @@ pub mod deploy;
 pub mod engine;
 pub mod hist;
 pub mod plot;
+pub mod predict_eval;
 pub mod report;
 pub mod rng;
 pub mod stats;
