@@ -79,6 +79,25 @@ impl LogHist {
         }
     }
 
+    /// Adds a normal distribution of log10 gaps (mean `mu`, deviation
+    /// `sigma` decades) as `weight` observations, spread over the bins.
+    pub fn add_normal(&mut self, mu: f64, sigma: f64, weight: f64) {
+        if !(weight > 0.0 && sigma > 0.0 && mu.is_finite() && sigma.is_finite()) {
+            return;
+        }
+        let phi = |x: f64| normal_cdf((x - mu) / sigma);
+        let mut lo = 0.0;
+        for i in 0..BINS {
+            // the end bins take the tails, as `add` clamps into them
+            let hi = if i + 1 == BINS { 1.0 } else { phi(edge(i + 1)) };
+            let m = (hi - lo).max(0.0) * weight * self.inc;
+            self.bins[i] += m;
+            self.total += m;
+            lo = hi;
+        }
+        self.inc *= self.grow.powf(weight);
+    }
+
     /// Effective number of observations (decayed weights summed; without
     /// decay, the count).
     pub fn count(&self) -> f64 {
@@ -113,6 +132,22 @@ impl LogHist {
         let mut c = [0.0; BINS + 1];
         self.cdf_into(&mut c, 1.0);
         Some(quantile_of_cdf(&c, 0.5))
+    }
+}
+
+/// The standard normal CDF (Abramowitz–Stegun 7.1.26, error < 1.5e-7).
+pub fn normal_cdf(z: f64) -> f64 {
+    let x = z.abs() / std::f64::consts::SQRT_2;
+    let t = 1.0 / (1.0 + 0.327_591_1 * x);
+    let poly = t
+        * (0.254_829_592
+            + t * (-0.284_496_736
+                + t * (1.421_413_741 + t * (-1.453_152_027 + t * 1.061_405_429))));
+    let erf = 1.0 - poly * (-x * x).exp();
+    if z >= 0.0 {
+        0.5 * (1.0 + erf)
+    } else {
+        0.5 * (1.0 - erf)
     }
 }
 
@@ -205,6 +240,20 @@ mod tests {
         assert_eq!(n.count(), 2000.0);
         let m = n.median().unwrap();
         assert!((-0.01..2.06).contains(&m), "{m}");
+    }
+
+    #[test]
+    fn a_normal_prior_has_its_quantiles() {
+        assert!((normal_cdf(0.0) - 0.5).abs() < 1e-7);
+        assert!((normal_cdf(1.281_551_6) - 0.9).abs() < 1e-6);
+        assert!((normal_cdf(-1.959_964) - 0.025).abs() < 1e-6);
+        let mut h = LogHist::new(0.0);
+        h.add_normal(1.0, 0.5, 20.0);
+        assert!((h.count() - 20.0).abs() < 1e-9);
+        let mut c = [0.0; BINS + 1];
+        h.cdf_into(&mut c, 1.0);
+        assert!((quantile_of_cdf(&c, 0.5) - 1.0).abs() < 1e-3);
+        assert!((quantile_of_cdf(&c, 0.9) - (1.0 + 0.5 * 1.281_551_6)).abs() < 0.01);
     }
 
     #[test]

@@ -27,6 +27,10 @@
 //! decayed pinball loss on the gaps observed so far — so a workload where
 //! sessions do not differ falls back to the population distribution.
 //!
+//! Before any gap is seen, the tool and human histograms hold the study's
+//! published medians and p90s as log-normals of twenty pseudo-observations
+//! ([`LearnedConfig::study_prior`]); real gaps soon outweigh them.
+//!
 //! Everything is updated at [`GapPredictor::observe`]; [`GapPredictor::predict`]
 //! reads only. Memory: histograms O(kinds + hours + tools) (bounded), and
 //! 16 bytes of state per live session, removed by [`GapPredictor::end`].
@@ -69,15 +73,27 @@ pub struct LearnedConfig {
     pub alpha_loss: f64,
     /// Observations of a kind before the session candidate may be chosen.
     pub select_after: u32,
+    /// Start the tool and human histograms from the study's figures
+    /// ([`STUDY_TOOL`], [`STUDY_HUMAN`]) as log-normals of twenty pseudo-observations each,
+    /// so the first predictions are not blind.
+    pub study_prior: bool,
 }
 
+/// The study's tool-call latency: (median, p90) in seconds (DESIGN §1).
+pub const STUDY_TOOL: (f64, f64) = (0.3, 13.6);
+/// The study's human wait before a user message: (median, p90) in seconds.
+pub const STUDY_HUMAN: (f64, f64) = (84.0, 1260.0);
+/// The standard normal's 0.9-quantile.
+const Z90: f64 = 1.281_551_6;
+/// Pseudo-observations of each study prior.
+const PRIOR_WEIGHT: f64 = 20.0;
 impl Default for LearnedConfig {
     fn default() -> Self {
         LearnedConfig {
             alpha_kind: 1.0 / 20_000.0,
             alpha_key: 1.0 / 2_000.0,
             n0: 30.0,
-            n0_kind: 2.0,
+            n0_kind: 0.5,
             max_tools: 512,
             max_pending: 8,
             hour_buckets: 8,
@@ -86,6 +102,7 @@ impl Default for LearnedConfig {
             session_min: 2.0,
             alpha_loss: 1.0 / 2_000.0,
             select_after: 200,
+            study_prior: true,
         }
     }
 }
@@ -140,9 +157,18 @@ impl Learned {
                 .map(|_| LogHist::new(c.alpha_key))
                 .collect(),
         };
+        let mut h = [hists(&cfg), hists(&cfg)];
+        let mut global = LogHist::new(cfg.alpha_kind);
+        if cfg.study_prior {
+            for (k, (median, p90)) in [STUDY_TOOL, STUDY_HUMAN].into_iter().enumerate() {
+                let sigma = (p90 / median).log10() / Z90;
+                h[RAW].kind[k].add_normal(median.log10(), sigma, PRIOR_WEIGHT);
+                global.add_normal(median.log10(), sigma, PRIOR_WEIGHT);
+            }
+        }
         Learned {
-            global: LogHist::new(cfg.alpha_kind),
-            h: [hists(&cfg), hists(&cfg)],
+            global,
+            h,
             tools: HashMap::new(),
             sessions: HashMap::new(),
             loss: [[0.0; 2]; 3],
@@ -419,7 +445,15 @@ mod tests {
         let mut l = Learned::default();
         let h = hint(Awaiting::Tool, Some("Read"));
         let c = ctx(1, &h, &[]);
-        assert!(l.predict(&c).is_none(), "nothing seen yet");
+        // nothing seen yet: the study's tool latencies
+        let d = l.predict(&c).unwrap();
+        assert!((q_s(&d, 0.5) / STUDY_TOOL.0 - 1.0).abs() < 0.15, "{d:?}");
+        assert!((q_s(&d, 0.9) / STUDY_TOOL.1 - 1.0).abs() < 0.25, "{d:?}");
+        let bare = Learned::new(LearnedConfig {
+            study_prior: false,
+            ..LearnedConfig::default()
+        });
+        assert!(bare.predict(&c).is_none(), "no prior, nothing seen");
         for _ in 0..500 {
             l.observe(&c, 3_000_000_000);
         }
@@ -504,11 +538,24 @@ mod tests {
         assert!((night / 20_000.0 - 1.0).abs() < 0.2, "night p50 {night}");
     }
 
-    /// Human gaps whose median differs per session (10 s or 1000 s).
-    fn run_sessions(l: &mut Learned, spread: bool) -> (f64, f64) {
+    /// Mean pinball loss (log10 s) of `d` at p10/p50/p90 for `gap`.
+    fn loss(d: &GapDist, gap: Nanos) -> f64 {
+        [0.1, 0.5, 0.9]
+            .iter()
+            .map(|&p| pinball(p, log10_s(d.quantile(p).unwrap()), log10_s(gap)))
+            .sum::<f64>()
+            / 3.0
+    }
+
+    /// Human gaps whose median differs per session (10 s or 1000 s) when
+    /// `spread`: shares of gaps at or below p50 and p90 over the second half,
+    /// and the mean pinball loss of `l` and of the per-kind histogram.
+    fn run_sessions(l: &mut Learned, spread: bool) -> (f64, f64, f64, f64) {
         let h = hint(Awaiting::User, None);
+        let mut base = super::super::GlobalHist::by_kind();
         let mut g = Gen(5);
         let (mut below50, mut below90, mut n) = (0.0, 0.0, 0.0);
+        let (mut ll, mut lb) = (0.0, 0.0);
         for s in 0..600u64 {
             let med = if spread && s % 2 == 0 { 10.0 } else { 1000.0 };
             for _ in 0..20 {
@@ -516,23 +563,28 @@ mod tests {
                 let gap = g.gap(med, 0.6);
                 if s >= 300 {
                     let d = l.predict(&c).unwrap();
-
                     below50 += (gap <= d.quantile(0.5).unwrap()) as u8 as f64;
                     below90 += (gap <= d.quantile(0.9).unwrap()) as u8 as f64;
+                    ll += loss(&d, gap);
+                    lb += loss(&base.predict(&c).unwrap(), gap);
                     n += 1.0;
                 }
                 l.observe(&c, gap);
+                base.observe(&c, gap);
             }
             l.end(s);
         }
-        (below50 / n, below90 / n)
+        (below50 / n, below90 / n, ll / n, lb / n)
     }
 
     #[test]
     fn sessions_own_gaps_are_used_when_sessions_differ() {
         let mut l = Learned::default();
-        let (b50, b90) = run_sessions(&mut l, true);
+        let (b50, b90, loss, base) = run_sessions(&mut l, true);
         assert!(l.uses_session(Kind::User));
+        // one decade between the two kinds of sessions: the session's own
+        // gaps take most of it off the loss
+        assert!(loss < 0.5 * base, "{loss} vs {base}");
         assert!(
             (b50 - 0.5).abs() < 0.05 && (b90 - 0.9).abs() < 0.04,
             "{b50} {b90}"
@@ -551,8 +603,9 @@ mod tests {
     #[test]
     fn session_shift_is_not_used_when_sessions_are_alike() {
         let mut l = Learned::default();
-        let (b50, b90) = run_sessions(&mut l, false);
+        let (b50, b90, loss, base) = run_sessions(&mut l, false);
         assert!(!l.uses_session(Kind::User));
+        assert!(loss < 1.02 * base, "{loss} vs {base}");
         assert!(
             (b50 - 0.5).abs() < 0.05 && (b90 - 0.9).abs() < 0.04,
             "{b50} {b90}"

@@ -21,7 +21,7 @@ mod hist;
 mod learned;
 
 pub use hist::{LogHist, BINS, BINS_PER_DECADE, LOG10_HI, LOG10_LO};
-pub use learned::{Learned, LearnedConfig};
+pub use learned::{Learned, LearnedConfig, STUDY_HUMAN, STUDY_TOOL};
 
 use crate::planner::core::{Awaiting, Hint, Nanos, SessionId};
 
