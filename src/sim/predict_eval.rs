@@ -158,14 +158,16 @@ pub struct Eval {
 /// Replays `sus` in time order through the predictors (see the module
 /// docs); `hints`: the awaiting kind comes from the trace.
 pub fn evaluate(sus: &Suspends, tools: &ToolNames, hints: bool) -> Eval {
-    // (time, class, index): observe (0) before end (1) before predict (2)
+    // (time, class, index); at one instant: gaps that ended (0), then
+    // predictions (2), then a gap of length 0 (3: after its own
+    // prediction), then session ends (4: after their last gap)
     let mut ev: Vec<(TimeNs, u8, usize)> = Vec::with_capacity(sus.list.len() * 2 + sus.ends.len());
     for (i, s) in sus.list.iter().enumerate() {
         ev.push((s.at, 2, i));
-        ev.push((s.observe_at, 0, i));
+        ev.push((s.observe_at, if s.observe_at > s.at { 0 } else { 3 }, i));
     }
     for (i, e) in sus.ends.iter().enumerate() {
-        ev.push((e.0, 1, i));
+        ev.push((e.0, 4, i));
     }
     ev.sort_unstable();
     let (mut global, mut by_kind, mut learned) =
@@ -179,7 +181,7 @@ pub fn evaluate(sus: &Suspends, tools: &ToolNames, hints: bool) -> Eval {
     let mut names: Vec<&str> = Vec::new();
     for &(_, class, i) in &ev {
         let mut preds: [&mut dyn GapPredictor; 3] = [&mut global, &mut by_kind, &mut learned];
-        if class == 1 {
+        if class == 4 {
             for p in preds.iter_mut() {
                 p.end(sus.ends[i].1);
             }
@@ -208,7 +210,7 @@ pub fn evaluate(sus: &Suspends, tools: &ToolNames, hints: bool) -> Eval {
             now: 0,
             wall_ns: Some(s.at),
         };
-        if class == 0 {
+        if class != 2 {
             for p in preds.iter_mut() {
                 p.observe(&ctx, s.gap);
             }
@@ -382,6 +384,103 @@ mod tests {
         })
         .unwrap();
         (sus, r.tools, sum.steps)
+    }
+
+    /// A workload unlike the generator's: each human has their own pace
+    /// (median 60 s times 10^N(0, 0.5)), suspends after 21:00 UTC end the
+    /// day (8 h) half the time, and two tools differ by a factor 100.
+    fn varied_workload() -> (Suspends, ToolNames) {
+        let mut tools = ToolNames::default();
+        let (a, b) = (tools.intern("A"), tools.intern("B"));
+        let mut r = crate::sim::rng::Rng::new(77);
+        let mut sus = Suspends::default();
+        for id in 0..800u64 {
+            let pace = 10f64.powf(0.5 * r.normal());
+            let mut t: TimeNs = (r.below(30 * 24) as i64) * 3_600_000_000_000;
+            let steps = 5 + r.below(60);
+            for _ in 0..steps {
+                let tool = r.chance(0.7);
+                let hour = t.div_euclid(3_600_000_000_000).rem_euclid(24);
+                let secs = if tool {
+                    if r.chance(0.5) {
+                        r.lognormal(0.2, 0.3)
+                    } else {
+                        r.lognormal(20.0, 0.5)
+                    }
+                } else if hour >= 21 && r.chance(0.5) {
+                    r.lognormal(8.0 * 3600.0, 0.3)
+                } else {
+                    r.lognormal(60.0 * pace, 0.8)
+                };
+                let gap = (secs * 1e9) as Nanos;
+                let called = if tool {
+                    vec![if secs < 2.0 { a } else { b }]
+                } else {
+                    vec![]
+                };
+                sus.list.push(Suspend {
+                    session: id,
+                    at: t,
+                    observe_at: t + gap as TimeNs,
+                    gap,
+                    truth: if tool { 0 } else { 1 },
+                    tools: called,
+                });
+                t += gap as TimeNs + 5_000_000_000;
+            }
+            sus.ends.push((t, id));
+            sus.sessions += 1;
+        }
+        (sus, tools)
+    }
+
+    #[test]
+    fn session_pace_and_hour_count_where_the_workload_has_them() {
+        let (sus, tools) = varied_workload();
+        let e = evaluate(&sus, &tools, true);
+        let [_, kh, l] = [0, 1, 2].map(|p| e.scores[p]);
+        let msg = e.render("varied");
+        assert!(e.session_shift[1], "{msg}");
+        assert!(l[1].pinball_avg() < 0.85 * kh[1].pinball_avg(), "{msg}");
+        assert!(l[0].pinball_avg() < 0.5 * kh[0].pinball_avg(), "{msg}");
+        let c = l[2].calibration();
+        assert!(
+            (c[1] - 0.5).abs() < 0.03 && (c[2] - 0.9).abs() < 0.03,
+            "{msg}"
+        );
+        let c = l[1].calibration();
+        assert!(
+            (c[1] - 0.5).abs() < 0.05 && (c[2] - 0.9).abs() < 0.05,
+            "{msg}"
+        );
+        assert_eq!(e.tracked_at_end, 0);
+    }
+
+    #[test]
+    fn a_gap_is_predicted_before_it_is_learned() {
+        // a 1 s gap, then a 1000 s one whose learning time was clamped to
+        // its own suspend (as when the next step's activity precedes it):
+        // the 1000 s gap must still be predicted from the 1 s one alone
+        let mut tools = ToolNames::default();
+        let x = tools.intern("X");
+        let mut sus = Suspends::default();
+        let s = 1_000_000_000i64;
+        for (at, gap, observe_at) in [(0, s, s), (10 * s, 1000 * s, 10 * s)] {
+            sus.list.push(Suspend {
+                session: 0,
+                at,
+                observe_at,
+                gap: gap as Nanos,
+                truth: 0,
+                tools: vec![x],
+            });
+        }
+        sus.ends.push((10 * s, 0));
+        let e = evaluate(&sus, &tools, true);
+        let g = e.scores[0][0];
+        assert_eq!((g.n, e.unscored), (1, 1));
+        assert_eq!(g.below, [0, 0, 0], "learned before predicted");
+        assert_eq!(e.tracked_at_end, 0, "the end comes after the last gap");
     }
 
     #[test]
