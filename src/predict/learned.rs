@@ -32,8 +32,9 @@
 //! ([`LearnedConfig::study_prior`]); real gaps soon outweigh them.
 //!
 //! Everything is updated at [`GapPredictor::observe`]; [`GapPredictor::predict`]
-//! reads only. Memory: histograms O(kinds + hours + tools) (bounded), and
-//! 16 bytes of state per live session, removed by [`GapPredictor::end`].
+//! reads only. Memory: histograms O(kinds + hours + tools), bounded by
+//! [`LearnedConfig::max_tools`] (1.8 KB each), and 16 bytes of state per live
+//! session (plus its map entry), removed by [`GapPredictor::end`].
 
 use std::collections::HashMap;
 

@@ -179,8 +179,9 @@ pub trait GapPredictor: Send {
     }
 }
 
-/// The baseline: one decayed-free histogram of every gap seen, or one per
-/// awaiting kind (`by_kind`), whatever else the context says.
+/// The baseline: one histogram (without decay) of every gap seen, or one
+/// per awaiting kind ([`GlobalHist::by_kind`]), whatever else the context
+/// says.
 #[derive(Clone, Debug)]
 pub struct GlobalHist {
     by_kind: bool,
