@@ -50,6 +50,16 @@ pub enum TraceCommand {
         #[arg(long, value_delimiter = ',', default_value = "1m,5m,1h")]
         taus: Vec<String>,
     },
+    /// Replay a trace's suspends through the gap predictors online and
+    /// print their calibration and pinball loss.
+    Predict {
+        /// A TraceLab `.jsonl` or `.jsonl.gz` file.
+        file: PathBuf,
+        /// Infer what a session waits on from its tool calls instead of
+        /// taking it from the trace.
+        #[arg(long)]
+        no_hints: bool,
+    },
 }
 
 /// `kvpark replay ...`
@@ -172,6 +182,9 @@ pub fn run(cmd: SimCommand) -> Result<()> {
             }
             Ok(())
         }
+        SimCommand::Trace {
+            cmd: TraceCommand::Predict { file, no_hints },
+        } => super::predict_eval::run_file(&file, !no_hints),
         SimCommand::Replay(a) => super::replay_cli(a),
     }
 }

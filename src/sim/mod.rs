@@ -9,6 +9,8 @@
 //! - [`engine`]: the event-driven, closed-loop replay on a virtual clock
 //!   (GPU admission, compute sharing, bandwidth-conserving links).
 //! - [`report`], [`plot`]: tables, JSON and hand-written SVG.
+//! - [`predict_eval`]: `kvpark trace predict` (the gap predictors replayed
+//!   online over a trace: calibration and pinball loss).
 //! - [`cli`]: the `replay` and `trace` subcommands.
 //!
 //! ```text
@@ -18,6 +20,7 @@
 //! kvpark replay --print-deployment                # the documented default deployment JSON
 //! kvpark trace synth --sessions 4300 --seed 1 --out synth.jsonl.gz
 //! kvpark trace stats synth.jsonl.gz               # distributions + idealised TTL sweep vs the study
+//! kvpark trace predict synth.jsonl.gz             # gap predictor vs a global histogram
 //! ```
 //!
 //! Memory: the reader keeps compact rows of the sessions open in the file
@@ -31,6 +34,7 @@ pub mod deploy;
 pub mod engine;
 pub mod hist;
 pub mod plot;
+pub mod predict_eval;
 pub mod report;
 pub mod rng;
 pub mod stats;
