@@ -6,7 +6,7 @@
 //! variables are used only for paths (`KVPARK_NVME_DIR`).
 
 use crate::codec::CodecTag;
-use crate::copy::cuda::plan::{Rule, Selector};
+use crate::copy::select::{Rule, Selector};
 use crate::error::{Error, Result};
 use crate::units::{parse_duration_ns, parse_size};
 use serde::Serialize;
@@ -403,7 +403,7 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::copy::cuda::plan::Strategy;
+    use crate::copy::select::Strategy;
 
     #[test]
     fn defaults_and_units() {

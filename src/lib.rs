@@ -18,20 +18,39 @@
 //!  sim (trace reader, generator, replay) drives planner + policy on a virtual clock
 //! ```
 //!
-//! Dependencies point down only:
+//! Dependencies point down only. The table lists every module and every
+//! module it may name (`crate::…`), in code and in its tests alike;
+//! `tests/arch.rs` reads it and fails on any other arrow. A `a::b` entry
+//! allows only that submodule.
 //!
-//! | module       | may use                                              | never uses          |
-//! |--------------|------------------------------------------------------|---------------------|
-//! | [`ffi`]      | everything below                                     | —                   |
-//! | [`planner`]  | policy, predict, index, block, config                | tier, copy, ffi     |
-//! | [`mover`]    | tier, copy, codec, index, block, config              | policy, ffi         |
-//! | [`store`]    | tier, index, block, config (chunks under caller keys: the LMCache plugin) | planner, mover, copy, ffi |
-//! | [`policy`]   | predict, block                                       | tier, copy, ffi, io |
-//! | [`predict`]  | (pure)                                               | everything with I/O |
-//! | [`tier`]     | codec, block, error                                  | planner, policy     |
-//! | [`copy`]     | block, error (`copy::cuda` implements `tier::host::PinHook`) | planner, mover |
-//! | [`sim`]      | planner, policy, predict, codec (measured figures)   | ffi, tier, copy     |
-//! | [`config`]   | codec, error, units, `copy::cuda::plan` (pure: the `copy_strategy` rules) | tier, planner, mover, ffi |
+//! | module        | may use                                                              |
+//! |---------------|----------------------------------------------------------------------|
+//! | [`ffi`]       | planner, mover, store, preflight, config, copy::cuda, block, error   |
+//! | [`planner`]   | policy, predict, session, plan, index, block, config, error          |
+//! | [`mover`]     | tier, copy, codec, index, plan, block, config, units, error          |
+//! | [`store`]     | tier, index, block, config, error                                    |
+//! | [`preflight`] | tier, config, units, error                                           |
+//! | `sim`         | planner, policy, predict, session, codec, config, units, error       |
+//! | [`policy`]    | predict, session, units, error                                       |
+//! | [`predict`]   | session                                                              |
+//! | [`plan`]      | block, error                                                         |
+//! | [`index`]     | tier, block, error                                                   |
+//! | [`tier`]      | codec, block, units, error, benchkit                                 |
+//! | [`copy`]      | tier, block, error, benchkit                                         |
+//! | [`codec`]     | error, benchkit                                                      |
+//! | [`config`]    | codec, copy::select, units, error                                    |
+//! | `benchkit`    | —                                                                    |
+//! | [`block`]     | error                                                                |
+//! | [`units`]     | error                                                                |
+//! | [`session`]   | —                                                                    |
+//! | [`error`]     | —                                                                    |
+//!
+//! Notes: `copy::cuda` implements `tier::host::PinHook`, and `index` names
+//! host slots by `tier::host::SlotId`; `ffi` reaches `copy::cuda` only for
+//! the `gpu-bench` exports. [`session`] is the vocabulary `planner`,
+//! `policy` and `predict` share ([`planner::core`] re-exports it);
+//! [`copy::select`] is the pure half of the CUDA strategy choice that
+//! `config` validates `copy_strategy` with.
 //!
 //! `policy` and `predict` are pure code: no threads, no I/O, no clock reads.
 //! The replay simulator runs the very same planner on a virtual clock, so
@@ -53,6 +72,7 @@ pub mod planner;
 pub mod policy;
 pub mod predict;
 pub mod preflight;
+pub mod session;
 pub mod sim;
 pub mod store;
 pub mod tier;

@@ -12,6 +12,7 @@
 pub mod bench;
 pub mod cpu;
 pub mod cuda;
+pub mod select;
 
 use crate::block::{Geometry, KvLayout, LayerView};
 use crate::error::{Error, Result};

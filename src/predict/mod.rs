@@ -7,7 +7,7 @@
 //! package; this module fixes the interface and holds the empirical
 //! building block ([`GapDist::from_samples`]).
 
-use crate::planner::core::{Hint, Nanos};
+use crate::session::{Hint, Nanos};
 
 /// A predicted gap distribution as quantiles at fixed probabilities.
 #[derive(Clone, Debug, PartialEq)]
