@@ -173,19 +173,24 @@ enum KvparkStatus kvpark_config_preflight(const uint8_t *json,
                                           uintptr_t context_len,
                                           struct KvparkBuf *out);
 
+#if defined(KVPARK_GPU_BENCH)
 // Runs the CUDA engine's self-test on `device`; writes a text report.
 //
 // # Safety
 // `out` valid for `out_len` bytes.
 enum KvparkStatus kvpark_cuda_selftest(int32_t device, char *out, uintptr_t out_len);
+#endif
 
+#if defined(KVPARK_GPU_BENCH)
 // Runs the CUDA transfer benchmark described by `json_in` (NUL-terminated);
 // writes JSON results.
 //
 // # Safety
 // `json_in` a NUL-terminated string; `out` valid for `out_len` bytes.
 enum KvparkStatus kvpark_cuda_bench(const char *json_in, char *out, uintptr_t out_len);
+#endif
 
+#if defined(KVPARK_GPU_BENCH)
 // One transfer between caller-owned device tensors and host records
 // (raw addresses in `json_in`); test and benchmark use only.
 //
@@ -193,6 +198,7 @@ enum KvparkStatus kvpark_cuda_bench(const char *json_in, char *out, uintptr_t ou
 // `json_in` a NUL-terminated string whose addresses describe live memory of
 // the sizes it states; `out` valid for `out_len` bytes.
 enum KvparkStatus kvpark_cuda_transfer(const char *json_in, char *out, uintptr_t out_len);
+#endif
 
 // Creates a worker-side mover for `rank`, after checking the config
 // against this machine for that rank ([`kvpark_config_preflight`](super::kvpark_config_preflight)).

@@ -52,12 +52,21 @@
 //! [`copy::select`] is the pure half of the CUDA strategy choice that
 //! `config` validates `copy_strategy` with.
 //!
+//! ## What the library carries
+//!
+//! The library vLLM loads (`cargo build --release --lib`) is the connector
+//! only. Cargo feature `cli` adds `sim` (trace reader, generator, replay),
+//! the benchmarks (`benchkit`, `*::bench`) and the `kvpark` binary; feature
+//! `gpu-bench` adds the `kvpark_cuda_*` test and benchmark C exports that
+//! `scripts/gpu/` drives.
+//!
 //! `policy` and `predict` are pure code: no threads, no I/O, no clock reads.
 //! The replay simulator runs the very same planner on a virtual clock, so
 //! what the replay measures is what production runs.
 
 #![warn(missing_docs)]
 
+#[cfg(any(test, feature = "cli", feature = "gpu-bench"))]
 pub mod benchkit;
 pub mod block;
 pub mod codec;
@@ -73,6 +82,7 @@ pub mod policy;
 pub mod predict;
 pub mod preflight;
 pub mod session;
+#[cfg(feature = "cli")]
 pub mod sim;
 pub mod store;
 pub mod tier;

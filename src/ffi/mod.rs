@@ -12,11 +12,13 @@
 //! No business logic lives here: each export converts arguments and calls
 //! [`crate::planner`] or [`crate::mover`].
 
+#[cfg(feature = "gpu-bench")]
 mod cuda;
 mod mover;
 mod planner;
 mod store;
 
+#[cfg(feature = "gpu-bench")]
 pub use cuda::*;
 pub use mover::*;
 pub use planner::*;
