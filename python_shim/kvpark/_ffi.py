@@ -24,6 +24,7 @@ from typing import Any, Iterable, Sequence
 
 from .errors import (
     AbiMismatchError,
+    ClosedError,
     LibraryNotFoundError,
     KvparkError,
     error_for_status,
@@ -346,7 +347,7 @@ class Planner:
 
     def _handle(self) -> c_void_p:
         if self._h is None:
-            raise error_for_status(11, "planner is closed", "planner")
+            raise ClosedError("planner is closed", "planner")
         return self._h
 
     def match(self, req: RequestView, num_computed_tokens: int, num_tokens: int, now_ns: int) -> tuple[int, bool]:
@@ -424,7 +425,7 @@ class Mover:
 
     def _handle(self) -> c_void_p:
         if self._h is None:
-            raise error_for_status(11, "mover is closed", "mover")
+            raise ClosedError("mover is closed", "mover")
         return self._h
 
     def register(self, geometry: KvparkGeometry, layers: Sequence[KvparkLayerView], device: int | None) -> None:
