@@ -41,7 +41,7 @@ STUBFN(kvpark_planner_on_worker_meta) STUBFN(kvpark_planner_metrics) STUBFN(kvpa
 STUBFN(kvpark_mover_register) STUBFN(kvpark_mover_bind) STUBFN(kvpark_mover_start_load)
 STUBFN(kvpark_mover_wait_layer) STUBFN(kvpark_mover_wait_for_save) STUBFN(kvpark_mover_get_finished)
 STUBFN(kvpark_mover_take_worker_meta) STUBFN(kvpark_mover_metrics) STUBFN(kvpark_mover_set_stream)
-STUBFN(kvpark_config_preflight)
+STUBFN(kvpark_config_preflight) STUBFN(kvpark_set_log_callback)
 void kvpark_planner_free(void *p) { (void)p; }
 void kvpark_mover_free(void *p) { (void)p; }
 """
