@@ -226,8 +226,10 @@ enum KvparkStatus kvpark_cuda_transfer(const char *json_in, char *out, uintptr_t
 // Sends kvpark's log messages up to `max_level` (1 = errors only … 5 =
 // everything; 0 = none) to `callback`, with `user` passed back on every
 // call. A NULL `callback` restores the default: warnings and errors to
-// stderr. When this returns, no call of a previous callback is running.
-// Must not be called from inside the callback.
+// stderr. When this returns `KVPARK_STATUS_OK`, no call of a previous
+// callback is running; when calls of it do not return within 5 s, it fails
+// with `KVPARK_STATUS_BUSY` and changes nothing. Must not be called from
+// inside the callback.
 //
 // # Safety
 // `callback`, when not NULL, must be callable from any thread with `user`

@@ -155,7 +155,8 @@ def _install_logging(l: ctypes.CDLL) -> None:
 
 def _remove_logging(l: ctypes.CDLL) -> None:
     """At interpreter exit: back to stderr, before Python can no longer run the callback
-    (the call waits for callbacks in progress; ctypes releases the GIL meanwhile)."""
+    (the call waits for callbacks in progress, ctypes releasing the GIL meanwhile, at most
+    5 s: in a process forked while another thread was inside the callback it gives up)."""
     try:
         l.kvpark_set_log_callback(_LogFn(), None, c_uint32(0))  # _LogFn(): NULL
     except Exception:

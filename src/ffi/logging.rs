@@ -17,10 +17,12 @@
 use std::ffi::{c_char, c_void, CString};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Once;
+use std::time::Duration;
 
 use parking_lot::RwLock;
 
 use super::KvparkStatus;
+use crate::error::{Error, ErrorKind};
 
 /// Severity of a log message (`log::Level`'s order).
 #[repr(C)]
@@ -84,6 +86,8 @@ static SINK: RwLock<Option<Sink>> = parking_lot::const_rwlock(None);
 /// Most verbose level passed on (a `KvparkLogLevel` number; 0 = none).
 static MAX: AtomicU32 = AtomicU32::new(KvparkLogLevel::Warn as u32);
 static INSTALL: Once = Once::new();
+/// How long replacing the callback waits for calls of the old one to return.
+const REPLACE_WAIT: Duration = Duration::from_secs(5);
 
 struct FfiLogger;
 static LOGGER: FfiLogger = FfiLogger;
@@ -141,8 +145,10 @@ pub(crate) fn install() {
 /// Sends kvpark's log messages up to `max_level` (1 = errors only … 5 =
 /// everything; 0 = none) to `callback`, with `user` passed back on every
 /// call. A NULL `callback` restores the default: warnings and errors to
-/// stderr. When this returns, no call of a previous callback is running.
-/// Must not be called from inside the callback.
+/// stderr. When this returns `KVPARK_STATUS_OK`, no call of a previous
+/// callback is running; when calls of it do not return within 5 s, it fails
+/// with `KVPARK_STATUS_BUSY` and changes nothing. Must not be called from
+/// inside the callback.
 ///
 /// # Safety
 /// `callback`, when not NULL, must be callable from any thread with `user`
@@ -155,7 +161,17 @@ pub unsafe extern "C" fn kvpark_set_log_callback(
 ) -> KvparkStatus {
     super::guard("kvpark_set_log_callback", || {
         install();
-        let mut sink = SINK.write();
+        // bounded: a process forked while another thread was inside the
+        // callback inherits a read lock nobody will release
+        let mut sink = SINK.try_write_for(REPLACE_WAIT).ok_or_else(|| {
+            Error::new(
+                ErrorKind::Busy,
+                format!(
+                    "the log callback did not return within {} s; callback unchanged",
+                    REPLACE_WAIT.as_secs()
+                ),
+            )
+        })?;
         *sink = callback.map(|cb| Sink {
             cb,
             user: user as usize,
@@ -179,6 +195,8 @@ mod tests {
 
     const TARGET: &str = "kvpark::ffi::logging::test";
     static SEEN: AtomicUsize = AtomicUsize::new(0);
+    /// 1: a call is inside the callback; 2: let it return.
+    static HELD: AtomicUsize = AtomicUsize::new(0);
     static TEXT: Mutex<Vec<(KvparkLogLevel, String)>> = Mutex::new(Vec::new());
 
     unsafe extern "C" fn count(
@@ -192,16 +210,24 @@ mod tests {
             return; // other tests of this binary log too
         }
         assert_eq!(user as usize, 0x5eed);
-        SEEN.fetch_add(1, Ordering::SeqCst);
         let m = std::ffi::CStr::from_ptr(message).to_str().unwrap();
+        if m == "hold" {
+            HELD.store(1, Ordering::SeqCst);
+            while HELD.load(Ordering::SeqCst) != 2 {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            return;
+        }
+        SEEN.fetch_add(1, Ordering::SeqCst);
         if m.starts_with("one") {
             TEXT.lock().unwrap().push((level, m.to_string()));
         }
     }
 
     /// Messages from many threads at once all reach the callback, nothing
-    /// above the chosen level does, and after the callback is removed none
-    /// reaches it. (Whether this logger or another is the facade's depends
+    /// above the chosen level does, a callback that does not return makes
+    /// replacing it fail with Busy (not hang), and after the callback is
+    /// removed no message reaches it. (Whether this logger or another is the facade's depends
     /// on the test binary; the callback is called directly when not.)
     #[test]
     fn messages_from_threads_reach_the_callback_until_it_is_removed() {
@@ -236,9 +262,23 @@ mod tests {
             *TEXT.lock().unwrap(),
             [(KvparkLogLevel::Warn, "one\\0warning".to_string())]
         );
+        // a call that does not return: replacing the callback gives up
+        // after REPLACE_WAIT with Busy and leaves it installed
+        let held = std::thread::spawn(move || log(log::Level::Warn, "hold".into()));
+        while HELD.load(Ordering::SeqCst) != 1 {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let t0 = std::time::Instant::now();
+        let status = unsafe { kvpark_set_log_callback(None, std::ptr::null_mut(), 5) };
+        assert_eq!(status, KvparkStatus::Busy);
+        assert!(t0.elapsed() >= REPLACE_WAIT);
+        log(log::Level::Warn, "still delivered".into());
+        assert_eq!(SEEN.load(Ordering::SeqCst), 402);
+        HELD.store(2, Ordering::SeqCst);
+        held.join().unwrap();
         let status = unsafe { kvpark_set_log_callback(None, std::ptr::null_mut(), 5) };
         assert_eq!(status, KvparkStatus::Ok);
         log(log::Level::Error, "to stderr".into());
-        assert_eq!(SEEN.load(Ordering::SeqCst), 401);
+        assert_eq!(SEEN.load(Ordering::SeqCst), 402);
     }
 }
