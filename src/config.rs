@@ -52,7 +52,7 @@ pub struct Config {
     #[serde(serialize_with = "ser_layerwise")]
     pub layerwise_load: Layerwise,
     /// Copy mechanism rules for KV caches on a GPU, tried before the built-in
-    /// table (`copy::cuda::plan`); `None`: the built-in table.
+    /// table (`copy::select`, documented in `copy::cuda::plan`); `None`: the built-in table.
     pub copy_strategy: Option<Vec<Rule>>,
     /// Placement policy name.
     pub policy: String,
