@@ -60,7 +60,8 @@
 //! `gpu-bench` adds the `kvpark_cuda_*` test and benchmark C exports that
 //! `scripts/gpu/` drives.
 //!
-//! `policy` and `predict` are pure code: no threads, no I/O, no clock reads.
+//! `policy` and `predict` are pure code: no threads, no I/O, no clock reads
+//! (`tests/arch.rs` checks them, [`session`] and [`copy::select`]).
 //! The replay simulator runs the very same planner on a virtual clock, so
 //! what the replay measures is what production runs.
 
