@@ -1,4 +1,4 @@
-//! `cargo bench --bench codec`: exp-huff encode/decode per core on the real
+//! `cargo bench --features cli --bench codec`: exp-huff encode/decode per core on the real
 //! KV corpus (`KVPARK_KV_CORPUS`, scripts/kv_corpus.sh), beside memcpy of
 //! the same bytes, plus the full `kvpark bench --only codec` table.
 //! `KVPARK_CODEC_BENCH=huff` runs only the exp-huff loop (for profiling).

@@ -1,4 +1,4 @@
-//! `cargo bench --bench copy [-- --quick] [-- N ...]`: CPU gather / scatter
+//! `cargo bench --features cli --bench copy [-- --quick] [-- N ...]`: CPU gather / scatter
 //! of scattered vLLM blocks into host-arena slots, each beside a contiguous
 //! memcpy of the same bytes measured in the same run.
 

@@ -1,4 +1,4 @@
-//! `cargo bench --bench nvme [-- --quick] [-- --dir PATH]`: NVMe store write
+//! `cargo bench --features cli --bench nvme [-- --quick] [-- --dir PATH]`: NVMe store write
 //! and read throughput against raw O_DIRECT I/O on the same file system, in
 //! the same run. The scratch directory defaults to `$KVPARK_BENCH_DIR`, else
 //! cargo's target tmpdir (on the disk holding the build).

@@ -7,7 +7,7 @@
 //! task (all policies ≤ 60 s on 2 cores) is printed beside the measured wall
 //! time.
 //!
-//! `cargo bench --bench replay` (set `KVPARK_BENCH_SESSIONS` for a smaller run).
+//! `cargo bench --features cli --bench replay` (set `KVPARK_BENCH_SESSIONS` for a smaller run).
 
 use std::time::Instant;
 

@@ -41,6 +41,20 @@ typedef enum KvparkStatus {
   KVPARK_STATUS_BUFFER_TOO_SMALL = 13,
 } KvparkStatus;
 
+// Severity of a log message (`log::Level`'s order).
+typedef enum KvparkLogLevel {
+  // An operation failed.
+  KVPARK_LOG_LEVEL_ERROR = 1,
+  // Something degraded (a slower path, skipped data) but kvpark goes on.
+  KVPARK_LOG_LEVEL_WARN = 2,
+  // Notable events.
+  KVPARK_LOG_LEVEL_INFO = 3,
+  // Diagnostics.
+  KVPARK_LOG_LEVEL_DEBUG = 4,
+  // Detailed diagnostics.
+  KVPARK_LOG_LEVEL_TRACE = 5,
+} KvparkLogLevel;
+
 // Opaque worker-side handle.
 typedef struct KvparkMover KvparkMover;
 
@@ -57,6 +71,15 @@ typedef struct KvparkBuf {
   // Number of bytes.
   uintptr_t len;
 } KvparkBuf;
+
+// Receives one library message: `user` as given to
+// [`kvpark_set_log_callback`], the level, the emitting module (`target`,
+// e.g. `kvpark::tier::nvme::store`) and the message, both NUL-terminated
+// UTF-8 valid only during the call.
+typedef void (*KvparkLogFn)(void *user,
+                            enum KvparkLogLevel level,
+                            const char *target,
+                            const char *message);
 
 // KV geometry of one rank.
 typedef struct KvparkGeometry {
@@ -173,19 +196,24 @@ enum KvparkStatus kvpark_config_preflight(const uint8_t *json,
                                           uintptr_t context_len,
                                           struct KvparkBuf *out);
 
+#if defined(KVPARK_GPU_BENCH)
 // Runs the CUDA engine's self-test on `device`; writes a text report.
 //
 // # Safety
 // `out` valid for `out_len` bytes.
 enum KvparkStatus kvpark_cuda_selftest(int32_t device, char *out, uintptr_t out_len);
+#endif
 
+#if defined(KVPARK_GPU_BENCH)
 // Runs the CUDA transfer benchmark described by `json_in` (NUL-terminated);
 // writes JSON results.
 //
 // # Safety
 // `json_in` a NUL-terminated string; `out` valid for `out_len` bytes.
 enum KvparkStatus kvpark_cuda_bench(const char *json_in, char *out, uintptr_t out_len);
+#endif
 
+#if defined(KVPARK_GPU_BENCH)
 // One transfer between caller-owned device tensors and host records
 // (raw addresses in `json_in`); test and benchmark use only.
 //
@@ -193,6 +221,20 @@ enum KvparkStatus kvpark_cuda_bench(const char *json_in, char *out, uintptr_t ou
 // `json_in` a NUL-terminated string whose addresses describe live memory of
 // the sizes it states; `out` valid for `out_len` bytes.
 enum KvparkStatus kvpark_cuda_transfer(const char *json_in, char *out, uintptr_t out_len);
+#endif
+
+// Sends kvpark's log messages up to `max_level` (1 = errors only … 5 =
+// everything; 0 = none) to `callback`, with `user` passed back on every
+// call. A NULL `callback` restores the default: warnings and errors to
+// stderr. When this returns `KVPARK_STATUS_OK`, no call of a previous
+// callback is running; when calls of it do not return within 5 s, it fails
+// with `KVPARK_STATUS_BUSY` and changes nothing. Must not be called from
+// inside the callback.
+//
+// # Safety
+// `callback`, when not NULL, must be callable from any thread with `user`
+// until it is replaced by another call of this function.
+enum KvparkStatus kvpark_set_log_callback(KvparkLogFn callback, void *user, uint32_t max_level);
 
 // Creates a worker-side mover for `rank`, after checking the config
 // against this machine for that rank ([`kvpark_config_preflight`](super::kvpark_config_preflight)).

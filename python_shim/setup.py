@@ -59,6 +59,10 @@ setup(
             # the crate's own crate types: the same Cargo unit as `cargo build --release
             # --lib`, so neither build redoes the other's work
             args=["--crate-type", "cdylib,rlib"],
+            # no Cargo features: the library vLLM loads is the connector only (the
+            # simulator, benchmarks and CLI are feature `cli`, the GPU test exports
+            # feature `gpu-bench`)
+            features=[],
         )
     ],
     cmdclass={"build_rust": BuildRustOutOfTree},

@@ -17,8 +17,13 @@ step() { printf '\n=== %s\n' "$*"; }
 
 step "format, lint, docs"
 cargo fmt --all -- --check
+# every feature combination the crate is built in: the library vLLM loads
+# (default, no features) and everything (the `cli` simulator, benchmarks and
+# binary; the `gpu-bench` exports)
 cargo clippy --all-targets -- -D warnings
+cargo clippy --all-targets --all-features -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps -q
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps -q --all-features
 
 step "real KV corpus"
 # post-RoPE K/V of SmolLM2-135M over real text (scripts/kv_corpus.py, ~1-2 min
@@ -28,18 +33,22 @@ bash scripts/kv_corpus.sh "$KVPARK_KV_CORPUS"
 export KVPARK_REQUIRE_CORPUS=1
 
 step "rust tests"
-cargo test --lib --bins --tests 2>&1 | tee target/rust-tests.log
-cargo test --doc -q
+# --all-features: the simulator's and the benchmarks' tests (required-features
+# in Cargo.toml) run too; the lib's own unit tests build without features as
+# well (clippy above), which is what vLLM loads.
+cargo test --all-features --lib --bins --tests 2>&1 | tee target/rust-tests.log
+cargo test --all-features --doc -q
 
 step "fuzz targets under valgrind"
 # tests/fuzz.rs: every parser of outside bytes, a few cases each, with the
 # memory checks of valgrind (lz4_flex is built without its safe-decode
 # feature; the NVMe store reads records into aligned buffers).
-fuzz_bin=$(cargo test --no-run --test fuzz 2>&1 | sed -n 's/.*Executable tests\/fuzz.rs (\(.*\))$/\1/p')
+fuzz_bin=$(cargo test --all-features --no-run --test fuzz 2>&1 | sed -n 's/.*Executable tests\/fuzz.rs (\(.*\))$/\1/p')
 test -x "$fuzz_bin" || { echo "fuzz test binary not found"; exit 1; }
 KVPARK_FUZZ_CASES=100 timeout 900 valgrind --quiet --error-exitcode=99 "$fuzz_bin" --test-threads=2 -q
 
 step "C ABI smoke test under valgrind"
+# the library vLLM loads: no features (the connector only)
 cargo build --release --lib -q
 cc -std=c11 -Wall -Wextra -Werror -Iinclude tests/c/abi_smoke.c -Ltarget/release -lkvpark \
    -Wl,-rpath,"$PWD/target/release" -o target/abi_smoke

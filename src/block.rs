@@ -151,6 +151,27 @@ pub enum KvLayout {
     Lbnhc = 2,
 }
 
+impl KvLayout {
+    /// Both orders, in the order [`LayerView::layout`] tries them.
+    pub const ALL: [KvLayout; 2] = [KvLayout::Lbhnc, KvLayout::Lbnhc];
+
+    /// Element strides `(head, token)` of a page stored in this order, for
+    /// `g` (`C` = K + V elements of a row): LBHNC `(N·C, C)`, LBNHC
+    /// `(C, H·C)`. kvpark's one mapping between a layout and a view's
+    /// strides: [`LayerView::layout`] classifies vLLM's views by it and
+    /// [`LayerView::packed`] builds views (benchmarks, tests) with it. In
+    /// `u128`: any `u32` dimensions multiply without wrapping.
+    pub fn strides(self, g: &Geometry) -> (u128, u128) {
+        let h = g.kv_heads as u128;
+        let n = g.block_tokens as u128;
+        let c = g.head_size_k as u128 + g.head_size_v as u128;
+        match self {
+            KvLayout::Lbhnc => (n * c, c),
+            KvLayout::Lbnhc => (c, h * c),
+        }
+    }
+}
+
 /// Shape of the KV cache of one engine rank: what a block is made of.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Geometry {
@@ -270,20 +291,41 @@ impl LayerView {
     ///
     /// Strides are compared in `u128`, so no product of outside sizes wraps.
     pub fn layout(&self, g: &Geometry) -> Result<KvLayout> {
-        let row = g.head_size_k as u128 + g.head_size_v as u128;
-        let h = g.kv_heads as u128;
-        let n = g.block_tokens as u128;
-        let (st, sh) = (self.stride_token as u128, self.stride_head as u128);
-        if st == row && sh == n * row {
-            Ok(KvLayout::Lbhnc)
-        } else if sh == row && st == h * row {
-            Ok(KvLayout::Lbnhc)
-        } else {
-            Err(Error::invalid(format!(
-                "layer view strides (block {}, head {}, token {}) are neither LBHNC nor LBNHC for row {row}",
-                self.stride_block, self.stride_head, self.stride_token
-            )))
+        let have = (self.stride_head as u128, self.stride_token as u128);
+        if let Some(l) = KvLayout::ALL.into_iter().find(|l| l.strides(g) == have) {
+            return Ok(l);
         }
+        let row = g.head_size_k as u128 + g.head_size_v as u128;
+        Err(Error::invalid(format!(
+            "layer view strides (block {}, head {}, token {}) are neither LBHNC nor LBNHC for row {row}",
+            self.stride_block, self.stride_head, self.stride_token
+        )))
+    }
+
+    /// The view of `num_blocks` pages of `g` stored in `layout`, page `b` at
+    /// `base + b × stride_block` elements: head and token strides from
+    /// [`KvLayout::strides`]. Fails when they do not fit in 64 bits (a
+    /// geometry that [`Geometry::validate`] refuses).
+    pub fn packed(
+        g: &Geometry,
+        layout: KvLayout,
+        base: u64,
+        num_blocks: u64,
+        stride_block: u64,
+    ) -> Result<LayerView> {
+        let (sh, st) = layout.strides(g);
+        let fit = |v: u128| {
+            u64::try_from(v).map_err(|_| {
+                Error::invalid(format!("layer view stride of {v} elements exceeds 64 bits"))
+            })
+        };
+        Ok(LayerView {
+            base,
+            num_blocks,
+            stride_block,
+            stride_head: fit(sh)?,
+            stride_token: fit(st)?,
+        })
     }
 
     /// Checks the view against the geometry: known order, pages inside the
@@ -318,6 +360,37 @@ impl LayerView {
         Ok(layout)
     }
 
+    /// Views of every layer of `g` over one storage of `blocks` pages per
+    /// layer, layer-major (layer `l`'s pages start `l × blocks` pages after
+    /// `base`), pages packed in `layout`: how vLLM lays out one
+    /// KVCacheTensor, and what the benchmarks and tests register.
+    pub fn layer_major(
+        g: &Geometry,
+        layout: KvLayout,
+        base: u64,
+        blocks: u64,
+    ) -> Result<Vec<LayerView>> {
+        let page = u64::try_from(g.page_elems_u128())
+            .map_err(|_| Error::invalid("layer page exceeds 64 bits of elements"))?;
+        let layer_bytes = blocks
+            .checked_mul(page)
+            .and_then(|x| x.checked_mul(g.dtype.size() as u64))
+            .ok_or_else(|| {
+                Error::invalid(format!("{blocks} blocks of {page} elements exceed 64 bits"))
+            })?;
+        (0..g.layers as u64)
+            .map(|l| {
+                let at = l
+                    .checked_mul(layer_bytes)
+                    .and_then(|x| x.checked_add(base))
+                    .ok_or_else(|| {
+                        Error::invalid(format!("layer {l} lies past the address space"))
+                    })?;
+                LayerView::packed(g, layout, at, blocks, page)
+            })
+            .collect()
+    }
+
     /// Address of block `b`'s page.
     pub fn page_addr(&self, g: &Geometry, b: u64) -> u64 {
         self.base + b * self.stride_block * g.dtype.size() as u64
@@ -337,6 +410,67 @@ mod tests {
             head_size_v: 128,
             dtype: Dtype::Bf16,
         }
+    }
+
+    /// Each layout's strides place every (head, token, element) of a page at
+    /// its own offset inside the page, in the order the layout names, and a
+    /// view built with them is classified as that layout again.
+    #[test]
+    fn layout_strides_pack_the_page_and_classify_back() {
+        let g = Geometry {
+            layers: 3,
+            kv_heads: 3,
+            block_tokens: 5,
+            head_size_k: 2,
+            head_size_v: 2,
+            dtype: Dtype::F16,
+        };
+        let (h, n, c) = (3u128, 5u128, 4u128);
+        for layout in KvLayout::ALL {
+            let (sh, st) = layout.strides(&g);
+            let mut offs: Vec<(u128, (u128, u128))> = Vec::new();
+            for hh in 0..h {
+                for t in 0..n {
+                    for e in 0..c {
+                        offs.push((hh * sh + t * st + e, (hh, t)));
+                    }
+                }
+            }
+            offs.sort();
+            let flat: Vec<u128> = offs.iter().map(|o| o.0).collect();
+            assert_eq!(flat, (0..h * n * c).collect::<Vec<_>>(), "{layout:?}");
+            // the outer index of the physical order changes slowest
+            let outer: Vec<u128> = offs
+                .iter()
+                .step_by((c * if layout == KvLayout::Lbhnc { n } else { h }) as usize)
+                .map(|o| {
+                    if layout == KvLayout::Lbhnc {
+                        o.1 .0
+                    } else {
+                        o.1 .1
+                    }
+                })
+                .collect();
+            let want = if layout == KvLayout::Lbhnc { h } else { n };
+            assert_eq!(outer, (0..want).collect::<Vec<_>>(), "{layout:?}");
+            let v = LayerView::packed(&g, layout, 4096, 2, (h * n * c) as u64).unwrap();
+            assert_eq!(v.validate(&g).unwrap(), layout);
+            let views = LayerView::layer_major(&g, layout, 4096, 7).unwrap();
+            let bases: Vec<u64> = views.iter().map(|v| v.base).collect();
+            let layer_bytes = 7 * (h * n * c) as u64 * 2;
+            assert_eq!(bases, [4096, 4096 + layer_bytes, 4096 + 2 * layer_bytes]);
+            assert!(views.iter().all(|x| x.layout(&g).unwrap() == layout));
+        }
+        // sizes past 64 bits are an error, not a wrapped stride or address
+        let huge = Geometry {
+            kv_heads: u32::MAX,
+            block_tokens: u32::MAX,
+            head_size_k: u32::MAX,
+            head_size_v: u32::MAX,
+            ..g
+        };
+        assert!(LayerView::packed(&huge, KvLayout::Lbhnc, 4096, 1, 1).is_err());
+        assert!(LayerView::layer_major(&g, KvLayout::Lbhnc, u64::MAX - 8, 7).is_err());
     }
 
     #[test]

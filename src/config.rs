@@ -6,7 +6,7 @@
 //! variables are used only for paths (`KVPARK_NVME_DIR`).
 
 use crate::codec::CodecTag;
-use crate::copy::cuda::plan::{Rule, Selector};
+use crate::copy::select::{Rule, Selector};
 use crate::error::{Error, Result};
 use crate::units::{parse_duration_ns, parse_size};
 use serde::Serialize;
@@ -52,7 +52,7 @@ pub struct Config {
     #[serde(serialize_with = "ser_layerwise")]
     pub layerwise_load: Layerwise,
     /// Copy mechanism rules for KV caches on a GPU, tried before the built-in
-    /// table (`copy::cuda::plan`); `None`: the built-in table.
+    /// table (`copy::select`, documented in `copy::cuda::plan`); `None`: the built-in table.
     pub copy_strategy: Option<Vec<Rule>>,
     /// Placement policy name.
     pub policy: String,
@@ -403,7 +403,7 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::copy::cuda::plan::Strategy;
+    use crate::copy::select::Strategy;
 
     #[test]
     fn defaults_and_units() {

@@ -8,33 +8,33 @@ use std::fmt;
 
 /// What went wrong, coarse enough to act on.
 ///
-/// The numeric values are the C ABI status codes (`KvparkStatus`); they are
-/// fixed and never reused.
+/// Each kind maps onto one C ABI status (`KvparkStatus` in `src/ffi/mod.rs`,
+/// the one place the status numbers are written; the header is generated
+/// from it and the Python shim is checked against the header).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[repr(i32)]
 pub enum ErrorKind {
     /// A caller passed something malformed (NULL pointer, short buffer, bad geometry).
-    InvalidArgument = 2,
+    InvalidArgument,
     /// An operating-system I/O error other than a full disk.
-    Io = 3,
+    Io,
     /// Stored data failed validation (checksum, magic, length): never served.
-    Corrupt = 4,
+    Corrupt,
     /// A tier is full (disk full, arena exhausted, capacity cap reached).
-    NoSpace = 5,
+    NoSpace,
     /// A configuration key or value is wrong.
-    Config = 6,
+    Config,
     /// A CUDA driver / NVRTC failure, or no CUDA device where one is required.
-    Cuda = 7,
+    Cuda,
     /// The operation is not supported in this build or on this platform.
-    Unsupported = 8,
+    Unsupported,
     /// The requested block or record does not exist.
-    NotFound = 9,
+    NotFound,
     /// The object is in use (pinned, in flight) and cannot be changed now.
-    Busy = 10,
+    Busy,
     /// The store or engine was shut down.
-    Closed = 11,
+    Closed,
     /// A bug inside kvpark (a caught panic, a broken invariant).
-    Internal = 12,
+    Internal,
 }
 
 impl ErrorKind {

@@ -18,27 +18,56 @@
 //!  sim (trace reader, generator, replay) drives planner + policy on a virtual clock
 //! ```
 //!
-//! Dependencies point down only:
+//! Dependencies point down only. The table lists every module and every
+//! module it may name (`crate::…`), in code and in its tests alike;
+//! `tests/arch.rs` reads it and fails on any other arrow. A `a::b` entry
+//! allows only that submodule.
 //!
-//! | module       | may use                                              | never uses          |
-//! |--------------|------------------------------------------------------|---------------------|
-//! | [`ffi`]      | everything below                                     | —                   |
-//! | [`planner`]  | policy, predict, index, block, config                | tier, copy, ffi     |
-//! | [`mover`]    | tier, copy, codec, index, block, config              | policy, ffi         |
-//! | [`store`]    | tier, index, block, config (chunks under caller keys: the LMCache plugin) | planner, mover, copy, ffi |
-//! | [`policy`]   | predict, block                                       | tier, copy, ffi, io |
-//! | [`predict`]  | (pure)                                               | everything with I/O |
-//! | [`tier`]     | codec, block, error                                  | planner, policy     |
-//! | [`copy`]     | block, error (`copy::cuda` implements `tier::host::PinHook`) | planner, mover |
-//! | [`sim`]      | planner, policy, predict, codec (measured figures)   | ffi, tier, copy     |
-//! | [`config`]   | codec, error, units, `copy::cuda::plan` (pure: the `copy_strategy` rules) | tier, planner, mover, ffi |
+//! | module        | may use                                                              |
+//! |---------------|----------------------------------------------------------------------|
+//! | [`ffi`]       | planner, mover, store, preflight, config, copy::cuda, block, error   |
+//! | [`planner`]   | policy, predict, session, plan, index, block, config, error          |
+//! | [`mover`]     | tier, copy, codec, index, plan, block, config, units, error          |
+//! | [`store`]     | tier, index, block, config, error                                    |
+//! | [`preflight`] | tier, config, units, error                                           |
+//! | `sim`         | planner, policy, predict, session, codec, config, units, error       |
+//! | [`policy`]    | predict, session, units, error                                       |
+//! | [`predict`]   | session                                                              |
+//! | [`plan`]      | block, error                                                         |
+//! | [`index`]     | tier, block, error                                                   |
+//! | [`tier`]      | codec, block, units, error, benchkit                                 |
+//! | [`copy`]      | tier, block, error, benchkit                                         |
+//! | [`codec`]     | error, benchkit                                                      |
+//! | [`config`]    | codec, copy::select, units, error                                    |
+//! | `benchkit`    | —                                                                    |
+//! | [`block`]     | error                                                                |
+//! | [`units`]     | error                                                                |
+//! | [`session`]   | —                                                                    |
+//! | [`error`]     | —                                                                    |
 //!
-//! `policy` and `predict` are pure code: no threads, no I/O, no clock reads.
+//! Notes: `copy::cuda` implements `tier::host::PinHook`, and `index` names
+//! host slots by `tier::host::SlotId`; `ffi` reaches `copy::cuda` only for
+//! the `gpu-bench` exports. [`session`] is the vocabulary `planner`,
+//! `policy` and `predict` share ([`planner::core`] re-exports it);
+//! [`copy::select`] is the pure half of the CUDA strategy choice that
+//! `config` validates `copy_strategy` with.
+//!
+//! ## What the library carries
+//!
+//! The library vLLM loads (`cargo build --release --lib`) is the connector
+//! only. Cargo feature `cli` adds `sim` (trace reader, generator, replay),
+//! the benchmarks (`benchkit`, `*::bench`) and the `kvpark` binary; feature
+//! `gpu-bench` adds the `kvpark_cuda_*` test and benchmark C exports that
+//! `scripts/gpu/` drives.
+//!
+//! `policy` and `predict` are pure code: no threads, no I/O, no clock reads
+//! (`tests/arch.rs` checks them, [`session`] and [`copy::select`]).
 //! The replay simulator runs the very same planner on a virtual clock, so
 //! what the replay measures is what production runs.
 
 #![warn(missing_docs)]
 
+#[cfg(any(test, feature = "cli", feature = "gpu-bench"))]
 pub mod benchkit;
 pub mod block;
 pub mod codec;
@@ -53,6 +82,8 @@ pub mod planner;
 pub mod policy;
 pub mod predict;
 pub mod preflight;
+pub mod session;
+#[cfg(feature = "cli")]
 pub mod sim;
 pub mod store;
 pub mod tier;

@@ -73,25 +73,7 @@ const BLOCKS: u64 = 6;
 
 /// All layers in one storage (vLLM's KVCacheTensor), layer l at l * region.
 fn views(base: u64, g: &Geometry, layout: KvLayout) -> Vec<LayerView> {
-    let (h, n, c) = (
-        g.kv_heads as u64,
-        g.block_tokens as u64,
-        g.row_elems() as u64,
-    );
-    let (sh, sn) = match layout {
-        KvLayout::Lbhnc => (n * c, c),
-        KvLayout::Lbnhc => (c, h * c),
-    };
-    let es = g.dtype.size() as u64;
-    (0..g.layers as u64)
-        .map(|l| LayerView {
-            base: base + l * BLOCKS * h * n * c * es,
-            num_blocks: BLOCKS,
-            stride_block: h * n * c,
-            stride_head: sh,
-            stride_token: sn,
-        })
-        .collect()
+    LayerView::layer_major(g, layout, base, BLOCKS).unwrap()
 }
 
 /// Byte at logical [layer, block, head, token, content byte]: distinct
@@ -402,17 +384,7 @@ fn llama_like(layers: u32) -> Geometry {
 /// Head-major views of a [`llama_like`] cache at `base`: layer after layer,
 /// `blocks` blocks each (strides in bf16 elements).
 fn lbhnc_views(base: u64, g: &Geometry, blocks: u64) -> Vec<LayerView> {
-    let page = g.layer_page_bytes() as u64;
-    let row = g.row_elems() as u64;
-    (0..g.layers as u64)
-        .map(|l| LayerView {
-            base: base + l * blocks * page,
-            num_blocks: blocks,
-            stride_block: page / 2,
-            stride_head: g.block_tokens as u64 * row,
-            stride_token: row,
-        })
-        .collect()
+    LayerView::layer_major(g, KvLayout::Lbhnc, base, blocks).unwrap()
 }
 
 #[test]

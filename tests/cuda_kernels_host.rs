@@ -142,25 +142,10 @@ impl Cache {
     fn views(&self) -> Vec<LayerView> {
         let g = self.g;
         let e = g.dtype.size() as u64;
-        let (h, n, c) = (
-            g.kv_heads as u64,
-            g.block_tokens as u64,
-            g.row_elems() as u64,
-        );
-        let (sh, sn) = match self.layout {
-            KvLayout::Lbhnc => (n * c, c),
-            KvLayout::Lbnhc => (c, h * c),
-        };
         (0..g.layers as u64)
             .map(|l| {
                 let (base, stride) = self.layer_base(l);
-                LayerView {
-                    base,
-                    num_blocks: self.blocks,
-                    stride_block: stride / e,
-                    stride_head: sh,
-                    stride_token: sn,
-                }
+                LayerView::packed(&g, self.layout, base, self.blocks, stride / e).unwrap()
             })
             .collect()
     }

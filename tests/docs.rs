@@ -22,7 +22,13 @@ fn readme_opens_with_the_two_commands() {
         .map(str::trim)
         .filter(|l| !l.is_empty())
         .collect();
-    assert_eq!(cmds, ["cargo run --release -- replay", "./scripts/test.sh"]);
+    assert_eq!(
+        cmds,
+        [
+            "cargo run --release --features cli -- replay",
+            "./scripts/test.sh"
+        ]
+    );
     let ci =
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(".ci/run")).unwrap();
     assert!(

@@ -3,7 +3,7 @@
 //! NVMe and back, a corrupt record is a failed block (never wrong KV), and a
 //! restarted worker finds its NVMe blocks.
 
-use kvpark::block::{BlockKey, Dtype, Geometry, LayerView};
+use kvpark::block::{BlockKey, Dtype, Geometry, KvLayout, LayerView};
 use kvpark::config::Config;
 use kvpark::mover::Mover;
 use kvpark::plan::{LoadReq, Plan, Report, SaveReq};
@@ -39,16 +39,8 @@ impl Cache {
     }
     fn views(&mut self) -> Vec<LayerView> {
         let g = geom();
-        let row = g.row_elems() as u64;
-        (0..2u64)
-            .map(|l| LayerView {
-                base: self.buf.as_mut_ptr() as u64 + l * BLOCKS * self.page as u64 * 4,
-                num_blocks: BLOCKS,
-                stride_block: self.page as u64,
-                stride_head: row,
-                stride_token: g.kv_heads as u64 * row,
-            })
-            .collect()
+        assert_eq!((g.layers, g.dtype.size()), (2, 4));
+        LayerView::layer_major(&g, KvLayout::Lbnhc, self.buf.as_mut_ptr() as u64, BLOCKS).unwrap()
     }
     fn block(&self, l: usize, b: u32) -> &[f32] {
         let o = (l * BLOCKS as usize + b as usize) * self.page;

@@ -10,13 +10,19 @@ Invariants:
 - The library is loaded once per process and refused when its `kvpark_abi_version()`
   differs from `ABI_VERSION`.
 - Python never interprets plans or worker metadata: they are opaque `bytes` here.
+- The library's log messages (its `log` facade) reach Python's `logging`: loading the
+  library installs `_forward_log` with `kvpark_set_log_callback`, and interpreter exit
+  removes it again (messages after that go to stderr).
 """
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import json
+import logging
 import os
+import sys
 import threading
 from ctypes import POINTER, Structure, c_char_p, c_int32, c_size_t, c_uint8, c_uint32, c_uint64, c_void_p
 from pathlib import Path
@@ -24,6 +30,7 @@ from typing import Any, Iterable, Sequence
 
 from .errors import (
     AbiMismatchError,
+    ClosedError,
     LibraryNotFoundError,
     KvparkError,
     error_for_status,
@@ -98,6 +105,64 @@ _Status = c_int32
 _PlannerP = c_void_p
 _MoverP = c_void_p
 
+#: KvparkLogLevel -> Python logging level (tests/vllm/test_abi.py checks the names
+#: against include/kvpark.h).
+LOG_LEVELS = {
+    "KVPARK_LOG_LEVEL_ERROR": (1, logging.ERROR),
+    "KVPARK_LOG_LEVEL_WARN": (2, logging.WARNING),
+    "KVPARK_LOG_LEVEL_INFO": (3, logging.INFO),
+    "KVPARK_LOG_LEVEL_DEBUG": (4, logging.DEBUG),
+    "KVPARK_LOG_LEVEL_TRACE": (5, 5),
+}
+_PY_LEVEL = {n: py for n, py in LOG_LEVELS.values()}
+#: Most verbose level the library passes on: Python's logging filters the rest, so a
+#: level set later on the "kvpark" loggers takes effect.
+_LOG_MAX = LOG_LEVELS["KVPARK_LOG_LEVEL_DEBUG"][0]
+
+#: `KvparkLogFn`: void (*)(void *user, KvparkLogLevel, const char *target, const char *msg)
+_LogFn = ctypes.CFUNCTYPE(None, c_void_p, c_int32, c_char_p, c_char_p)
+
+log = logging.getLogger("kvpark")
+
+
+def _forward_log(user: int | None, level: int, target: bytes | None, message: bytes | None) -> None:
+    """The library's log callback: runs on the logging thread (often one of kvpark's
+    background threads; ctypes takes the GIL, which the threads that call into kvpark
+    release, so it cannot deadlock against them). Messages go to the logger named after
+    the Rust module: `kvpark::tier::nvme::store` -> `kvpark.tier.nvme.store`, a child of
+    `logging.getLogger("kvpark")`."""
+    if sys.is_finalizing():
+        return
+    try:
+        name = (target or b"kvpark").decode("utf-8", "replace").replace("::", ".")
+        if name != "kvpark" and not name.startswith("kvpark."):
+            name = "kvpark." + name
+        text = (message or b"").decode("utf-8", "replace")
+        logging.getLogger(name).log(_PY_LEVEL.get(level, logging.WARNING), "%s", text)
+    except Exception:  # an exception must not unwind into the library's thread
+        pass
+
+
+#: The C function pointer of `_forward_log`; module-global, so it lives as long as the
+#: library can call it.
+_forward_log_c = _LogFn(_forward_log)
+
+
+def _install_logging(l: ctypes.CDLL) -> None:
+    _call(l, "kvpark_set_log_callback", _forward_log_c, None, c_uint32(_LOG_MAX))
+    atexit.register(_remove_logging, l)
+
+
+def _remove_logging(l: ctypes.CDLL) -> None:
+    """At interpreter exit: back to stderr, before Python can no longer run the callback
+    (the call waits for callbacks in progress, ctypes releasing the GIL meanwhile, at most
+    5 s: in a process forked while another thread was inside the callback it gives up)."""
+    try:
+        l.kvpark_set_log_callback(_LogFn(), None, c_uint32(0))  # _LogFn(): NULL
+    except Exception:
+        pass
+
+
 # name -> (restype, argtypes)
 _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "kvpark_abi_version": (c_uint32, []),
@@ -132,6 +197,7 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "kvpark_mover_start_load": (_Status, [_MoverP]),
     "kvpark_mover_wait_layer": (_Status, [_MoverP, c_uint32]),
     "kvpark_mover_set_stream": (_Status, [_MoverP, c_uint64]),
+    "kvpark_set_log_callback": (_Status, [_LogFn, c_void_p, c_uint32]),
     "kvpark_mover_wait_for_save": (_Status, [_MoverP]),
     "kvpark_mover_get_finished": (_Status, [_MoverP, POINTER(KvparkBuf)]),
     "kvpark_mover_take_worker_meta": (_Status, [_MoverP, POINTER(KvparkBuf)]),
@@ -216,6 +282,7 @@ def load_library(path: str | os.PathLike | None = None) -> ctypes.CDLL:
                 f"{want} reports ABI version {got} but lacks symbols: {', '.join(missing)}"
             )
         if path is None:
+            _install_logging(lib)
             _lib, _lib_path = lib, str(want)
         return lib
 
@@ -346,7 +413,7 @@ class Planner:
 
     def _handle(self) -> c_void_p:
         if self._h is None:
-            raise error_for_status(11, "planner is closed", "planner")
+            raise ClosedError("planner is closed", "planner")
         return self._h
 
     def match(self, req: RequestView, num_computed_tokens: int, num_tokens: int, now_ns: int) -> tuple[int, bool]:
@@ -424,7 +491,7 @@ class Mover:
 
     def _handle(self) -> c_void_p:
         if self._h is None:
-            raise error_for_status(11, "mover is closed", "mover")
+            raise ClosedError("mover is closed", "mover")
         return self._h
 
     def register(self, geometry: KvparkGeometry, layers: Sequence[KvparkLayerView], device: int | None) -> None:

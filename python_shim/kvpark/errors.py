@@ -2,7 +2,9 @@
 
 Every non-zero `KvparkStatus` returned by the C ABI becomes an instance of the subclass
 registered for that number, carrying the library's last-error message. The numbers are
-fixed by the ABI and never reused.
+fixed by the ABI and never reused. Their one definition is the `KvparkStatus` enum in
+src/ffi/mod.rs, from which cbindgen generates include/kvpark.h; tests/vllm/test_abi.py
+parses that header and fails when a number or name here differs from it.
 """
 
 from __future__ import annotations

@@ -107,8 +107,9 @@ STRATEGIES = ["kernel_mapped", "kernel_staged", "dma_batch", "dma_each", None]
 
 
 def make_kv(L, NB, H, N, D, dtype, layout, dev):
-    """vLLM-style: one int8 storage, per layer a [NB, H, N, 2D] view whose strides
-    encode the physical order; layer l starts at l * layer_bytes."""
+    """vLLM-style: one int8 storage, per layer a logical [NB, H, N, 2D] view of pages
+    stored in the layout's order (torch derives the strides from it); layer l starts at
+    l * layer_bytes."""
     es = torch.empty(0, dtype=dtype).element_size()
     C = 2 * D
     page = H * N * C
@@ -116,11 +117,11 @@ def make_kv(L, NB, H, N, D, dtype, layout, dev):
     flat = storage.view(dtype)
     views = []
     for l in range(L):
-        if layout == "lbhnc":
-            st = (page, N * C, C, 1)
-        else:
-            st = (page, C, H * C, 1)
-        views.append(torch.as_strided(flat, (NB, H, N, C), st, l * NB * page))
+        layer = flat[l * NB * page:(l + 1) * NB * page]
+        if layout == "lbhnc":  # stored [NB, H, N, C]
+            views.append(layer.view(NB, H, N, C))
+        else:  # "lbnhc": stored [NB, N, H, C]
+            views.append(layer.view(NB, N, H, C).permute(0, 2, 1, 3))
     return storage, views
 
 

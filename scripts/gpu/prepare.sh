@@ -1,12 +1,13 @@
 #!/bin/sh
 # Builds what a GPU session carries (the GPU machine has no Rust toolchain):
-#   .gpu/libkvpark.so   the library (needs the kvpark_cuda_* C exports for
-#                       check_and_bench.py)
+#   .gpu/libkvpark.so   the library with the kvpark_cuda_* C exports that
+#                       check_and_bench.py drives (Cargo feature gpu-bench;
+#                       the library vLLM loads does not carry them)
 #   .gpu/cuda_engine    the tests/cuda_engine.rs binary (its #[ignore]d GPU tests)
 # then prints the one command to run on the device (carry: [".gpu"]).
 set -eu
 cd "$(dirname "$0")/../.."
-cargo build --release --lib
+cargo build --release --lib --features gpu-bench
 BIN=$(cargo test --release --test cuda_engine --no-run --message-format=json 2>/dev/null \
       | sed -n 's/.*"executable":"\([^"]*cuda_engine[^"]*\)".*/\1/p' | tail -1)
 mkdir -p .gpu

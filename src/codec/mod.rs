@@ -14,6 +14,7 @@
 //!
 //! Codecs are pure functions of their input: no state, no I/O, `Send + Sync`.
 
+#[cfg(any(test, feature = "cli"))]
 pub mod bench;
 mod fp8;
 pub mod huff;

@@ -34,25 +34,7 @@ pub fn llama8b() -> Geometry {
 
 /// Per-layer views over one storage of `blocks` blocks per layer, layer-major.
 fn views(base: u64, g: &Geometry, blocks: u64, layout: KvLayout) -> Vec<LayerView> {
-    let (h, n, c) = (
-        g.kv_heads as u64,
-        g.block_tokens as u64,
-        g.row_elems() as u64,
-    );
-    let page = h * n * c;
-    let (sh, sn) = match layout {
-        KvLayout::Lbhnc => (n * c, c),
-        KvLayout::Lbnhc => (c, h * c),
-    };
-    (0..g.layers as u64)
-        .map(|l| LayerView {
-            base: base + l * blocks * page * g.dtype.size() as u64,
-            num_blocks: blocks,
-            stride_block: page,
-            stride_head: sh,
-            stride_token: sn,
-        })
-        .collect()
+    LayerView::layer_major(g, layout, base, blocks).expect("benchmark geometry fits")
 }
 
 /// Deterministic xorshift64*.

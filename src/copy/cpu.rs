@@ -307,25 +307,8 @@ mod tests {
 
     /// One storage shared by all layers, like vLLM's KVCacheTensor.
     fn views(buf: &mut [f32], g: &Geometry, blocks: u64, layout: KvLayout) -> Vec<LayerView> {
-        let (h, n, c) = (
-            g.kv_heads as u64,
-            g.block_tokens as u64,
-            g.row_elems() as u64,
-        );
-        let page = h * n * c;
-        let (sh, sn) = match layout {
-            KvLayout::Lbhnc => (n * c, c),
-            KvLayout::Lbnhc => (c, h * c),
-        };
-        (0..g.layers as u64)
-            .map(|l| LayerView {
-                base: buf.as_mut_ptr() as u64 + l * blocks * page * 4,
-                num_blocks: blocks,
-                stride_block: page,
-                stride_head: sh,
-                stride_token: sn,
-            })
-            .collect()
+        assert_eq!(g.dtype, Dtype::F32);
+        LayerView::layer_major(g, layout, buf.as_mut_ptr() as u64, blocks).unwrap()
     }
 
     /// Value stored at logical [layer, block, head, token, c].

@@ -9,9 +9,11 @@
 //! Engines: [`cpu::CpuEngine`] (always; the CPU backend and tests) and the
 //! CUDA engine in `cuda/` (kernels and batched DMA, when a device exists).
 
+#[cfg(feature = "cli")]
 pub mod bench;
 pub mod cpu;
 pub mod cuda;
+pub mod select;
 
 use crate::block::{Geometry, KvLayout, LayerView};
 use crate::error::{Error, Result};

@@ -12,12 +12,16 @@
 //! No business logic lives here: each export converts arguments and calls
 //! [`crate::planner`] or [`crate::mover`].
 
+#[cfg(feature = "gpu-bench")]
 mod cuda;
+mod logging;
 mod mover;
 mod planner;
 mod store;
 
+#[cfg(feature = "gpu-bench")]
 pub use cuda::*;
+pub use logging::*;
 pub use mover::*;
 pub use planner::*;
 pub use store::*;
@@ -105,6 +109,7 @@ impl From<Error> for Fail {
 
 /// Runs an export body behind the panic boundary, mapping failures to status codes.
 pub(crate) fn guard(name: &str, f: impl FnOnce() -> std::result::Result<(), Fail>) -> KvparkStatus {
+    logging::install();
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(())) => {
             set_last_error(String::new());

@@ -113,7 +113,7 @@ pub unsafe extern "C" fn kvpark_planner_new(
                 // A damaged table: the worker resets it when it opens the
                 // arena, so the engine starts without those host blocks.
                 Err(e) if e.kind() == crate::ErrorKind::Corrupt => {
-                    eprintln!("kvpark: {e}; starting without the host blocks it listed")
+                    log::warn!("kvpark: {e}; starting without the host blocks it listed")
                 }
                 Err(e) => return Err(e.into()),
             }

@@ -66,7 +66,7 @@ fn label_store(label: &Path, identity: &str, metrics: &mut MoverMetrics) -> Resu
         crate::tier::identity::claim(label, identity)?
     {
         *metrics.other_model_stores.get_mut() += 1;
-        eprintln!(
+        log::warn!(
             "{}",
             crate::tier::identity::other_model_message(label, &other, identity)
         );
@@ -489,9 +489,10 @@ impl Mover {
                 if let Some(reg) = &self.reg {
                     reg.metrics.plans_merged.fetch_add(1, Ordering::Relaxed);
                 }
-                eprintln!(
+                log::warn!(
                     "kvpark: plan of step {} bound before plan of step {} ran; running both",
-                    plan.step, old.step
+                    plan.step,
+                    old.step
                 );
                 old.step = plan.step;
                 old.saves.extend(plan.saves);

@@ -31,76 +31,9 @@ use std::collections::{BTreeSet, BinaryHeap, HashMap};
 
 use crate::policy::{tier_index, EvictKey, Op, Policy, SessionView};
 
-/// Virtual or monotonic time in nanoseconds, always an argument.
-pub type Nanos = u64;
-/// A session (a chain of LLM steps sharing a growing prefix).
-pub type SessionId = u64;
-
-/// kvpark's tiers; the GPU is vLLM's.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
-pub enum Tier {
-    /// Pinned host memory.
-    Host,
-    /// Compressed NVMe segments.
-    Nvme,
-}
+pub use crate::session::{Action, Awaiting, Capacity, Hint, Nanos, SessionId, Tier};
 
 const TIERS: [Tier; 2] = [Tier::Host, Tier::Nvme];
-
-/// What a suspended session waits for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum Awaiting {
-    /// A tool result.
-    Tool,
-    /// A human.
-    User,
-    /// Not known.
-    #[default]
-    Unknown,
-}
-
-/// Optional knowledge from the harness about a suspension.
-#[derive(Clone, Debug, Default)]
-pub struct Hint {
-    /// What the session waits for.
-    pub awaiting: Awaiting,
-    /// The pending tool's name.
-    pub tool: Option<String>,
-}
-
-/// Capacity of kvpark's tiers in bytes.
-#[derive(Clone, Copy, Debug)]
-pub struct Capacity {
-    /// Host (pinned) bytes.
-    pub host_bytes: u64,
-    /// NVMe bytes.
-    pub nvme_bytes: u64,
-}
-
-/// Work for the mover.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Action {
-    /// Copy `bytes` of the session's KV into `to` (save GPU->host when from is None; demote host->nvme; prefetch nvme->host).
-    Copy {
-        /// The session.
-        session: SessionId,
-        /// Source tier; `None` = the GPU.
-        from: Option<Tier>,
-        /// Destination tier.
-        to: Tier,
-        /// Bytes copied (the missing suffix).
-        bytes: u64,
-    },
-    /// Drop the session's copy in `tier`.
-    Drop {
-        /// The session.
-        session: SessionId,
-        /// The tier.
-        tier: Tier,
-        /// Bytes freed.
-        bytes: u64,
-    },
-}
 
 /// What a tier holds of a session, for metrics and the simulator.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -664,7 +597,31 @@ impl Planner {
 mod tests {
     use super::*;
     use crate::policy::{LmcacheLru, SuspendPlan, TimerPlan, VllmOffload};
-    use crate::sim::rng::Rng;
+
+    /// splitmix64: random choices for the model test (the planner uses
+    /// nothing of `sim`, not even in tests).
+    struct Rng(u64);
+
+    impl Rng {
+        fn new(seed: u64) -> Self {
+            Rng(seed)
+        }
+        fn next_u64(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        }
+        /// Uniform in `[0, n)`.
+        fn below(&mut self, n: u64) -> u64 {
+            ((self.next_u64() as u128 * n as u128) >> 64) as u64
+        }
+        /// True with probability `p`.
+        fn chance(&mut self, p: f64) -> bool {
+            ((self.next_u64() >> 11) as f64 / (1u64 << 53) as f64) < p
+        }
+    }
 
     const GB: u64 = 1 << 30;
 

@@ -11,3 +11,6 @@ pub mod blocks;
 pub mod core;
 
 pub use blocks::{BlockPlanner, Match, PlannerMetrics, RequestHint, RequestView};
+
+#[cfg(test)]
+mod policy_tests;

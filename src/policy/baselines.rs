@@ -10,7 +10,7 @@
 //! - [`VllmOffload`] (`vllm-offload`, `vllm-offload:arc`): vLLM
 //!   OffloadingConnector-style host cache only, LRU or ARC eviction.
 
-use crate::planner::core::{Nanos, Tier};
+use crate::session::{Nanos, Tier};
 
 use super::{tier_index, EvictKey, Op, Policy, SessionView, SuspendPlan, TimerPlan};
 
@@ -178,58 +178,7 @@ impl Policy for VllmOffload {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::planner::core::{Action, Capacity, Hint, Planner};
-
-    const GB: u64 = 1 << 30;
-
-    fn planner(p: Box<dyn Policy>) -> Planner {
-        Planner::new(
-            Capacity {
-                host_bytes: 100 * GB,
-                nvme_bytes: 100 * GB,
-            },
-            p,
-        )
-    }
-
-    #[test]
-    fn ttl_keeps_for_exactly_tau() {
-        let tau = 60_000_000_000;
-        let mut p = planner(Box::new(Ttl::new(tau)));
-        assert_eq!(Ttl::new(tau).name(), "ttl:1m");
-        let a = p.suspend(1000, 7, GB, &Hint::default());
-        p.completed(1000, &a[0], true);
-        assert_eq!(p.next_wakeup(), Some(1000));
-        assert!(p.tick(1000).is_empty());
-        // a return exactly τ after the suspend still finds it
-        assert_eq!(p.next_wakeup(), Some(1000 + tau + 1));
-        assert!(p.tick(1000 + tau).is_empty());
-        assert_eq!(
-            p.tick(1000 + tau + 1),
-            vec![Action::Drop {
-                session: 7,
-                tier: Tier::Host,
-                bytes: GB
-            }]
-        );
-        assert_eq!(p.resume(1000 + tau + 2, 7), None);
-    }
-
-    #[test]
-    fn gpu_only_saves_nothing_and_lmcache_writes_through() {
-        let mut p = planner(Box::new(GpuOnly));
-        assert!(p.suspend(0, 1, GB, &Hint::default()).is_empty());
-        let mut p = planner(Box::new(LmcacheLru));
-        let a = p.suspend(0, 1, GB, &Hint::default());
-        let tiers: Vec<Tier> = a
-            .iter()
-            .filter_map(|x| match x {
-                Action::Copy { from: None, to, .. } => Some(*to),
-                _ => None,
-            })
-            .collect();
-        assert_eq!(tiers, vec![Tier::Host, Tier::Nvme]);
-    }
+    use crate::session::Hint;
 
     #[test]
     fn arc_moves_a_session_to_t2_after_a_host_hit_and_adapts() {

@@ -30,7 +30,7 @@ pub mod oracle;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::planner::core::{Hint, Nanos, SessionId, Tier};
+use crate::session::{Hint, Nanos, SessionId, Tier};
 
 pub use baselines::{GpuOnly, LmcacheLru, Ttl, VllmOffload};
 pub use oracle::{Oracle, OracleBook};

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use crate::planner::core::{Nanos, SessionId, Tier};
+use crate::session::{Nanos, SessionId, Tier};
 
 use super::{EvictKey, Op, Policy, PolicyEnv, SessionView, SuspendPlan, TimerPlan};
 
@@ -125,69 +125,5 @@ impl Policy for Oracle {
     }
     fn on_end(&mut self, s: SessionId) {
         self.next.remove(&s);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::planner::core::{Action, Capacity, Hint, Planner};
-
-    #[test]
-    fn saves_only_what_returns_evicts_the_latest_and_prefetches_in_time() {
-        let book = Arc::new(OracleBook::default());
-        let env = PolicyEnv {
-            nvme_read_bps: 1e9,
-            h2d_bps: 1e9,
-        };
-        let mut p = Planner::new(
-            Capacity {
-                host_bytes: 2_000_000_000,
-                nvme_bytes: 10_000_000_000,
-            },
-            Box::new(Oracle::new(env, book.clone())),
-        );
-        let s = 1_000_000_000u64; // 1 s
-                                  // session 9 never returns: nothing is saved
-        book.set(9, None);
-        assert!(p.suspend(0, 9, 1_000_000_000, &Hint::default()).is_empty());
-        // sessions 1 (back at 100 s) and 2 (back at 50 s) fill the host
-        for (id, back) in [(1u64, 100 * s), (2, 50 * s)] {
-            book.set(id, Some(back));
-            for a in p.suspend(0, id, 1_000_000_000, &Hint::default()) {
-                p.completed(0, &a, true);
-            }
-        }
-        // session 3 returns at 10 s: the one returning last (1) leaves the host
-        book.set(3, Some(10 * s));
-        let a = p.suspend(s, 3, 1_000_000_000, &Hint::default());
-        assert!(a.contains(&Action::Drop {
-            session: 1,
-            tier: Tier::Host,
-            bytes: 1_000_000_000
-        }));
-        for x in &a {
-            p.completed(s, x, true);
-        }
-        p.tick(s);
-        // session 1 is prefetched just in time: 1 GB at 1 GB/s read + 1 GB/s h2d + 1 s ahead
-        let due = 100 * s - 3 * s;
-        assert!(p.tick(due - 1).iter().all(|x| !matches!(
-            x,
-            Action::Copy {
-                from: Some(Tier::Nvme),
-                ..
-            }
-        )));
-        // make room for it: session 3 came back and ended
-        p.resume(10 * s, 3);
-        p.end(10 * s, 3);
-        let t = p.tick(due);
-        assert!(t.contains(&Action::Copy {
-            session: 1,
-            from: Some(Tier::Nvme),
-            to: Tier::Host,
-            bytes: 1_000_000_000
-        }));
     }
 }

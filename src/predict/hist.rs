@@ -8,7 +8,7 @@
 //! grows by 1/(1 − α), and the bins are rescaled when it grows large.
 
 use super::{GapDist, PROBS};
-use crate::planner::core::Nanos;
+use crate::session::Nanos;
 
 /// Lower edge of the first bin, log10 seconds.
 pub const LOG10_LO: f64 = -4.0;

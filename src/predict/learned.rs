@@ -42,7 +42,7 @@ use super::hist::{
     cdf_of_mass, dist_from_cdf, log10_s, mean_of_cdf, quantile_of_cdf, LogHist, BINS,
 };
 use super::{pinball, GapContext, GapDist, GapPredictor, Kind};
-use crate::planner::core::{Nanos, SessionId};
+use crate::session::{Nanos, SessionId};
 
 /// Tunables of [`Learned`] (the defaults are the documented design).
 #[derive(Clone, Debug)]
@@ -397,7 +397,7 @@ impl GapPredictor for Learned {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::planner::core::{Awaiting, Hint};
+    use crate::session::{Awaiting, Hint};
 
     /// splitmix64 + Box–Muller: a log-normal gap stream without the simulator.
     struct Gen(u64);

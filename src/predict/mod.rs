@@ -23,7 +23,7 @@ mod learned;
 pub use hist::{LogHist, BINS, BINS_PER_DECADE, LOG10_HI, LOG10_LO};
 pub use learned::{Learned, LearnedConfig, STUDY_HUMAN, STUDY_TOOL};
 
-use crate::planner::core::{Awaiting, Hint, Nanos, SessionId};
+use crate::session::{Awaiting, Hint, Nanos, SessionId};
 
 /// The probabilities at which predictors give quantiles.
 pub const PROBS: [f64; 12] = [

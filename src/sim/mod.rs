@@ -145,10 +145,10 @@ fn replay_cli(a: cli::ReplayArgs) -> crate::Result<()> {
     script.tools = sum.tools.clone();
     script.finish();
     if sum.long_lines > 0 {
-        eprintln!("{}", trace::long_lines_warning(&label, &sum));
+        log::warn!("{}", trace::long_lines_warning(&label, &sum));
     }
     if sum.bad_lines > 0 {
-        eprintln!(
+        log::warn!(
             "{label}: {} malformed lines skipped (first: line {})",
             sum.bad_lines,
             sum.bad.first().map_or(0, |b| b.line)

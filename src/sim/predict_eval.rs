@@ -18,8 +18,8 @@
 //! mean pinball loss at p10/p50/p90 in log10 seconds (gaps under 1 ms read as
 //! 1 ms). A suspend is scored when every predictor has a prediction.
 
-use crate::planner::core::{Awaiting, Hint, Nanos};
 use crate::predict::{log10_s, pinball, GapContext, GapPredictor, GlobalHist, Kind, Learned};
+use crate::session::{Awaiting, Hint, Nanos};
 
 use super::trace::{Session, TimeNs, ToolNames, Trigger};
 

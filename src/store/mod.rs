@@ -243,7 +243,7 @@ impl ChunkStore {
                     if let crate::tier::identity::Owner::Other(other) =
                         crate::tier::identity::claim(&label, &cfg.model_identity)?
                     {
-                        eprintln!(
+                        log::warn!(
                             "{}",
                             crate::tier::identity::other_model_message(
                                 &label,
@@ -446,7 +446,7 @@ impl ChunkStore {
 impl Drop for ChunkStore {
     fn drop(&mut self) {
         if let Err(e) = self.close() {
-            eprintln!("kvpark store rank {}: close: {e}", self.inner.rank);
+            log::error!("kvpark store rank {}: close: {e}", self.inner.rank);
         }
     }
 }
@@ -484,7 +484,7 @@ fn split_record(rec: &[u8]) -> Result<(&[u8], &[u8])> {
 impl Inner {
     fn free_slot(&self, s: SlotId) {
         if let Err(e) = self.arena.free(s) {
-            eprintln!("kvpark store rank {}: free slot {}: {e}", self.rank, s.0);
+            log::error!("kvpark store rank {}: free slot {}: {e}", self.rank, s.0);
         }
     }
 
@@ -715,7 +715,7 @@ impl Inner {
             }
         }
         if let Err(e) = n.gc() {
-            eprintln!("kvpark store rank {}: nvme gc: {e}", self.rank);
+            log::error!("kvpark store rank {}: nvme gc: {e}", self.rank);
         }
     }
 

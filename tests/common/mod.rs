@@ -4,7 +4,7 @@
 
 #![allow(dead_code)]
 
-use kvpark::block::{Dtype, Geometry, LayerView};
+use kvpark::block::{Dtype, Geometry, KvLayout, LayerView};
 
 /// A small fp32 geometry (2 KV heads, 16 tokens per block, head 16) with
 /// `layers` layers.
@@ -44,16 +44,11 @@ impl Cache {
     /// The views vLLM would register (valid while `self` lives, unmoved).
     pub fn views(&mut self) -> Vec<LayerView> {
         let g = self.geom;
-        let row = g.row_elems() as u64;
         let (blocks, page) = (self.blocks, self.page as u64);
         self.layers
             .iter_mut()
-            .map(|l| LayerView {
-                base: l.as_mut_ptr() as u64,
-                num_blocks: blocks,
-                stride_block: page,
-                stride_head: g.block_tokens as u64 * row,
-                stride_token: row,
+            .map(|l| {
+                LayerView::packed(&g, KvLayout::Lbhnc, l.as_mut_ptr() as u64, blocks, page).unwrap()
             })
             .collect()
     }

@@ -6,6 +6,7 @@ where the test needs a library that misbehaves on purpose; the last tests use th
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -40,7 +41,7 @@ STUBFN(kvpark_planner_on_worker_meta) STUBFN(kvpark_planner_metrics) STUBFN(kvpa
 STUBFN(kvpark_mover_register) STUBFN(kvpark_mover_bind) STUBFN(kvpark_mover_start_load)
 STUBFN(kvpark_mover_wait_layer) STUBFN(kvpark_mover_wait_for_save) STUBFN(kvpark_mover_get_finished)
 STUBFN(kvpark_mover_take_worker_meta) STUBFN(kvpark_mover_metrics) STUBFN(kvpark_mover_set_stream)
-STUBFN(kvpark_config_preflight)
+STUBFN(kvpark_config_preflight) STUBFN(kvpark_set_log_callback)
 void kvpark_planner_free(void *p) { (void)p; }
 void kvpark_mover_free(void *p) { (void)p; }
 """
@@ -88,16 +89,42 @@ def test_status_becomes_exception_with_last_error(tmp_path):
     assert ei.value.message == "kvpark_mover_start_load is a stub"
 
 
-def test_every_status_has_its_class():
-    names = {
-        1: "NullPointerError", 2: "InvalidArgumentError", 3: "KvparkIOError", 4: "CorruptError",
-        5: "NoSpaceError", 6: "ConfigError", 7: "CudaError", 8: "UnsupportedError",
-        9: "NotFoundError", 10: "BusyError", 11: "ClosedError", 12: "InternalError",
-        13: "BufferTooSmallError",
-    }
-    for status, name in names.items():
+HEADER = Path(__file__).resolve().parents[2] / "include" / "kvpark.h"
+
+
+def header_statuses() -> dict[str, int]:
+    """`KVPARK_STATUS_X = N` of the generated C header (the Rust enum is its one source)."""
+    body = re.search(r"enum KvparkStatus\s*\{(.*?)\}", HEADER.read_text(), re.S)
+    assert body, f"no enum KvparkStatus in {HEADER}"
+    code = re.sub(r"//[^\n]*|/\*.*?\*/", "", body.group(1), flags=re.S)
+    pairs = re.findall(r"(KVPARK_STATUS_[A-Z0-9_]+)\s*=\s*(\d+)", code)
+    assert len(pairs) == code.count("="), f"unreadable enumerator in {code!r}"
+    return {name: int(n) for name, n in pairs}
+
+
+def test_python_statuses_are_the_headers():
+    """errors.py names every status of include/kvpark.h with its number, and no other."""
+    want = header_statuses()
+    assert want.pop("KVPARK_STATUS_OK") == 0
+    assert len(want) >= 13
+    have = {cls.status_name: cls.status for cls in errors.STATUS_ERRORS.values()}
+    assert have == want, (
+        f"python_shim/kvpark/errors.py and include/kvpark.h disagree: "
+        f"only in Python {sorted(set(have.items()) - set(want.items()))}, "
+        f"only in the header {sorted(set(want.items()) - set(have.items()))}"
+    )
+    for status in want.values():
         e = errors.error_for_status(status, "m", "f")
-        assert type(e).__name__ == name and e.status == status and isinstance(e, kvpark.KvparkError)
+        assert type(e) is errors.STATUS_ERRORS[status] and e.status == status
+        assert isinstance(e, kvpark.KvparkError)
+
+
+def test_python_abi_version_is_the_headers():
+    m = re.search(r"#define KVPARK_ABI_VERSION (\d+)", HEADER.read_text())
+    assert m and int(m.group(1)) == _ffi.ABI_VERSION
+
+
+def test_an_unknown_status_keeps_its_number():
     e = errors.error_for_status(77, "m")
     assert isinstance(e, errors.UnknownStatusError) and e.status == 77 and "77" in str(e)
 

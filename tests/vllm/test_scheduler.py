@@ -29,19 +29,19 @@ LAYERS, HEADS, HEAD = 2, 2, 32
 
 def kv_tensors(layout: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One storage shared by all layers, like vLLM; per layer a 4-D logical view
-    [blocks, heads, tokens, 2*head] whose strides give the physical order."""
+    [blocks, heads, tokens, 2*head] of pages stored in the layout's order (torch derives
+    the strides from it; libkvpark classifies them back, KvLayout::strides)."""
     c = 2 * HEAD
     per_layer = NUM_BLOCKS * HEADS * BS * c
     buf = torch.randn(LAYERS * per_layer, generator=torch.Generator().manual_seed(7))
     views = {}
     for i in range(LAYERS):
-        if layout == "LBHNC":  # head-major (CPU backend)
-            stride = (HEADS * BS * c, BS * c, c, 1)
-        else:  # "LBNHC": token-major (FlashAttention default)
-            stride = (BS * HEADS * c, c, HEADS * c, 1)
-        views[f"model.layers.{i}.self_attn.attn"] = torch.as_strided(
-            buf, (NUM_BLOCKS, HEADS, BS, c), stride, storage_offset=i * per_layer
-        )
+        layer = buf[i * per_layer:(i + 1) * per_layer]
+        if layout == "LBHNC":  # head-major (CPU backend): stored [blocks, heads, tokens, c]
+            view = layer.view(NUM_BLOCKS, HEADS, BS, c)
+        else:  # "LBNHC": token-major (FlashAttention default): stored [blocks, tokens, heads, c]
+            view = layer.view(NUM_BLOCKS, BS, HEADS, c).permute(0, 2, 1, 3)
+        views[f"model.layers.{i}.self_attn.attn"] = view
     return buf, views
 
 

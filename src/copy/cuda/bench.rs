@@ -68,26 +68,8 @@ pub fn geometry_by_name(s: &str) -> Result<Geometry> {
     }
 }
 
-fn views(base: u64, g: &Geometry, blocks: u64, layout: KvLayout) -> Vec<LayerView> {
-    let (h, n, c) = (
-        g.kv_heads as u64,
-        g.block_tokens as u64,
-        g.row_elems() as u64,
-    );
-    let (sh, sn) = match layout {
-        KvLayout::Lbhnc => (n * c, c),
-        KvLayout::Lbnhc => (c, h * c),
-    };
-    let page = g.layer_page_bytes() as u64;
-    (0..g.layers as u64)
-        .map(|l| LayerView {
-            base: base + l * blocks * page,
-            num_blocks: blocks,
-            stride_block: h * n * c,
-            stride_head: sh,
-            stride_token: sn,
-        })
-        .collect()
+fn views(base: u64, g: &Geometry, blocks: u64, layout: KvLayout) -> Result<Vec<LayerView>> {
+    LayerView::layer_major(g, layout, base, blocks)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -195,7 +177,7 @@ fn cuda_bench_with(
             })?;
             for layout in [KvLayout::Lbhnc, KvLayout::Lbnhc] {
                 // SAFETY: views lie inside `dev`.
-                let kv = unsafe { KvCaches::new(g, views(dev.ptr(), &g, nblocks, layout), true)? };
+                let kv = unsafe { KvCaches::new(g, views(dev.ptr(), &g, nblocks, layout)?, true)? };
                 let mut seen = Vec::new();
                 for &s in strategies {
                     let used = super::plan::resolve(
@@ -321,7 +303,7 @@ pub fn cuda_selftest(device: i32) -> Result<String> {
             // reference on the CPU over the same bytes
             let mut himg = img.clone();
             let hkv = unsafe {
-                KvCaches::new(g, views(himg.as_mut_ptr() as u64, &g, nb, layout), false)?
+                KvCaches::new(g, views(himg.as_mut_ptr() as u64, &g, nb, layout)?, false)?
             };
             let blocks = [7u32, 2, 4];
             let mut want: Vec<Vec<u8>> =
@@ -338,7 +320,7 @@ pub fn cuda_selftest(device: i32) -> Result<String> {
                 e.set_selector(Selector::forced(s));
                 let dev = e.alloc_device(bytes)?;
                 dev.upload(0, &img)?;
-                let kv = unsafe { KvCaches::new(g, views(dev.ptr(), &g, nb, layout), true)? };
+                let kv = unsafe { KvCaches::new(g, views(dev.ptr(), &g, nb, layout)?, true)? };
                 let mut rec = e.alloc_pinned(blocks.len() * g.block_bytes())?;
                 rec.as_mut_slice().fill(0xEE);
                 let ops: Vec<HostRecord> = blocks
@@ -361,7 +343,7 @@ pub fn cuda_selftest(device: i32) -> Result<String> {
                 }
                 // scatter back into a zeroed cache, layer by layer, and compare pages
                 let dev2 = e.alloc_device(bytes)?;
-                let kv2 = unsafe { KvCaches::new(g, views(dev2.ptr(), &g, nb, layout), true)? };
+                let kv2 = unsafe { KvCaches::new(g, views(dev2.ptr(), &g, nb, layout)?, true)? };
                 let mut h = unsafe { e.submit_onload(&kv2, &ops, 0..g.layers as usize, None)? };
                 h.wait_all()?;
                 drop(h);

@@ -9,7 +9,7 @@
 //! | [`pin`]       | `cuMemHostRegister` hook, chunked background [`pin::PinningJob`]         | register fn |
 //! | [`driver`]    | fallible driver loading, error mapping, context guard, device buffers  | yes         |
 //! | [`engine`]    | [`CudaEngine`]: `CopyEngine` + async onload/offload handles             | yes         |
-//! | [`bench`](mod@bench) | self-test and GB/s benchmark entry points for the C ABI                 | yes         |
+//! | `bench`       | self-test and GB/s benchmark entry points (features `cli`, `gpu-bench`) | yes         |
 //!
 //! The types exist in every build. Without `libcuda.so.1`, [`CudaEngine::new`]
 //! returns an [`ErrorKind::Cuda`](crate::ErrorKind::Cuda) error ("no CUDA
@@ -17,6 +17,7 @@
 //!
 //! Mechanisms and how one is picked per transfer shape: see [`plan`].
 
+#[cfg(any(feature = "cli", feature = "gpu-bench"))]
 pub mod bench;
 pub mod dl;
 pub mod driver;

@@ -360,7 +360,7 @@ impl Drop for PinningJob {
         self.join();
         if let Some(f) = self.unpin_on_drop.take() {
             if let Err(e) = self.unpin_all(&*f) {
-                eprintln!("kvpark: unpinning the host arena: {e}");
+                log::error!("kvpark: unpinning the host arena: {e}");
             }
         }
     }
@@ -388,8 +388,8 @@ fn run(s: &Shared, register: &(dyn Fn(*mut u8, usize) -> Result<()> + Send + Syn
             }
             Err(e) => {
                 s.failed_chunks.fetch_add(1, Ordering::Relaxed);
-                eprintln!(
-                    "kvpark: warning: pinning host arena chunk {i} ({len} bytes at offset {off}) failed, \
+                log::warn!(
+                    "kvpark: pinning host arena chunk {i} ({len} bytes at offset {off}) failed, \
                      using it as pageable memory (slower transfers): {e}"
                 );
                 ChunkState::Pageable(e.to_string())

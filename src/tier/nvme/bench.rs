@@ -1,5 +1,5 @@
 //! NVMe store throughput against raw O_DIRECT I/O on the same file system,
-//! measured in the same run (`cargo bench --bench nvme`, `kvpark bench`).
+//! measured in the same run (`cargo bench --features cli --bench nvme`, `kvpark bench`).
 //!
 //! For each record size (2, 4, 8, 16 MiB; codec `none`, so the disk is what
 //! is measured) the store writes then reads `total` bytes on the paths the

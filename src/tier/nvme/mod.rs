@@ -117,6 +117,7 @@
 //! keeps serving.
 
 mod aligned;
+#[cfg(feature = "cli")]
 pub mod bench;
 pub mod format;
 mod fsio;

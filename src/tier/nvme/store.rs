@@ -367,7 +367,7 @@ impl NvmeStore {
             match probe_direct_for(&rank_dir)? {
                 None => (true, None),
                 Some(reason) => {
-                    eprintln!("kvpark nvme rank {}: {reason}", cfg.rank);
+                    log::warn!("kvpark nvme rank {}: {reason}", cfg.rank);
                     (false, Some(reason))
                 }
             }
@@ -661,7 +661,7 @@ impl NvmeStore {
 impl Drop for NvmeStore {
     fn drop(&mut self) {
         if let Err(e) = self.close() {
-            eprintln!("kvpark nvme rank {}: close: {e}", self.inner.cfg.rank);
+            log::error!("kvpark nvme rank {}: close: {e}", self.inner.cfg.rank);
         }
     }
 }
@@ -816,7 +816,7 @@ impl Inner {
                     BadKind::Corrupt => &self.c.dropped_corrupt,
                 };
                 c.fetch_add(1, Relaxed);
-                eprintln!(
+                log::warn!(
                     "kvpark nvme rank {}: {} offset {off}: dropped {:?} record: {reason}",
                     self.rank(),
                     seg_name(id),
@@ -872,7 +872,7 @@ impl Inner {
     /// (`skipped_segments`), logged once, left where it is.
     fn skip_segment(&self, id: u32, reason: &str) {
         self.c.skipped_segments.fetch_add(1, Relaxed);
-        eprintln!(
+        log::warn!(
             "kvpark nvme rank {}: skipping {} in {}: {reason}",
             self.rank(),
             seg_name(id),
@@ -891,7 +891,7 @@ impl Inner {
         });
         if let Err(e) = r {
             self.count_err(&e);
-            eprintln!("kvpark nvme rank {}: {e}", self.rank());
+            log::error!("kvpark nvme rank {}: {e}", self.rank());
         }
     }
 
@@ -906,7 +906,7 @@ impl Inner {
             }
             Err(e) => {
                 self.c.io_errors.fetch_add(1, Relaxed);
-                eprintln!(
+                log::error!(
                     "kvpark nvme rank {}: open {} to seal it: {e}",
                     self.rank(),
                     path.display()
