@@ -82,7 +82,7 @@ fn overflowing_geometry_is_refused_at_register() {
 fn planner() -> *mut KvparkPlanner {
     let cfg = r#"{"host_bytes":"1MiB"}"#;
     let mut p = ptr::null_mut();
-    let st = unsafe { kvpark_planner_new(cfg.as_ptr(), cfg.len(), 16, &mut p) };
+    let st = unsafe { kvpark_planner_new(cfg.as_ptr(), cfg.len(), 16, 1, &mut p) };
     assert_eq!(st, KvparkStatus::Ok, "{}", last_error());
     p
 }
@@ -257,7 +257,7 @@ fn a_damaged_slot_table_does_not_stop_the_scheduler() {
         host_file.to_str().unwrap()
     );
     let mut p = ptr::null_mut();
-    let st = unsafe { kvpark_planner_new(cfg.as_ptr(), cfg.len(), 16, &mut p) };
+    let st = unsafe { kvpark_planner_new(cfg.as_ptr(), cfg.len(), 16, 1, &mut p) };
     assert_eq!(st, KvparkStatus::Ok, "{}", last_error());
     assert!(!p.is_null());
     unsafe { kvpark_planner_free(p) };

@@ -283,6 +283,15 @@ def preflight_context(
     return ctx
 
 
+def engine_world_size(vllm_config: "VllmConfig") -> int:
+    """The worker ranks of one engine (tensor x pipeline parallel): each runs a mover
+    with its own files and reports with its rank; the planner counts a block as parked
+    only when all of them hold it."""
+    pc = getattr(vllm_config, "parallel_config", None)
+    w = getattr(pc, "world_size", 1)
+    return w if isinstance(w, int) and not isinstance(w, bool) and w > 0 else 1
+
+
 def _worker_rank() -> int:
     try:
         from vllm.distributed.parallel_state import get_world_group
@@ -340,8 +349,11 @@ class KVParkConnector(KVConnectorBase_V1):
             "bad_hints": 0,
         }
         if role == KVConnectorRole.SCHEDULER:
-            self._planner = _ffi.Planner(extra, self._block_size)
-            logger.info("kvpark: planner up (block_size %d, config %s)", self._block_size, self._config)
+            world = engine_world_size(vllm_config)
+            self._planner = _ffi.Planner(extra, self._block_size, world)
+            logger.info(
+                "kvpark: planner up (block_size %d, %d worker rank(s), config %s)", self._block_size, world, self._config
+            )
         else:
             self._mover = _ffi.Mover(extra, self._rank)
             logger.info("kvpark: mover up (rank %d, config %s)", self._rank, self._config)

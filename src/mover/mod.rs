@@ -43,7 +43,9 @@ use crate::config::{Config, Fsync};
 use crate::copy::{cpu::CpuEngine, CopyEngine, GatherOp, KvCaches, ScatterOp};
 use crate::error::{Error, ErrorKind, Result};
 use crate::index::{BlockIndex, BlockState};
-use crate::plan::{LoadDone, LoadReq, MoveKind, Plan, Report, SaveDone, SaveReq};
+use crate::plan::{
+    LoadDone, LoadReq, MoveKind, Outcome, Plan, Report, SaveDone, SaveReq, TierChange,
+};
 use crate::tier::host::{HostArena, SlotId};
 use crate::tier::nvme::{Completion, FsyncPolicy, NvmeConfig, NvmeStore, OpKind};
 use crate::tier::slots::{table_path, SlotTable};
@@ -131,10 +133,12 @@ struct Registered {
     index: Mutex<BlockIndex>,
     nvme: Option<NvmeStore>,
     nvme_done: Option<Receiver<Completion>>,
-    /// NVMe writes in flight: ticket → key.
-    writes: Mutex<HashMap<u64, BlockKey>>,
-    /// Demotions waiting for room in the store's queue.
-    deferred: Mutex<std::collections::VecDeque<(BlockKey, u64, u32)>>,
+    /// NVMe writes in flight: ticket → (key, a planned demotion whose
+    /// outcome is reported, not a write-behind).
+    writes: Mutex<HashMap<u64, (BlockKey, bool)>>,
+    /// Demotions waiting for room in the store's queue: (key, session,
+    /// seq, planned).
+    deferred: Mutex<std::collections::VecDeque<(BlockKey, u64, u32, bool)>>,
     report: Mutex<Report>,
     metrics: MoverMetrics,
     engine: Arc<dyn CopyEngine>,
@@ -737,6 +741,7 @@ impl Mover {
         if r.is_empty() {
             return Vec::new();
         }
+        r.rank = self.rank;
         r.block_bytes = reg.geom.block_bytes() as u64;
         r.encode()
     }
@@ -993,7 +998,7 @@ impl Registered {
                 BlockState::HostAndNvme => idx.release_host(&key).ok(),
                 BlockState::Host if drop_host_only => match idx.remove(&key) {
                     Ok(s) => {
-                        self.report.lock().lost.push(key);
+                        self.report.lock().tier(TierChange::Lost, key);
                         self.metrics.dropped_blocks.fetch_add(1, Ordering::Relaxed);
                         s
                     }
@@ -1003,7 +1008,9 @@ impl Registered {
             };
             if let Some(s) = slot {
                 self.free_slot(s)?;
-                self.report.lock().left_host.push(key);
+                if e.state == BlockState::HostAndNvme {
+                    self.report.lock().tier(TierChange::LeftHost, key);
+                }
                 self.metrics.host_evictions.fetch_add(1, Ordering::Relaxed);
                 return Ok(true);
             }
@@ -1029,7 +1036,18 @@ impl Registered {
         let deadline = t0 + SAVE_STREAM_WAIT;
         let mut batch: Vec<(BlockKey, u32, SlotId, u32)> = Vec::with_capacity(s.blocks.len());
         for &(key, block, seq) in &s.blocks {
-            if self.index.lock().get(&key).is_some() {
+            let known = self.index.lock().get(&key).map(|e| e.state);
+            if let Some(state) = known {
+                // Parked already: tell where (the planner may not know it
+                // on this rank, e.g. after a restart).
+                let mut r = self.report.lock();
+                if state.host_readable() {
+                    r.tier(TierChange::OnHost, key);
+                }
+                if matches!(state, BlockState::HostAndNvme | BlockState::Nvme) {
+                    r.tier(TierChange::OnNvme, key);
+                }
+                drop(r);
                 done.ok.push(key);
                 continue;
             }
@@ -1120,9 +1138,10 @@ impl Registered {
                 }
                 Ok(None) if ok => {
                     self.record_slot(slot, &key, s.session, seq);
+                    self.report.lock().tier(TierChange::OnHost, key);
                     done.ok.push(key);
                     if s.to_nvme {
-                        self.demote(key, s.session, seq);
+                        self.demote(key, s.session, seq, false);
                     }
                 }
                 _ => done.failed.push(key),
@@ -1142,13 +1161,25 @@ impl Registered {
         done
     }
 
-    /// Starts an NVMe write of a host block (write-behind or a planned demotion).
-    fn demote(&self, key: BlockKey, session: u64, seq: u32) {
-        let Some(store) = &self.nvme else { return };
+    /// Starts an NVMe write of a host block: a write-behind of a save, or
+    /// (`planned`) a demotion the planner asked for, whose outcome is
+    /// reported (done when the write lands, skipped or failed with the
+    /// reason).
+    fn demote(&self, key: BlockKey, session: u64, seq: u32, planned: bool) {
+        let outcome = |why: String| {
+            if planned {
+                self.report
+                    .lock()
+                    .moved(MoveKind::Demote, key, Outcome::Skipped(why));
+            }
+        };
+        let Some(store) = &self.nvme else {
+            return outcome("no NVMe tier on this rank".into());
+        };
         // Never block the caller (vLLM's step) on the disk: with the store's
         // queue full, the demotion waits here and poll_nvme submits it later.
         if self.writes.lock().len() >= MAX_WRITES_IN_FLIGHT {
-            self.deferred.lock().push_back((key, session, seq));
+            self.deferred.lock().push_back((key, session, seq, planned));
             self.metrics
                 .demotions_deferred
                 .fetch_add(1, Ordering::Relaxed);
@@ -1159,14 +1190,40 @@ impl Registered {
                 self.metrics
                     .demotions_skipped_full
                     .fetch_add(1, Ordering::Relaxed);
-                return;
+                return outcome("the NVMe tier is full".into());
             }
         }
         let slot = {
             let mut idx = self.index.lock();
-            let Some(e) = idx.get(&key) else { return };
-            if e.state != BlockState::Host || idx.begin_demote(&key).is_err() {
+            let Some(e) = idx.get(&key) else {
+                drop(idx);
+                if planned {
+                    let mut r = self.report.lock();
+                    r.moved(
+                        MoveKind::Demote,
+                        key,
+                        Outcome::Skipped("not parked on this rank".into()),
+                    );
+                    r.tier(TierChange::Lost, key);
+                }
                 return;
+            };
+            if e.state == BlockState::HostAndNvme || e.state == BlockState::Nvme {
+                drop(idx);
+                if planned {
+                    let mut r = self.report.lock();
+                    r.moved(MoveKind::Demote, key, Outcome::Done);
+                    r.tier(TierChange::OnNvme, key);
+                }
+                return;
+            }
+            if e.state != BlockState::Host {
+                drop(idx);
+                return outcome(format!("block in state {:?}", e.state));
+            }
+            if let Err(err) = idx.begin_demote(&key) {
+                drop(idx);
+                return outcome(err.message().to_string());
             }
             e.host.expect("Host state has a slot")
         };
@@ -1180,11 +1237,21 @@ impl Registered {
                 (g.as_ptr(), None)
             }
             Ok(g) => (std::ptr::null(), Some(g[..len].to_vec())),
-            Err(_) => {
+            Err(e) => {
                 let _ = self.index.lock().finish_demote(&key, false);
+                if planned {
+                    self.report.lock().moved(
+                        MoveKind::Demote,
+                        key,
+                        Outcome::Failed(format!("host slot: {}", e.message())),
+                    );
+                }
                 return;
             }
         };
+        // The ticket is recorded under the `writes` lock before the
+        // completion can be looked up there (poll_nvme takes the same lock).
+        let mut writes = self.writes.lock();
         let submitted = match data {
             Some(data) => store.submit_put(key, session, seq, data),
             // SAFETY: the block stays in `Demoting` until poll_nvme applies
@@ -1196,19 +1263,30 @@ impl Registered {
         };
         match submitted {
             Ok(t) => {
-                self.writes.lock().insert(t.0, key);
+                writes.insert(t.0, (key, planned));
             }
-            Err(_) => {
+            Err(e) => {
+                drop(writes);
                 let _ = self.index.lock().finish_demote(&key, false);
                 self.metrics
                     .nvme_write_errors
                     .fetch_add(1, Ordering::Relaxed);
+                if planned {
+                    self.report.lock().moved(
+                        MoveKind::Demote,
+                        key,
+                        Outcome::Failed(format!("NVMe write: {}", e.message())),
+                    );
+                }
             }
         }
     }
 
     /// Applies NVMe completions; waits up to `wait` for the first one.
     /// Returns true when at least one completion was processed.
+    ///
+    /// A write leaves `writes` only after its outcome is in the report, so
+    /// whoever sees no write in flight also sees every outcome reported.
     fn poll_nvme(&self, wait: Duration) -> bool {
         let Some(rx) = &self.nvme_done else {
             return false;
@@ -1224,23 +1302,41 @@ impl Registered {
             if c.op != OpKind::Put {
                 continue;
             }
-            let Some(key) = self.writes.lock().remove(&c.ticket.0) else {
+            let Some((key, planned)) = self.writes.lock().get(&c.ticket.0).copied() else {
                 continue;
             };
             let ok = c.result.is_ok();
             let _ = self.index.lock().finish_demote(&key, ok);
             if ok {
                 self.metrics.demoted_blocks.fetch_add(1, Ordering::Relaxed);
-                self.report.lock().on_nvme.push(key);
+                let mut r = self.report.lock();
+                r.tier(TierChange::OnNvme, key);
+                if planned {
+                    r.moved(MoveKind::Demote, key, Outcome::Done);
+                }
             } else {
                 self.metrics
                     .nvme_write_errors
                     .fetch_add(1, Ordering::Relaxed);
-                if matches!(&c.result, Err(e) if e.kind() == ErrorKind::NoSpace) {
+                let full = matches!(&c.result, Err(e) if e.kind() == ErrorKind::NoSpace);
+                if full {
                     self.metrics.nvme_full.fetch_add(1, Ordering::Relaxed);
                     *self.nvme_paused_until.lock() = Some(Instant::now() + Duration::from_secs(30));
                 }
+                if planned {
+                    let why = match &c.result {
+                        Err(e) => format!("NVMe write: {}", e.message()),
+                        Ok(_) => unreachable!("not ok"),
+                    };
+                    let outcome = if full {
+                        Outcome::Skipped(why)
+                    } else {
+                        Outcome::Failed(why)
+                    };
+                    self.report.lock().moved(MoveKind::Demote, key, outcome);
+                }
             }
+            self.writes.lock().remove(&c.ticket.0);
         }
         self.submit_deferred();
         any
@@ -1252,12 +1348,12 @@ impl Registered {
             if self.writes.lock().len() >= MAX_WRITES_IN_FLIGHT {
                 return;
             }
-            let Some((key, session, seq)) = self.deferred.lock().pop_front() else {
+            let Some((key, session, seq, planned)) = self.deferred.lock().pop_front() else {
                 return;
             };
             // The block may have been evicted or removed meanwhile: demote()
-            // only acts on a block still in Host state.
-            self.demote(key, session, seq);
+            // only writes a block still in Host state (and reports the rest).
+            self.demote(key, session, seq, planned);
         }
     }
 
@@ -1266,9 +1362,12 @@ impl Registered {
         let now = self.now();
         {
             let mut idx = self.index.lock();
-            let e = idx
-                .get(key)
-                .ok_or_else(|| Error::not_found("block not parked"))?;
+            let Some(e) = idx.get(key) else {
+                drop(idx);
+                // The planner believed it here: tell it the truth.
+                self.report.lock().tier(TierChange::Lost, *key);
+                return Err(Error::not_found("block not parked"));
+            };
             if e.state.host_readable() {
                 idx.pin(key, now)?;
                 self.metrics
@@ -1304,6 +1403,7 @@ impl Registered {
                 let e = idx.get(key).expect("just promoted");
                 drop(idx);
                 self.record_slot(slot, key, e.session, e.seq);
+                self.report.lock().tier(TierChange::OnHost, *key);
                 self.metrics
                     .load_blocks_nvme
                     .fetch_add(1, Ordering::Relaxed);
@@ -1315,7 +1415,7 @@ impl Registered {
                 }
                 // The store dropped a corrupt record itself; forget the block.
                 let _ = idx.remove(key);
-                self.report.lock().lost.push(*key);
+                self.report.lock().tier(TierChange::Lost, *key);
                 if e.kind() == ErrorKind::Corrupt {
                     self.metrics.load_corrupt.fetch_add(1, Ordering::Relaxed);
                 }
@@ -1453,49 +1553,108 @@ impl Registered {
         (done, failed_blocks)
     }
 
+    /// Runs one planned tier move and reports its outcome (and the tier
+    /// changes it made). A demotion's outcome comes when its write lands
+    /// (see [`Registered::poll_nvme`]).
     fn apply_move(&self, kind: MoveKind, key: BlockKey) {
+        let skipped = |why: String| self.report.lock().moved(kind, key, Outcome::Skipped(why));
         match kind {
             MoveKind::Demote => {
                 let e = self.index.lock().get(&key);
-                if let Some(e) = e {
-                    self.demote(key, e.session, e.seq);
+                match e {
+                    Some(e) => self.demote(key, e.session, e.seq, true),
+                    None => {
+                        let mut r = self.report.lock();
+                        r.moved(
+                            kind,
+                            key,
+                            Outcome::Skipped("not parked on this rank".into()),
+                        );
+                        r.tier(TierChange::Lost, key);
+                    }
                 }
             }
             MoveKind::EvictHost => {
                 let mut idx = self.index.lock();
-                let state = idx.get(&key).map(|e| e.state);
-                let slot = match state {
-                    Some(BlockState::HostAndNvme) => idx.release_host(&key).ok(),
-                    Some(BlockState::Host) => {
-                        let s = idx.remove(&key).ok().flatten();
-                        if s.is_some() {
-                            self.report.lock().lost.push(key);
-                        }
-                        s
+                let e = idx.get(&key);
+                let (slot, change) = match e.map(|e| (e.state, e.pins)) {
+                    Some((BlockState::HostAndNvme, _)) => match idx.release_host(&key) {
+                        Ok(s) => (s, TierChange::LeftHost),
+                        Err(err) => return skipped(err.message().to_string()),
+                    },
+                    Some((BlockState::Host, _)) => match idx.remove(&key) {
+                        Ok(Some(s)) => (s, TierChange::Lost),
+                        Ok(None) => unreachable!("a Host block holds a slot"),
+                        Err(err) => return skipped(err.message().to_string()),
+                    },
+                    Some((BlockState::Nvme, _)) => {
+                        drop(idx);
+                        let mut r = self.report.lock();
+                        r.moved(kind, key, Outcome::Done);
+                        r.tier(TierChange::LeftHost, key);
+                        return;
                     }
-                    _ => None,
+                    Some((state, _)) => return skipped(format!("block in state {state:?}")),
+                    None => {
+                        drop(idx);
+                        let mut r = self.report.lock();
+                        r.moved(kind, key, Outcome::Done);
+                        r.tier(TierChange::Lost, key);
+                        return;
+                    }
                 };
                 drop(idx);
-                if let Some(s) = slot {
-                    let _ = self.free_slot(s);
-                    self.report.lock().left_host.push(key);
-                }
+                let freed = self.free_slot(slot);
+                let mut r = self.report.lock();
+                r.tier(change, key);
+                r.moved(
+                    kind,
+                    key,
+                    match freed {
+                        Ok(()) => Outcome::Done,
+                        Err(e) => Outcome::Failed(format!("free host slot: {}", e.message())),
+                    },
+                );
             }
-            MoveKind::Promote => {
-                if let Ok(_slot) = self.pin_for_load(&key) {
+            MoveKind::Promote => match self.pin_for_load(&key) {
+                Ok(_slot) => {
                     let _ = self.index.lock().unpin(&key);
+                    let mut r = self.report.lock();
+                    // already host-readable: say so (pin_for_load reports
+                    // only a read from NVMe)
+                    r.tier(TierChange::OnHost, key);
+                    r.moved(kind, key, Outcome::Done);
                 }
-            }
+                Err(e) => {
+                    let outcome = match e.kind() {
+                        ErrorKind::NoSpace | ErrorKind::Busy | ErrorKind::NotFound => {
+                            Outcome::Skipped(e.message().to_string())
+                        }
+                        _ => Outcome::Failed(e.message().to_string()),
+                    };
+                    self.report.lock().moved(kind, key, outcome);
+                }
+            },
             MoveKind::Drop => {
                 let removed = self.index.lock().remove(&key);
-                if let Ok(slot) = removed {
-                    if let Some(s) = slot {
-                        let _ = self.free_slot(s);
+                match removed {
+                    Ok(slot) => {
+                        if let Some(s) = slot {
+                            let _ = self.free_slot(s);
+                        }
+                        if let Some(n) = &self.nvme {
+                            n.remove(&key);
+                        }
+                        let mut r = self.report.lock();
+                        r.tier(TierChange::Lost, key);
+                        r.moved(kind, key, Outcome::Done);
                     }
-                    if let Some(n) = &self.nvme {
-                        n.remove(&key);
+                    Err(e) if e.kind() == ErrorKind::NotFound => {
+                        let mut r = self.report.lock();
+                        r.tier(TierChange::Lost, key);
+                        r.moved(kind, key, Outcome::Done);
                     }
-                    self.report.lock().lost.push(key);
+                    Err(e) => skipped(e.message().to_string()),
                 }
             }
         }
