@@ -710,7 +710,8 @@ impl Mover {
         std::mem::take(&mut self.finished)
     }
 
-    /// Blocks until every async load handed out so far has finished (tests, shutdown).
+    /// Blocks until every async load handed out so far has finished and no
+    /// NVMe write is in flight or queued (tests, shutdown).
     pub fn drain(&mut self, timeout: Duration) -> Finished {
         let end = Instant::now() + timeout;
         let mut acc = Finished::default();
@@ -719,12 +720,8 @@ impl Mover {
             acc.sending.extend(f.sending);
             acc.recving.extend(f.recving);
             acc.failed_blocks.extend(f.failed_blocks);
-            let writes = self
-                .reg
-                .as_ref()
-                .map(|r| r.writes.lock().len())
-                .unwrap_or(0);
-            if (self.pending_async == 0 && writes == 0) || Instant::now() >= end {
+            let writes = self.reg.as_ref().map(|r| r.nvme_busy()).unwrap_or(false);
+            if (self.pending_async == 0 && !writes) || Instant::now() >= end {
                 return acc;
             }
             std::thread::sleep(Duration::from_millis(1));
@@ -767,6 +764,19 @@ impl Mover {
             }
         }
         v.to_string()
+    }
+
+    /// Where this rank holds each parked block: `(key, a complete host copy,
+    /// an NVMe copy)`, from the mover's own index (the truth the planner's
+    /// view is checked against; settled after [`Mover::drain`]).
+    pub fn holdings(&self) -> Vec<(BlockKey, bool, bool)> {
+        let Some(reg) = &self.reg else {
+            return Vec::new();
+        };
+        let idx = reg.index.lock();
+        idx.iter()
+            .map(|(k, e)| (*k, e.state.host_readable(), e.on_nvme))
+            .collect()
     }
 
     /// The registered geometry, if any.
