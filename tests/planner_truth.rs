@@ -86,7 +86,7 @@ struct Engine {
     dir: tempfile::TempDir,
     planner_cfg: Config,
     mover_cfgs: Vec<Config>,
-    caches: Vec<Box<Cache>>,
+    caches: Vec<Cache>,
     movers: Vec<Mover>,
     planner: BlockPlanner,
     now: u64,
@@ -118,7 +118,7 @@ impl Engine {
             })
             .collect();
         let caches = (0..WORLD)
-            .map(|r| Box::new(Cache::new(r as f32 * 10_000.0)))
+            .map(|r| Cache::new(r as f32 * 10_000.0))
             .collect();
         let planner = BlockPlanner::open(planner_cfg.clone(), BS, WORLD).unwrap();
         let mut e = Engine {

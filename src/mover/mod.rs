@@ -24,6 +24,12 @@
 //! - Every save request is reported in `finished_sending`, also when it
 //!   failed, so vLLM never keeps a request's blocks forever.
 //! - A full NVMe disk stops demotion (and is counted), never serving.
+//! - The planner decides, the mover executes and reports: every planned move
+//!   ends in an outcome in the report (done, or skipped / failed with the
+//!   reason; a demotion's when its write lands), and every change of where a
+//!   block lives on this rank is reported in order — also the ones the mover
+//!   must make itself (a save into a full host tier evicts older blocks, a
+//!   load drops a corrupt record) — tagged with the rank.
 //! - Layer-wise sync loads (config `layerwise_load`; by default on for KV
 //!   caches on a GPU, off on vLLM's CPU backend): the blocks
 //!   are pinned (read from NVMe if needed) in `start_load`, then the layer

@@ -414,7 +414,7 @@ impl BlockPlanner {
             .map(|(s, c)| {
                 let all = self.all;
                 let every = |f: &dyn Fn(&Loc) -> bool| {
-                    c.iter().all(|k| self.blocks.get(k).is_some_and(|l| f(l)))
+                    c.iter().all(|k| self.blocks.get(k).is_some_and(f))
                 };
                 (
                     *s,
