@@ -553,3 +553,27 @@ fn a_demotion_the_full_disk_skips_is_reported_and_not_counted() {
     assert_eq!(m.parked_nvme_blocks, on_nvme);
     assert!(on_nvme < 6, "not every demotion is counted done");
 }
+
+#[test]
+fn a_write_behind_the_full_disk_skips_is_not_an_nvme_copy() {
+    // write-through policy; the first turn teaches the planner the block size
+    let planned_nvme = |disk: u64| {
+        let mut e = Engine::new("lmcache-lru", [16, 16], [disk, disk]);
+        e.turn(0, 1, false);
+        let before = e.planner.metrics().planned_nvme_bytes;
+        e.turn(1, 6, false);
+        e.check("write-behind").unwrap();
+        let m = e.planner.metrics();
+        let on_nvme = keys_of(1, 6)
+            .iter()
+            .filter(|k| e.planner.whereabouts(k).is_some_and(|w| w.1 == 3))
+            .count();
+        (m.planned_nvme_bytes - before, on_nvme)
+    };
+    // room for everything: the core planner accounts the 6 blocks on NVMe
+    assert_eq!(planned_nvme(64), (6 * block_bytes(), 6));
+    // room for 2 records: the writes that did not land are not an NVMe copy
+    let (bytes, on_nvme) = planned_nvme(2);
+    assert!(on_nvme < 6, "{on_nvme}");
+    assert_eq!(bytes, 0, "the session's copy to NVMe failed");
+}

@@ -139,12 +139,10 @@ struct Registered {
     index: Mutex<BlockIndex>,
     nvme: Option<NvmeStore>,
     nvme_done: Option<Receiver<Completion>>,
-    /// NVMe writes in flight: ticket → (key, a planned demotion whose
-    /// outcome is reported, not a write-behind).
-    writes: Mutex<HashMap<u64, (BlockKey, bool)>>,
-    /// Demotions waiting for room in the store's queue: (key, session,
-    /// seq, planned).
-    deferred: Mutex<std::collections::VecDeque<(BlockKey, u64, u32, bool)>>,
+    /// NVMe writes in flight: ticket → key.
+    writes: Mutex<HashMap<u64, BlockKey>>,
+    /// Demotions waiting for room in the store's queue: (key, session, seq).
+    deferred: Mutex<std::collections::VecDeque<(BlockKey, u64, u32)>>,
     report: Mutex<Report>,
     metrics: MoverMetrics,
     engine: Arc<dyn CopyEngine>,
@@ -1065,6 +1063,10 @@ impl Registered {
                 }
                 drop(r);
                 done.ok.push(key);
+                if s.to_nvme {
+                    // the write-behind's outcome is reported like a demotion's
+                    self.demote(key, s.session, seq);
+                }
                 continue;
             }
             if self.kv.check_block(block).is_err() {
@@ -1157,7 +1159,9 @@ impl Registered {
                     self.report.lock().tier(TierChange::OnHost, key);
                     done.ok.push(key);
                     if s.to_nvme {
-                        self.demote(key, s.session, seq, false);
+                        // the write-behind is reported like a demotion: the
+                        // planner counts the NVMe copy when the write lands
+                        self.demote(key, s.session, seq);
                     }
                 }
                 _ => done.failed.push(key),
@@ -1177,17 +1181,15 @@ impl Registered {
         done
     }
 
-    /// Starts an NVMe write of a host block: a write-behind of a save, or
-    /// (`planned`) a demotion the planner asked for, whose outcome is
-    /// reported (done when the write lands, skipped or failed with the
-    /// reason).
-    fn demote(&self, key: BlockKey, session: u64, seq: u32, planned: bool) {
+    /// Starts an NVMe write of a host block: a demotion or a save's
+    /// write-behind, both asked for by the planner. Its outcome is reported
+    /// as a [`MoveKind::Demote`]: done when the write lands (with the tier
+    /// change), skipped or failed with the reason.
+    fn demote(&self, key: BlockKey, session: u64, seq: u32) {
         let outcome = |why: String| {
-            if planned {
-                self.report
-                    .lock()
-                    .moved(MoveKind::Demote, key, Outcome::Skipped(why));
-            }
+            self.report
+                .lock()
+                .moved(MoveKind::Demote, key, Outcome::Skipped(why));
         };
         let Some(store) = &self.nvme else {
             return outcome("no NVMe tier on this rank".into());
@@ -1195,7 +1197,7 @@ impl Registered {
         // Never block the caller (vLLM's step) on the disk: with the store's
         // queue full, the demotion waits here and poll_nvme submits it later.
         if self.writes.lock().len() >= MAX_WRITES_IN_FLIGHT {
-            self.deferred.lock().push_back((key, session, seq, planned));
+            self.deferred.lock().push_back((key, session, seq));
             self.metrics
                 .demotions_deferred
                 .fetch_add(1, Ordering::Relaxed);
@@ -1213,24 +1215,20 @@ impl Registered {
             let mut idx = self.index.lock();
             let Some(e) = idx.get(&key) else {
                 drop(idx);
-                if planned {
-                    let mut r = self.report.lock();
-                    r.moved(
-                        MoveKind::Demote,
-                        key,
-                        Outcome::Skipped("not parked on this rank".into()),
-                    );
-                    r.tier(TierChange::Lost, key);
-                }
+                let mut r = self.report.lock();
+                r.moved(
+                    MoveKind::Demote,
+                    key,
+                    Outcome::Skipped("not parked on this rank".into()),
+                );
+                r.tier(TierChange::Lost, key);
                 return;
             };
             if e.state == BlockState::HostAndNvme || e.state == BlockState::Nvme {
                 drop(idx);
-                if planned {
-                    let mut r = self.report.lock();
-                    r.moved(MoveKind::Demote, key, Outcome::Done);
-                    r.tier(TierChange::OnNvme, key);
-                }
+                let mut r = self.report.lock();
+                r.moved(MoveKind::Demote, key, Outcome::Done);
+                r.tier(TierChange::OnNvme, key);
                 return;
             }
             if e.state != BlockState::Host {
@@ -1255,13 +1253,11 @@ impl Registered {
             Ok(g) => (std::ptr::null(), Some(g[..len].to_vec())),
             Err(e) => {
                 let _ = self.index.lock().finish_demote(&key, false);
-                if planned {
-                    self.report.lock().moved(
-                        MoveKind::Demote,
-                        key,
-                        Outcome::Failed(format!("host slot: {}", e.message())),
-                    );
-                }
+                self.report.lock().moved(
+                    MoveKind::Demote,
+                    key,
+                    Outcome::Failed(format!("host slot: {}", e.message())),
+                );
                 return;
             }
         };
@@ -1279,7 +1275,7 @@ impl Registered {
         };
         match submitted {
             Ok(t) => {
-                writes.insert(t.0, (key, planned));
+                writes.insert(t.0, key);
             }
             Err(e) => {
                 drop(writes);
@@ -1287,13 +1283,11 @@ impl Registered {
                 self.metrics
                     .nvme_write_errors
                     .fetch_add(1, Ordering::Relaxed);
-                if planned {
-                    self.report.lock().moved(
-                        MoveKind::Demote,
-                        key,
-                        Outcome::Failed(format!("NVMe write: {}", e.message())),
-                    );
-                }
+                self.report.lock().moved(
+                    MoveKind::Demote,
+                    key,
+                    Outcome::Failed(format!("NVMe write: {}", e.message())),
+                );
             }
         }
     }
@@ -1318,33 +1312,27 @@ impl Registered {
             if c.op != OpKind::Put {
                 continue;
             }
-            let Some((key, planned)) = self.writes.lock().get(&c.ticket.0).copied() else {
+            let Some(key) = self.writes.lock().get(&c.ticket.0).copied() else {
                 continue;
             };
-            let ok = c.result.is_ok();
-            let _ = self.index.lock().finish_demote(&key, ok);
-            if ok {
-                self.metrics.demoted_blocks.fetch_add(1, Ordering::Relaxed);
-                let mut r = self.report.lock();
-                r.tier(TierChange::OnNvme, key);
-                if planned {
+            let _ = self.index.lock().finish_demote(&key, c.result.is_ok());
+            match &c.result {
+                Ok(_) => {
+                    self.metrics.demoted_blocks.fetch_add(1, Ordering::Relaxed);
+                    let mut r = self.report.lock();
+                    r.tier(TierChange::OnNvme, key);
                     r.moved(MoveKind::Demote, key, Outcome::Done);
                 }
-            } else {
-                self.metrics
-                    .nvme_write_errors
-                    .fetch_add(1, Ordering::Relaxed);
-                let full = matches!(&c.result, Err(e) if e.kind() == ErrorKind::NoSpace);
-                if full {
-                    self.metrics.nvme_full.fetch_add(1, Ordering::Relaxed);
-                    *self.nvme_paused_until.lock() = Some(Instant::now() + Duration::from_secs(30));
-                }
-                if planned {
-                    let why = match &c.result {
-                        Err(e) => format!("NVMe write: {}", e.message()),
-                        Ok(_) => unreachable!("not ok"),
-                    };
-                    let outcome = if full {
+                Err(e) => {
+                    self.metrics
+                        .nvme_write_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                    let why = format!("NVMe write: {}", e.message());
+                    // a full disk skips demotion for a while (never serving)
+                    let outcome = if e.kind() == ErrorKind::NoSpace {
+                        self.metrics.nvme_full.fetch_add(1, Ordering::Relaxed);
+                        *self.nvme_paused_until.lock() =
+                            Some(Instant::now() + Duration::from_secs(30));
                         Outcome::Skipped(why)
                     } else {
                         Outcome::Failed(why)
@@ -1364,12 +1352,12 @@ impl Registered {
             if self.writes.lock().len() >= MAX_WRITES_IN_FLIGHT {
                 return;
             }
-            let Some((key, session, seq, planned)) = self.deferred.lock().pop_front() else {
+            let Some((key, session, seq)) = self.deferred.lock().pop_front() else {
                 return;
             };
             // The block may have been evicted or removed meanwhile: demote()
             // only writes a block still in Host state (and reports the rest).
-            self.demote(key, session, seq, planned);
+            self.demote(key, session, seq);
         }
     }
 
@@ -1578,7 +1566,7 @@ impl Registered {
             MoveKind::Demote => {
                 let e = self.index.lock().get(&key);
                 match e {
-                    Some(e) => self.demote(key, e.session, e.seq, true),
+                    Some(e) => self.demote(key, e.session, e.seq),
                     None => {
                         let mut r = self.report.lock();
                         r.moved(

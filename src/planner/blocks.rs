@@ -413,9 +413,8 @@ impl BlockPlanner {
             .iter()
             .map(|(s, c)| {
                 let all = self.all;
-                let every = |f: &dyn Fn(&Loc) -> bool| {
-                    c.iter().all(|k| self.blocks.get(k).is_some_and(f))
-                };
+                let every =
+                    |f: &dyn Fn(&Loc) -> bool| c.iter().all(|k| self.blocks.get(k).is_some_and(f));
                 (
                     *s,
                     c.len(),
@@ -691,6 +690,9 @@ impl BlockPlanner {
                 ok: true,
             },
         );
+        if to_nvme {
+            self.track_write_behind(req.req_id, &keys_saved_for(&blocks));
+        }
         self.outbox.saves.push(SaveReq {
             req_id: req.req_id.to_string(),
             session,
@@ -698,6 +700,77 @@ impl BlockPlanner {
             to_nvme,
         });
         Ok(true)
+    }
+
+    /// A save that also writes its blocks to NVMe: each block's write is a
+    /// demotion whose outcome every rank reports (the write lands, or is
+    /// skipped on a full disk, or the block was never parked), and the core
+    /// planner's copy to NVMe completes when all are in, ok only if every
+    /// write landed on every rank.
+    fn track_write_behind(&mut self, req_id: &str, keys: &[BlockKey]) {
+        let Some(acts) = self.save_actions.get_mut(req_id) else {
+            return;
+        };
+        let nvme: Vec<usize> = acts
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| matches!(a, Action::Copy { to: Tier::Nvme, .. }))
+            .map(|(i, _)| i)
+            .collect();
+        // One copy to NVMe per save (the delta of its session); anything
+        // else completes with the save as before.
+        let [i] = nvme[..] else {
+            return;
+        };
+        let free: Vec<BlockKey> = keys
+            .iter()
+            .filter(|k| !self.pending.contains_key(&(MoveKind::Demote, **k)))
+            .copied()
+            .collect();
+        if free.is_empty() {
+            return;
+        }
+        let a = acts.remove(i);
+        let id = self.next_action;
+        self.next_action += 1;
+        for k in &free {
+            self.pending.insert(
+                (MoveKind::Demote, *k),
+                Pending {
+                    reported: 0,
+                    ok: true,
+                    action: Some(id),
+                },
+            );
+        }
+        self.actions.insert(id, (a, free.len(), true));
+    }
+
+    /// Records one rank's outcome of a planned move (or write-behind); when
+    /// every rank reported it, the core action it belongs to learns of it
+    /// once all of that action's moves are in.
+    fn settle(&mut self, kind: MoveKind, key: BlockKey, bit: u64, done: bool, now: u64) {
+        let Some(p) = self.pending.get_mut(&(kind, key)) else {
+            return;
+        };
+        if p.reported & bit != 0 {
+            return;
+        }
+        p.reported |= bit;
+        p.ok &= done;
+        if p.reported != self.all {
+            return;
+        }
+        let p = self.pending.remove(&(kind, key)).expect("present");
+        let Some(id) = p.action else { return };
+        if let Some(e) = self.actions.get_mut(&id) {
+            e.1 -= 1;
+            e.2 &= p.ok;
+            if e.1 == 0 {
+                let (a, _, ok) = self.actions.remove(&id).expect("present");
+                self.core.completed(now, &a, ok);
+            }
+        }
     }
 
     /// Suspends `session` (now `full` blocks long) in the core planner and
@@ -918,6 +991,10 @@ impl BlockPlanner {
             self.set_rank(k, r.rank, host, nvme);
         }
         for s in r.saved {
+            // a block this rank did not park is not written to its NVMe either
+            for k in &s.failed {
+                self.settle(MoveKind::Demote, *k, bit, false, now);
+            }
             let Some(sv) = self.saving.get_mut(&s.req_id) else {
                 continue;
             };
@@ -974,27 +1051,7 @@ impl BlockPlanner {
                 Outcome::Skipped(_) => self.metrics.moves_skipped += 1,
                 Outcome::Failed(_) => self.metrics.moves_failed += 1,
             }
-            let Some(p) = self.pending.get_mut(&(m.kind, m.key)) else {
-                continue;
-            };
-            if p.reported & bit != 0 {
-                continue;
-            }
-            p.reported |= bit;
-            p.ok &= m.outcome.is_done();
-            if p.reported != self.all {
-                continue;
-            }
-            let p = self.pending.remove(&(m.kind, m.key)).expect("present");
-            let Some(id) = p.action else { continue };
-            if let Some(e) = self.actions.get_mut(&id) {
-                e.1 -= 1;
-                e.2 &= p.ok;
-                if e.1 == 0 {
-                    let (a, _, ok) = self.actions.remove(&id).expect("present");
-                    self.core.completed(now, &a, ok);
-                }
-            }
+            self.settle(m.kind, m.key, bit, m.outcome.is_done(), now);
         }
         Ok(())
     }
@@ -1362,6 +1419,11 @@ mod tests {
         let plan = Plan::decode(&p.build_meta(0)).unwrap();
         assert_eq!(plan.saves[0].session, s1);
     }
+}
+
+/// The keys of a save's blocks.
+fn keys_saved_for(blocks: &[(BlockKey, u32, u32)]) -> Vec<BlockKey> {
+    blocks.iter().map(|b| b.0).collect()
 }
 
 /// The core planner's hint from the harness's.
