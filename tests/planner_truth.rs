@@ -1,11 +1,13 @@
 //! One source of truth for where blocks live: the scheduler-side planner's
 //! view equals what the workers' movers hold, rank by rank, after every
-//! step.
+//! step (once every rank's report is in).
 //!
 //! A model-based test drives one [`BlockPlanner`] for two ranks and two real
 //! [`Mover`]s (CPU copy engine, NVMe in a temporary folder) through random
-//! interleavings of turns (matches, loads, saves), policy ticks, corrupt
-//! NVMe records, restarts and report orders. The ranks differ in host
+//! interleavings of turns (matches, loads, saves), policy ticks, moves the
+//! planner asks for, corrupt NVMe records, restarts and report orders
+//! (either rank first, or rank 1's reports arriving a step late, after the
+//! scheduler planned again). The ranks differ in host
 //! capacity, so one reclaims slots the other keeps, and their disk is
 //! smaller than the planner's budget for it, so demotions and write-behind
 //! meet a full disk. After every plan has run and both reports are in:
@@ -91,6 +93,10 @@ struct Engine {
     planner: BlockPlanner,
     now: u64,
     next_req: u64,
+    /// Rank 1's report, held back until the next plan was built.
+    held: Option<Vec<u8>>,
+    /// Hold rank 1's reports of the steps that follow.
+    lag: bool,
 }
 
 impl Engine {
@@ -130,6 +136,8 @@ impl Engine {
             planner,
             now: 1_000_000_000,
             next_req: 0,
+            held: None,
+            lag: false,
         };
         e.start_movers();
         e
@@ -148,6 +156,7 @@ impl Engine {
 
     /// Stops every process and starts them again on the same files.
     fn restart(&mut self) {
+        self.held = None;
         self.movers.clear();
         self.planner = BlockPlanner::open(self.planner_cfg.clone(), BS, WORLD).unwrap();
         self.start_movers();
@@ -159,6 +168,10 @@ impl Engine {
     fn step(&mut self, rank1_first: bool) -> (Plan, Vec<Vec<u32>>) {
         let meta = self.planner.build_meta(self.now);
         let plan = Plan::decode(&meta).unwrap();
+        // a lagging rank's report arrives after the scheduler planned again
+        if let Some(r) = self.held.take() {
+            self.planner.on_report(&r, self.now).unwrap();
+        }
         let mut reports = Vec::new();
         let mut failed = Vec::new();
         for m in &mut self.movers {
@@ -170,6 +183,9 @@ impl Engine {
             f.failed_blocks.extend(more.failed_blocks);
             failed.push(f.failed_blocks);
             reports.push(m.take_report());
+        }
+        if self.lag {
+            self.held = Some(reports.pop().expect("rank 1's report")).filter(|r| !r.is_empty());
         }
         if rank1_first {
             reports.reverse();
@@ -263,8 +279,14 @@ impl Engine {
             .collect()
     }
 
-    /// The planner's view equals the movers' truth; every move settled.
+    /// The planner's view equals the movers' truth; every move settled
+    /// (once every report is in: with a report held back, only the
+    /// counts' consistency is checked).
     fn check(&mut self, what: &str) -> Result<(), TestCaseError> {
+        if self.held.is_some() {
+            self.planner.metrics();
+            return Ok(());
+        }
         let (view, truth) = (self.view(), self.truth());
         if view != truth {
             let keys: std::collections::BTreeSet<_> = truth.keys().chain(view.keys()).collect();
@@ -327,6 +349,9 @@ enum Op {
     },
     /// Every process restarts on the same files.
     Restart,
+    /// From now on rank 1's reports arrive one step late (`on`), or on time
+    /// again (then the held one is delivered).
+    Lag { on: bool },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -337,6 +362,7 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (1u8..5, 0u8..4, 0u8..8, any::<bool>())
             .prop_map(|(kind, s, i, rank1_first)| Op::Move { kind, s, i, rank1_first }),
         1 => Just(Op::Restart),
+        1 => any::<bool>().prop_map(|on| Op::Lag { on }),
     ]
 }
 
@@ -358,6 +384,7 @@ proptest! {
         ops in proptest::collection::vec(op(), 1..28),
     ) {
         let mut e = Engine::new(policy, [host.0, host.1], [disk.0, disk.1]);
+        let ops: Vec<Op> = ops.into_iter().chain([Op::Lag { on: false }]).collect();
         let mut len = [0usize; 4];
         e.check("start")?;
         for (i, o) in ops.iter().enumerate() {
@@ -382,6 +409,14 @@ proptest! {
                     e.step(rank1_first);
                 }
                 Op::Restart => e.restart(),
+                Op::Lag { on } => {
+                    e.lag = on;
+                    if !on {
+                        if let Some(r) = e.held.take() {
+                            e.planner.on_report(&r, e.now).unwrap();
+                        }
+                    }
+                }
             }
             e.check(&format!("op {i} {o:?}"))?;
         }
