@@ -82,7 +82,7 @@ fn overflowing_geometry_is_refused_at_register() {
 fn planner() -> *mut KvparkPlanner {
     let cfg = r#"{"host_bytes":"1MiB"}"#;
     let mut p = ptr::null_mut();
-    let st = unsafe { kvpark_planner_new(cfg.as_ptr(), cfg.len(), 16, 1, &mut p) };
+    let st = unsafe { kvpark_planner_new(cfg.as_ptr(), cfg.len(), 16, 0, 1, &mut p) };
     assert_eq!(st, KvparkStatus::Ok, "{}", last_error());
     p
 }
@@ -257,7 +257,7 @@ fn a_damaged_slot_table_does_not_stop_the_scheduler() {
         host_file.to_str().unwrap()
     );
     let mut p = ptr::null_mut();
-    let st = unsafe { kvpark_planner_new(cfg.as_ptr(), cfg.len(), 16, 1, &mut p) };
+    let st = unsafe { kvpark_planner_new(cfg.as_ptr(), cfg.len(), 16, 0, 1, &mut p) };
     assert_eq!(st, KvparkStatus::Ok, "{}", last_error());
     assert!(!p.is_null());
     unsafe { kvpark_planner_free(p) };
@@ -268,7 +268,7 @@ fn a_world_size_outside_1_to_64_is_refused() {
     let cfg = r#"{"host_bytes":"1MiB"}"#;
     for world in [0u32, 65, u32::MAX] {
         let mut p = ptr::null_mut();
-        let st = unsafe { kvpark_planner_new(cfg.as_ptr(), cfg.len(), 16, world, &mut p) };
+        let st = unsafe { kvpark_planner_new(cfg.as_ptr(), cfg.len(), 16, 0, world, &mut p) };
         assert_eq!(st, KvparkStatus::InvalidArgument, "world {world}");
         assert!(p.is_null());
         let e = last_error();
@@ -279,7 +279,7 @@ fn a_world_size_outside_1_to_64_is_refused() {
     }
     for world in [1u32, 2, 64] {
         let mut p = ptr::null_mut();
-        let st = unsafe { kvpark_planner_new(cfg.as_ptr(), cfg.len(), 16, world, &mut p) };
+        let st = unsafe { kvpark_planner_new(cfg.as_ptr(), cfg.len(), 16, 0, world, &mut p) };
         assert_eq!(st, KvparkStatus::Ok, "world {world}: {}", last_error());
         unsafe { kvpark_planner_free(p) };
     }

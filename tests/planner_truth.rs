@@ -126,7 +126,7 @@ impl Engine {
         let caches = (0..WORLD)
             .map(|r| Cache::new(r as f32 * 10_000.0))
             .collect();
-        let planner = BlockPlanner::open(planner_cfg.clone(), BS, WORLD).unwrap();
+        let planner = BlockPlanner::open(planner_cfg.clone(), BS, 0, WORLD).unwrap();
         let mut e = Engine {
             dir,
             planner_cfg,
@@ -158,7 +158,7 @@ impl Engine {
     fn restart(&mut self) {
         self.held = None;
         self.movers.clear();
-        self.planner = BlockPlanner::open(self.planner_cfg.clone(), BS, WORLD).unwrap();
+        self.planner = BlockPlanner::open(self.planner_cfg.clone(), BS, 0, WORLD).unwrap();
         self.start_movers();
     }
 
@@ -611,4 +611,63 @@ fn a_write_behind_the_full_disk_skips_is_not_an_nvme_copy() {
     let (bytes, on_nvme) = planned_nvme(2);
     assert!(on_nvme < 6, "{on_nvme}");
     assert_eq!(bytes, 0, "the session's copy to NVMe failed");
+}
+
+#[test]
+fn a_data_parallel_engine_plans_for_its_own_ranks() {
+    // vLLM numbers the workers of data-parallel rank 1 (TP=2) as ranks 2
+    // and 3: each parks in its own folder, and this engine's planner
+    // recovers from those two folders only and takes reports from them only
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = Config {
+        nvme_dir: Some(dir.path().to_path_buf()),
+        nvme_segment_bytes: 1 << 20,
+        codec: kvpark::codec::CodecTag::None,
+        ..Config::default()
+    };
+    let k = keys_of(9, 1)[0];
+    let mut caches: Vec<Cache> = (0..2).map(|r| Cache::new(r as f32)).collect();
+    for (rank, c) in (2u32..4).zip(caches.iter_mut()) {
+        let mut m = Mover::new(cfg.clone(), rank).unwrap();
+        unsafe { m.register(geom(), c.views(), None) }.unwrap();
+        let plan = Plan {
+            saves: vec![kvpark::plan::SaveReq {
+                req_id: "s".into(),
+                session: 5,
+                blocks: vec![(k, 1, 0)],
+                to_nvme: true,
+            }],
+            ..Default::default()
+        };
+        m.bind(&plan.encode()).unwrap();
+        m.wait_for_save().unwrap();
+        m.drain(Duration::from_secs(10));
+        let r = Report::decode(&m.take_report()).unwrap();
+        assert_eq!(r.rank, rank);
+    }
+    let mut mine = BlockPlanner::open(cfg.clone(), BS, 2, 2).unwrap();
+    assert_eq!(mine.metrics().recovered_blocks, 1);
+    assert_eq!(
+        mine.whereabouts(&k),
+        Some((0, 3)),
+        "on NVMe on both of its ranks"
+    );
+    let mut other = BlockPlanner::open(cfg, BS, 0, 2).unwrap();
+    assert_eq!(
+        other.metrics().recovered_blocks,
+        0,
+        "ranks 0 and 1 parked nothing"
+    );
+    for (rank, ok) in [(1u32, false), (2, true), (3, true), (4, false)] {
+        let r = Report {
+            rank,
+            ..Default::default()
+        };
+        let got = mine.on_report(&r.encode(), 1);
+        assert_eq!(got.is_ok(), ok, "rank {rank}: {got:?}");
+        if let Err(e) = got {
+            assert!(e.message().contains("ranks 2..4"), "{e}");
+        }
+    }
+    assert!(BlockPlanner::with_ranks(Config::default(), BS, u32::MAX, 2).is_err());
 }

@@ -283,13 +283,23 @@ def preflight_context(
     return ctx
 
 
-def engine_world_size(vllm_config: "VllmConfig") -> int:
-    """The worker ranks of one engine (tensor x pipeline parallel): each runs a mover
-    with its own files and reports with its rank; the planner counts a block as parked
-    only when all of them hold it."""
+def engine_ranks(vllm_config: "VllmConfig") -> tuple[int, int]:
+    """The worker ranks of one engine as (first rank, world size): tensor x pipeline
+    parallel workers, each running a mover with its own files and reporting with its
+    rank (its rank in vLLM's world group); the planner counts a block as parked only
+    when all of them hold it. With data parallelism vLLM numbers the workers of
+    data-parallel rank d from d x world size."""
     pc = getattr(vllm_config, "parallel_config", None)
-    w = getattr(pc, "world_size", 1)
-    return w if isinstance(w, int) and not isinstance(w, bool) and w > 0 else 1
+
+    def nat(v: Any, default: int) -> int:
+        return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else default
+
+    world = max(1, nat(getattr(pc, "world_size", 1), 1))
+    first = 0
+    dp = nat(getattr(pc, "data_parallel_size", 1), 1)
+    if dp > 1 and getattr(pc, "distributed_executor_backend", None) != "external_launcher":
+        first = nat(getattr(pc, "data_parallel_rank", 0), 0) * world
+    return first, world
 
 
 def _worker_rank() -> int:
@@ -349,10 +359,14 @@ class KVParkConnector(KVConnectorBase_V1):
             "bad_hints": 0,
         }
         if role == KVConnectorRole.SCHEDULER:
-            world = engine_world_size(vllm_config)
-            self._planner = _ffi.Planner(extra, self._block_size, world)
+            first, world = engine_ranks(vllm_config)
+            self._planner = _ffi.Planner(extra, self._block_size, world, first)
             logger.info(
-                "kvpark: planner up (block_size %d, %d worker rank(s), config %s)", self._block_size, world, self._config
+                "kvpark: planner up (block_size %d, worker ranks %d..%d, config %s)",
+                self._block_size,
+                first,
+                first + world - 1,
+                self._config,
             )
         else:
             self._mover = _ffi.Mover(extra, self._rank)

@@ -79,8 +79,11 @@ unsafe fn view<'a>(r: *const KvparkRequest) -> Result<RequestView<'a>, Fail> {
 }
 
 /// Creates the scheduler-side planner from the extra config (JSON),
-/// vLLM's block size in tokens and the number of worker ranks
-/// (`world_size`: vLLM's tensor x pipeline parallel size, 1 to 64), after
+/// vLLM's block size in tokens and the worker ranks it plans for:
+/// `first_rank..first_rank + world_size` (`world_size`: vLLM's tensor x
+/// pipeline parallel size, 1 to 64; `first_rank`: 0, or with data
+/// parallelism the engine's data-parallel rank x `world_size`, as vLLM
+/// numbers its workers), after
 /// the rank-independent checks of the config against this machine
 /// ([`kvpark_config_preflight`](super::kvpark_config_preflight)). It
 /// recovers what every rank's files hold (warm restart): a block is a hit
@@ -93,6 +96,7 @@ pub unsafe extern "C" fn kvpark_planner_new(
     config_json: *const u8,
     len: usize,
     block_size: u32,
+    first_rank: u32,
     world_size: u32,
     out: *mut *mut KvparkPlanner,
 ) -> KvparkStatus {
@@ -100,7 +104,7 @@ pub unsafe extern "C" fn kvpark_planner_new(
         let cfg = Config::from_json(bytes(config_json, len, "config_json")?)?;
         nn(out, "out")?;
         cfg.preflight(&crate::preflight::Preflight::scheduler())?;
-        let p = BlockPlanner::open(cfg, block_size, world_size)?;
+        let p = BlockPlanner::open(cfg, block_size, first_rank, world_size)?;
         let h = Box::new(KvparkPlanner {
             inner: Mutex::new(p),
         });

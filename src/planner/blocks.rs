@@ -265,8 +265,9 @@ pub struct BlockPlanner {
     /// Keys of saves in flight → their session.
     saving_keys: HashMap<BlockKey, u64>,
     loads: HashMap<String, Loading>,
-    /// Ranks the workers run as.
+    /// Ranks the workers run as: `first_rank..first_rank + world`.
     world: u32,
+    first_rank: u32,
     /// Bit mask of every rank.
     all: u64,
     /// Planned moves waiting for outcomes.
@@ -298,15 +299,27 @@ impl BlockPlanner {
         Self::with_world(cfg, block_size, 1)
     }
 
-    /// A planner for `world` worker ranks (vLLM's tensor x pipeline
-    /// parallel size; 1 to [`MAX_WORLD`]), starting empty.
+    /// A planner for the `world` worker ranks `0..world`; see [`Self::with_ranks`].
     pub fn with_world(cfg: Config, block_size: u32, world: u32) -> Result<Self> {
+        Self::with_ranks(cfg, block_size, 0, world)
+    }
+
+    /// A planner for `world` worker ranks (vLLM's tensor x pipeline
+    /// parallel size; 1 to [`MAX_WORLD`]) numbered from `first_rank` (0, or
+    /// with data parallelism the engine's data-parallel rank x `world`, as
+    /// vLLM numbers its workers), starting empty.
+    pub fn with_ranks(cfg: Config, block_size: u32, first_rank: u32, world: u32) -> Result<Self> {
         if block_size == 0 {
             return Err(Error::invalid("block_size must be > 0"));
         }
         if world == 0 || world > MAX_WORLD {
             return Err(Error::invalid(format!(
                 "world size {world}: kvpark plans for 1 to {MAX_WORLD} worker ranks"
+            )));
+        }
+        if first_rank.checked_add(world).is_none() {
+            return Err(Error::invalid(format!(
+                "ranks {first_rank} + {world} overflow a 32-bit rank"
             )));
         }
         let policy = crate::policy::by_name(&cfg.policy, PolicyEnv::default(), None)
@@ -335,6 +348,7 @@ impl BlockPlanner {
             saving_keys: HashMap::new(),
             loads: HashMap::new(),
             world,
+            first_rank,
             all: if world == 64 {
                 u64::MAX
             } else {
@@ -355,11 +369,12 @@ impl BlockPlanner {
         })
     }
 
-    /// A planner for `world` ranks that recovers what every rank's files
-    /// hold (warm restart; see [`crate::planner::recovery`]).
-    pub fn open(cfg: Config, block_size: u32, world: u32) -> Result<Self> {
-        let mut p = Self::with_world(cfg, block_size, world)?;
-        let found = crate::planner::recovery::scan(&p.cfg, world)?;
+    /// A planner for ranks `first_rank..first_rank + world` (see
+    /// [`Self::with_ranks`]) that recovers what every rank's files hold
+    /// (warm restart; see [`crate::planner::recovery`]).
+    pub fn open(cfg: Config, block_size: u32, first_rank: u32, world: u32) -> Result<Self> {
+        let mut p = Self::with_ranks(cfg, block_size, first_rank, world)?;
+        let found = crate::planner::recovery::scan(&p.cfg, first_rank..first_rank + world)?;
         if !found.is_empty() {
             p.recover_tiers(found);
         }
@@ -369,6 +384,12 @@ impl BlockPlanner {
     /// The number of worker ranks.
     pub fn world(&self) -> u32 {
         self.world
+    }
+
+    /// The planner's index of worker rank `rank`, if it plans for it.
+    fn local_rank(&self, rank: u32) -> Option<u32> {
+        rank.checked_sub(self.first_rank)
+            .filter(|&r| r < self.world)
     }
 
     /// The configuration.
@@ -382,9 +403,9 @@ impl BlockPlanner {
     /// only is dropped there (first plan).
     pub fn recover_tiers(&mut self, found: impl IntoIterator<Item = Recovered>) {
         for (rank, key, session, raw_len, host, nvme) in found {
-            if rank >= self.world || !(host || nvme) {
+            let Some(rank) = self.local_rank(rank).filter(|_| host || nvme) else {
                 continue;
-            }
+            };
             if self.block_bytes == 0 {
                 self.block_bytes = raw_len;
             }
@@ -969,13 +990,15 @@ impl BlockPlanner {
     /// once every rank reported them.
     pub fn on_report(&mut self, bytes: &[u8], now: u64) -> Result<()> {
         let r = Report::decode(bytes)?;
-        if r.rank >= self.world {
+        let Some(rank) = self.local_rank(r.rank) else {
             return Err(Error::invalid(format!(
-                "report from rank {}, but the planner plans for {} rank(s)",
-                r.rank, self.world
+                "report from rank {}, but the planner plans for ranks {}..{}",
+                r.rank,
+                self.first_rank,
+                self.first_rank + self.world
             )));
-        }
-        let bit = 1u64 << r.rank;
+        };
+        let bit = 1u64 << rank;
         if r.block_bytes != 0 {
             self.block_bytes = r.block_bytes;
             self.metrics.block_bytes = r.block_bytes;
@@ -988,7 +1011,7 @@ impl BlockPlanner {
                 TierChange::LeftNvme => (None, Some(false)),
                 TierChange::Lost => (Some(false), Some(false)),
             };
-            self.set_rank(k, r.rank, host, nvme);
+            self.set_rank(k, rank, host, nvme);
         }
         for s in r.saved {
             // a block this rank did not park is not written to its NVMe either
@@ -1056,7 +1079,7 @@ impl BlockPlanner {
         Ok(())
     }
 
-    /// Sets rank `rank`'s host and/or NVMe bit of `k` (a new block is
+    /// Sets (local) rank `rank`'s host and/or NVMe bit of `k` (a new block is
     /// recorded under the session of its save in flight). This is the only
     /// place tier bits change, so it keeps the per-tier counts and the set of
     /// partial blocks, and metrics never scan the index (they are read every

@@ -10,20 +10,21 @@ use crate::config::Config;
 use crate::error::Result;
 use crate::planner::blocks::{Recovered, MAX_WORLD};
 
-/// Lists the blocks of ranks `0..world` found on NVMe and in the host arena
-/// files (see [`Recovered`]).
+/// Lists the blocks of worker ranks `ranks` found on NVMe and in the host
+/// arena files (see [`Recovered`]).
 ///
 /// A damaged slot table is skipped (the worker resets it when it opens the
 /// arena, so that rank starts without its host blocks); any other error,
 /// e.g. an `nvme_dir` that is a symlink, is returned.
-pub fn scan(cfg: &Config, world: u32) -> Result<Vec<Recovered>> {
-    if world == 0 || world > MAX_WORLD {
+pub fn scan(cfg: &Config, ranks: std::ops::Range<u32>) -> Result<Vec<Recovered>> {
+    let world = ranks.len();
+    if world == 0 || world > MAX_WORLD as usize {
         return Err(crate::Error::invalid(format!(
             "world size {world}: kvpark plans for 1 to {MAX_WORLD} worker ranks"
         )));
     }
     let mut found: Vec<Recovered> = Vec::new();
-    for rank in 0..world {
+    for rank in ranks {
         // Blocks of another model's store are indexed like any others but
         // can never match this model's keys (the key covers the model); the
         // worker, which opens and labels the stores, says so once.
