@@ -173,7 +173,6 @@ struct Pending {
 /// A save waiting for every rank's outcome.
 #[derive(Debug)]
 struct Saving {
-    session: u64,
     keys: Vec<BlockKey>,
     reported: u64,
     /// Every rank parked at least one block.
@@ -705,7 +704,6 @@ impl BlockPlanner {
         self.saving.insert(
             req.req_id.to_string(),
             Saving {
-                session,
                 keys: keys_saved,
                 reported: 0,
                 ok: true,
@@ -1040,7 +1038,6 @@ impl BlockPlanner {
                 .count() as u64;
             self.metrics.saved_blocks += parked;
             self.metrics.save_failed_blocks += sv.keys.len() as u64 - parked;
-            let _ = sv.session;
             if let Some(acts) = self.save_actions.remove(&s.req_id) {
                 for a in acts {
                     self.core.completed(now, &a, sv.ok);
