@@ -321,15 +321,24 @@ enum KvparkStatus kvpark_mover_take_worker_meta(struct KvparkMover *m, struct Kv
 // `out` valid for writing.
 enum KvparkStatus kvpark_mover_metrics(struct KvparkMover *m, struct KvparkBuf *out);
 
-// Creates the scheduler-side planner from the extra config (JSON) and
-// vLLM's block size in tokens, after the rank-independent checks of the
-// config against this machine ([`kvpark_config_preflight`](super::kvpark_config_preflight)).
+// Creates the scheduler-side planner from the extra config (JSON),
+// vLLM's block size in tokens and the worker ranks it plans for:
+// `first_rank..first_rank + world_size` (`world_size`: vLLM's tensor x
+// pipeline parallel size, 1 to 64; `first_rank`: 0, or with data
+// parallelism the engine's data-parallel rank x `world_size`, as vLLM
+// numbers its workers), after
+// the rank-independent checks of the config against this machine
+// ([`kvpark_config_preflight`](super::kvpark_config_preflight)). It
+// recovers what every rank's files hold (warm restart): a block is a hit
+// only if every rank has it.
 //
 // # Safety
 // `config_json` valid for `len` bytes (or NULL with 0); `out` valid for writing.
 enum KvparkStatus kvpark_planner_new(const uint8_t *config_json,
                                      uintptr_t len,
                                      uint32_t block_size,
+                                     uint32_t first_rank,
+                                     uint32_t world_size,
                                      struct KvparkPlanner **out);
 
 // Frees a planner. NULL is a no-op.

@@ -26,7 +26,7 @@
 //! | module        | may use                                                              |
 //! |---------------|----------------------------------------------------------------------|
 //! | [`ffi`]       | planner, mover, store, preflight, config, copy::cuda, block, error   |
-//! | [`planner`]   | policy, predict, session, plan, index, block, config, error          |
+//! | [`planner`]   | policy, predict, session, plan, index, tier::parked, block, config, error |
 //! | [`mover`]     | tier, copy, codec, index, plan, block, config, units, error          |
 //! | [`store`]     | tier, index, block, config, error                                    |
 //! | [`preflight`] | tier, config, units, error                                           |

@@ -6,21 +6,33 @@
 //!
 //! ```text
 //! plan   = "KVPP" version:u8 step:u64 saves loads ops
-//! report = "KVPR" version:u8 block_bytes:u64 saved loaded moves
+//! report = "KVPR" version:u8 rank:u32 block_bytes:u64 saved loaded moved tiers
+//! saved  = list of (req_id:string ok:keys failed:keys)
+//! loaded = list of (req_id:string failed:keys)
+//! moved  = list of (kind:u8 key outcome:u8 reason:string)   outcome: 0 done, 1 skipped, 2 failed
+//! tiers  = list of (change:u8 key)   change: 1 on host, 2 left host, 3 on NVMe, 4 left NVMe, 5 lost
 //! list   = count:u32 item*        string = len:u32 utf8        key = 32 bytes
 //! flag   = u8, 0 or 1
 //! ```
 //!
 //! Decoding is strict: a message decodes only if it is exactly the encoding
-//! of what it decodes to (no trailing bytes, flags 0 or 1), so anything else
-//! is a Corrupt error rather than a silently different plan.
+//! of what it decodes to (no trailing bytes, flags 0 or 1, known enum bytes,
+//! a reason exactly on the moves that were not done), so anything else is a
+//! Corrupt error rather than a silently different plan.
+//!
+//! A report is one rank's truth: the planner (scheduler side) changes where
+//! it believes a block lives only from reports, and a block counts as present
+//! in a tier only when every rank reported it there (see
+//! [`crate::planner::blocks`]).
 
 use crate::block::BlockKey;
 use crate::error::{Error, Result};
 
 const PLAN_MAGIC: &[u8; 4] = b"KVPP";
 const REPORT_MAGIC: &[u8; 4] = b"KVPR";
-const VERSION: u8 = 1;
+/// Version 2: reports carry the rank, every planned move's outcome and the
+/// rank's tier changes in the order they happened.
+const VERSION: u8 = 2;
 
 /// Park (gather) a finished request's new blocks into the host tier.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -47,7 +59,7 @@ pub struct LoadReq {
 }
 
 /// Tier moves decided by the planner's policy.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum MoveKind {
     /// Write the block to NVMe (keep the host copy).
@@ -112,21 +124,84 @@ pub struct LoadDone {
     pub failed: Vec<BlockKey>,
 }
 
-/// Where blocks went since the last report.
+/// How a planned move ended on one rank.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The move took effect (the block is where the move put it).
+    Done,
+    /// Not attempted; the reason (e.g. the NVMe tier is full, the block is
+    /// pinned by a load, the block is not parked on this rank).
+    Skipped(String),
+    /// Attempted and failed; the reason (e.g. an I/O error).
+    Failed(String),
+}
+
+impl Outcome {
+    /// True for [`Outcome::Done`].
+    pub fn is_done(&self) -> bool {
+        matches!(self, Outcome::Done)
+    }
+}
+
+/// The outcome of one planned tier move on the reporting rank.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MoveDone {
+    /// The move as planned.
+    pub kind: MoveKind,
+    /// The block.
+    pub key: BlockKey,
+    /// How it ended.
+    pub outcome: Outcome,
+}
+
+/// A change of where a block lives on the reporting rank.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum TierChange {
+    /// The block is now in the host tier (saved, promoted, read back for a load).
+    OnHost = 1,
+    /// The block left the host tier (evicted; it may remain on NVMe).
+    LeftHost = 2,
+    /// The block is now on NVMe (write-behind or demotion landed).
+    OnNvme = 3,
+    /// The block's NVMe record is gone (its host copy, if any, remains).
+    LeftNvme = 4,
+    /// The block is gone from every tier of the rank (dropped, corrupt,
+    /// evicted without an NVMe copy, not found).
+    Lost = 5,
+}
+
+impl TierChange {
+    fn from_u8(b: u8) -> Result<Self> {
+        Ok(match b {
+            1 => TierChange::OnHost,
+            2 => TierChange::LeftHost,
+            3 => TierChange::OnNvme,
+            4 => TierChange::LeftNvme,
+            5 => TierChange::Lost,
+            _ => return Err(Error::corrupt(format!("report: unknown tier change {b}"))),
+        })
+    }
+}
+
+/// One rank's news since its last report: finished saves and loads, the
+/// outcome of every planned move, and every change of where a block lives
+/// (including the ones the rank had to make itself, such as an eviction to
+/// free a slot for a save), in the order they happened.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Report {
+    /// The reporting worker's rank (0-based, below the planner's world size).
+    pub rank: u32,
     /// Bytes of one parked block on this rank (0 until KV caches are registered).
     pub block_bytes: u64,
     /// Finished saves.
     pub saved: Vec<SaveDone>,
     /// Finished loads.
     pub loaded: Vec<LoadDone>,
-    /// Blocks now on NVMe.
-    pub on_nvme: Vec<BlockKey>,
-    /// Blocks no longer in the host tier.
-    pub left_host: Vec<BlockKey>,
-    /// Blocks gone from every tier (dropped, corrupt, evicted without NVMe).
-    pub lost: Vec<BlockKey>,
+    /// Outcomes of planned moves.
+    pub moved: Vec<MoveDone>,
+    /// Tier changes, oldest first.
+    pub tiers: Vec<(TierChange, BlockKey)>,
 }
 
 impl Report {
@@ -134,9 +209,18 @@ impl Report {
     pub fn is_empty(&self) -> bool {
         self.saved.is_empty()
             && self.loaded.is_empty()
-            && self.on_nvme.is_empty()
-            && self.left_host.is_empty()
-            && self.lost.is_empty()
+            && self.moved.is_empty()
+            && self.tiers.is_empty()
+    }
+
+    /// Records a tier change.
+    pub fn tier(&mut self, change: TierChange, key: BlockKey) {
+        self.tiers.push((change, key));
+    }
+
+    /// Records a planned move's outcome.
+    pub fn moved(&mut self, kind: MoveKind, key: BlockKey, outcome: Outcome) {
+        self.moved.push(MoveDone { kind, key, outcome });
     }
 }
 
@@ -338,6 +422,7 @@ impl Report {
         let mut w = W(Vec::with_capacity(64));
         w.0.extend_from_slice(REPORT_MAGIC);
         w.u8(VERSION);
+        w.u32(self.rank);
         w.u64(self.block_bytes);
         w.len(self.saved.len());
         for s in &self.saved {
@@ -350,9 +435,30 @@ impl Report {
             w.str(&l.req_id);
             w.keys(&l.failed);
         }
-        w.keys(&self.on_nvme);
-        w.keys(&self.left_host);
-        w.keys(&self.lost);
+        w.len(self.moved.len());
+        for m in &self.moved {
+            w.u8(m.kind as u8);
+            w.key(&m.key);
+            match &m.outcome {
+                Outcome::Done => {
+                    w.u8(0);
+                    w.str("");
+                }
+                Outcome::Skipped(r) => {
+                    w.u8(1);
+                    w.str(r);
+                }
+                Outcome::Failed(r) => {
+                    w.u8(2);
+                    w.str(r);
+                }
+            }
+        }
+        w.len(self.tiers.len());
+        for (c, k) in &self.tiers {
+            w.u8(*c as u8);
+            w.key(k);
+        }
         w.0
     }
 
@@ -360,6 +466,7 @@ impl Report {
     pub fn decode(buf: &[u8]) -> Result<Self> {
         let mut r = R(buf);
         r.header(REPORT_MAGIC)?;
+        let rank = r.u32()?;
         let block_bytes = r.u64()?;
         let n = r.len(12)?;
         let mut saved = Vec::with_capacity(n);
@@ -378,17 +485,38 @@ impl Report {
                 failed: r.keys()?,
             });
         }
-        let on_nvme = r.keys()?;
-        let left_host = r.keys()?;
-        let lost = r.keys()?;
+        let n = r.len(38)?;
+        let mut moved = Vec::with_capacity(n);
+        for _ in 0..n {
+            let kind = MoveKind::from_u8(r.u8()?)?;
+            let key = r.key()?;
+            let code = r.u8()?;
+            let reason = r.str()?;
+            let outcome = match (code, reason.is_empty()) {
+                (0, true) => Outcome::Done,
+                (1, false) => Outcome::Skipped(reason),
+                (2, false) => Outcome::Failed(reason),
+                (0, false) => return Err(Error::corrupt("report: a done move carries a reason")),
+                (1 | 2, true) => {
+                    return Err(Error::corrupt("report: a move not done carries no reason"))
+                }
+                (c, _) => return Err(Error::corrupt(format!("report: unknown move outcome {c}"))),
+            };
+            moved.push(MoveDone { kind, key, outcome });
+        }
+        let n = r.len(33)?;
+        let mut tiers = Vec::with_capacity(n);
+        for _ in 0..n {
+            tiers.push((TierChange::from_u8(r.u8()?)?, r.key()?));
+        }
         r.end()?;
         Ok(Report {
+            rank,
             block_bytes,
             saved,
             loaded,
-            on_nvme,
-            left_host,
-            lost,
+            moved,
+            tiers,
         })
     }
 }
@@ -435,6 +563,7 @@ mod tests {
     #[test]
     fn report_round_trips() {
         let r = Report {
+            rank: 3,
             block_bytes: 16384,
             saved: vec![SaveDone {
                 req_id: "a".into(),
@@ -445,9 +574,30 @@ mod tests {
                 req_id: "b".into(),
                 failed: vec![],
             }],
-            on_nvme: vec![k(1)],
-            left_host: vec![k(7)],
-            lost: vec![k(8)],
+            moved: vec![
+                MoveDone {
+                    kind: MoveKind::Demote,
+                    key: k(1),
+                    outcome: Outcome::Skipped("NVMe tier full".into()),
+                },
+                MoveDone {
+                    kind: MoveKind::Drop,
+                    key: k(9),
+                    outcome: Outcome::Done,
+                },
+                MoveDone {
+                    kind: MoveKind::Promote,
+                    key: k(6),
+                    outcome: Outcome::Failed("corrupt".into()),
+                },
+            ],
+            tiers: vec![
+                (TierChange::OnHost, k(1)),
+                (TierChange::OnNvme, k(1)),
+                (TierChange::LeftHost, k(7)),
+                (TierChange::LeftNvme, k(6)),
+                (TierChange::Lost, k(8)),
+            ],
         };
         let bytes = r.encode();
         assert_eq!(Report::decode(&bytes).unwrap(), r);
@@ -455,6 +605,38 @@ mod tests {
             assert!(Report::decode(&bytes[..n]).is_err());
         }
         assert!(Plan::decode(&bytes).is_err(), "a report is not a plan");
+        // rank 3 travels right after the version byte
+        assert_eq!(&bytes[5..9], &3u32.to_le_bytes());
+    }
+
+    #[test]
+    fn a_move_outcome_must_match_its_reason() {
+        let mut r = Report::default();
+        r.moved(MoveKind::Drop, k(1), Outcome::Done);
+        let bytes = r.encode();
+        // header 5 + rank 4 + block_bytes 8 + saved 4 + loaded 4 + count 4 + kind 1 + key 32
+        let code = 5 + 4 + 8 + 4 + 4 + 4 + 1 + 32;
+        assert_eq!(bytes[code], 0);
+        for (v, what) in [
+            (1u8, "no reason"),
+            (2, "no reason"),
+            (7, "unknown move outcome"),
+        ] {
+            let mut bad = bytes.clone();
+            bad[code] = v;
+            let e = Report::decode(&bad).unwrap_err();
+            assert_eq!(e.kind(), crate::ErrorKind::Corrupt);
+            assert!(e.message().contains(what), "{v}: {e}");
+        }
+        let mut r = Report::default();
+        r.tier(TierChange::Lost, k(2));
+        let mut bad = r.encode();
+        let at = bad.len() - 33;
+        bad[at] = 6;
+        assert!(Report::decode(&bad)
+            .unwrap_err()
+            .message()
+            .contains("unknown tier change 6"));
     }
 
     #[test]

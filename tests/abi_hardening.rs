@@ -82,7 +82,7 @@ fn overflowing_geometry_is_refused_at_register() {
 fn planner() -> *mut KvparkPlanner {
     let cfg = r#"{"host_bytes":"1MiB"}"#;
     let mut p = ptr::null_mut();
-    let st = unsafe { kvpark_planner_new(cfg.as_ptr(), cfg.len(), 16, &mut p) };
+    let st = unsafe { kvpark_planner_new(cfg.as_ptr(), cfg.len(), 16, 0, 1, &mut p) };
     assert_eq!(st, KvparkStatus::Ok, "{}", last_error());
     p
 }
@@ -257,8 +257,30 @@ fn a_damaged_slot_table_does_not_stop_the_scheduler() {
         host_file.to_str().unwrap()
     );
     let mut p = ptr::null_mut();
-    let st = unsafe { kvpark_planner_new(cfg.as_ptr(), cfg.len(), 16, &mut p) };
+    let st = unsafe { kvpark_planner_new(cfg.as_ptr(), cfg.len(), 16, 0, 1, &mut p) };
     assert_eq!(st, KvparkStatus::Ok, "{}", last_error());
     assert!(!p.is_null());
     unsafe { kvpark_planner_free(p) };
+}
+
+#[test]
+fn a_world_size_outside_1_to_64_is_refused() {
+    let cfg = r#"{"host_bytes":"1MiB"}"#;
+    for world in [0u32, 65, u32::MAX] {
+        let mut p = ptr::null_mut();
+        let st = unsafe { kvpark_planner_new(cfg.as_ptr(), cfg.len(), 16, 0, world, &mut p) };
+        assert_eq!(st, KvparkStatus::InvalidArgument, "world {world}");
+        assert!(p.is_null());
+        let e = last_error();
+        assert!(
+            e.contains(&format!("world size {world}")) && e.contains("1 to 64"),
+            "{e}"
+        );
+    }
+    for world in [1u32, 2, 64] {
+        let mut p = ptr::null_mut();
+        let st = unsafe { kvpark_planner_new(cfg.as_ptr(), cfg.len(), 16, 0, world, &mut p) };
+        assert_eq!(st, KvparkStatus::Ok, "world {world}: {}", last_error());
+        unsafe { kvpark_planner_free(p) };
+    }
 }

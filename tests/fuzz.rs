@@ -43,7 +43,7 @@ use std::sync::{Arc, OnceLock};
 use kvpark::block::BlockKey;
 use kvpark::codec::{self, CodecTag};
 use kvpark::config::Config;
-use kvpark::plan::{LoadDone, MoveKind, Plan, Report, SaveDone};
+use kvpark::plan::{LoadDone, MoveDone, MoveKind, Outcome, Plan, Report, SaveDone, TierChange};
 use kvpark::sim::deploy::{Deployment, MAX_KV_BYTES_PER_TOKEN};
 use kvpark::sim::engine::{run_policy, Script, SimConfig};
 use kvpark::sim::stats::TraceStats;
@@ -1013,6 +1013,7 @@ fn write_corpus() {
             ok: keys.clone(),
             failed: vec![],
         }],
+        tiers: keys.iter().map(|&k| (TierChange::OnHost, k)).collect(),
         ..Default::default()
     };
     put("report", "saved.bin", &rep.encode());
@@ -1045,9 +1046,32 @@ fn write_corpus() {
             req_id: "chatcmpl-8b21".into(),
             failed: vec![keys[2]],
         }],
-        on_nvme: keys[..2].to_vec(),
-        left_host: vec![keys[1]],
-        lost: vec![keys[5]],
+        moved: vec![
+            MoveDone {
+                kind: MoveKind::Demote,
+                key: keys[0],
+                outcome: Outcome::Done,
+            },
+            MoveDone {
+                kind: MoveKind::EvictHost,
+                key: keys[1],
+                outcome: Outcome::Skipped("block in state Demoting".into()),
+            },
+            MoveDone {
+                kind: MoveKind::Promote,
+                key: keys[4],
+                outcome: Outcome::Failed("NVMe read: corrupt record".into()),
+            },
+        ],
+        tiers: vec![
+            (TierChange::OnHost, keys[0]),
+            (TierChange::OnNvme, keys[0]),
+            (TierChange::OnNvme, keys[1]),
+            (TierChange::LeftHost, keys[1]),
+            (TierChange::LeftNvme, keys[3]),
+            (TierChange::Lost, keys[5]),
+        ],
+        rank: 1,
     };
     put("report", "mixed.bin", &rep.encode());
     // NVMe records, as the store writes them: one segment per codec

@@ -78,7 +78,7 @@ fn a_restarted_worker_finds_its_host_blocks_and_drops_a_changed_one() {
         .iter()
         .all(|f| f.1 == 42 && f.2 == geom().block_bytes() as u64));
     let mut p = BlockPlanner::new(cfg.clone(), 16).unwrap();
-    p.recover_tiers(found.into_iter().map(|(k, s, l)| (k, s, l, true, false)));
+    p.recover_tiers(found.into_iter().map(|(k, s, l)| (0, k, s, l, true, false)));
     let pm = p.metrics();
     assert_eq!(pm.parked_host_blocks, 4);
     assert_eq!(pm.parked_nvme_blocks, 0);

@@ -6,7 +6,7 @@
 use kvpark::block::{BlockKey, Dtype, Geometry, KvLayout, LayerView};
 use kvpark::config::Config;
 use kvpark::mover::Mover;
-use kvpark::plan::{LoadReq, Plan, Report, SaveReq};
+use kvpark::plan::{LoadReq, Plan, Report, SaveReq, TierChange};
 use std::time::Duration;
 
 const BLOCKS: u64 = 32;
@@ -252,7 +252,11 @@ fn corrupt_nvme_record_is_a_failed_block_never_wrong_kv() {
     assert_eq!(c.block(1, 6), &want2[..]);
     assert_eq!(counters(&m)["load_corrupt"], 1);
     let r = Report::decode(&m.take_report()).unwrap();
-    assert_eq!(r.lost, vec![key(1)], "the planner is told to forget it");
+    assert_eq!(
+        r.tiers,
+        vec![(TierChange::Lost, key(1)), (TierChange::OnHost, key(2))],
+        "the planner is told to forget key 1, and that key 2 is in host memory now"
+    );
     assert_eq!(r.loaded[0].failed, vec![key(1)]);
 }
 
@@ -319,7 +323,12 @@ fn write_behind_never_blocks_a_save_and_lands_everything() {
     let k = counters(&m);
     assert_eq!(k["demoted_blocks"], 30, "{k}");
     assert_eq!(k["nvme_write_errors"], 0);
-    let on_nvme = Report::decode(&m.take_report()).unwrap().on_nvme.len();
+    let on_nvme = Report::decode(&m.take_report())
+        .unwrap()
+        .tiers
+        .iter()
+        .filter(|t| t.0 == TierChange::OnNvme)
+        .count();
     assert_eq!(on_nvme, 30);
 }
 

@@ -41,7 +41,7 @@ fn mover_new_refuses_an_nvme_dir_that_is_a_file() {
     );
     assert_eq!(e.matches("kvpark_mover_new").count(), 1, "{e}");
     let mut p = ptr::null_mut();
-    let st = unsafe { kvpark_planner_new(cfg.as_ptr(), cfg.len(), 16, &mut p) };
+    let st = unsafe { kvpark_planner_new(cfg.as_ptr(), cfg.len(), 16, 0, 1, &mut p) };
     assert_eq!(st, KvparkStatus::Config);
     assert!(last_error().starts_with("kvpark_planner_new: config error: nvme_dir: "));
 }
@@ -60,7 +60,7 @@ fn mover_new_refuses_a_host_tier_larger_than_the_machine() {
     );
     // The scheduler side maps no arena.
     let mut p = ptr::null_mut();
-    let st = unsafe { kvpark_planner_new(cfg.as_ptr(), cfg.len(), 16, &mut p) };
+    let st = unsafe { kvpark_planner_new(cfg.as_ptr(), cfg.len(), 16, 0, 1, &mut p) };
     assert_eq!(st, KvparkStatus::Ok, "{}", last_error());
     unsafe { kvpark::ffi::kvpark_planner_free(p) };
     let small = r#"{"host_bytes":"1MiB"}"#;

@@ -170,7 +170,7 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "kvpark_buf_free": (None, [KvparkBuf]),
     "kvpark_config_validate": (_Status, [_u8p, c_size_t, POINTER(KvparkBuf)]),
     "kvpark_config_preflight": (_Status, [_u8p, c_size_t, _u8p, c_size_t, POINTER(KvparkBuf)]),
-    "kvpark_planner_new": (_Status, [_u8p, c_size_t, c_uint32, POINTER(_PlannerP)]),
+    "kvpark_planner_new": (_Status, [_u8p, c_size_t, c_uint32, c_uint32, c_uint32, POINTER(_PlannerP)]),
     "kvpark_planner_free": (None, [_PlannerP]),
     "kvpark_planner_match": (
         _Status,
@@ -394,14 +394,26 @@ class RequestView:
 
 
 class Planner:
-    """Scheduler-side handle (`KvparkPlanner`)."""
+    """Scheduler-side handle (`KvparkPlanner`) for the worker ranks
+    `first_rank .. first_rank + world_size` (vLLM's tensor x pipeline parallel size;
+    `first_rank` is 0 but with data parallelism): a block counts as parked only when
+    every rank reported it, and a restart recovers what every rank's files hold."""
 
-    def __init__(self, config: dict[str, Any], block_size: int):
+    def __init__(self, config: dict[str, Any], block_size: int, world_size: int = 1, first_rank: int = 0):
         self._lib = lib()
         raw = json.dumps(config or {}).encode()
         ptr, n = _bytes_ptr(raw)
         h = c_void_p()
-        _call(self._lib, "kvpark_planner_new", ptr, n, c_uint32(block_size), ctypes.byref(h))
+        _call(
+            self._lib,
+            "kvpark_planner_new",
+            ptr,
+            n,
+            c_uint32(block_size),
+            c_uint32(first_rank),
+            c_uint32(world_size),
+            ctypes.byref(h),
+        )
         self._h = h
 
     def close(self) -> None:

@@ -283,6 +283,25 @@ def preflight_context(
     return ctx
 
 
+def engine_ranks(vllm_config: "VllmConfig") -> tuple[int, int]:
+    """The worker ranks of one engine as (first rank, world size): tensor x pipeline
+    parallel workers, each running a mover with its own files and reporting with its
+    rank (its rank in vLLM's world group); the planner counts a block as parked only
+    when all of them hold it. With data parallelism vLLM numbers the workers of
+    data-parallel rank d from d x world size."""
+    pc = getattr(vllm_config, "parallel_config", None)
+
+    def nat(v: Any, default: int) -> int:
+        return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else default
+
+    world = max(1, nat(getattr(pc, "world_size", 1), 1))
+    first = 0
+    dp = nat(getattr(pc, "data_parallel_size", 1), 1)
+    if dp > 1 and getattr(pc, "distributed_executor_backend", None) != "external_launcher":
+        first = nat(getattr(pc, "data_parallel_rank", 0), 0) * world
+    return first, world
+
+
 def _worker_rank() -> int:
     try:
         from vllm.distributed.parallel_state import get_world_group
@@ -340,8 +359,15 @@ class KVParkConnector(KVConnectorBase_V1):
             "bad_hints": 0,
         }
         if role == KVConnectorRole.SCHEDULER:
-            self._planner = _ffi.Planner(extra, self._block_size)
-            logger.info("kvpark: planner up (block_size %d, config %s)", self._block_size, self._config)
+            first, world = engine_ranks(vllm_config)
+            self._planner = _ffi.Planner(extra, self._block_size, world, first)
+            logger.info(
+                "kvpark: planner up (block_size %d, worker ranks %d..%d, config %s)",
+                self._block_size,
+                first,
+                first + world - 1,
+                self._config,
+            )
         else:
             self._mover = _ffi.Mover(extra, self._rank)
             logger.info("kvpark: mover up (rank %d, config %s)", self._rank, self._config)

@@ -78,9 +78,16 @@ unsafe fn view<'a>(r: *const KvparkRequest) -> Result<RequestView<'a>, Fail> {
     })
 }
 
-/// Creates the scheduler-side planner from the extra config (JSON) and
-/// vLLM's block size in tokens, after the rank-independent checks of the
-/// config against this machine ([`kvpark_config_preflight`](super::kvpark_config_preflight)).
+/// Creates the scheduler-side planner from the extra config (JSON),
+/// vLLM's block size in tokens and the worker ranks it plans for:
+/// `first_rank..first_rank + world_size` (`world_size`: vLLM's tensor x
+/// pipeline parallel size, 1 to 64; `first_rank`: 0, or with data
+/// parallelism the engine's data-parallel rank x `world_size`, as vLLM
+/// numbers its workers), after
+/// the rank-independent checks of the config against this machine
+/// ([`kvpark_config_preflight`](super::kvpark_config_preflight)). It
+/// recovers what every rank's files hold (warm restart): a block is a hit
+/// only if every rank has it.
 ///
 /// # Safety
 /// `config_json` valid for `len` bytes (or NULL with 0); `out` valid for writing.
@@ -89,38 +96,15 @@ pub unsafe extern "C" fn kvpark_planner_new(
     config_json: *const u8,
     len: usize,
     block_size: u32,
+    first_rank: u32,
+    world_size: u32,
     out: *mut *mut KvparkPlanner,
 ) -> KvparkStatus {
     guard("kvpark_planner_new", || {
         let cfg = Config::from_json(bytes(config_json, len, "config_json")?)?;
         nn(out, "out")?;
         cfg.preflight(&crate::preflight::Preflight::scheduler())?;
-        let mut p = BlockPlanner::new(cfg.clone(), block_size)?;
-        let mut found: Vec<crate::planner::blocks::Recovered> = Vec::new();
-        // Blocks of another model's store are indexed like any others but
-        // can never match this model's keys (the key covers the model); the
-        // worker, which opens and labels the stores, says so once.
-        if let Some(dir) = &cfg.nvme_dir {
-            found.extend(
-                crate::mover::scan_parked(dir, 0)?
-                    .into_iter()
-                    .map(|(k, s, l)| (k, s, l, false, true)),
-            );
-        }
-        if let Some(f) = cfg.host_file_for(0) {
-            match crate::mover::scan_host_file(&f) {
-                Ok(v) => found.extend(v.into_iter().map(|(k, s, l)| (k, s, l, true, false))),
-                // A damaged table: the worker resets it when it opens the
-                // arena, so the engine starts without those host blocks.
-                Err(e) if e.kind() == crate::ErrorKind::Corrupt => {
-                    log::warn!("kvpark: {e}; starting without the host blocks it listed")
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-        if !found.is_empty() {
-            p.recover_tiers(found);
-        }
+        let p = BlockPlanner::open(cfg, block_size, first_rank, world_size)?;
         let h = Box::new(KvparkPlanner {
             inner: Mutex::new(p),
         });

@@ -24,6 +24,12 @@
 //! - Every save request is reported in `finished_sending`, also when it
 //!   failed, so vLLM never keeps a request's blocks forever.
 //! - A full NVMe disk stops demotion (and is counted), never serving.
+//! - The planner decides, the mover executes and reports: every planned move
+//!   ends in an outcome in the report (done, or skipped / failed with the
+//!   reason; a demotion's when its write lands), and every change of where a
+//!   block lives on this rank is reported in order — also the ones the mover
+//!   must make itself (a save into a full host tier evicts older blocks, a
+//!   load drops a corrupt record) — tagged with the rank.
 //! - Layer-wise sync loads (config `layerwise_load`; by default on for KV
 //!   caches on a GPU, off on vLLM's CPU backend): the blocks
 //!   are pinned (read from NVMe if needed) in `start_load`, then the layer
@@ -43,7 +49,9 @@ use crate::config::{Config, Fsync};
 use crate::copy::{cpu::CpuEngine, CopyEngine, GatherOp, KvCaches, ScatterOp};
 use crate::error::{Error, ErrorKind, Result};
 use crate::index::{BlockIndex, BlockState};
-use crate::plan::{LoadDone, LoadReq, MoveKind, Plan, Report, SaveDone, SaveReq};
+use crate::plan::{
+    LoadDone, LoadReq, MoveKind, Outcome, Plan, Report, SaveDone, SaveReq, TierChange,
+};
 use crate::tier::host::{HostArena, SlotId};
 use crate::tier::nvme::{Completion, FsyncPolicy, NvmeConfig, NvmeStore, OpKind};
 use crate::tier::slots::{table_path, SlotTable};
@@ -74,44 +82,7 @@ fn label_store(label: &Path, identity: &str, metrics: &mut MoverMetrics) -> Resu
     Ok(())
 }
 
-/// Lists the blocks parked on NVMe under `dir` for `rank`: `(key, session, raw_len)`.
-/// Used by the scheduler at start (warm restart); reads record headers only.
-///
-/// The directory and its rank folder are refused when they are symlinks, by
-/// the same rule the worker's store applies when it opens them, so the
-/// scheduler never indexes what the workers will not serve.
-pub fn scan_parked(dir: &Path, rank: u32) -> Result<Vec<(BlockKey, u64, u64)>> {
-    for d in [dir.to_path_buf(), dir.join(format!("rank{rank}"))] {
-        if let Ok(m) = std::fs::symlink_metadata(&d) {
-            if m.file_type().is_symlink() {
-                return Err(Error::config(format!(
-                    "nvme_dir: {} is a symlink; refusing to follow it (give the real path)",
-                    d.display()
-                )));
-            }
-        }
-    }
-    crate::tier::nvme::scan_keys(dir, rank).map(|v| {
-        v.into_iter()
-            .map(|k| (k.key, k.session, k.raw_len as u64))
-            .collect()
-    })
-}
-
-/// Lists the blocks the slot table of the host arena file `arena` names:
-/// `(key, session, raw_len)`, as [`scan_parked`] does for NVMe. Used by the
-/// scheduler at start; reads the table only (the worker checks each
-/// block's bytes when it reopens the arena, and a block it cannot confirm
-/// is a failed load, recomputed).
-pub fn scan_host_file(arena: &Path) -> Result<Vec<(BlockKey, u64, u64)>> {
-    let Some((bb, entries)) = crate::tier::slots::read_entries(arena)? else {
-        return Ok(Vec::new());
-    };
-    Ok(entries
-        .into_iter()
-        .map(|e| (e.key, e.session, bb))
-        .collect())
-}
+pub use crate::tier::parked::{scan_host_file, scan_parked};
 
 /// What `get_finished` hands to vLLM.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -133,7 +104,7 @@ struct Registered {
     nvme_done: Option<Receiver<Completion>>,
     /// NVMe writes in flight: ticket → key.
     writes: Mutex<HashMap<u64, BlockKey>>,
-    /// Demotions waiting for room in the store's queue.
+    /// Demotions waiting for room in the store's queue: (key, session, seq).
     deferred: Mutex<std::collections::VecDeque<(BlockKey, u64, u32)>>,
     report: Mutex<Report>,
     metrics: MoverMetrics,
@@ -707,7 +678,8 @@ impl Mover {
         std::mem::take(&mut self.finished)
     }
 
-    /// Blocks until every async load handed out so far has finished (tests, shutdown).
+    /// Blocks until every async load handed out so far has finished and no
+    /// NVMe write is in flight or queued (tests, shutdown).
     pub fn drain(&mut self, timeout: Duration) -> Finished {
         let end = Instant::now() + timeout;
         let mut acc = Finished::default();
@@ -716,12 +688,8 @@ impl Mover {
             acc.sending.extend(f.sending);
             acc.recving.extend(f.recving);
             acc.failed_blocks.extend(f.failed_blocks);
-            let writes = self
-                .reg
-                .as_ref()
-                .map(|r| r.writes.lock().len())
-                .unwrap_or(0);
-            if (self.pending_async == 0 && writes == 0) || Instant::now() >= end {
+            let writes = self.reg.as_ref().map(|r| r.nvme_busy()).unwrap_or(false);
+            if (self.pending_async == 0 && !writes) || Instant::now() >= end {
                 return acc;
             }
             std::thread::sleep(Duration::from_millis(1));
@@ -738,6 +706,7 @@ impl Mover {
         if r.is_empty() {
             return Vec::new();
         }
+        r.rank = self.rank;
         r.block_bytes = reg.geom.block_bytes() as u64;
         r.encode()
     }
@@ -763,6 +732,19 @@ impl Mover {
             }
         }
         v.to_string()
+    }
+
+    /// Where this rank holds each parked block: `(key, a complete host copy,
+    /// an NVMe copy)`, from the mover's own index (the truth the planner's
+    /// view is checked against; settled after [`Mover::drain`]).
+    pub fn holdings(&self) -> Vec<(BlockKey, bool, bool)> {
+        let Some(reg) = &self.reg else {
+            return Vec::new();
+        };
+        let idx = reg.index.lock();
+        idx.iter()
+            .map(|(k, e)| (*k, e.state.host_readable(), e.on_nvme))
+            .collect()
     }
 
     /// The registered geometry, if any.
@@ -994,7 +976,7 @@ impl Registered {
                 BlockState::HostAndNvme => idx.release_host(&key).ok(),
                 BlockState::Host if drop_host_only => match idx.remove(&key) {
                     Ok(s) => {
-                        self.report.lock().lost.push(key);
+                        self.report.lock().tier(TierChange::Lost, key);
                         self.metrics.dropped_blocks.fetch_add(1, Ordering::Relaxed);
                         s
                     }
@@ -1004,7 +986,9 @@ impl Registered {
             };
             if let Some(s) = slot {
                 self.free_slot(s)?;
-                self.report.lock().left_host.push(key);
+                if e.state == BlockState::HostAndNvme {
+                    self.report.lock().tier(TierChange::LeftHost, key);
+                }
                 self.metrics.host_evictions.fetch_add(1, Ordering::Relaxed);
                 return Ok(true);
             }
@@ -1030,8 +1014,23 @@ impl Registered {
         let deadline = t0 + SAVE_STREAM_WAIT;
         let mut batch: Vec<(BlockKey, u32, SlotId, u32)> = Vec::with_capacity(s.blocks.len());
         for &(key, block, seq) in &s.blocks {
-            if self.index.lock().get(&key).is_some() {
+            let known = self.index.lock().get(&key).map(|e| e.state);
+            if let Some(state) = known {
+                // Parked already: tell where (the planner may not know it
+                // on this rank, e.g. after a restart).
+                let mut r = self.report.lock();
+                if state.host_readable() {
+                    r.tier(TierChange::OnHost, key);
+                }
+                if matches!(state, BlockState::HostAndNvme | BlockState::Nvme) {
+                    r.tier(TierChange::OnNvme, key);
+                }
+                drop(r);
                 done.ok.push(key);
+                if s.to_nvme {
+                    // the write-behind's outcome is reported like a demotion's
+                    self.demote(key, s.session, seq);
+                }
                 continue;
             }
             if self.kv.check_block(block).is_err() {
@@ -1121,8 +1120,11 @@ impl Registered {
                 }
                 Ok(None) if ok => {
                     self.record_slot(slot, &key, s.session, seq);
+                    self.report.lock().tier(TierChange::OnHost, key);
                     done.ok.push(key);
                     if s.to_nvme {
+                        // the write-behind is reported like a demotion: the
+                        // planner counts the NVMe copy when the write lands
                         self.demote(key, s.session, seq);
                     }
                 }
@@ -1143,9 +1145,19 @@ impl Registered {
         done
     }
 
-    /// Starts an NVMe write of a host block (write-behind or a planned demotion).
+    /// Starts an NVMe write of a host block: a demotion or a save's
+    /// write-behind, both asked for by the planner. Its outcome is reported
+    /// as a [`MoveKind::Demote`]: done when the write lands (with the tier
+    /// change), skipped or failed with the reason.
     fn demote(&self, key: BlockKey, session: u64, seq: u32) {
-        let Some(store) = &self.nvme else { return };
+        let outcome = |why: String| {
+            self.report
+                .lock()
+                .moved(MoveKind::Demote, key, Outcome::Skipped(why));
+        };
+        let Some(store) = &self.nvme else {
+            return outcome("no NVMe tier on this rank".into());
+        };
         // Never block the caller (vLLM's step) on the disk: with the store's
         // queue full, the demotion waits here and poll_nvme submits it later.
         if self.writes.lock().len() >= MAX_WRITES_IN_FLIGHT {
@@ -1160,14 +1172,36 @@ impl Registered {
                 self.metrics
                     .demotions_skipped_full
                     .fetch_add(1, Ordering::Relaxed);
-                return;
+                return outcome("the NVMe tier is full".into());
             }
         }
         let slot = {
             let mut idx = self.index.lock();
-            let Some(e) = idx.get(&key) else { return };
-            if e.state != BlockState::Host || idx.begin_demote(&key).is_err() {
+            let Some(e) = idx.get(&key) else {
+                drop(idx);
+                let mut r = self.report.lock();
+                r.moved(
+                    MoveKind::Demote,
+                    key,
+                    Outcome::Skipped("not parked on this rank".into()),
+                );
+                r.tier(TierChange::Lost, key);
                 return;
+            };
+            if e.state == BlockState::HostAndNvme || e.state == BlockState::Nvme {
+                drop(idx);
+                let mut r = self.report.lock();
+                r.moved(MoveKind::Demote, key, Outcome::Done);
+                r.tier(TierChange::OnNvme, key);
+                return;
+            }
+            if e.state != BlockState::Host {
+                drop(idx);
+                return outcome(format!("block in state {:?}", e.state));
+            }
+            if let Err(err) = idx.begin_demote(&key) {
+                drop(idx);
+                return outcome(err.message().to_string());
             }
             e.host.expect("Host state has a slot")
         };
@@ -1181,11 +1215,19 @@ impl Registered {
                 (g.as_ptr(), None)
             }
             Ok(g) => (std::ptr::null(), Some(g[..len].to_vec())),
-            Err(_) => {
+            Err(e) => {
                 let _ = self.index.lock().finish_demote(&key, false);
+                self.report.lock().moved(
+                    MoveKind::Demote,
+                    key,
+                    Outcome::Failed(format!("host slot: {}", e.message())),
+                );
                 return;
             }
         };
+        // The ticket is recorded under the `writes` lock before the
+        // completion can be looked up there (poll_nvme takes the same lock).
+        let mut writes = self.writes.lock();
         let submitted = match data {
             Some(data) => store.submit_put(key, session, seq, data),
             // SAFETY: the block stays in `Demoting` until poll_nvme applies
@@ -1197,19 +1239,28 @@ impl Registered {
         };
         match submitted {
             Ok(t) => {
-                self.writes.lock().insert(t.0, key);
+                writes.insert(t.0, key);
             }
-            Err(_) => {
+            Err(e) => {
+                drop(writes);
                 let _ = self.index.lock().finish_demote(&key, false);
                 self.metrics
                     .nvme_write_errors
                     .fetch_add(1, Ordering::Relaxed);
+                self.report.lock().moved(
+                    MoveKind::Demote,
+                    key,
+                    Outcome::Failed(format!("NVMe write: {}", e.message())),
+                );
             }
         }
     }
 
     /// Applies NVMe completions; waits up to `wait` for the first one.
     /// Returns true when at least one completion was processed.
+    ///
+    /// A write leaves `writes` only after its outcome is in the report, so
+    /// whoever sees no write in flight also sees every outcome reported.
     fn poll_nvme(&self, wait: Duration) -> bool {
         let Some(rx) = &self.nvme_done else {
             return false;
@@ -1225,23 +1276,35 @@ impl Registered {
             if c.op != OpKind::Put {
                 continue;
             }
-            let Some(key) = self.writes.lock().remove(&c.ticket.0) else {
+            let Some(key) = self.writes.lock().get(&c.ticket.0).copied() else {
                 continue;
             };
-            let ok = c.result.is_ok();
-            let _ = self.index.lock().finish_demote(&key, ok);
-            if ok {
-                self.metrics.demoted_blocks.fetch_add(1, Ordering::Relaxed);
-                self.report.lock().on_nvme.push(key);
-            } else {
-                self.metrics
-                    .nvme_write_errors
-                    .fetch_add(1, Ordering::Relaxed);
-                if matches!(&c.result, Err(e) if e.kind() == ErrorKind::NoSpace) {
-                    self.metrics.nvme_full.fetch_add(1, Ordering::Relaxed);
-                    *self.nvme_paused_until.lock() = Some(Instant::now() + Duration::from_secs(30));
+            let _ = self.index.lock().finish_demote(&key, c.result.is_ok());
+            match &c.result {
+                Ok(_) => {
+                    self.metrics.demoted_blocks.fetch_add(1, Ordering::Relaxed);
+                    let mut r = self.report.lock();
+                    r.tier(TierChange::OnNvme, key);
+                    r.moved(MoveKind::Demote, key, Outcome::Done);
+                }
+                Err(e) => {
+                    self.metrics
+                        .nvme_write_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                    let why = format!("NVMe write: {}", e.message());
+                    // a full disk skips demotion for a while (never serving)
+                    let outcome = if e.kind() == ErrorKind::NoSpace {
+                        self.metrics.nvme_full.fetch_add(1, Ordering::Relaxed);
+                        *self.nvme_paused_until.lock() =
+                            Some(Instant::now() + Duration::from_secs(30));
+                        Outcome::Skipped(why)
+                    } else {
+                        Outcome::Failed(why)
+                    };
+                    self.report.lock().moved(MoveKind::Demote, key, outcome);
                 }
             }
+            self.writes.lock().remove(&c.ticket.0);
         }
         self.submit_deferred();
         any
@@ -1257,7 +1320,7 @@ impl Registered {
                 return;
             };
             // The block may have been evicted or removed meanwhile: demote()
-            // only acts on a block still in Host state.
+            // only writes a block still in Host state (and reports the rest).
             self.demote(key, session, seq);
         }
     }
@@ -1267,9 +1330,12 @@ impl Registered {
         let now = self.now();
         {
             let mut idx = self.index.lock();
-            let e = idx
-                .get(key)
-                .ok_or_else(|| Error::not_found("block not parked"))?;
+            let Some(e) = idx.get(key) else {
+                drop(idx);
+                // The planner believed it here: tell it the truth.
+                self.report.lock().tier(TierChange::Lost, *key);
+                return Err(Error::not_found("block not parked"));
+            };
             if e.state.host_readable() {
                 idx.pin(key, now)?;
                 self.metrics
@@ -1305,6 +1371,7 @@ impl Registered {
                 let e = idx.get(key).expect("just promoted");
                 drop(idx);
                 self.record_slot(slot, key, e.session, e.seq);
+                self.report.lock().tier(TierChange::OnHost, *key);
                 self.metrics
                     .load_blocks_nvme
                     .fetch_add(1, Ordering::Relaxed);
@@ -1316,7 +1383,7 @@ impl Registered {
                 }
                 // The store dropped a corrupt record itself; forget the block.
                 let _ = idx.remove(key);
-                self.report.lock().lost.push(*key);
+                self.report.lock().tier(TierChange::Lost, *key);
                 if e.kind() == ErrorKind::Corrupt {
                     self.metrics.load_corrupt.fetch_add(1, Ordering::Relaxed);
                 }
@@ -1454,49 +1521,108 @@ impl Registered {
         (done, failed_blocks)
     }
 
+    /// Runs one planned tier move and reports its outcome (and the tier
+    /// changes it made). A demotion's outcome comes when its write lands
+    /// (see [`Registered::poll_nvme`]).
     fn apply_move(&self, kind: MoveKind, key: BlockKey) {
+        let skipped = |why: String| self.report.lock().moved(kind, key, Outcome::Skipped(why));
         match kind {
             MoveKind::Demote => {
                 let e = self.index.lock().get(&key);
-                if let Some(e) = e {
-                    self.demote(key, e.session, e.seq);
+                match e {
+                    Some(e) => self.demote(key, e.session, e.seq),
+                    None => {
+                        let mut r = self.report.lock();
+                        r.moved(
+                            kind,
+                            key,
+                            Outcome::Skipped("not parked on this rank".into()),
+                        );
+                        r.tier(TierChange::Lost, key);
+                    }
                 }
             }
             MoveKind::EvictHost => {
                 let mut idx = self.index.lock();
-                let state = idx.get(&key).map(|e| e.state);
-                let slot = match state {
-                    Some(BlockState::HostAndNvme) => idx.release_host(&key).ok(),
-                    Some(BlockState::Host) => {
-                        let s = idx.remove(&key).ok().flatten();
-                        if s.is_some() {
-                            self.report.lock().lost.push(key);
-                        }
-                        s
+                let e = idx.get(&key);
+                let (slot, change) = match e.map(|e| (e.state, e.pins)) {
+                    Some((BlockState::HostAndNvme, _)) => match idx.release_host(&key) {
+                        Ok(s) => (s, TierChange::LeftHost),
+                        Err(err) => return skipped(err.message().to_string()),
+                    },
+                    Some((BlockState::Host, _)) => match idx.remove(&key) {
+                        Ok(Some(s)) => (s, TierChange::Lost),
+                        Ok(None) => unreachable!("a Host block holds a slot"),
+                        Err(err) => return skipped(err.message().to_string()),
+                    },
+                    Some((BlockState::Nvme, _)) => {
+                        drop(idx);
+                        let mut r = self.report.lock();
+                        r.moved(kind, key, Outcome::Done);
+                        r.tier(TierChange::LeftHost, key);
+                        return;
                     }
-                    _ => None,
+                    Some((state, _)) => return skipped(format!("block in state {state:?}")),
+                    None => {
+                        drop(idx);
+                        let mut r = self.report.lock();
+                        r.moved(kind, key, Outcome::Done);
+                        r.tier(TierChange::Lost, key);
+                        return;
+                    }
                 };
                 drop(idx);
-                if let Some(s) = slot {
-                    let _ = self.free_slot(s);
-                    self.report.lock().left_host.push(key);
-                }
+                let freed = self.free_slot(slot);
+                let mut r = self.report.lock();
+                r.tier(change, key);
+                r.moved(
+                    kind,
+                    key,
+                    match freed {
+                        Ok(()) => Outcome::Done,
+                        Err(e) => Outcome::Failed(format!("free host slot: {}", e.message())),
+                    },
+                );
             }
-            MoveKind::Promote => {
-                if let Ok(_slot) = self.pin_for_load(&key) {
+            MoveKind::Promote => match self.pin_for_load(&key) {
+                Ok(_slot) => {
                     let _ = self.index.lock().unpin(&key);
+                    let mut r = self.report.lock();
+                    // already host-readable: say so (pin_for_load reports
+                    // only a read from NVMe)
+                    r.tier(TierChange::OnHost, key);
+                    r.moved(kind, key, Outcome::Done);
                 }
-            }
+                Err(e) => {
+                    let outcome = match e.kind() {
+                        ErrorKind::NoSpace | ErrorKind::Busy | ErrorKind::NotFound => {
+                            Outcome::Skipped(e.message().to_string())
+                        }
+                        _ => Outcome::Failed(e.message().to_string()),
+                    };
+                    self.report.lock().moved(kind, key, outcome);
+                }
+            },
             MoveKind::Drop => {
                 let removed = self.index.lock().remove(&key);
-                if let Ok(slot) = removed {
-                    if let Some(s) = slot {
-                        let _ = self.free_slot(s);
+                match removed {
+                    Ok(slot) => {
+                        if let Some(s) = slot {
+                            let _ = self.free_slot(s);
+                        }
+                        if let Some(n) = &self.nvme {
+                            n.remove(&key);
+                        }
+                        let mut r = self.report.lock();
+                        r.tier(TierChange::Lost, key);
+                        r.moved(kind, key, Outcome::Done);
                     }
-                    if let Some(n) = &self.nvme {
-                        n.remove(&key);
+                    Err(e) if e.kind() == ErrorKind::NotFound => {
+                        let mut r = self.report.lock();
+                        r.tier(TierChange::Lost, key);
+                        r.moved(kind, key, Outcome::Done);
                     }
-                    self.report.lock().lost.push(key);
+                    Err(e) => skipped(e.message().to_string()),
                 }
             }
         }

@@ -2,12 +2,27 @@
 //! load, and what each finished request parks.
 //!
 //! It lives in vLLM's engine-core process and sees only block hashes and
-//! block ids, never KV bytes. Its view of the tiers is what the workers have
-//! **reported** (see [`crate::plan::Report`]): a block counts as parked only
-//! after a worker confirmed the save, so a hit is never promised for bytes
-//! still in flight. A worker may still fail a planned load (a record turned
-//! out corrupt, a host slot was reclaimed); it then reports the keys, vLLM
-//! recomputes those blocks, and the planner forgets them.
+//! block ids, never KV bytes. **The planner decides, the workers execute and
+//! report**: its view of the tiers is, per rank, what that rank's worker has
+//! reported (see [`crate::plan::Report`]), and it changes only on reports —
+//! never when it plans. Each block keeps one bit per rank for the host tier
+//! and one for NVMe; a block counts as present in a tier only when every
+//! rank (tensor/pipeline parallel worker, `world` of them) holds it there,
+//! and can be loaded only when every rank holds it in some tier. So a hit is
+//! never promised for bytes still in flight or missing on one rank.
+//!
+//! Every planned tier move ends in an outcome each rank reports (done,
+//! skipped or failed, with the reason); the core planner learns that a
+//! session-level action completed only when every rank reported every block
+//! move of it, and whether all were done. A worker also reports the tier
+//! changes it had to make itself (an eviction to free a slot for a save, a
+//! corrupt record it dropped). A block some rank lost while others still
+//! hold it (a failed load, a partial restart) no longer counts as parked;
+//! the planner drops it on the ranks that still hold it.
+//!
+//! At start, [`BlockPlanner::open`] recovers what every rank's files hold
+//! (NVMe records, a file-backed host arena's slot table): a block is
+//! recovered only if every rank has it.
 //!
 //! Request lifecycle as vLLM drives it:
 //!
@@ -28,7 +43,7 @@
 use crate::block::{BlockKey, ModelNs};
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::plan::{LoadReq, MoveKind, Plan, Report, SaveReq};
+use crate::plan::{LoadReq, MoveKind, Outcome, Plan, Report, SaveReq, TierChange};
 use crate::planner::core::{Action, Awaiting, Capacity, Hint, Planner, SessionId, Tier};
 use crate::policy::PolicyEnv;
 use serde::Serialize;
@@ -119,8 +134,10 @@ pub struct Match {
 
 #[derive(Clone, Copy, Debug)]
 struct Loc {
-    host: bool,
-    nvme: bool,
+    /// Ranks holding a host copy (bit r = rank r).
+    host: u64,
+    /// Ranks holding an NVMe copy.
+    nvme: u64,
     session: u64,
     last_use: u64,
     /// Loads planned and not yet reported: never dropped meanwhile.
@@ -135,9 +152,41 @@ struct ReqState {
     load_async: bool,
 }
 
-/// A block found at start: `(key, session, raw_len, in the host arena
-/// file, on NVMe)`.
-pub type Recovered = (BlockKey, u64, u64, bool, bool);
+/// A block found at start: `(rank, key, session, raw_len, in the host
+/// arena file, on NVMe)`.
+pub type Recovered = (u32, BlockKey, u64, u64, bool, bool);
+
+/// The most ranks one planner tracks (one bit each).
+pub const MAX_WORLD: u32 = 64;
+
+/// A planned move waiting for every rank's outcome.
+#[derive(Clone, Copy, Debug)]
+struct Pending {
+    /// Ranks that reported an outcome.
+    reported: u64,
+    /// Every outcome so far was "done".
+    ok: bool,
+    /// The core planner's action the move belongs to.
+    action: Option<u64>,
+}
+
+/// A save waiting for every rank's outcome.
+#[derive(Debug)]
+struct Saving {
+    keys: Vec<BlockKey>,
+    reported: u64,
+    /// Every rank parked at least one block.
+    ok: bool,
+}
+
+/// A load waiting for every rank's outcome.
+#[derive(Debug)]
+struct Loading {
+    keys: Vec<BlockKey>,
+    reported: u64,
+    /// Blocks some rank failed to load.
+    failed: HashSet<BlockKey>,
+}
 
 /// Counters exported as JSON.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -156,24 +205,32 @@ pub struct PlannerMetrics {
     pub loads_sync: u64,
     /// Async loads planned.
     pub loads_async: u64,
-    /// Blocks whose load a worker reported failed.
+    /// Blocks whose load some rank reported failed (vLLM recomputes them).
     pub load_failed_blocks: u64,
+    /// Blocks every rank reported loaded.
+    pub loaded_blocks: u64,
     /// Save requests planned.
     pub saves: u64,
     /// Blocks planned to save.
     pub save_blocks: u64,
-    /// Blocks confirmed parked.
+    /// Blocks every rank confirmed parked.
     pub saved_blocks: u64,
-    /// Blocks whose save failed.
+    /// Blocks whose save failed on some rank.
     pub save_failed_blocks: u64,
-    /// Blocks known to kvpark now.
+    /// Blocks kvpark can load now (every rank holds them).
     pub parked_blocks: u64,
-    /// Of which in the host tier.
+    /// Of which every rank holds in the host tier.
     pub parked_host_blocks: u64,
-    /// Of which on NVMe.
+    /// Of which every rank holds on NVMe.
     pub parked_nvme_blocks: u64,
-    /// Blocks found on NVMe at start (warm restart).
+    /// Blocks some ranks hold and others lost (being dropped).
+    pub partial_blocks: u64,
+    /// Blocks found in every rank's files at start (warm restart).
     pub recovered_blocks: u64,
+    /// Blocks found at start on some ranks only (dropped).
+    pub recovered_partial_blocks: u64,
+    /// Worker ranks (tensor x pipeline parallel) the planner tracks.
+    pub world_size: u64,
     /// Bytes of one block as reported by a worker.
     pub block_bytes: u64,
     /// Sessions seen.
@@ -182,6 +239,12 @@ pub struct PlannerMetrics {
     pub sessions_ended: u64,
     /// Block moves planned by the policy (evict, demote, promote, drop).
     pub moves: u64,
+    /// Move outcomes reported done (one per rank).
+    pub moves_done: u64,
+    /// Move outcomes reported skipped (one per rank).
+    pub moves_skipped: u64,
+    /// Move outcomes reported failed (one per rank).
+    pub moves_failed: u64,
     /// Host bytes the core planner accounts for.
     pub planned_host_bytes: u64,
     /// NVMe bytes the core planner accounts for.
@@ -197,8 +260,22 @@ pub struct BlockPlanner {
     block_bytes: u64,
     blocks: HashMap<BlockKey, Loc>,
     reqs: HashMap<String, ReqState>,
-    saving: HashMap<String, (u64, Vec<BlockKey>)>,
-    saving_keys: HashSet<BlockKey>,
+    saving: HashMap<String, Saving>,
+    /// Keys of saves in flight → their session.
+    saving_keys: HashMap<BlockKey, u64>,
+    loads: HashMap<String, Loading>,
+    /// Ranks the workers run as: `first_rank..first_rank + world`.
+    world: u32,
+    first_rank: u32,
+    /// Bit mask of every rank.
+    all: u64,
+    /// Planned moves waiting for outcomes.
+    pending: HashMap<(MoveKind, BlockKey), Pending>,
+    /// Core actions waiting for their moves: (action, moves left, all done).
+    actions: HashMap<u64, (Action, usize, bool)>,
+    next_action: u64,
+    /// Blocks some ranks hold and others do not.
+    partial: HashSet<BlockKey>,
     outbox: Plan,
     step: u64,
     sessions: HashMap<String, u64>,
@@ -216,10 +293,33 @@ pub struct BlockPlanner {
 }
 
 impl BlockPlanner {
-    /// A planner for vLLM's `block_size` (tokens per block).
+    /// A planner for vLLM's `block_size` (tokens per block) and one worker rank.
     pub fn new(cfg: Config, block_size: u32) -> Result<Self> {
+        Self::with_world(cfg, block_size, 1)
+    }
+
+    /// A planner for the `world` worker ranks `0..world`; see [`Self::with_ranks`].
+    pub fn with_world(cfg: Config, block_size: u32, world: u32) -> Result<Self> {
+        Self::with_ranks(cfg, block_size, 0, world)
+    }
+
+    /// A planner for `world` worker ranks (vLLM's tensor x pipeline
+    /// parallel size; 1 to [`MAX_WORLD`]) numbered from `first_rank` (0, or
+    /// with data parallelism the engine's data-parallel rank x `world`, as
+    /// vLLM numbers its workers), starting empty.
+    pub fn with_ranks(cfg: Config, block_size: u32, first_rank: u32, world: u32) -> Result<Self> {
         if block_size == 0 {
             return Err(Error::invalid("block_size must be > 0"));
+        }
+        if world == 0 || world > MAX_WORLD {
+            return Err(Error::invalid(format!(
+                "world size {world}: kvpark plans for 1 to {MAX_WORLD} worker ranks"
+            )));
+        }
+        if first_rank.checked_add(world).is_none() {
+            return Err(Error::invalid(format!(
+                "ranks {first_rank} + {world} overflow a 32-bit rank"
+            )));
         }
         let policy = crate::policy::by_name(&cfg.policy, PolicyEnv::default(), None)
             .map_err(|e| Error::config(format!("policy: {}", e.message())))?;
@@ -244,13 +344,51 @@ impl BlockPlanner {
             blocks: HashMap::new(),
             reqs: HashMap::new(),
             saving: HashMap::new(),
-            saving_keys: HashSet::new(),
+            saving_keys: HashMap::new(),
+            loads: HashMap::new(),
+            world,
+            first_rank,
+            all: if world == 64 {
+                u64::MAX
+            } else {
+                (1u64 << world) - 1
+            },
+            pending: HashMap::new(),
+            actions: HashMap::new(),
+            next_action: 1,
+            partial: HashSet::new(),
             outbox: Plan::default(),
             step: 0,
             sessions: HashMap::new(),
             next_session: 1,
-            metrics: PlannerMetrics::default(),
+            metrics: PlannerMetrics {
+                world_size: world as u64,
+                ..PlannerMetrics::default()
+            },
         })
+    }
+
+    /// A planner for ranks `first_rank..first_rank + world` (see
+    /// [`Self::with_ranks`]) that recovers what every rank's files hold
+    /// (warm restart; see [`crate::planner::recovery`]).
+    pub fn open(cfg: Config, block_size: u32, first_rank: u32, world: u32) -> Result<Self> {
+        let mut p = Self::with_ranks(cfg, block_size, first_rank, world)?;
+        let found = crate::planner::recovery::scan(&p.cfg, first_rank..first_rank + world)?;
+        if !found.is_empty() {
+            p.recover_tiers(found);
+        }
+        Ok(p)
+    }
+
+    /// The number of worker ranks.
+    pub fn world(&self) -> u32 {
+        self.world
+    }
+
+    /// The planner's index of worker rank `rank`, if it plans for it.
+    fn local_rank(&self, rank: u32) -> Option<u32> {
+        rank.checked_sub(self.first_rank)
+            .filter(|&r| r < self.world)
     }
 
     /// The configuration.
@@ -258,34 +396,51 @@ impl BlockPlanner {
         &self.cfg
     }
 
-    /// Registers blocks found on NVMe at start (warm restart): `(key, session, raw_len)`.
-    pub fn recover(&mut self, found: impl IntoIterator<Item = (BlockKey, u64, u64)>) {
-        self.recover_tiers(found.into_iter().map(|(k, s, l)| (k, s, l, false, true)));
-    }
-
-    /// [`BlockPlanner::recover`] with the tiers each block was found in
-    /// (see [`Recovered`]); a key may come twice (once per tier).
+    /// Registers blocks found at start (warm restart), per rank and tier
+    /// (see [`Recovered`]; a key may come once per rank and tier). A block
+    /// becomes a hit only if every rank has it; one found on some ranks
+    /// only is dropped there (first plan).
     pub fn recover_tiers(&mut self, found: impl IntoIterator<Item = Recovered>) {
-        for (key, session, raw_len, host, nvme) in found {
+        for (rank, key, session, raw_len, host, nvme) in found {
+            let Some(rank) = self.local_rank(rank).filter(|_| host || nvme) else {
+                continue;
+            };
             if self.block_bytes == 0 {
                 self.block_bytes = raw_len;
             }
-            let new = !self.blocks.contains_key(&key);
-            self.mark(key, session, 0, host, nvme);
-            self.next_session = self.next_session.max(session.wrapping_add(1));
-            if new {
+            if !self.blocks.contains_key(&key) {
                 self.chains.entry(session).or_default().push(key);
-                self.metrics.recovered_blocks += 1;
+                self.blocks.insert(
+                    key,
+                    Loc {
+                        host: 0,
+                        nvme: 0,
+                        session,
+                        last_use: 0,
+                        loading: 0,
+                    },
+                );
             }
+            self.next_session = self.next_session.max(session.wrapping_add(1));
+            self.set_rank(&key, rank, host.then_some(true), nvme.then_some(true));
         }
+        self.metrics.recovered_blocks = self.metrics.parked_blocks;
+        self.metrics.recovered_partial_blocks = self.partial.len() as u64;
         // The core planner learns each recovered session as suspended, with
         // a copy in each tier that holds every block of the session.
         let sessions: Vec<(SessionId, usize, bool, bool)> = self
             .chains
             .iter()
             .map(|(s, c)| {
-                let all = |f: fn(&Loc) -> bool| c.iter().all(|k| self.blocks.get(k).is_some_and(f));
-                (*s, c.len(), all(|l| l.host), all(|l| l.nvme))
+                let all = self.all;
+                let every =
+                    |f: &dyn Fn(&Loc) -> bool| c.iter().all(|k| self.blocks.get(k).is_some_and(f));
+                (
+                    *s,
+                    c.len(),
+                    every(&|l| l.host == all),
+                    every(&|l| l.nvme == all),
+                )
             })
             .collect();
         for (s, n, host, nvme) in sessions {
@@ -301,6 +456,11 @@ impl BlockPlanner {
                 self.core.completed(0, &a, ok);
             }
         }
+    }
+
+    /// Every rank holds the block (in some tier): it can be loaded.
+    fn loadable(&self, l: &Loc) -> bool {
+        l.host | l.nvme == self.all
     }
 
     fn session_for(&mut self, req: &RequestView<'_>, keys: &[BlockKey]) -> u64 {
@@ -379,8 +539,8 @@ impl BlockPlanner {
         let mut all_host = true;
         for k in keys.iter().skip(local) {
             match self.blocks.get(k) {
-                Some(l) if l.host || l.nvme => {
-                    all_host &= l.host;
+                Some(l) if self.loadable(l) => {
+                    all_host &= l.host == self.all;
                     n += 1;
                 }
                 _ => break,
@@ -451,10 +611,11 @@ impl BlockPlanner {
             .zip(block_ids[lo..hi].iter().copied())
             .collect();
         let sync = !st.load_async;
+        let all = self.all;
         for (k, _) in &blocks {
             if let Some(l) = self.blocks.get_mut(k) {
                 l.loading += 1;
-                if l.host {
+                if l.host == all {
                     self.metrics.hit_blocks_host += 1;
                 } else {
                     self.metrics.hit_blocks_nvme += 1;
@@ -468,6 +629,14 @@ impl BlockPlanner {
         } else {
             self.metrics.loads_async += 1;
         }
+        self.loads.insert(
+            req_id.to_string(),
+            Loading {
+                keys: blocks.iter().map(|b| b.0).collect(),
+                reported: 0,
+                failed: HashSet::new(),
+            },
+        );
         self.outbox.loads.push(LoadReq {
             req_id: req_id.to_string(),
             sync,
@@ -501,10 +670,13 @@ impl BlockPlanner {
         self.last_seen.insert(session, now);
         let (to_host, to_nvme) = self.suspend_session(req, session, full, now);
         let mut blocks = Vec::new();
+        let all = self.all;
         for (i, k) in keys[..full].iter().enumerate() {
             match self.blocks.get_mut(k) {
-                Some(l) if l.host || l.nvme => l.last_use = now,
-                _ if self.saving_keys.contains(k) => {}
+                Some(l) if l.host | l.nvme == all => l.last_use = now,
+                _ if self.saving_keys.contains_key(k) => {}
+                // held by some ranks only: being dropped, not parked again
+                Some(_) => {}
                 _ => {
                     if block_ids[i] == 0 {
                         return Err(Error::invalid(format!(
@@ -527,9 +699,19 @@ impl BlockPlanner {
         self.metrics.saves += 1;
         self.metrics.save_blocks += blocks.len() as u64;
         let keys_saved: Vec<BlockKey> = blocks.iter().map(|b| b.0).collect();
-        self.saving_keys.extend(keys_saved.iter().copied());
-        self.saving
-            .insert(req.req_id.to_string(), (session, keys_saved));
+        self.saving_keys
+            .extend(keys_saved.iter().map(|&k| (k, session)));
+        self.saving.insert(
+            req.req_id.to_string(),
+            Saving {
+                keys: keys_saved,
+                reported: 0,
+                ok: true,
+            },
+        );
+        if to_nvme {
+            self.track_write_behind(req.req_id, &keys_saved_for(&blocks));
+        }
         self.outbox.saves.push(SaveReq {
             req_id: req.req_id.to_string(),
             session,
@@ -537,6 +719,77 @@ impl BlockPlanner {
             to_nvme,
         });
         Ok(true)
+    }
+
+    /// A save that also writes its blocks to NVMe: each block's write is a
+    /// demotion whose outcome every rank reports (the write lands, or is
+    /// skipped on a full disk, or the block was never parked), and the core
+    /// planner's copy to NVMe completes when all are in, ok only if every
+    /// write landed on every rank.
+    fn track_write_behind(&mut self, req_id: &str, keys: &[BlockKey]) {
+        let Some(acts) = self.save_actions.get_mut(req_id) else {
+            return;
+        };
+        let nvme: Vec<usize> = acts
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| matches!(a, Action::Copy { to: Tier::Nvme, .. }))
+            .map(|(i, _)| i)
+            .collect();
+        // One copy to NVMe per save (the delta of its session); anything
+        // else completes with the save as before.
+        let [i] = nvme[..] else {
+            return;
+        };
+        let free: Vec<BlockKey> = keys
+            .iter()
+            .filter(|k| !self.pending.contains_key(&(MoveKind::Demote, **k)))
+            .copied()
+            .collect();
+        if free.is_empty() {
+            return;
+        }
+        let a = acts.remove(i);
+        let id = self.next_action;
+        self.next_action += 1;
+        for k in &free {
+            self.pending.insert(
+                (MoveKind::Demote, *k),
+                Pending {
+                    reported: 0,
+                    ok: true,
+                    action: Some(id),
+                },
+            );
+        }
+        self.actions.insert(id, (a, free.len(), true));
+    }
+
+    /// Records one rank's outcome of a planned move (or write-behind); when
+    /// every rank reported it, the core action it belongs to learns of it
+    /// once all of that action's moves are in.
+    fn settle(&mut self, kind: MoveKind, key: BlockKey, bit: u64, done: bool, now: u64) {
+        let Some(p) = self.pending.get_mut(&(kind, key)) else {
+            return;
+        };
+        if p.reported & bit != 0 {
+            return;
+        }
+        p.reported |= bit;
+        p.ok &= done;
+        if p.reported != self.all {
+            return;
+        }
+        let p = self.pending.remove(&(kind, key)).expect("present");
+        let Some(id) = p.action else { return };
+        if let Some(e) = self.actions.get_mut(&id) {
+            e.1 -= 1;
+            e.2 &= p.ok;
+            if e.1 == 0 {
+                let (a, _, ok) = self.actions.remove(&id).expect("present");
+                self.core.completed(now, &a, ok);
+            }
+        }
     }
 
     /// Suspends `session` (now `full` blocks long) in the core planner and
@@ -585,7 +838,9 @@ impl BlockPlanner {
     }
 
     /// Turns a session-level action of the core planner into block moves
-    /// for the blocks the session owns, and tells the planner it is done.
+    /// for the blocks the session owns. The core planner learns the action
+    /// completed when every rank reported every one of its moves (ok when
+    /// all were done), never when it is planned.
     fn apply_action(&mut self, a: Action, now: u64) {
         let (session, kind) = match &a {
             Action::Drop {
@@ -615,28 +870,61 @@ impl BlockPlanner {
                 return;
             }
         };
+        let id = self.next_action;
+        self.next_action += 1;
         let chain = self.chains.get(&session).cloned().unwrap_or_default();
+        let (mut planned, mut there) = (0, true);
         for k in chain {
             let Some(l) = self.blocks.get(&k) else {
                 continue;
             };
-            if l.loading > 0 {
-                continue;
-            }
+            // Per rank: the move is wanted where that rank's copy needs it.
             let wanted = match kind {
-                MoveKind::EvictHost => l.host,
+                MoveKind::EvictHost => l.host != 0,
                 // only blocks without a host copy: the NVMe copy of a block
                 // also in host memory goes when the store collects it
-                MoveKind::Drop => l.nvme && !l.host,
-                MoveKind::Demote => l.host && !l.nvme,
-                MoveKind::Promote => l.nvme && !l.host,
+                MoveKind::Drop => l.nvme & !l.host != 0,
+                MoveKind::Demote => l.host & !l.nvme != 0,
+                MoveKind::Promote => l.nvme & !l.host != 0,
             };
-            if wanted {
-                self.outbox.moves.push((kind, k));
-                self.metrics.moves += 1;
+            if !wanted {
+                continue;
+            }
+            if l.loading > 0 {
+                there = false;
+                continue;
+            }
+            if self.plan_move(kind, k, Some(id)) {
+                planned += 1;
+            } else {
+                there = false;
             }
         }
-        self.core.completed(now, &a, true);
+        if planned == 0 {
+            // Nothing to move: done exactly when the blocks are already there.
+            self.core.completed(now, &a, there);
+        } else {
+            self.actions.insert(id, (a, planned, there));
+        }
+    }
+
+    /// Plans a block move unless the same move is already waiting for its
+    /// outcomes; returns whether it was planned.
+    fn plan_move(&mut self, kind: MoveKind, k: BlockKey, action: Option<u64>) -> bool {
+        if self.pending.contains_key(&(kind, k)) {
+            return false;
+        }
+        self.pending.insert(
+            (kind, k),
+            Pending {
+                reported: 0,
+                ok: true,
+                action,
+            },
+        );
+        self.outbox.moves.push((kind, k));
+        self.metrics.moves += 1;
+        true
     }
 
     /// `build_connector_meta`: this step's plan, encoded.
@@ -644,6 +932,18 @@ impl BlockPlanner {
         self.step += 1;
         for a in self.core.tick(now) {
             self.apply_action(a, now);
+        }
+        // Blocks some rank lost: drop them where they remain (not while a
+        // save of them is still being reported, nor while a load reads them).
+        let partial: Vec<BlockKey> = self
+            .partial
+            .iter()
+            .filter(|k| !self.saving_keys.contains_key(k))
+            .filter(|k| self.blocks.get(k).is_some_and(|l| l.loading == 0))
+            .copied()
+            .collect();
+        for k in partial {
+            self.plan_move(MoveKind::Drop, k, None);
         }
         if self.step % 1024 == 0 {
             self.end_idle_sessions(now);
@@ -670,7 +970,7 @@ impl BlockPlanner {
             if let Some(chain) = self.chains.remove(&s) {
                 for k in chain {
                     if self.blocks.get(&k).is_some_and(|l| l.loading == 0) {
-                        self.outbox.moves.push((MoveKind::Drop, k));
+                        self.plan_move(MoveKind::Drop, k, None);
                     }
                 }
             }
@@ -678,137 +978,197 @@ impl BlockPlanner {
         }
     }
 
-    /// Queues a tier move for the workers.
+    /// Queues a tier move for the workers (tracked like the policy's).
     pub fn push_move(&mut self, kind: MoveKind, key: BlockKey) {
-        self.outbox.moves.push((kind, key));
+        self.plan_move(kind, key, None);
     }
 
-    /// `update_connector_output`: a worker's report.
+    /// `update_connector_output`: one rank's report. Its tier changes are
+    /// applied in order to that rank's bits; saves, loads and moves settle
+    /// once every rank reported them.
     pub fn on_report(&mut self, bytes: &[u8], now: u64) -> Result<()> {
         let r = Report::decode(bytes)?;
+        let Some(rank) = self.local_rank(r.rank) else {
+            return Err(Error::invalid(format!(
+                "report from rank {}, but the planner plans for ranks {}..{}",
+                r.rank,
+                self.first_rank,
+                self.first_rank + self.world
+            )));
+        };
+        let bit = 1u64 << rank;
         if r.block_bytes != 0 {
             self.block_bytes = r.block_bytes;
             self.metrics.block_bytes = r.block_bytes;
         }
+        for (change, k) in &r.tiers {
+            let (host, nvme) = match change {
+                TierChange::OnHost => (Some(true), None),
+                TierChange::LeftHost => (Some(false), None),
+                TierChange::OnNvme => (None, Some(true)),
+                TierChange::LeftNvme => (None, Some(false)),
+                TierChange::Lost => (Some(false), Some(false)),
+            };
+            self.set_rank(k, rank, host, nvme);
+        }
         for s in r.saved {
-            let mut session = 0;
-            if let Some((sess, keys)) = self.saving.remove(&s.req_id) {
-                session = sess;
-                for k in &keys {
-                    self.saving_keys.remove(k);
-                }
+            // a block this rank did not park is not written to its NVMe either
+            for k in &s.failed {
+                self.settle(MoveKind::Demote, *k, bit, false, now);
             }
+            let Some(sv) = self.saving.get_mut(&s.req_id) else {
+                continue;
+            };
+            if sv.reported & bit != 0 {
+                continue;
+            }
+            sv.reported |= bit;
+            sv.ok &= !s.ok.is_empty();
+            if sv.reported != self.all {
+                continue;
+            }
+            let sv = self.saving.remove(&s.req_id).expect("present");
+            for k in &sv.keys {
+                self.saving_keys.remove(k);
+            }
+            let parked = sv
+                .keys
+                .iter()
+                .filter(|k| self.blocks.get(k).is_some_and(|l| self.loadable(l)))
+                .count() as u64;
+            self.metrics.saved_blocks += parked;
+            self.metrics.save_failed_blocks += sv.keys.len() as u64 - parked;
             if let Some(acts) = self.save_actions.remove(&s.req_id) {
                 for a in acts {
-                    self.core.completed(now, &a, !s.ok.is_empty());
+                    self.core.completed(now, &a, sv.ok);
                 }
             }
-            for k in s.ok {
-                self.metrics.saved_blocks += 1;
-                if !self.blocks.contains_key(&k) {
-                    self.chains.entry(session).or_default().push(k);
-                }
-                self.mark(k, session, now, true, false);
-            }
-            self.metrics.save_failed_blocks += s.failed.len() as u64;
         }
         for l in r.loaded {
-            if let Some(st) = self.reqs.get(&l.req_id) {
-                let lo = st.local_blocks;
-                for k in &st.keys[lo..lo + st.ext_blocks] {
-                    if let Some(loc) = self.blocks.get_mut(k) {
-                        loc.loading = loc.loading.saturating_sub(1);
-                    }
+            let Some(ld) = self.loads.get_mut(&l.req_id) else {
+                continue;
+            };
+            if ld.reported & bit != 0 {
+                continue;
+            }
+            ld.reported |= bit;
+            ld.failed.extend(l.failed);
+            if ld.reported != self.all {
+                continue;
+            }
+            let ld = self.loads.remove(&l.req_id).expect("present");
+            for k in &ld.keys {
+                if let Some(loc) = self.blocks.get_mut(k) {
+                    loc.loading = loc.loading.saturating_sub(1);
                 }
             }
-            self.metrics.load_failed_blocks += l.failed.len() as u64;
-            for k in l.failed {
-                self.forget(&k);
+            self.metrics.load_failed_blocks += ld.failed.len() as u64;
+            self.metrics.loaded_blocks += (ld.keys.len() - ld.failed.len()) as u64;
+        }
+        for m in r.moved {
+            match &m.outcome {
+                Outcome::Done => self.metrics.moves_done += 1,
+                Outcome::Skipped(_) => self.metrics.moves_skipped += 1,
+                Outcome::Failed(_) => self.metrics.moves_failed += 1,
             }
-        }
-        for k in r.on_nvme {
-            self.update(&k, None, Some(true));
-        }
-        for k in r.left_host {
-            self.update(&k, Some(false), None);
-        }
-        for k in r.lost {
-            self.forget(&k);
+            self.settle(m.kind, m.key, bit, m.outcome.is_done(), now);
         }
         Ok(())
     }
 
-    /// Records that `k` (of `session`) is now also in the host and/or NVMe
-    /// tier, inserting it if new. Every tier change goes through
-    /// [`Self::mark`], [`Self::update`] or [`Self::forget`], which keep the
-    /// per-tier counts, so metrics never scan the index (they are read every
-    /// step).
-    fn mark(&mut self, k: BlockKey, session: u64, now: u64, host: bool, nvme: bool) {
-        let l = self.blocks.entry(k).or_insert(Loc {
-            host: false,
-            nvme: false,
-            session,
-            last_use: now,
-            loading: 0,
-        });
-        let m = &mut self.metrics;
-        if host && !l.host {
-            l.host = true;
-            m.parked_host_blocks += 1;
+    /// Sets (local) rank `rank`'s host and/or NVMe bit of `k` (a new block is
+    /// recorded under the session of its save in flight). This is the only
+    /// place tier bits change, so it keeps the per-tier counts and the set of
+    /// partial blocks, and metrics never scan the index (they are read every
+    /// step). A block no rank holds is forgotten.
+    fn set_rank(&mut self, k: &BlockKey, rank: u32, host: Option<bool>, nvme: Option<bool>) {
+        let bit = 1u64 << rank;
+        let all = self.all;
+        if !self.blocks.contains_key(k) {
+            if host != Some(true) && nvme != Some(true) {
+                return;
+            }
+            let session = self.saving_keys.get(k).copied().unwrap_or(0);
+            if session != 0 {
+                self.chains.entry(session).or_default().push(*k);
+            }
+            self.blocks.insert(
+                *k,
+                Loc {
+                    host: 0,
+                    nvme: 0,
+                    session,
+                    last_use: 0,
+                    loading: 0,
+                },
+            );
         }
-        if nvme && !l.nvme {
-            l.nvme = true;
-            m.parked_nvme_blocks += 1;
-        }
-        l.last_use = l.last_use.max(now);
-    }
-
-    /// Sets the tier flags of a known block; a block left in no tier is forgotten.
-    fn update(&mut self, k: &BlockKey, host: Option<bool>, nvme: Option<bool>) {
-        let Some(l) = self.blocks.get_mut(k) else {
-            return;
+        let l = self.blocks.get_mut(k).expect("present");
+        let before = (l.host == all, l.nvme == all, l.host | l.nvme == all);
+        let set = |m: &mut u64, v: Option<bool>| match v {
+            Some(true) => *m |= bit,
+            Some(false) => *m &= !bit,
+            None => {}
         };
+        set(&mut l.host, host);
+        set(&mut l.nvme, nvme);
+        let after = (l.host == all, l.nvme == all, l.host | l.nvme == all);
+        let held = l.host | l.nvme != 0;
         let m = &mut self.metrics;
-        if let Some(h) = host.filter(|&h| h != l.host) {
-            l.host = h;
-            if h {
-                m.parked_host_blocks += 1;
-            } else {
-                m.parked_host_blocks -= 1;
+        let step = |c: &mut u64, b: bool, a: bool| {
+            if a && !b {
+                *c += 1;
+            } else if b && !a {
+                *c -= 1;
             }
-        }
-        if let Some(n) = nvme.filter(|&n| n != l.nvme) {
-            l.nvme = n;
-            if n {
-                m.parked_nvme_blocks += 1;
-            } else {
-                m.parked_nvme_blocks -= 1;
-            }
-        }
-        if !l.host && !l.nvme {
+        };
+        step(&mut m.parked_host_blocks, before.0, after.0);
+        step(&mut m.parked_nvme_blocks, before.1, after.1);
+        step(&mut m.parked_blocks, before.2, after.2);
+        if !held {
             self.blocks.remove(k);
+            self.partial.remove(k);
+        } else if after.2 {
+            self.partial.remove(k);
+        } else {
+            self.partial.insert(*k);
         }
+        self.metrics.partial_blocks = self.partial.len() as u64;
     }
 
-    /// Forgets a block in every tier.
-    fn forget(&mut self, k: &BlockKey) {
-        if let Some(l) = self.blocks.remove(k) {
-            self.metrics.parked_host_blocks -= l.host as u64;
-            self.metrics.parked_nvme_blocks -= l.nvme as u64;
-        }
+    /// Where the planner believes `k` lives: (ranks with a host copy, ranks
+    /// with an NVMe copy) as bit masks; `None` when no rank holds it.
+    pub fn whereabouts(&self, k: &BlockKey) -> Option<(u64, u64)> {
+        self.blocks.get(k).map(|l| (l.host, l.nvme))
+    }
+
+    /// Every block some rank holds, with [`Self::whereabouts`].
+    pub fn all_whereabouts(&self) -> Vec<(BlockKey, u64, u64)> {
+        self.blocks
+            .iter()
+            .map(|(k, l)| (*k, l.host, l.nvme))
+            .collect()
+    }
+
+    /// Planned moves still waiting for some rank's outcome.
+    pub fn moves_in_flight(&self) -> usize {
+        self.pending.len()
     }
 
     /// Metrics snapshot.
     pub fn metrics(&mut self) -> PlannerMetrics {
-        self.metrics.parked_blocks = self.blocks.len() as u64;
+        let all = self.all;
         debug_assert_eq!(
             (
                 self.metrics.parked_host_blocks,
-                self.metrics.parked_nvme_blocks
+                self.metrics.parked_nvme_blocks,
+                self.metrics.parked_blocks,
             ),
-            self.blocks
-                .values()
-                .fold((0, 0), |(h, n), l| (h + l.host as u64, n + l.nvme as u64)),
+            self.blocks.values().fold((0, 0, 0), |(h, n, p), l| (
+                h + (l.host == all) as u64,
+                n + (l.nvme == all) as u64,
+                p + (l.host | l.nvme == all) as u64
+            )),
             "per-tier counts drifted from the index"
         );
         let (h, n) = self.core.occupancy();
@@ -817,9 +1177,9 @@ impl BlockPlanner {
         self.metrics.clone()
     }
 
-    /// Number of blocks kvpark holds (host or NVMe).
+    /// Number of blocks kvpark can load (every rank holds them).
     pub fn parked_blocks(&self) -> usize {
-        self.blocks.len()
+        self.metrics.parked_blocks as usize
     }
 }
 
@@ -864,6 +1224,7 @@ mod tests {
                 ok: keys.clone(),
                 failed: vec![],
             }],
+            tiers: keys.iter().map(|&k| (TierChange::OnHost, k)).collect(),
             ..Default::default()
         };
         p.on_report(&rep.encode(), 11).unwrap();
@@ -946,8 +1307,10 @@ mod tests {
         assert!(!m.load_async, "3 blocks fit");
         // block 4 leaves the host but is on NVMe: async again
         let rep = Report {
-            on_nvme: vec![keys[4]],
-            left_host: vec![keys[4]],
+            tiers: vec![
+                (TierChange::OnNvme, keys[4]),
+                (TierChange::LeftHost, keys[4]),
+            ],
             ..Default::default()
         };
         p.on_report(&rep.encode(), 30).unwrap();
@@ -971,9 +1334,9 @@ mod tests {
             (6, 5, 1)
         );
         // a block that leaves its last tier is forgotten, and counted so
+        // (ordered: block 0 leaves the host, block 4 is lost)
         let rep = Report {
-            lost: vec![keys[4]],
-            left_host: vec![keys[0]],
+            tiers: vec![(TierChange::Lost, keys[4]), (TierChange::LeftHost, keys[0])],
             ..Default::default()
         };
         p.on_report(&rep.encode(), 32).unwrap();
@@ -995,11 +1358,14 @@ mod tests {
         let keys = park(&mut p, "a", b"", &h, 4);
         p.match_request(&view("b", b"", &h), 0, 5 * BS, 20).unwrap();
         p.on_alloc("b", &[1, 2, 3, 4, 5], 4 * BS).unwrap();
+        // the worker found block 2's record corrupt: it failed the load and
+        // lost the block
         let rep = Report {
             loaded: vec![LoadDone {
                 req_id: "b".into(),
                 failed: vec![keys[2]],
             }],
+            tiers: vec![(TierChange::Lost, keys[2])],
             ..Default::default()
         };
         p.on_report(&rep.encode(), 21).unwrap();
@@ -1075,6 +1441,11 @@ mod tests {
     }
 }
 
+/// The keys of a save's blocks.
+fn keys_saved_for(blocks: &[(BlockKey, u32, u32)]) -> Vec<BlockKey> {
+    blocks.iter().map(|b| b.0).collect()
+}
+
 /// The core planner's hint from the harness's.
 fn core_hint(h: Option<&RequestHint>) -> Hint {
     let Some(h) = h else {
@@ -1125,9 +1496,15 @@ mod policy_tests {
                 failed: vec![],
             })
             .collect();
+        let tiers = plan
+            .saves
+            .iter()
+            .flat_map(|s| s.blocks.iter().map(|b| (TierChange::OnHost, b.0)))
+            .collect();
         let rep = Report {
             block_bytes: BLOCK,
             saved,
+            tiers,
             ..Default::default()
         };
         p.on_report(&rep.encode(), now).unwrap();

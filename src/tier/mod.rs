@@ -5,6 +5,7 @@
 pub mod host;
 pub mod identity;
 pub mod nvme;
+pub mod parked;
 pub mod slots;
 
 use std::fs::{File, OpenOptions};

@@ -40,7 +40,7 @@ static void misuse(void) {
     KvparkBuf out = {0};
 
     CHECK(kvpark_abi_version() == KVPARK_ABI_VERSION, "abi version");
-    CHECK(kvpark_planner_new(NULL, 0, 16, NULL) == KVPARK_STATUS_NULL_POINTER, "planner_new(out=NULL)");
+    CHECK(kvpark_planner_new(NULL, 0, 16, 0, 1, NULL) == KVPARK_STATUS_NULL_POINTER, "planner_new(out=NULL)");
     CHECK(last_error_contains("`out`"), "message names the argument");
     CHECK(kvpark_config_validate((const uint8_t *)"{\"host_bytes\":\"lots\"}", 21, &out) == KVPARK_STATUS_CONFIG,
           "bad config value");
@@ -56,8 +56,8 @@ static void misuse(void) {
     CHECK(n > 3 && tiny[3] == '\0', "truncated last error");
     CHECK(kvpark_last_error(NULL, 0) == n, "length query");
 
-    CHECK(kvpark_planner_new((const uint8_t *)"{}", 2, 0, &p) == KVPARK_STATUS_INVALID_ARGUMENT, "block_size 0");
-    CHECK(kvpark_planner_new((const uint8_t *)"{}", 2, TOKENS, &p) == KVPARK_STATUS_OK, "planner_new");
+    CHECK(kvpark_planner_new((const uint8_t *)"{}", 2, 0, 0, 1, &p) == KVPARK_STATUS_INVALID_ARGUMENT, "block_size 0");
+    CHECK(kvpark_planner_new((const uint8_t *)"{}", 2, TOKENS, 0, 1, &p) == KVPARK_STATUS_OK, "planner_new");
 
     /* a request whose hash bytes pointer is NULL but claims hashes */
     KvparkRequest r = {(const uint8_t *)"r", 1, NULL, 0, NULL, 8, 3, NULL, 0};
@@ -99,7 +99,7 @@ static void round_trip(void) {
     const char *cfg = "{\"host_bytes\":\"1MiB\"}";
     KvparkPlanner *p = NULL;
     KvparkMover *m = NULL;
-    CHECK(kvpark_planner_new((const uint8_t *)cfg, strlen(cfg), TOKENS, &p) == KVPARK_STATUS_OK, "planner");
+    CHECK(kvpark_planner_new((const uint8_t *)cfg, strlen(cfg), TOKENS, 0, 1, &p) == KVPARK_STATUS_OK, "planner");
     CHECK(kvpark_mover_new((const uint8_t *)cfg, strlen(cfg), 0, &m) == KVPARK_STATUS_OK, "mover");
 
     /* one storage, two layers (as vLLM shares one KVCacheTensor) */

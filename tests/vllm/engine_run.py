@@ -12,6 +12,8 @@ SPEC = {
   "kvpark": null | {extra config},   # null = reference engine without the connector
   "executor": null | "mp",            # "mp": worker in its own process (worker connector
                                       # and its metrics then not inspectable here)
+  "tensor_parallel_size": 1,          # optional; > 1 needs "executor": "mp"
+  "gpu_memory_utilization": 0.92,     # optional (CPU backend: host memory per rank)
   "history": {session: [token ids]},  # optional, carried over from an earlier run
   "ops": [
     {"op": "turn", "sessions": [s, ...], "new_tokens": n, "max_tokens": m,
@@ -71,6 +73,10 @@ def build_llm(spec: dict):
         enable_prefix_caching=True,
         seed=0,
     )
+    if spec.get("tensor_parallel_size"):
+        kw["tensor_parallel_size"] = int(spec["tensor_parallel_size"])
+    if spec.get("gpu_memory_utilization"):
+        kw["gpu_memory_utilization"] = float(spec["gpu_memory_utilization"])
     if spec.get("executor"):
         # "mp": the worker runs in its own (spawned) process, so the plan and the worker
         # metadata really cross a process boundary (serialized by vLLM's message queue).
@@ -185,6 +191,8 @@ class Runner:
             "tag": op.get("tag"),
             "planner": sc.metrics() if sc is not None else None,
             "mover": wc.metrics() if wc is not None else None,
+            # every worker rank's newest counters, as the scheduler received them
+            "movers": dict(getattr(sc, "_movers", None) or {}) if sc is not None else None,
             "shim": self._shim_counters(),
         }
 

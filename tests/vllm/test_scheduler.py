@@ -456,3 +456,23 @@ def test_a_failed_layer_load_does_not_raise_into_the_forward(caplog):
         c.wait_for_layer_load("model.layers.1.self_attn.attn")
     assert "recomputes them" not in caplog.text
     assert "ends the requests that needed them with an error" in caplog.text
+
+
+def test_engine_ranks_follow_vllms_worker_numbering():
+    """The planner plans for the worker ranks vLLM gives this engine: 0..world_size, or
+    with data parallelism (data-parallel rank d) d*world_size.. (a worker's rank in vLLM's
+    world group, with which its mover reports)."""
+    from types import SimpleNamespace as NS
+
+    from kvpark.vllm import engine_ranks
+
+    def cfg(**pc):
+        return NS(parallel_config=NS(**pc))
+
+    assert engine_ranks(cfg(world_size=2, data_parallel_size=1, data_parallel_rank=0)) == (0, 2)
+    assert engine_ranks(cfg(world_size=2, data_parallel_size=3, data_parallel_rank=2)) == (4, 2)
+    # the external launcher numbers ranks itself, without the data-parallel offset
+    assert engine_ranks(
+        cfg(world_size=2, data_parallel_size=3, data_parallel_rank=2, distributed_executor_backend="external_launcher")
+    ) == (0, 2)
+    assert engine_ranks(NS()) == (0, 1)
