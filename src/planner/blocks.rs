@@ -1052,7 +1052,9 @@ impl BlockPlanner {
                 continue;
             }
             ld.reported |= bit;
-            ld.failed.extend(l.failed);
+            // only keys of this load count (a report is outside bytes)
+            ld.failed
+                .extend(l.failed.into_iter().filter(|k| ld.keys.contains(k)));
             if ld.reported != self.all {
                 continue;
             }

