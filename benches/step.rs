@@ -8,8 +8,8 @@
 //! head 128, 16 tokens: 512 KiB per block) with a small host tier (64
 //! blocks) and an NVMe tier in a temporary directory, so sessions park
 //! and resume through both tiers: even sessions come back after every
-//! other session has run (their blocks read from NVMe), odd ones a few
-//! steps after their last turn (from the host tier). Per step the worker hooks run in vLLM's
+//! other session has run (their blocks read from NVMe), odd ones 10 ms
+//! after their last turn's save was reported (from the host tier). Per step the worker hooks run in vLLM's
 //! order: `bind`, `start_load`, `wait_layer` for every layer, the forward
 //! (a sleep of `--forward-ms`), `wait_for_save`, `get_finished`,
 //! `take_report`.
@@ -37,8 +37,11 @@ const HOST_BLOCKS: u64 = 64;
 const BLOCKS_PER_TURN: usize = 4;
 /// Decode steps per turn.
 const DECODE_STEPS: u32 = 3;
-/// Steps before an odd session's next turn arrives.
-const PAUSE_STEPS: u64 = 4;
+/// Pause before an odd session's next turn arrives, from the step that
+/// reported its last turn's save (before that, vLLM still holds the
+/// blocks, a local prefix hit); wall time, so that a slower step does not
+/// lengthen it.
+const PAUSE: Duration = Duration::from_millis(10);
 /// Requests scheduled at once.
 const RUNNING: usize = 8;
 
@@ -111,7 +114,7 @@ fn hashes(session: usize, blocks: usize) -> Vec<u8> {
         let mut b = [0u8; 32];
         b[..8].copy_from_slice(&(session as u64).to_le_bytes());
         b[8..16].copy_from_slice(&(j as u64).to_le_bytes());
-        b[16..24].copy_from_slice(&0x6b7670_6172_6bu64.to_le_bytes());
+        b[16..24].copy_from_slice(&0x6b76_7061_726b_u64.to_le_bytes());
         h.extend_from_slice(&b);
     }
     h
@@ -125,6 +128,28 @@ fn view<'a>(r: &'a Req) -> RequestView<'a> {
         hash_len: 32,
         hint: None,
     }
+}
+
+/// CPU time of the calling thread, in ns (excludes time preempted or
+/// blocked).
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to write; CLOCK_THREAD_CPUTIME_ID exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Context switches of the calling thread so far: (voluntary: it blocked,
+/// involuntary: it was preempted).
+fn switches() -> (i64, i64) {
+    // SAFETY: a zeroed rusage is a valid value to be written by getrusage.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer; RUSAGE_THREAD exists on Linux.
+    unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) };
+    (ru.ru_nvcsw as i64, ru.ru_nivcsw as i64)
 }
 
 fn pct(v: &mut [u64], p: f64) -> f64 {
@@ -175,11 +200,20 @@ fn main() {
     // every other session: from NVMe), an odd one's comes back to the front
     // after a short pause (from the host tier).
     let mut queue: VecDeque<(usize, usize)> = (0..a.sessions).map(|s| (s, 0)).collect();
-    let mut pausing: Vec<(u64, usize, usize)> = Vec::new();
+    let mut pausing: Vec<(Instant, usize, usize)> = Vec::new();
     let mut running: Vec<Req> = Vec::new();
-    let mut held: HashMap<String, Vec<u32>> = HashMap::new();
+    // Finished requests whose blocks vLLM keeps until finished_sending
+    // (delay_free), with when they finished.
+    let mut held: HashMap<String, (Vec<u32>, Instant, usize, usize)> = HashMap::new();
+    let mut held_ns: Vec<u64> = Vec::new();
+    let mut misses = 0u64;
     let mut hook_ns: Vec<u64> = Vec::new();
     let mut sync_ns: Vec<u64> = Vec::new();
+    let mut hook_cpu_ns: Vec<u64> = Vec::new();
+    // Hook time of steps whose hooks neither blocked nor were preempted,
+    // and how many steps did either.
+    let mut quiet_ns: Vec<u64> = Vec::new();
+    let (mut blocked_steps, mut preempted_steps) = (0u64, 0u64);
     let mut worst = (0u64, String::new());
     let (mut loads_sync, mut loads_async, mut failed) = (0u64, 0u64, 0u64);
     let t_start = Instant::now();
@@ -190,11 +224,12 @@ fn main() {
         step += 1;
         assert!(step < 100_000, "the bench stopped making progress");
         now += 10_000_000;
+        let wall_now = Instant::now();
         pausing.retain(|&(ready, s, t)| {
-            if ready <= step {
+            if ready <= wall_now {
                 queue.push_front((s, t));
             }
-            ready > step
+            ready > wall_now
         });
         // Admit requests (vLLM's scheduler).
         while running.len() < RUNNING {
@@ -225,6 +260,9 @@ fn main() {
             planner
                 .on_alloc(&r.id, &r.blocks, m.external_tokens)
                 .expect("on_alloc");
+            if turn > 0 && m.external_tokens == 0 {
+                misses += 1;
+            }
             if m.external_tokens > 0 && m.load_async {
                 r.state = State::Remote;
             }
@@ -237,20 +275,29 @@ fn main() {
         loads_async += plan.loads.iter().filter(|l| !l.sync).count() as u64;
 
         // The worker's hooks, in vLLM's order.
-        let t0 = Instant::now();
+        let sw0 = switches();
+        let (c0, t0) = (thread_cpu_ns(), Instant::now());
         mover.bind(&meta).expect("bind");
-        let t1 = Instant::now();
+        let (c1, t1) = (thread_cpu_ns(), Instant::now());
         mover.start_load().expect("start_load");
         for l in 0..LAYERS {
             mover.wait_layer(l).expect("wait_layer");
         }
-        let t2 = Instant::now();
+        let (c2, t2) = (thread_cpu_ns(), Instant::now());
+        let sw1 = switches();
         std::thread::sleep(a.forward);
-        let t3 = Instant::now();
+        let sw2 = switches();
+        let (c3, t3) = (thread_cpu_ns(), Instant::now());
         mover.wait_for_save().expect("wait_for_save");
         let fin = mover.get_finished();
         let report = mover.take_report();
-        let t4 = Instant::now();
+        let (c4, t4) = (thread_cpu_ns(), Instant::now());
+        let sw3 = switches();
+        let (vol, invol) = (
+            (sw1.0 - sw0.0) + (sw3.0 - sw2.0),
+            (sw1.1 - sw0.1) + (sw3.1 - sw2.1),
+        );
+        hook_cpu_ns.push((c1 - c0) + (c4 - c3) + if has_sync { 0 } else { c2 - c1 });
         let load_part = (t2 - t1).as_nanos() as u64;
         let mut hooks = (t1 - t0).as_nanos() as u64 + (t4 - t3).as_nanos() as u64;
         if has_sync {
@@ -270,13 +317,22 @@ fn main() {
             );
         }
         hook_ns.push(hooks);
+        blocked_steps += (vol > 0) as u64;
+        preempted_steps += (invol > 0) as u64;
+        if vol == 0 && invol == 0 {
+            quiet_ns.push(hooks);
+        }
         if !report.is_empty() {
             planner.on_report(&report, now).expect("on_report");
         }
         failed += fin.failed_blocks.len() as u64;
         for id in &fin.sending {
-            if let Some(b) = held.remove(id) {
+            if let Some((b, t, session, turn)) = held.remove(id) {
+                held_ns.push(t.elapsed().as_nanos() as u64);
                 free.extend(b);
+                if session % 2 == 1 && turn + 1 < a.turns {
+                    pausing.push((Instant::now() + PAUSE, session, turn + 1));
+                }
             }
         }
         for id in &fin.recving {
@@ -294,16 +350,16 @@ fn main() {
                     let delay = planner
                         .request_finished(&view(&r), &r.blocks, r.tokens + DECODE_STEPS, now)
                         .expect("request_finished");
+                    let next = r.turn + 1 < a.turns;
+                    if next && r.session % 2 == 0 {
+                        queue.push_back((r.session, r.turn + 1));
+                    }
                     if delay {
-                        held.insert(r.id.clone(), r.blocks);
+                        held.insert(r.id.clone(), (r.blocks, Instant::now(), r.session, r.turn));
                     } else {
                         free.extend(r.blocks);
-                    }
-                    if r.turn + 1 < a.turns {
-                        if r.session % 2 == 0 {
-                            queue.push_back((r.session, r.turn + 1));
-                        } else {
-                            pausing.push((step + PAUSE_STEPS, r.session, r.turn + 1));
+                        if next && r.session % 2 == 1 {
+                            pausing.push((Instant::now() + PAUSE, r.session, r.turn + 1));
                         }
                     }
                     continue;
@@ -328,12 +384,13 @@ fn main() {
         dir.path().display()
     );
     println!(
-        "work: saved {} blocks, loaded {} from host and {} from NVMe ({} sync / {} async loads), {} failed blocks, {} demoted, {} evicted",
+        "work: saved {} blocks, loaded {} from host and {} from NVMe ({} sync / {} async loads, {} resumed turns found nothing), {} failed blocks, {} demoted, {} evicted",
         c["saved_blocks"],
         c["load_blocks_host"],
         c["load_blocks_nvme"],
         loads_sync,
         loads_async,
+        misses,
         failed,
         c["demoted_blocks"],
         c["host_evictions"]
@@ -349,11 +406,32 @@ fn main() {
         worst.1
     );
     println!(
+        "  of which on the CPU (thread CPU time; the rest is preemption or waiting): p50 {:.3} ms  p99 {:.3} ms  max {:.3} ms",
+        pct(&mut hook_cpu_ns, 0.50),
+        pct(&mut hook_cpu_ns, 0.99),
+        pct(&mut hook_cpu_ns, 1.0)
+    );
+    println!(
+        "  steps whose hooks blocked: {blocked_steps}, were preempted: {preempted_steps}; the other {} steps: p50 {:.3} ms  p99 {:.3} ms  max {:.3} ms",
+        quiet_ns.len(),
+        pct(&mut quiet_ns, 0.50),
+        pct(&mut quiet_ns, 0.99),
+        pct(&mut quiet_ns, 1.0)
+    );
+    println!(
         "sync-load copy ({} steps with sync loads): p50 {:.3} ms  p99 {:.3} ms  max {:.3} ms",
         n_sync,
         pct(&mut sync_ns, 0.50),
         pct(&mut sync_ns, 0.99),
         pct(&mut sync_ns, 1.0)
+    );
+    let n_held = held_ns.len();
+    println!(
+        "finished request to finished_sending ({} saves): p50 {:.3} ms  p99 {:.3} ms  max {:.3} ms",
+        n_held,
+        pct(&mut held_ns, 0.50),
+        pct(&mut held_ns, 0.99),
+        pct(&mut held_ns, 1.0)
     );
     drop(mover);
     drop(layers);
