@@ -1302,6 +1302,13 @@ impl Registered {
                 return;
             }
         };
+        // The ticket goes into `writes` under the same lock as the
+        // submission: the writer thread may apply the completion the moment
+        // the store has it, and a completion whose ticket is not in `writes`
+        // yet would be ignored, leaving the block `Demoting` (never
+        // evictable) and `writes` never empty. The store's queue has room
+        // (checked above), so the submission does not wait on the disk.
+        let mut writes = self.writes.lock();
         let submitted = match data {
             Some(data) => store.submit_put(key, session, seq, data),
             // SAFETY: the block stays in `Demoting` until poll_nvme applies
@@ -1313,9 +1320,10 @@ impl Registered {
         };
         match submitted {
             Ok(t) => {
-                self.writes.lock().insert(t.0, key);
+                writes.insert(t.0, key);
             }
             Err(_) => {
+                drop(writes);
                 let _ = self.index.lock().finish_demote(&key, false);
                 self.metrics
                     .nvme_write_errors
