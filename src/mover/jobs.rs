@@ -86,6 +86,26 @@ impl Fault {
     }
 }
 
+/// Nice value of the loader and saver threads. Their work is throughput
+/// (copies and disk I/O vLLM does not wait for), the engine's threads are
+/// latency: when cores are short, the step (and on vLLM's CPU backend the
+/// forward's own threads) should run first. On idle cores the nice value
+/// changes nothing. The layer thread, whose copies a forward waits for,
+/// keeps the default priority.
+const BACKGROUND_NICE: libc::c_int = 10;
+
+/// Lowers the calling thread's scheduling priority to [`BACKGROUND_NICE`]
+/// (on Linux the nice value is per thread). Best effort: raising one's
+/// nice value needs no privilege, and a failure leaves the default.
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: plain syscalls on the calling thread's id.
+    unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, BACKGROUND_NICE);
+    }
+}
+
 /// How a job thread treats one job.
 pub(super) trait JobKind: Send + 'static {
     /// A job.
@@ -133,6 +153,7 @@ impl<K: JobKind> JobThread<K> {
         let thread = std::thread::Builder::new()
             .name(K::NAME.into())
             .spawn(move || {
+                lower_priority();
                 for (id, job) in jrx {
                     if kind.fault_kills_thread() {
                         panic!("kvpark: {}: injected fault (KVPARK_FAULT)", K::NAME);
