@@ -547,7 +547,10 @@ fn cuda_mover_loads_layer_by_layer_into_device_caches() {
     m.bind(&save.encode()).unwrap();
     m.start_load().unwrap();
     m.wait_for_save().unwrap();
-    assert_eq!(m.get_finished().sending, vec!["s".to_string()]);
+    assert_eq!(
+        m.drain(std::time::Duration::from_secs(10)).sending,
+        vec!["s".to_string()]
+    );
     let load = Plan {
         loads: vec![LoadReq {
             req_id: "l".into(),

@@ -63,7 +63,10 @@ fn a_restarted_worker_finds_its_host_blocks_and_drops_a_changed_one() {
         m.bind(&plan.encode()).unwrap();
         m.start_load().unwrap();
         m.wait_for_save().unwrap();
-        assert_eq!(m.get_finished().sending, vec!["s".to_string()]);
+        assert_eq!(
+            m.drain(std::time::Duration::from_secs(10)).sending,
+            vec!["s".to_string()]
+        );
         assert_eq!(counters(&m)["saved_blocks"], 4);
     } // the worker goes away; the arena file and its slot table stay
 

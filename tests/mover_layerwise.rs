@@ -103,7 +103,10 @@ fn save(m: &mut Mover, items: &[(u32, u32)]) {
     m.bind(&plan.encode()).unwrap();
     m.start_load().unwrap();
     m.wait_for_save().unwrap();
-    assert_eq!(m.get_finished().sending, vec!["save".to_string()]);
+    assert_eq!(
+        m.drain(Duration::from_secs(10)).sending,
+        vec!["save".to_string()]
+    );
     m.drain(Duration::from_secs(10));
 }
 

@@ -85,7 +85,7 @@ fn save(m: &mut Mover, req: &str, items: &[(u32, u32)]) {
     m.bind(&plan.encode()).unwrap();
     m.start_load().unwrap();
     m.wait_for_save().unwrap();
-    let f = m.get_finished();
+    let f = m.drain(Duration::from_secs(10));
     assert_eq!(f.sending, vec![req.to_string()]);
 }
 

@@ -587,8 +587,9 @@ class KVParkConnector(KVConnectorBase_V1):
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
         """No-op: kvpark parks a turn when its request ends, not layer by layer.
 
-        `request_finished` plans the save; the worker gathers the blocks in its next step
-        (`wait_for_save`) and reports the request in `finished_sending`.
+        `request_finished` plans the save; in the worker's next step `wait_for_save` hands it
+        to the mover's saver thread, which gathers the blocks beside the following steps; the
+        request is reported in `finished_sending` once they are copied (or failed).
         """
 
     def wait_for_save(self):

@@ -22,6 +22,9 @@ macro_rules! counters {
 }
 
 counters! {
+    /// Background jobs (loads, saves, tier moves) that panicked; their
+    /// blocks were reported failed.
+    job_panics,
     /// Save requests executed.
     saves,
     /// Blocks gathered into the host tier.

@@ -12,9 +12,16 @@
 //! | `bind_connector_metadata` | [`Mover::set_compute_stream`] (KV caches on a GPU: the model's stream, which the step's transfers then wait for on the device), [`Mover::bind`]: decode the step's [`Plan`]; the first plan with work lets the arena's pinning go past its first chunk |
 //! | `start_load_kv`      | [`Mover::start_load`]: sync loads start (layer by layer on the layer thread, or whole now: `layerwise_load`), async ones go to the loader thread |
 //! | `wait_for_layer_load`| [`Mover::wait_layer`]: waits until layer *i* of the step's sync loads is in place (that layer only; at once when they loaded whole) |
-//! | `wait_for_save`      | [`Mover::wait_for_save`]: gather saved blocks, run tier moves |
+//! | `wait_for_save`      | [`Mover::wait_for_save`]: hands the step's saves and tier moves to the saver thread |
 //! | `get_finished`       | [`Mover::get_finished`]: saves done, async loads done, failed block ids |
 //! | worker meta          | [`Mover::take_report`]: where blocks went, for the planner   |
+//!
+//! Nothing slow runs inside a hook: saves (gathers from vLLM), tier moves
+//! (promotions read NVMe and decode) and async loads run on background
+//! threads (`src/mover/jobs.rs`), their outcomes reach vLLM through `get_finished`
+//! and the worker report. The one wait inside a hook is the step's sync
+//! loads (bounded by the planner's `sync_load_budget_bytes`), which must be
+//! in place before the forward reads them.
 //!
 //! Invariants:
 //! - A block being scattered into vLLM is pinned in the index: its host slot
@@ -22,7 +29,13 @@
 //! - A load never serves bytes that failed a checksum: a corrupt NVMe record
 //!   is reported as a failed block (vLLM recomputes it) and forgotten.
 //! - Every save request is reported in `finished_sending`, also when it
-//!   failed, so vLLM never keeps a request's blocks forever.
+//!   failed, so vLLM never keeps a request's blocks forever; every async
+//!   load in `finished_recving`, failed blocks listed. A background job
+//!   that panics, or a thread that died, ends its requests that way too
+//!   (see `src/mover/jobs.rs`): a failure is a recompute, never a hang.
+//! - The report never tells the planner about a block of a save before
+//!   the save itself (entries for blocks of a save still running are held
+//!   back to a later report).
 //! - A full NVMe disk stops demotion (and is counted), never serving.
 //! - The planner decides, the mover executes and reports: every planned move
 //!   ends in an outcome in the report (done, or skipped / failed with the
@@ -40,8 +53,10 @@
 //!   the blocks pinned so far are scattered whole first (as without
 //!   layer-wise loading) and the rest go layer by layer.
 
+mod jobs;
 mod metrics;
 
+pub use jobs::Fault;
 pub use metrics::MoverMetrics;
 
 use crate::block::{BlockKey, Geometry, LayerView};
@@ -56,8 +71,9 @@ use crate::tier::host::{HostArena, SlotId};
 use crate::tier::nvme::{Completion, FsyncPolicy, NvmeConfig, NvmeStore, OpKind};
 use crate::tier::slots::{table_path, SlotTable};
 use crossbeam_channel::{Receiver, Sender};
+use jobs::{JobThread, LoaderKind, SaverJob, SaverKind};
 use parking_lot::Mutex;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -116,12 +132,6 @@ struct Registered {
     slots: Option<Mutex<SlotTable>>,
 }
 
-struct Loader {
-    jobs: Option<Sender<LoadReq>>,
-    done: Receiver<(LoadDone, Vec<u32>)>,
-    thread: Option<JoinHandle<()>>,
-}
-
 /// The worker-side executor of plans.
 pub struct Mover {
     cfg: Config,
@@ -130,8 +140,10 @@ pub struct Mover {
     reg: Option<Arc<Registered>>,
     plan: Option<Plan>,
     finished: Finished,
-    loader: Option<Loader>,
-    pending_async: usize,
+    loader: Option<JobThread<LoaderKind>>,
+    saver: Option<JobThread<SaverKind>>,
+    /// Test fault for the background threads ([`Fault`]).
+    fault: Fault,
     pinning: Option<crate::copy::cuda::PinningJob>,
     layer_thread: Option<LayerThread>,
     layered: Option<Layered>,
@@ -217,6 +229,18 @@ struct LayerJob {
     progress: Arc<LayerProgress>,
 }
 
+impl Drop for LayerJob {
+    /// A job dropped unrun (the layer thread has stopped) ends its scatter
+    /// with an error, so nobody waits for its layers.
+    fn drop(&mut self) {
+        let ended = self.progress.st.lock().ended;
+        if !ended {
+            self.progress
+                .end(Some("the layer thread stopped before this load".into()));
+        }
+    }
+}
+
 struct LayerThread {
     jobs: Option<Sender<LayerJob>>,
     thread: Option<JoinHandle<()>>,
@@ -252,8 +276,13 @@ fn pin_chunk(slot_bytes: usize) -> usize {
 }
 
 impl Mover {
-    /// A mover for `rank` with the CPU copy engine.
+    /// A mover for `rank` with the CPU copy engine. Reads the test hook
+    /// `KVPARK_FAULT` once ([`Fault::from_env`]; unset in production).
     pub fn new(cfg: Config, rank: u32) -> Result<Self> {
+        let fault = Fault::from_env()?;
+        if fault != Fault::None {
+            log::warn!("kvpark: test fault {fault:?} injected ({})", Fault::ENV);
+        }
         Ok(Mover {
             cfg,
             rank,
@@ -262,12 +291,21 @@ impl Mover {
             plan: None,
             finished: Finished::default(),
             loader: None,
-            pending_async: 0,
+            saver: None,
+            fault,
             pinning: None,
             layer_thread: None,
             layered: None,
             writer: None,
         })
+    }
+
+    /// Injects a test fault into the background threads (before
+    /// [`Mover::register`], which starts them); tests only, as
+    /// `KVPARK_FAULT` is for a worker in another process.
+    #[doc(hidden)]
+    pub fn inject_fault(&mut self, fault: Fault) {
+        self.fault = fault;
     }
 
     /// Replaces the copy engine (before [`Mover::register`]).
@@ -421,7 +459,14 @@ impl Mover {
             nvme_paused_until: Mutex::new(None),
             slots,
         });
-        self.loader = Some(spawn_loader(reg.clone())?);
+        self.loader = Some(JobThread::spawn(LoaderKind {
+            reg: reg.clone(),
+            fault: self.fault,
+        })?);
+        self.saver = Some(JobThread::spawn(SaverKind {
+            reg: reg.clone(),
+            fault: self.fault,
+        })?);
         self.layer_thread = Some(spawn_layer_thread()?);
         if reg.nvme.is_some() {
             self.writer = Some(spawn_writer(reg.clone())?);
@@ -499,10 +544,10 @@ impl Mover {
         let (sync, async_loads): (Vec<LoadReq>, Vec<LoadReq>) =
             loads.into_iter().partition(|l| l.sync);
         for l in async_loads {
-            let loader = self.loader.as_ref().expect("loader exists after register");
-            match loader.jobs.as_ref().map(|j| j.send(l.clone())) {
-                Some(Ok(())) => self.pending_async += 1,
-                _ => self.fail_load(&l),
+            let loader = self.loader.as_mut().expect("loader exists after register");
+            if let Err(l) = loader.submit(l) {
+                // The loader thread has stopped: fail fast, vLLM recomputes.
+                self.fail_load(&l);
             }
         }
         if sync.is_empty() {
@@ -629,7 +674,10 @@ impl Mover {
         Ok(())
     }
 
-    /// `wait_for_save`: parks the step's finished requests and runs tier moves.
+    /// `wait_for_save`: hands the step's saves (parking its finished
+    /// requests) and tier moves to the saver thread, in that order; they
+    /// are reported through [`Mover::get_finished`] and the worker report
+    /// when done. Waits for nothing but the step's layer-wise sync loads.
     pub fn wait_for_save(&mut self) -> Result<()> {
         self.finish_layered();
         let Some(plan) = self.plan.as_mut() else {
@@ -637,34 +685,43 @@ impl Mover {
         };
         let saves = std::mem::take(&mut plan.saves);
         let moves = std::mem::take(&mut plan.moves);
-        for s in &saves {
-            let done = match &self.reg {
-                Some(reg) => reg.save(s),
-                None => SaveDone {
+        for s in saves {
+            let refused = match self.saver.as_mut() {
+                Some(saver) => saver.submit(SaverJob::Save(s)).err(),
+                None => Some(SaverJob::Save(s)),
+            };
+            // Not registered, or the saver thread has stopped: the save
+            // fails now (nothing parked; vLLM frees the blocks).
+            if let Some(SaverJob::Save(s)) = refused {
+                let done = SaveDone {
                     req_id: s.req_id.clone(),
                     ok: vec![],
                     failed: s.blocks.iter().map(|b| b.0).collect(),
-                },
-            };
-            if let Some(reg) = &self.reg {
-                reg.report.lock().saved.push(done);
+                };
+                if let Some(reg) = &self.reg {
+                    reg.metrics
+                        .save_failed_blocks
+                        .fetch_add(s.blocks.len() as u64, Ordering::Relaxed);
+                    reg.report.lock().saved.push(done);
+                }
+                self.finished.sending.push(s.req_id);
             }
-            self.finished.sending.push(s.req_id.clone());
         }
-        if let Some(reg) = &self.reg {
-            for (kind, key) in moves {
-                reg.apply_move(kind, key);
+        if !moves.is_empty() {
+            if let Some(saver) = self.saver.as_mut() {
+                // Moves are the policy's advice: with the saver gone they
+                // are dropped (blocks stay where they are).
+                let _ = saver.submit(SaverJob::Moves(moves));
             }
         }
         Ok(())
     }
 
-    /// `get_finished`: collects finished saves and async loads since the last call.
-    pub fn get_finished(&mut self) -> Finished {
-        self.finish_layered();
-        if let Some(loader) = &self.loader {
-            while let Ok((done, failed)) = loader.done.try_recv() {
-                self.pending_async = self.pending_async.saturating_sub(1);
+    /// Collects the answered jobs of the loader and saver threads into
+    /// `finished` and the report.
+    fn poll_jobs(&mut self) {
+        if let Some(loader) = &mut self.loader {
+            for (done, failed) in loader.poll() {
                 self.finished.recving.push(done.req_id.clone());
                 self.finished.failed_blocks.extend(failed);
                 if let Some(reg) = &self.reg {
@@ -672,14 +729,32 @@ impl Mover {
                 }
             }
         }
-        if let Some(reg) = &self.reg {
-            reg.poll_nvme(Duration::ZERO);
+        if let Some(saver) = &mut self.saver {
+            for done in saver.poll().into_iter().flatten() {
+                self.finished.sending.push(done.req_id.clone());
+                if let Some(reg) = &self.reg {
+                    reg.report.lock().saved.push(done);
+                }
+            }
         }
+    }
+
+    /// `get_finished`: collects finished saves and async loads since the last call.
+    /// NVMe completions are applied by the writer thread, not here.
+    pub fn get_finished(&mut self) -> Finished {
+        self.finish_layered();
+        self.poll_jobs();
         std::mem::take(&mut self.finished)
     }
 
-    /// Blocks until every async load handed out so far has finished and no
-    /// NVMe write is in flight or queued (tests, shutdown).
+    /// Jobs handed to the loader and saver threads and not collected yet.
+    fn pending_jobs(&self) -> usize {
+        self.loader.as_ref().map_or(0, |l| l.pending())
+            + self.saver.as_ref().map_or(0, |s| s.pending())
+    }
+
+    /// Blocks until every async load, save and tier move handed out so far
+    /// has finished and NVMe writes have landed (tests, shutdown).
     pub fn drain(&mut self, timeout: Duration) -> Finished {
         let end = Instant::now() + timeout;
         let mut acc = Finished::default();
@@ -689,7 +764,7 @@ impl Mover {
             acc.recving.extend(f.recving);
             acc.failed_blocks.extend(f.failed_blocks);
             let writes = self.reg.as_ref().map(|r| r.nvme_busy()).unwrap_or(false);
-            if (self.pending_async == 0 && !writes) || Instant::now() >= end {
+            if (self.pending_jobs() == 0 && !writes) || Instant::now() >= end {
                 return acc;
             }
             std::thread::sleep(Duration::from_millis(1));
@@ -703,6 +778,9 @@ impl Mover {
             return Vec::new();
         };
         let mut r = std::mem::take(&mut *reg.report.lock());
+        if let Some(saver) = &self.saver {
+            hold_back_unsaved(&mut r, saver, reg);
+        }
         if r.is_empty() {
             return Vec::new();
         }
@@ -719,6 +797,15 @@ impl Mover {
             "registered": self.reg.is_some(),
             "host_bytes_config": self.cfg.host_bytes,
         });
+        // Background threads known to have stopped (their work fails fast).
+        let mut stopped: Vec<&str> = Vec::new();
+        if self.loader.as_ref().is_some_and(|l| l.is_dead()) {
+            stopped.push("loader");
+        }
+        if self.saver.as_ref().is_some_and(|s| s.is_dead()) {
+            stopped.push("saver");
+        }
+        v["threads_stopped"] = stopped.into();
         if let Some(reg) = &self.reg {
             let idx = reg.index.lock();
             v["host_slots"] = reg.arena.capacity().into();
@@ -772,11 +859,12 @@ impl Drop for Mover {
                 let _ = h.join();
             }
         }
+        // Saves in flight finish (and their write-behind below).
+        if let Some(mut s) = self.saver.take() {
+            s.shutdown();
+        }
         if let Some(mut l) = self.loader.take() {
-            drop(l.jobs.take());
-            if let Some(t) = l.thread.take() {
-                let _ = t.join();
-            }
+            l.shutdown();
         }
         if let Some(mut w) = self.writer.take() {
             w.stop.store(true, Ordering::Release);
@@ -872,7 +960,16 @@ fn spawn_writer(reg: Arc<Registered>) -> Result<Writer> {
         .name("kvpark-writer".into())
         .spawn(move || {
             while !flag.load(Ordering::Acquire) {
-                reg.poll_nvme(WRITER_POLL);
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    reg.poll_nvme(WRITER_POLL);
+                }));
+                if r.is_err() {
+                    // Completions are applied by the next poll (and the
+                    // mover's drop); never a silent dead writer.
+                    reg.metrics.job_panics.fetch_add(1, Ordering::Relaxed);
+                    log::error!("kvpark: the NVMe writer panicked; it goes on polling");
+                    std::thread::sleep(WRITER_POLL);
+                }
             }
         })
         .map_err(|e| Error::new(ErrorKind::Io, format!("spawn writer thread: {e}")))?;
@@ -882,25 +979,36 @@ fn spawn_writer(reg: Arc<Registered>) -> Result<Writer> {
     })
 }
 
-fn spawn_loader(reg: Arc<Registered>) -> Result<Loader> {
-    let (jtx, jrx) = crossbeam_channel::unbounded::<LoadReq>();
-    let (dtx, drx) = crossbeam_channel::unbounded();
-    let thread = std::thread::Builder::new()
-        .name("kvpark-loader".into())
-        .spawn(move || {
-            for job in jrx {
-                let out = reg.load(&job);
-                if dtx.send(out).is_err() {
-                    break;
-                }
-            }
+/// Moves the report's tier changes and move outcomes of blocks whose save
+/// is still on the saver thread back into the mover's report, ahead of
+/// anything recorded since (so each block's news keeps its order): the
+/// planner hears of a block's tiers in the report that carries its save.
+fn hold_back_unsaved(r: &mut Report, saver: &JobThread<SaverKind>, reg: &Registered) {
+    if saver.pending() == 0 || (r.tiers.is_empty() && r.moved.is_empty()) {
+        return;
+    }
+    let saving: HashSet<BlockKey> = saver
+        .pending_jobs()
+        .filter_map(|j| match j {
+            SaverJob::Save(s) => Some(s.blocks.iter().map(|b| b.0)),
+            SaverJob::Moves(_) => None,
         })
-        .map_err(|e| Error::new(ErrorKind::Io, format!("spawn loader thread: {e}")))?;
-    Ok(Loader {
-        jobs: Some(jtx),
-        done: drx,
-        thread: Some(thread),
-    })
+        .flatten()
+        .collect();
+    if saving.is_empty() {
+        return;
+    }
+    let (held_tiers, tiers): (Vec<_>, Vec<_>) = std::mem::take(&mut r.tiers)
+        .into_iter()
+        .partition(|(_, k)| saving.contains(k));
+    let (held_moved, moved): (Vec<_>, Vec<_>) = std::mem::take(&mut r.moved)
+        .into_iter()
+        .partition(|m| saving.contains(&m.key));
+    r.tiers = tiers;
+    r.moved = moved;
+    let mut rep = reg.report.lock();
+    rep.tiers.splice(0..0, held_tiers);
+    rep.moved.splice(0..0, held_moved);
 }
 
 impl Registered {
@@ -1225,8 +1333,12 @@ impl Registered {
                 return;
             }
         };
-        // The ticket is recorded under the `writes` lock before the
-        // completion can be looked up there (poll_nvme takes the same lock).
+        // The ticket goes into `writes` under the same lock as the
+        // submission: the writer thread may apply the completion the moment
+        // the store has it, and a completion whose ticket is not in `writes`
+        // yet would be ignored, leaving the block `Demoting` (never
+        // evictable) and `writes` never empty. The store's queue has room
+        // (checked above), so the submission does not wait on the disk.
         let mut writes = self.writes.lock();
         let submitted = match data {
             Some(data) => store.submit_put(key, session, seq, data),

@@ -90,11 +90,16 @@ PHASE_E = [
 ]
 
 
-def run_engine(tmp: Path, name: str, spec: dict, killed: bool = False) -> dict:
-    """Runs one engine process; `killed`: it ends itself with SIGKILL (op "sigkill")."""
+def run_engine(
+    tmp: Path, name: str, spec: dict, killed: bool = False, env_extra: dict | None = None, timeout: int = 600
+) -> dict:
+    """Runs one engine process; `killed`: it ends itself with SIGKILL (op "sigkill");
+    `env_extra`: environment variables for that process only (e.g. KVPARK_FAULT)."""
     spec_path, out_path = tmp / f"{name}.spec.json", tmp / f"{name}.out.json"
     spec_path.write_text(json.dumps(spec))
     env = dict(os.environ)
+    env.pop("KVPARK_FAULT", None)
+    env.update(env_extra or {})
     env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     log = tmp / f"{name}.log"
     with open(log, "w") as f:
@@ -103,7 +108,7 @@ def run_engine(tmp: Path, name: str, spec: dict, killed: bool = False) -> dict:
             stdout=f,
             stderr=subprocess.STDOUT,
             env=env,
-            timeout=600,
+            timeout=timeout,
         )
     if p.returncode != (-9 if killed else 0):
         tail = log.read_text()[-6000:]

@@ -380,7 +380,12 @@ fn run(s: &Shared, register: &(dyn Fn(*mut u8, usize) -> Result<()> + Send + Syn
         }
         let off = i * s.chunk;
         let len = s.chunk.min(s.len - off);
-        let res = register((s.base + off) as *mut u8, len);
+        // A panic in the registration leaves the chunk pageable, like an
+        // error: offloads go on, and waiters see the chunk settled.
+        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            register((s.base + off) as *mut u8, len)
+        }))
+        .unwrap_or_else(|_| Err(Error::internal("the registration panicked")));
         let state = match res {
             Ok(()) => {
                 s.pinned_bytes.fetch_add(len as u64, Ordering::Relaxed);
@@ -439,6 +444,29 @@ mod tests {
         .unwrap();
         assert_eq!(*un.lock().unwrap(), *seen.lock().unwrap());
         assert_eq!(job.pinned_bytes(), 0);
+    }
+
+    #[test]
+    fn a_registration_that_panics_leaves_its_chunk_pageable_and_the_rest_pinned() {
+        let mut arena = vec![0u8; 3 * 8192];
+        let base = arena.as_mut_ptr();
+        let b = base as usize;
+        let reg: RegisterFn = Arc::new(move |a, _| {
+            if a as usize - b == 0 {
+                panic!("injected: registration panics");
+            }
+            Ok(())
+        });
+        let mut job = unsafe { PinningJob::start(base, arena.len(), 8192, reg) }.unwrap();
+        // nobody waits forever for the chunk whose registration panicked
+        assert!(job
+            .wait_settled(0, arena.len(), Duration::from_secs(10))
+            .unwrap());
+        job.join();
+        assert_eq!(job.failed_chunks(), 1);
+        assert_eq!(job.pinned_bytes(), 2 * 8192);
+        assert!(matches!(&job.states()[0], ChunkState::Pageable(m) if m.contains("panicked")));
+        job.unpin_all(&|_, _| Ok(())).unwrap();
     }
 
     #[test]
