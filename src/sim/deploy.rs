@@ -207,6 +207,9 @@ impl Prices {
     }
 }
 
+/// Largest price accepted ($ per GB, $ per GPU-hour): costs stay finite.
+pub const MAX_PRICE: f64 = 1e6;
+
 /// Largest `gpu_count` accepted.
 pub const MAX_GPU_COUNT: u32 = 1024;
 
@@ -471,9 +474,9 @@ impl Deployment {
                 ),
             ] {
                 if let Some(v) = v {
-                    if !(v.is_finite() && v >= 0.0) {
+                    if !(v.is_finite() && (0.0..=MAX_PRICE).contains(&v)) {
                         return Err(Error::config(format!(
-                            "deployment prices.{key}: must be a number ≥ 0, got {v}"
+                            "deployment prices.{key}: must be a number in 0..={MAX_PRICE}, got {v}"
                         )));
                     }
                     *slot = v;
