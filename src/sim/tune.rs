@@ -633,7 +633,6 @@ pub fn run_cli(a: super::cli::TuneArgs) -> Result<()> {
         check_invariants: false,
         record_links: false,
     };
-    let total_steps = (script.steps.len() as u64).saturating_mul(points.len() as u64);
     let n_points = points.len();
     let finished = AtomicU64::new(0);
     let stop = AtomicBool::new(false);
@@ -643,15 +642,16 @@ pub fn run_cli(a: super::cli::TuneArgs) -> Result<()> {
             let (steps, finished, stop) = (&steps, &finished, &stop);
             sc.spawn(move || loop {
                 let end = stop.load(Ordering::Relaxed);
-                let d = steps.load(Ordering::Relaxed);
-                let frac = (d as f64 / total_steps.max(1) as f64).min(1.0);
+                // points finished; steps replayed (steps over the context
+                // are not replayed, so the step count ends below the total)
+                let f = finished.load(Ordering::Relaxed);
+                let frac = (f as f64 / n_points.max(1) as f64).min(1.0);
                 let bar = ((frac * 30.0) as usize).min(30);
                 eprint!(
-                    "\rtune [{}{}] {:>5.1}%  {} / {n_points} points  {:.1} s",
+                    "\rtune [{}{}] {f} / {n_points} points  {} steps replayed  {:.1} s",
                     "#".repeat(bar),
                     " ".repeat(30 - bar),
-                    100.0 * frac,
-                    finished.load(Ordering::Relaxed),
+                    steps.load(Ordering::Relaxed),
                     t0.elapsed().as_secs_f64()
                 );
                 if end {
