@@ -174,6 +174,17 @@ fn every_deployment_file_is_a_cluster_file_and_tunes() {
         let c = Config::from_json(&std::fs::read(cfg.path()).unwrap()).unwrap();
         // the connector's sizes are per rank
         assert!(c.host_bytes * d.gpu_count as u64 <= d.pinnable_host_bytes);
+        // and the file replays as a deployment
+        kvpark(&[
+            "replay",
+            "--deployment",
+            p.to_str().unwrap(),
+            "--sessions",
+            "20",
+            "--policies",
+            "lmcache-lru",
+        ])
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     }
     // the three deployments and the three example clusters
     assert!(n >= 6, "{n} files");

@@ -17,7 +17,7 @@ pub enum SimCommand {
     Replay(ReplayArgs),
     /// Sweep tier sizes and policies on a cluster file and recommend a
     /// `kv_connector_extra_config`.
-    Tune(TuneArgs),
+    Tune(Box<TuneArgs>),
     /// Work with TraceLab traces.
     Trace {
         /// What to do.
@@ -247,6 +247,6 @@ pub fn run(cmd: SimCommand) -> Result<()> {
             cmd: TraceCommand::Predict { file, no_hints },
         } => super::predict_eval::run_file(&file, !no_hints),
         SimCommand::Replay(a) => super::replay_cli(a),
-        SimCommand::Tune(a) => super::tune::run_cli(a),
+        SimCommand::Tune(a) => super::tune::run_cli(*a),
     }
 }

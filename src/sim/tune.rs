@@ -857,6 +857,34 @@ mod tests {
     }
 
     #[test]
+    fn a_point_sets_the_tiers_and_the_codec_of_the_replay() {
+        let dep = Deployment::from_json(CLUSTERS[0].1).unwrap();
+        let pts = grid(
+            &dep,
+            &["lmcache-lru".into()],
+            &["none".into(), "lz4".into()],
+            2,
+            2,
+        )
+        .unwrap();
+        // 2 codecs × 2 host sizes × (no NVMe, the drives' capacity)
+        assert_eq!(pts.len(), 8);
+        for p in &pts {
+            let d = deployment_at(&dep, p).unwrap();
+            assert_eq!((d.host_bytes, d.nvme_bytes), (p.host_bytes, p.nvme_bytes));
+            let m = crate::codec::measured(&p.codec).unwrap();
+            assert_eq!(d.codec, p.codec);
+            assert_eq!(d.codec_ratio, m.ratio);
+            assert!(p.host_bytes <= dep.pinnable_host_bytes);
+            assert!(p.nvme_bytes <= dep.nvme_capacity_bytes);
+        }
+        assert!(pts
+            .iter()
+            .any(|p| p.nvme_bytes == dep.nvme_capacity_bytes / GIB * GIB));
+        assert!(pts.iter().any(|p| p.host_bytes == dep.pinnable_host_bytes));
+    }
+
+    #[test]
     fn default_policies_are_connector_policies() {
         for p in DEFAULT_POLICIES {
             assert!(CONNECTOR_POLICIES.contains(p), "{p}");
