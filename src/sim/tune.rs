@@ -141,14 +141,25 @@ pub fn grid(
     for p in policies {
         crate::policy::by_name(p, crate::policy::PolicyEnv::default(), Some(book.clone()))?;
     }
+    let names = || crate::codec::ALL.map(|t| t.name()).join(", ");
     for c in codecs {
         if crate::codec::measured(c).is_none() {
             return Err(Error::invalid(format!(
-                "tune --codecs: unknown codec {c:?} (exp-huff, none, lz4, lz4-planes, fp8-lossy)"
+                "tune --codecs: unknown codec {c:?} ({})",
+                names()
             )));
         }
     }
     let codecs: Vec<String> = if codecs.is_empty() {
+        // the connector's config names its codec: a file that gives a
+        // ratio and speeds instead has none to recommend
+        if crate::codec::measured(&dep.codec).is_none() {
+            return Err(Error::invalid(format!(
+                "tune: the cluster file gives codec_ratio and speeds, not a codec the \
+                 connector can run; name the codecs to sweep with --codecs ({})",
+                names()
+            )));
+        }
         vec![dep.codec.clone()]
     } else {
         codecs.to_vec()
@@ -608,7 +619,21 @@ pub fn run_cli(a: super::cli::TuneArgs) -> Result<()> {
     }
     let points = grid(&dep, &policies, &codecs, a.host_steps, a.nvme_steps)?;
     let (script, label) = match &a.trace {
-        Some(p) => (Script::from_file(p)?.0, p.display().to_string()),
+        Some(p) => {
+            let (s, sum) = Script::from_file(p)?;
+            let label = p.display().to_string();
+            if sum.long_lines > 0 {
+                log::warn!("{}", super::trace::long_lines_warning(&label, &sum));
+            }
+            if sum.bad_lines > 0 {
+                log::warn!(
+                    "{label}: {} malformed lines skipped (first: line {})",
+                    sum.bad_lines,
+                    sum.bad.first().map_or(0, |b| b.line)
+                );
+            }
+            (s, label)
+        }
         None => {
             let n = a.sessions.unwrap_or(super::DEFAULT_SESSIONS);
             let seed = a.seed.unwrap_or(super::DEFAULT_SEED);
@@ -882,6 +907,35 @@ mod tests {
             .iter()
             .any(|p| p.nvme_bytes == dep.nvme_capacity_bytes / GIB * GIB));
         assert!(pts.iter().any(|p| p.host_bytes == dep.pinnable_host_bytes));
+    }
+
+    #[test]
+    fn a_file_without_a_codec_name_needs_codecs() {
+        let j = crate::sim::deploy::DEFAULT_JSON.replace(
+            "\"codec\": \"exp-huff\",",
+            "\"codec_ratio\": 1.3, \"codec_encode_gbps\": 4, \"codec_decode_gbps\": 8,",
+        );
+        let dep = Deployment::from_json(&j).unwrap();
+        let pol = ["lmcache-lru".to_string()];
+        let e = grid(&dep, &pol, &[], 2, 2).unwrap_err();
+        assert!(e.message().contains("--codecs"), "{}", e.message());
+        // every codec the sweep accepts is one the connector's config accepts
+        for t in crate::codec::ALL {
+            let pts = grid(&dep, &pol, &[t.name().to_string()], 1, 1).unwrap();
+            let o = Outcome {
+                point: pts[0].clone(),
+                usd_per_hour: 0.0,
+                ttft_user_p90: 1.0,
+                amplification: 1.0,
+                hit: 1.0,
+                nvme_used: false,
+            };
+            let c = crate::config::Config::from_json(
+                config_json(&dep, &o, None).to_string().as_bytes(),
+            )
+            .unwrap();
+            assert_eq!(c.codec, t);
+        }
     }
 
     #[test]
