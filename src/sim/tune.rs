@@ -855,10 +855,9 @@ mod tests {
 
     #[test]
     fn config_of_a_point_is_per_rank_and_validates() {
-        let dep = Deployment::from_json(&crate::sim::deploy::DEFAULT_JSON.replace(
-            "\"block_size\": 16,",
-            "\"block_size\": 16, \"gpu_count\": 4,",
-        ))
+        let dep = Deployment::from_json(
+            &crate::sim::deploy::DEFAULT_JSON.replace("\"gpu_count\": 1,", "\"gpu_count\": 4,"),
+        )
         .unwrap();
         let mut o = out("lmcache-lru", 1.0, 1.0, 1.0);
         o.point.host_bytes = 64 * GIB;
