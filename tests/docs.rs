@@ -62,6 +62,7 @@ fn every_subcommand_is_listed() {
     let r = readme();
     for cmd in [
         "kvpark replay",
+        "kvpark tune",
         "kvpark trace synth",
         "kvpark trace stats",
         "kvpark bench",

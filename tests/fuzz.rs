@@ -11,6 +11,7 @@
 //! | `fuzz_trace` | `sim::trace::read_bytes` (plain and gzip) and `parse_row`, then `derive_steps`, `stats::TraceStats` (JSON and report) and `engine::Script` | no panic; corrupt gzip is an error; every row is delivered once, loose rows are not replayed; each step has fresh + cacheable = L, fresh ≤ append, a gap ≥ 0, a span > 0 |
 //! | `fuzz_config` | `config::Config::from_json` (`kv_connector_extra_config`) | no panic; an error is a `Config` error; a config that parses re-serialises to JSON that parses to the same value |
 //! | `fuzz_deployment` | `sim::deploy::Deployment::from_json` (`replay --deployment`) | no panic; an error is a `Config` error naming the deployment; an accepted deployment satisfies every documented bound and replays the example trace |
+//! | `fuzz_cluster` | the same parser on cluster files (`tune --cluster`: drives, pinnable host RAM, prices, prefill by context), then `sim::tune::grid` and `config_json` | no panic; an error is a `Config` error naming the deployment; an accepted file keeps host ≤ pinnable and NVMe ≤ the drives' sum (checked sums), its grid stays within them, and the config of every grid point passes `Config::from_json` as printed |
 //!
 //! Inputs: the real inputs under `tests/fuzz_corpus/<target>/` (plans and
 //! reports built by the scheduler-side planner, records and a `.slots` table
@@ -952,6 +953,80 @@ fn fuzz_deployment() {
     run_target("deployment", true, check_deployment);
 }
 
+// ------------------------------------------------------------- cluster
+
+fn check_cluster(b: &[u8]) -> Result<(), TestCaseError> {
+    use kvpark::sim::tune::{config_json, grid, Outcome, DEFAULT_POLICIES};
+    let Ok(text) = std::str::from_utf8(b) else {
+        return Ok(()); // `tune --cluster` reads UTF-8 text only
+    };
+    match Deployment::from_json(text) {
+        Ok(d) => {
+            accepted();
+            prop_assert!(d.host_bytes <= d.pinnable_host_bytes);
+            prop_assert!(d.nvme_bytes <= d.nvme_capacity_bytes);
+            prop_assert!((1..=kvpark::sim::deploy::MAX_GPU_COUNT).contains(&d.gpu_count));
+            if !d.drives.is_empty() {
+                let sum = d
+                    .drives
+                    .iter()
+                    .try_fold(0u64, |a, x| a.checked_add(x.capacity));
+                prop_assert_eq!(sum, Some(d.nvme_capacity_bytes));
+                let rd: f64 = d.drives.iter().map(|x| x.read_bps).sum();
+                prop_assert!(d.nvme_read_bps <= rd * (1.0 + 1e-6));
+            }
+            for v in [
+                d.prices.dram_usd_per_gb,
+                d.prices.nvme_usd_per_gb,
+                d.prices.gpu_usd_per_hour,
+            ] {
+                prop_assert!(v.is_finite() && v >= 0.0);
+            }
+            prop_assert!(d.prefill_tps.is_finite() && d.prefill_tps > 0.0);
+            prop_assert!(d.prefill_halving.is_finite() && d.prefill_halving > 0.0);
+            let policies: Vec<String> = DEFAULT_POLICIES.iter().map(|s| s.to_string()).collect();
+            match grid(&d, &policies, &[], 3, 3) {
+                Ok(pts) => {
+                    for p in pts {
+                        prop_assert!(p.host_bytes > 0 && p.host_bytes <= d.pinnable_host_bytes);
+                        prop_assert!(p.nvme_bytes <= d.nvme_capacity_bytes);
+                        let cost = d
+                            .prices
+                            .usd_per_hour(d.gpu_count, p.host_bytes, p.nvme_bytes);
+                        prop_assert!(cost.is_finite() && cost >= 0.0);
+                        let o = Outcome {
+                            point: p,
+                            usd_per_hour: cost,
+                            ttft_user_p90: 1.0,
+                            amplification: 1.0,
+                            hit: 1.0,
+                            nvme_used: true,
+                        };
+                        let j = config_json(&d, &o, None).to_string();
+                        let c = Config::from_json(j.as_bytes());
+                        prop_assert!(c.is_ok(), "{j}: {:?}", c.err());
+                    }
+                }
+                // only a host RAM too small to give each rank a MiB
+                Err(e) => prop_assert!(
+                    (d.pinnable_host_bytes / d.gpu_count as u64) < (1u64 << 20),
+                    "{e}"
+                ),
+            }
+        }
+        Err(e) => {
+            prop_assert_eq!(e.kind(), ErrorKind::Config, "{}", e);
+            prop_assert!(e.message().starts_with("deployment"), "{}", e);
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn fuzz_cluster() {
+    run_target("cluster", true, check_cluster);
+}
+
 // ------------------------------------------------------------- corpus
 
 fn key(i: u32) -> BlockKey {
@@ -1176,6 +1251,10 @@ fn write_corpus() {
         "small.json",
         br#"{"name":"small","kv_bytes_per_token":32768,"max_context_tokens":32768,"gpu_kv_bytes":"4GiB","host_bytes":"16GiB","nvme_bytes":"512GiB","pcie_h2d_gbps":12,"pcie_d2h_gbps":12,"nvme_read_gbps":3,"nvme_write_gbps":1.5,"codec":"lz4-planes","prefill_tokens_per_s":4000,"prefill_halving_context_tokens":32000,"decode_step_ms":10,"hbm_gbps":900}"#,
     );
+    // cluster files: the shipped examples
+    for (name, j) in kvpark::sim::tune::CLUSTERS {
+        put("cluster", name, j.as_bytes());
+    }
 }
 
 #[test]
@@ -1228,5 +1307,10 @@ fn corpus_holds_real_inputs() {
     for (n, b) in corpus("deployment").iter() {
         Deployment::from_json(std::str::from_utf8(b).unwrap())
             .unwrap_or_else(|e| panic!("deployment/{n}: {e}"));
+    }
+    for (n, b) in corpus("cluster").iter() {
+        let d = Deployment::from_json(std::str::from_utf8(b).unwrap())
+            .unwrap_or_else(|e| panic!("cluster/{n}: {e}"));
+        assert!(!d.drives.is_empty(), "cluster/{n}");
     }
 }

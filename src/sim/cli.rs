@@ -15,6 +15,9 @@ use crate::error::{Result, ResultExt};
 pub enum SimCommand {
     /// Replay a trace through policies on a modelled deployment and compare them.
     Replay(ReplayArgs),
+    /// Sweep tier sizes and policies on a cluster file and recommend a
+    /// `kv_connector_extra_config`.
+    Tune(Box<TuneArgs>),
     /// Work with TraceLab traces.
     Trace {
         /// What to do.
@@ -92,6 +95,64 @@ pub struct ReplayArgs {
     /// Write SVG plots into this directory.
     #[arg(long)]
     pub plots: Option<PathBuf>,
+    /// Show progress on stderr even when it is not a terminal.
+    #[arg(long)]
+    pub progress: bool,
+}
+
+/// `kvpark tune ...`
+#[derive(Debug, Args)]
+pub struct TuneArgs {
+    /// Cluster file (the deployment schema, `deployments/README.md`).
+    #[arg(long)]
+    pub cluster: PathBuf,
+    /// A TraceLab file (real or generated); default: the embedded generated trace.
+    #[arg(long)]
+    pub trace: Option<PathBuf>,
+    /// Policies to sweep, comma-separated; a name the connector cannot run
+    /// (gpu-lru, oracle, ttl:D) is replayed once as a baseline.
+    #[arg(long, value_delimiter = ',')]
+    pub policies: Vec<String>,
+    /// Codecs to sweep, comma-separated; default: the cluster file's.
+    #[arg(long, value_delimiter = ',')]
+    pub codecs: Vec<String>,
+    /// Host sizes: halving from the cluster's pinnable_host_bytes.
+    #[arg(long, default_value_t = super::tune::DEFAULT_HOST_STEPS)]
+    pub host_steps: u32,
+    /// NVMe sizes: none, then quartering up to the drives' capacity.
+    #[arg(long, default_value_t = super::tune::DEFAULT_NVME_STEPS)]
+    pub nvme_steps: u32,
+    /// Recommend the cheapest point with a user-initiated TTFT p90 at most
+    /// this many seconds; default: within --ttft-slack of the best p90.
+    #[arg(long)]
+    pub target_ttft_p90: Option<f64>,
+    /// Without a target: the cheapest point within this fraction of the best p90.
+    #[arg(long, default_value_t = super::tune::DEFAULT_TTFT_SLACK)]
+    pub ttft_slack: f64,
+    /// `nvme_dir` of the printed config (default: a placeholder to replace).
+    #[arg(long)]
+    pub nvme_dir: Option<String>,
+    /// Divide session start times by X; default: the cluster file's time_compression.
+    #[arg(long)]
+    pub time_compression: Option<f64>,
+    /// Sessions of the embedded trace.
+    #[arg(long)]
+    pub sessions: Option<u64>,
+    /// Seed of the embedded trace.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Threads (default: every core).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Write every point, the front and the recommendation as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Write the cost vs TTFT plot (SVG).
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// Write the recommended kv_connector_extra_config JSON to this file.
+    #[arg(long)]
+    pub config_out: Option<PathBuf>,
     /// Show progress on stderr even when it is not a terminal.
     #[arg(long)]
     pub progress: bool,
@@ -186,5 +247,6 @@ pub fn run(cmd: SimCommand) -> Result<()> {
             cmd: TraceCommand::Predict { file, no_hints },
         } => super::predict_eval::run_file(&file, !no_hints),
         SimCommand::Replay(a) => super::replay_cli(a),
+        SimCommand::Tune(a) => super::tune::run_cli(*a),
     }
 }

@@ -11,13 +11,16 @@
 //! - [`report`], [`plot`]: tables, JSON and hand-written SVG.
 //! - [`predict_eval`]: `kvpark trace predict` (the gap predictors replayed
 //!   online over a trace: calibration and pinball loss).
-//! - [`cli`]: the `replay` and `trace` subcommands.
+//! - [`tune`]: `kvpark tune` (a cluster file and a trace → a sweep, a
+//!   Pareto table and the recommended connector config).
+//! - [`cli`]: the `replay`, `tune` and `trace` subcommands.
 //!
 //! ```text
 //! kvpark replay                                   # embedded trace + deployment, default policies
 //! kvpark replay --trace syfi_coding_trace.jsonl.gz --policies gpu-lru,vllm-offload,oracle \
 //!               --deployment my-node.json --time-compression 2 --json out.json --plots plots/
 //! kvpark replay --print-deployment                # the documented default deployment JSON
+//! kvpark tune --cluster deployments/cluster-1xh100-1tb-2xgen4.json --plot tune.svg
 //! kvpark trace synth --sessions 4300 --seed 1 --out synth.jsonl.gz
 //! kvpark trace stats synth.jsonl.gz               # distributions + idealised TTL sweep vs the study
 //! kvpark trace predict synth.jsonl.gz             # gap predictor vs a global histogram
@@ -40,6 +43,7 @@ pub mod rng;
 pub mod stats;
 pub mod synth;
 pub mod trace;
+pub mod tune;
 
 /// "1m", "5m", "1h", "30s": a duration in seconds, for tables.
 pub fn fmt_dur_s(s: f64) -> String {
