@@ -147,7 +147,8 @@ pub const MAX_SEGMENT_BYTES: u64 = 4 << 30;
 
 /// Policies the connector can run (the replay also has calibration
 /// baselines and the oracle, which need the future of a trace).
-pub const CONNECTOR_POLICIES: &[&str] = &["lmcache-lru", "vllm-offload", "vllm-offload:arc"];
+pub const CONNECTOR_POLICIES: &[&str] =
+    &["lmcache-lru", "kvpark", "vllm-offload", "vllm-offload:arc"];
 
 /// The keys kvpark accepts, with a one-line description (README config table).
 pub const KEYS: &[(&str, &str, &str)] = &[
@@ -188,7 +189,7 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "null",
         "GPU copy mechanism: a name (kernel_mapped, kernel_staged, dma_batch, dma_each) or an array of rules by direction, layout and size, such as the `rules` that `scripts/gpu/check_and_bench.py` derives from measurements; null = the built-in table",
     ),
-    ("policy", "\"lmcache-lru\"", "placement policy: lmcache-lru (host + NVMe write-through, LRU), vllm-offload, vllm-offload:arc (host only)"),
+    ("policy", "\"lmcache-lru\"", "placement policy: lmcache-lru (host + NVMe write-through, LRU), kvpark (write-through, eviction by predicted return, prefetch), vllm-offload, vllm-offload:arc (host only)"),
     (
         "io_threads",
         "4",

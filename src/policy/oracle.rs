@@ -139,6 +139,7 @@ mod tests {
         let env = PolicyEnv {
             nvme_read_bps: 1e9,
             h2d_bps: 1e9,
+            ..PolicyEnv::default()
         };
         let mut p = Planner::new(
             Capacity {
