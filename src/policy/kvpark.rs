@@ -11,8 +11,9 @@
 //!   probability `F(e) + (1 − F(e)) / 2`, or `2e` once `e` is past the
 //!   distribution's last quantile (a session silent that long is not coming
 //!   back soon). It is re-evaluated at checkpoints `e = 0.5 s, 1 s, 2 s, …`
-//!   (doubling, at most 30 s apart in the first hour, up to a day), so a session whose predicted return has passed
-//!   moves down the eviction order instead of staying "about to return".
+//!   (doubling, at most 30 s apart in the first hour, up to a day), so a
+//!   session whose predicted return has passed moves down the eviction
+//!   order instead of staying "about to return".
 //! - **Placement.** Each suspend saves the new bytes to host and writes them
 //!   through to NVMe (the write is a delta and costs only the NVMe write
 //!   link, the lowest class; dropping instead costs a prefill at the
@@ -35,8 +36,9 @@
 //!   holds the session and NVMe does, and the conditional probability that
 //!   it returns before the next checkpoint plus the read time is at least
 //!   [`PREFETCH_P`] (the checkpoints are close enough for this to fire
-//!   ahead of a return the predictor is sure of). The simulator loads a request that arrives first
-//!   (class 0), so a prefetch never delays a waiting step.
+//!   ahead of a return the predictor is sure of). The simulator loads a
+//!   request that arrives first (class 0), so a prefetch never delays a
+//!   waiting step.
 //!
 //! Variants (ablations), by name:
 //! - `kvpark:recency`: host and NVMe evict by recency (last touch), the
