@@ -284,8 +284,9 @@ pub struct Prefetch {
     pub late: u64,
     /// Landed but never used (dropped, GPU hit, or session ended).
     pub wasted: u64,
-    /// Steps whose KV was loaded from NVMe with no prefetch of it issued
-    /// (an NVMe-resident session that was not promoted in time).
+    /// Steps whose KV was loaded from NVMe, no prefetch of it in host or
+    /// in flight (an NVMe-resident session not promoted in time: none was
+    /// issued, or its copy was evicted again).
     pub missed: u64,
 }
 
@@ -1320,12 +1321,10 @@ impl Sim<'_> {
             awaiting: st.next_awaits,
             tool: (st.tool != u32::MAX).then(|| self.script.tools.name(st.tool).to_string()),
         };
-        // the policy places the session first (its GPU order may come from
-        // the prediction made at the suspend); the context stays on the GPU
-        // (prefix cache) before any save pins it
-        let acts = self.planner.suspend(now, sid, bytes, &hint);
+        // the context stays on the GPU (prefix cache) before any save pins it
         let order = self.planner.gpu_order(sid, now);
         self.gpu.insert(i, order, req.gpu_bytes);
+        let acts = self.planner.suspend(now, sid, bytes, &hint);
         self.issue(now, acts);
         self.gpu.shrink();
         if next.is_some() {
