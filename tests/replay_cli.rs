@@ -98,9 +98,9 @@ fn replay_reads_the_real_example() {
 
 #[test]
 fn errors_name_the_problem() {
-    let e = kvpark(&["replay", "--trace", EXAMPLE, "--policies", "kvpark"]).unwrap_err();
+    let e = kvpark(&["replay", "--trace", EXAMPLE, "--policies", "kvpark:fast"]).unwrap_err();
     assert!(
-        e.message().contains("unknown policy \"kvpark\"") && e.message().contains("oracle"),
+        e.message().contains("unknown policy \"kvpark:fast\"") && e.message().contains("oracle"),
         "{}",
         e.message()
     );

@@ -20,7 +20,11 @@ fn tight_deployment() -> Deployment {
 }
 
 fn trace(sessions: u64, seed: u64) -> (Script, TraceStats) {
-    let (data, _) = generate(&SynthConfig::new(sessions, seed));
+    trace_with(SynthConfig::new(sessions, seed))
+}
+
+fn trace_with(c: SynthConfig) -> (Script, TraceStats) {
+    let (data, _) = generate(&c);
     let mut script = Script::default();
     let mut st = TraceStats::default();
     let sum = read_bytes(&data, |s, tools| {
@@ -43,8 +47,10 @@ fn cfg(tc: f64, check: bool) -> SimConfig {
     }
 }
 
-const POLICIES: [&str; 9] = [
+const POLICIES: [&str; 11] = [
     "gpu-lru",
+    "kvpark",
+    "kvpark:no-hints",
     "vllm-offload",
     "vllm-offload:arc",
     "lmcache-lru",
@@ -165,11 +171,12 @@ fn unknown_policy_names_the_valid_ones() {
     let e = run_policy(
         &script,
         &Deployment::default_deployment(),
-        "kvpark",
+        "kvpark:unknown",
         &cfg(1.0, false),
     )
     .unwrap_err();
     assert!(e.message().contains("lmcache-lru"), "{}", e.message());
+    assert!(e.message().contains("kvpark:no-hints"), "{}", e.message());
 }
 
 mod closed_loop {
@@ -211,7 +218,7 @@ mod closed_loop {
             let (script, _) = trace(sessions, seed);
             let d = dep(24, host, codec);
             let c = SimConfig { record_links: true, check_invariants: true, ..cfg(tc, true) };
-            for p in ["lmcache-lru", "oracle", "vllm-offload"] {
+            for p in ["lmcache-lru", "oracle", "vllm-offload", "kvpark"] {
                 let r = run_policy(&script, &d, p, &c).unwrap();
                 let bw = links(&d);
                 for l in 0..4u8 {
@@ -252,7 +259,7 @@ mod closed_loop {
         ) {
             let (script, _) = trace(sessions, seed);
             let d = dep(gpu, host, "none");
-            let names: Vec<String> = ["gpu-lru", "vllm-offload", "vllm-offload:arc", "lmcache-lru", "oracle"]
+            let names: Vec<String> = ["gpu-lru", "vllm-offload", "vllm-offload:arc", "lmcache-lru", "oracle", "kvpark"]
                 .iter().map(|s| s.to_string()).collect();
             let r = run_all(&script, &d, &names, &cfg(tc, false), 2).unwrap();
             let o = get(&r, "oracle");
@@ -353,5 +360,86 @@ fn oracle_is_best_on_every_shipped_deployment() {
             "{file}: host memory does not bind ({} parked)",
             e.parked.peak
         );
+    }
+}
+
+/// Share of the gap from `base` down to `best` that `x` closes (1 when
+/// there is no gap and `x` is no worse than `base`).
+fn closed(base: f64, best: f64, x: f64) -> f64 {
+    if base - best <= 0.0 {
+        if x <= base {
+            1.0
+        } else {
+            0.0
+        }
+    } else {
+        (base - x) / (base - best)
+    }
+}
+
+/// kvpark against lmcache-lru and the oracle on every shipped deployment,
+/// on the calibrated workload and on a shifted one (humans 3× slower, tools
+/// 3× faster), with and without hints. Loose pins, so that an accidental
+/// regression fails: kvpark recomputes no more than lmcache-lru (and closes
+/// the recompute gap to the oracle where there is one), its user TTFT p90
+/// and p99 stay within 10% of lmcache-lru's, and its NVMe tier matters
+/// (dropping it recomputes more).
+#[test]
+fn kvpark_holds_against_lmcache_and_oracle() {
+    let names: Vec<String> = [
+        "lmcache-lru",
+        "oracle",
+        "kvpark",
+        "kvpark:no-hints",
+        "kvpark:no-nvme",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let calibrated = trace(300, 11).0;
+    let shifted = trace_with(SynthConfig {
+        human_scale: 3.0,
+        tool_scale: 1.0 / 3.0,
+        ..SynthConfig::new(300, 11)
+    })
+    .0;
+    for (file, d) in Deployment::shipped() {
+        for (label, script) in [("calibrated", &calibrated), ("shifted", &shifted)] {
+            let r = run_all(script, &d, &names, &cfg(d.time_compression, false), 2).unwrap();
+            let (l, o) = (get(&r, "lmcache-lru"), get(&r, "oracle"));
+            for k in ["kvpark", "kvpark:no-hints"] {
+                let x = get(&r, k);
+                let at = format!("{file} {label} {k}");
+                assert!(
+                    x.recompute_tokens <= l.recompute_tokens,
+                    "{at}: recompute {} > lmcache-lru {}",
+                    x.recompute_tokens,
+                    l.recompute_tokens
+                );
+                let c = closed(
+                    l.recompute_tokens as f64,
+                    o.recompute_tokens as f64,
+                    x.recompute_tokens as f64,
+                );
+                assert!(c >= 0.75, "{at}: closes {c:.2} of the recompute gap");
+                for (i, what) in [(1, "p90"), (2, "p99")] {
+                    assert!(
+                        x.ttft_user_s[i] <= l.ttft_user_s[i] * 1.10,
+                        "{at}: user TTFT {what} {} vs lmcache-lru {}",
+                        x.ttft_user_s[i],
+                        l.ttft_user_s[i]
+                    );
+                }
+                assert!(x.hit.all >= l.hit.all - 1e-3, "{at}: hit rate");
+            }
+            let k = get(&r, "kvpark");
+            let nn = get(&r, "kvpark:no-nvme");
+            assert!(
+                k.recompute_tokens < nn.recompute_tokens,
+                "{file} {label}: the NVMe tier saves nothing ({} vs {})",
+                k.recompute_tokens,
+                nn.recompute_tokens
+            );
+        }
     }
 }

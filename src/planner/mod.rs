@@ -17,4 +17,6 @@ pub mod recovery;
 pub use blocks::{BlockPlanner, Match, PlannerMetrics, RequestHint, RequestView};
 
 #[cfg(test)]
+mod kvpark_policy_tests;
+#[cfg(test)]
 mod policy_tests;

@@ -64,6 +64,7 @@ fn saves_only_what_returns_evicts_the_latest_and_prefetches_in_time() {
     let env = PolicyEnv {
         nvme_read_bps: 1e9,
         h2d_bps: 1e9,
+        ..PolicyEnv::default()
     };
     let mut p = Planner::new(
         Capacity {

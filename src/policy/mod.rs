@@ -21,10 +21,13 @@
 //! returns a timer for the demotion and for a prefetch ahead of the predicted
 //! return, and an eviction key from the expected time to return and the size.
 //!
-//! Registered names (see [`by_name`]): `gpu-lru`, `ttl:<dur>`, `lmcache-lru`,
+//! Registered names (see [`by_name`]): `kvpark` and its ablations
+//! `kvpark:recency`, `kvpark:no-prefetch`, `kvpark:no-nvme`,
+//! `kvpark:no-hints` ([`kvpark`]), `gpu-lru`, `ttl:<dur>`, `lmcache-lru`,
 //! `vllm-offload`, `vllm-offload:arc`, `oracle`.
 
 pub mod baselines;
+pub mod kvpark;
 pub mod oracle;
 
 use std::sync::Arc;
@@ -33,6 +36,7 @@ use crate::error::{Error, Result};
 use crate::session::{Hint, Nanos, SessionId, Tier};
 
 pub use baselines::{GpuOnly, LmcacheLru, Ttl, VllmOffload};
+pub use kvpark::{Kvpark, Variant};
 pub use oracle::{Oracle, OracleBook};
 
 /// What a policy sees of a session (a snapshot; all bytes are the planner's accounting).
@@ -117,13 +121,20 @@ pub struct EvictKey {
     pub order: u64,
 }
 
-/// Deployment facts a policy may use (link speeds for prefetch lead times).
+/// Deployment facts a policy may use (link speeds for prefetch lead times,
+/// the prefill cost of a context for the cost of dropping it).
 #[derive(Clone, Copy, Debug)]
 pub struct PolicyEnv {
     /// NVMe read bandwidth (bytes/s of raw KV, after decode).
     pub nvme_read_bps: f64,
     /// Host → GPU bandwidth (bytes/s).
     pub h2d_bps: f64,
+    /// KV bytes per token.
+    pub kv_bytes_per_token: u64,
+    /// Prefill tokens/s at an empty context.
+    pub prefill_tps: f64,
+    /// Context length (tokens) at which prefill speed halves.
+    pub prefill_halving: f64,
 }
 
 impl Default for PolicyEnv {
@@ -131,6 +142,9 @@ impl Default for PolicyEnv {
         PolicyEnv {
             nvme_read_bps: 6e9,
             h2d_bps: 25e9,
+            kv_bytes_per_token: 131_072,
+            prefill_tps: 16_000.0,
+            prefill_halving: 30_000.0,
         }
     }
 }
@@ -184,8 +198,9 @@ pub trait Policy: Send {
 }
 
 /// Valid policy names, for errors and help.
-pub const NAMES: &str =
-    "gpu-lru, ttl:<dur> (e.g. ttl:5m), lmcache-lru, vllm-offload, vllm-offload:arc, oracle";
+pub const NAMES: &str = "kvpark, kvpark:recency, kvpark:no-prefetch, kvpark:no-nvme, \
+     kvpark:no-hints, gpu-lru, ttl:<dur> (e.g. ttl:5m), lmcache-lru, vllm-offload, \
+     vllm-offload:arc, oracle";
 
 /// Builds a policy by name. `oracle` needs the simulator's book of future
 /// returns (`book`); it is an error without one.
@@ -207,6 +222,9 @@ pub fn by_name(
             )),
         },
         _ => {
+            if let Some(v) = Variant::from_name(n) {
+                return Ok(Box::new(Kvpark::new(v, env)));
+            }
             if let Some(d) = n.strip_prefix("ttl:") {
                 let tau = crate::units::parse_duration_ns(d)
                     .map_err(|e| Error::invalid(format!("policy {n:?}: {}", e.message())))?;
@@ -224,8 +242,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn names_resolve_and_kvpark_is_not_registered() {
+    fn names_resolve() {
         for n in [
+            "kvpark",
+            "kvpark:recency",
+            "kvpark:no-prefetch",
+            "kvpark:no-nvme",
+            "kvpark:no-hints",
             "gpu-lru",
             "lmcache-lru",
             "vllm-offload",
@@ -234,7 +257,9 @@ mod tests {
         ] {
             assert_eq!(by_name(n, PolicyEnv::default(), None).unwrap().name(), n);
         }
-        let e = by_name("kvpark", PolicyEnv::default(), None).err().unwrap();
+        let e = by_name("kvpark:fast", PolicyEnv::default(), None)
+            .err()
+            .unwrap();
         assert!(e.message().contains("valid names"), "{}", e.message());
         assert!(by_name("ttl:5 fortnights", PolicyEnv::default(), None).is_err());
         assert!(by_name("oracle", PolicyEnv::default(), None).is_err());

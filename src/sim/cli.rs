@@ -40,6 +40,12 @@ pub enum TraceCommand {
         /// Output file (`.gz` suffix: gzip).
         #[arg(long)]
         out: PathBuf,
+        /// Multiply every human wait by X (a shifted workload; 1: calibrated).
+        #[arg(long, default_value_t = 1.0)]
+        human_scale: f64,
+        /// Multiply every tool call's latency by X (1: calibrated).
+        #[arg(long, default_value_t = 1.0)]
+        tool_scale: f64,
     },
     /// Print a trace's distributions and the idealised TTL sweep.
     Stats {
@@ -167,8 +173,22 @@ pub fn run(cmd: SimCommand) -> Result<()> {
                     sessions,
                     seed,
                     out,
+                    human_scale,
+                    tool_scale,
                 },
         } => {
+            for (flag, v) in [("--human-scale", human_scale), ("--tool-scale", tool_scale)] {
+                if !(v.is_finite() && v > 0.0) {
+                    return Err(crate::Error::invalid(format!(
+                        "{flag} {v}: must be a positive number"
+                    )));
+                }
+            }
+            let cfg = SynthConfig {
+                human_scale,
+                tool_scale,
+                ..SynthConfig::new(sessions, seed)
+            };
             let f = std::fs::File::create(&out).ctx(format!("create {}", out.display()))?;
             let gz = out.extension().is_some_and(|e| e == "gz");
             let t = std::time::Instant::now();
@@ -177,14 +197,11 @@ pub fn run(cmd: SimCommand) -> Result<()> {
                     std::io::BufWriter::new(f),
                     flate2::Compression::fast(),
                 );
-                let s = write_trace(&SynthConfig::new(sessions, seed), &mut enc)?;
+                let s = write_trace(&cfg, &mut enc)?;
                 enc.finish().ctx(format!("write {}", out.display()))?;
                 s
             } else {
-                write_trace(
-                    &SynthConfig::new(sessions, seed),
-                    std::io::BufWriter::new(f),
-                )?
+                write_trace(&cfg, std::io::BufWriter::new(f))?
             };
             let dt = t.elapsed().as_secs_f64();
             eprintln!(

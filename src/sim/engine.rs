@@ -284,6 +284,31 @@ pub struct Prefetch {
     pub late: u64,
     /// Landed but never used (dropped, GPU hit, or session ended).
     pub wasted: u64,
+    /// Steps whose KV was loaded from NVMe, no prefetch of it in host or
+    /// in flight (an NVMe-resident session not promoted in time: none was
+    /// issued, or its copy was evicted again).
+    pub missed: u64,
+}
+
+impl Prefetch {
+    /// Share of the returns of NVMe-resident sessions (served from NVMe or
+    /// by a prefetch) whose prefetch had landed before the step arrived.
+    pub fn coverage(&self) -> f64 {
+        let n = self.early + self.late + self.missed;
+        if n == 0 {
+            0.0
+        } else {
+            self.early as f64 / n as f64
+        }
+    }
+    /// Share of the prefetches issued that were never used.
+    pub fn waste(&self) -> f64 {
+        if self.issued == 0 {
+            0.0
+        } else {
+            self.wasted as f64 / self.issued as f64
+        }
+    }
 }
 
 /// p50, p90, p99 and mean of a distribution (s).
@@ -1222,6 +1247,9 @@ impl Sim<'_> {
                         if pref == Pref::Ready {
                             self.prefetch.wasted += 1;
                         }
+                        if held > 0 {
+                            self.prefetch.missed += 1;
+                        }
                     }
                 }
                 if req.hit > 0 {
@@ -1332,6 +1360,9 @@ pub fn run_policy(
     let env = PolicyEnv {
         nvme_read_bps: dep.nvme_read_bps.min(dep.decode_bps / dep.codec_ratio) * dep.codec_ratio,
         h2d_bps: dep.h2d_bps,
+        kv_bytes_per_token: dep.kv_bytes_per_token,
+        prefill_tps: dep.prefill_tps,
+        prefill_halving: dep.prefill_halving,
     };
     let book = Arc::new(OracleBook::default());
     let pol = by_name(policy, env, Some(book.clone()))?;

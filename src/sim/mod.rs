@@ -61,11 +61,12 @@ pub fn fmt_dur_s(s: f64) -> String {
 }
 
 /// Policies compared when `--policies` is not given.
-pub const DEFAULT_POLICIES: [&str; 5] = [
+pub const DEFAULT_POLICIES: [&str; 6] = [
     "gpu-lru",
     "vllm-offload",
     "vllm-offload:arc",
     "lmcache-lru",
+    "kvpark",
     "oracle",
 ];
 /// Sessions of the embedded default trace.

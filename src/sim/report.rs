@@ -136,6 +136,38 @@ pub fn render(results: &[PolicyResult], dep: &Deployment, header: &str) -> Strin
             pf
         );
     }
+    let _ = writeln!(o);
+    let _ = writeln!(
+        o,
+        "{:<18} {:>16} | {:>24} {:>18}",
+        "policy", "recompute tokens", "NVMe returns promoted", "promotions wasted"
+    );
+    for r in results {
+        let (cov, waste) = if r.prefetch.issued > 0 || r.prefetch.missed > 0 {
+            (
+                format!(
+                    "{:.1}% of {}",
+                    100.0 * r.prefetch.coverage(),
+                    r.prefetch.early + r.prefetch.late + r.prefetch.missed
+                ),
+                if r.prefetch.issued > 0 {
+                    format!("{:.1}%", 100.0 * r.prefetch.waste())
+                } else {
+                    "-".into()
+                },
+            )
+        } else {
+            ("-".into(), "-".into())
+        };
+        let _ = writeln!(
+            o,
+            "{:<18} {:>16} | {:>24} {:>18}",
+            format!("{}{}", r.policy, if r.idealised { "*" } else { "" }),
+            r.recompute_tokens,
+            cov,
+            waste
+        );
+    }
     if results.iter().any(|r| r.idealised) {
         let _ = writeln!(
             o,
@@ -146,7 +178,9 @@ pub fn render(results: &[PolicyResult], dep: &Deployment, header: &str) -> Strin
         o,
         "hit = token-weighted over counted steps; GPU/host/NVMe = share of all counted tokens served from each; \
          TTFT = arrival → end of prefill (queueing + load + shared prefill), seconds; queue = arrival → admission (GPU KV full); \
-         GPU busy = any compute / prefill; bytes in GB (10^9), NVMe bytes stored (compressed); prefetch early/late/wasted."
+         GPU busy = any compute / prefill; bytes in GB (10^9), NVMe bytes stored (compressed); prefetch early/late/wasted; \
+         recompute = tokens prefilled over every replayed step; NVMe returns promoted = prefetches landed before the step / \
+         (those + late + loads from NVMe without one)."
     );
     o
 }

@@ -61,6 +61,11 @@ pub struct SynthConfig {
     pub seed: u64,
     /// Session starts per day (sets the trace's span and the overlap).
     pub sessions_per_day: f64,
+    /// Every human wait is multiplied by this (1: calibrated; a shifted
+    /// workload for robustness checks, e.g. 3 = humans three times slower).
+    pub human_scale: f64,
+    /// Every tool call's latency is multiplied by this (1: calibrated).
+    pub tool_scale: f64,
 }
 
 impl SynthConfig {
@@ -70,6 +75,8 @@ impl SynthConfig {
             sessions,
             seed,
             sessions_per_day: SESSIONS_PER_DAY,
+            human_scale: 1.0,
+            tool_scale: 1.0,
         }
     }
 }
@@ -269,7 +276,7 @@ fn session(cfg: &SynthConfig, index: u64, out: &mut String) -> u64 {
                         r.lognormal(76.0, 1.75)
                     } else {
                         r.lognormal(7.5 * 3600.0, 0.8)
-                    };
+                    } * cfg.human_scale;
                     t = last_activity + secs(w.max(0.5));
                     gap = t - last_activity;
                 }
@@ -384,7 +391,7 @@ fn session(cfg: &SynthConfig, index: u64, out: &mut String) -> u64 {
                 } else {
                     tool.fast
                 };
-                let lat = r.lognormal(m, sg).clamp(0.002, 6.0 * 3600.0);
+                let lat = (r.lognormal(m, sg) * cfg.tool_scale).clamp(0.002, 6.0 * 3600.0);
                 call_seq += 1;
                 let id = if claude {
                     format!(

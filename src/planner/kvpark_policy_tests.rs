@@ -1,0 +1,179 @@
+//! The `kvpark` policy driven through the [`Planner`] and on its own: its
+//! expected-return eviction, prefetch and variants. They live here, not in
+//! `policy`, whose arrows point only to the shared vocabulary in
+//! [`crate::session`].
+
+use super::core::{Action, Awaiting, Capacity, Hint, Nanos, Planner, SessionId, Tier};
+use crate::policy::kvpark::{Kvpark, Variant};
+use crate::policy::{Policy, PolicyEnv, SessionView};
+
+const S: Nanos = 1_000_000_000;
+const GB: u64 = 1 << 30;
+
+fn hint(a: Awaiting) -> Hint {
+    Hint {
+        awaiting: a,
+        tool: (a == Awaiting::Tool).then(|| "Bash".to_string()),
+    }
+}
+
+/// Trains the predictor through the planner: sessions 100.. wait on a
+/// tool for 1 s, sessions 200.. on a human for 300 s.
+fn trained(v: Variant, cap: Capacity) -> Planner {
+    let mut p = Planner::new(cap, Box::new(Kvpark::new(v, PolicyEnv::default())));
+    let mut now = 0;
+    for round in 0..60u64 {
+        for (id, a, gap) in [(100, Awaiting::Tool, S), (200, Awaiting::User, 300 * S)] {
+            let id = id + round;
+            for a in p.suspend(now, id, 1, &hint(a)) {
+                p.completed(now, &a, true);
+            }
+            now += gap;
+            p.resume(now, id);
+            p.end(now, id);
+        }
+    }
+    p
+}
+
+fn drops(a: &[Action], tier: Tier) -> Vec<SessionId> {
+    a.iter()
+        .filter_map(|x| match x {
+            Action::Drop {
+                session, tier: t, ..
+            } if *t == tier => Some(*session),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn host_evicts_the_session_expected_back_last_not_the_oldest() {
+    let cap = Capacity {
+        host_bytes: 2 * GB,
+        nvme_bytes: 100 * GB,
+    };
+    for v in [Variant::FULL, Variant::from_name("kvpark:recency").unwrap()] {
+        let mut p = trained(v, cap);
+        let t = 1_000_000 * S;
+        // 1 parks first, waiting on a tool; 2 parks later, waiting on a human
+        for (id, at, a) in [(1, t, Awaiting::Tool), (2, t + S / 10, Awaiting::User)] {
+            for x in p.suspend(at, id, GB, &hint(a)) {
+                p.completed(at, &x, true);
+            }
+        }
+        let a = p.suspend(t + S / 5, 3, GB, &hint(Awaiting::Tool));
+        let want = if v.recency { 1 } else { 2 };
+        assert_eq!(drops(&a, Tier::Host), vec![want], "{v:?}");
+        p.check().unwrap();
+    }
+}
+
+#[test]
+fn prefetches_an_evicted_session_before_its_expected_return() {
+    let cap = Capacity {
+        host_bytes: GB,
+        nvme_bytes: 100 * GB,
+    };
+    let mut p = trained(Variant::FULL, cap);
+    let t = 1_000_000 * S;
+    let a = p.suspend(t, 1, GB, &hint(Awaiting::User));
+    assert_eq!(a.len(), 2, "host and NVMe: {a:?}");
+    for x in &a {
+        p.completed(t, x, true);
+    }
+    // another session takes the host: 1 is on NVMe only
+    let b = p.suspend(t + S, 2, GB, &hint(Awaiting::Tool));
+    assert_eq!(drops(&b, Tier::Host), vec![1]);
+    for x in &b {
+        p.completed(t + S, x, true);
+    }
+    p.resume(t + 2 * S, 2);
+    p.end(t + 2 * S, 2);
+    // walk the checkpoints: a prefetch of 1 comes before its median (300 s)
+    let mut now = t + 2 * S;
+    let mut fetched = None;
+    while let Some(w) = p.next_wakeup() {
+        if w > t + 300 * S {
+            break;
+        }
+        now = w.max(now);
+        if p.tick(now).iter().any(|x| {
+            matches!(
+                x,
+                Action::Copy {
+                    session: 1,
+                    from: Some(Tier::Nvme),
+                    to: Tier::Host,
+                    ..
+                }
+            )
+        }) {
+            fetched = Some(now);
+            break;
+        }
+    }
+    let at = fetched.expect("a prefetch before the predicted return");
+    assert!(at > t + 2 * S && at < t + 300 * S, "{}", (at - t) / S);
+
+    // without prefetch: never
+    let mut q = trained(Variant::from_name("kvpark:no-prefetch").unwrap(), cap);
+    for x in q.suspend(t, 1, GB, &hint(Awaiting::User)) {
+        q.completed(t, &x, true);
+    }
+    for x in q.suspend(t + S, 2, GB, &hint(Awaiting::Tool)) {
+        q.completed(t + S, &x, true);
+    }
+    let mut n = 0;
+    while let Some(w) = q.next_wakeup() {
+        if w > t + 3000 * S || n > 100 {
+            break;
+        }
+        n += 1;
+        assert!(q
+            .tick(w)
+            .iter()
+            .all(|x| !matches!(x, Action::Copy { from: Some(_), .. })));
+    }
+}
+
+#[test]
+fn variants_save_where_they_say_and_hints_are_ignored_without_them() {
+    let cap = Capacity {
+        host_bytes: 10 * GB,
+        nvme_bytes: 10 * GB,
+    };
+    let mut p = trained(Variant::from_name("kvpark:no-nvme").unwrap(), cap);
+    let a = p.suspend(1_000_000 * S, 1, GB, &hint(Awaiting::User));
+    assert!(a
+        .iter()
+        .all(|x| matches!(x, Action::Copy { to: Tier::Host, .. })));
+    assert_eq!(a.len(), 1);
+
+    // with hints the tool and human predictions differ; without, not
+    let view = |h: &'static Hint| SessionView {
+        id: 7,
+        bytes: GB,
+        held: [0, 0],
+        pending: [0, 0],
+        suspended_at: Some(0),
+        last_touch: 0,
+        resumes: 0,
+        served: [0, 0],
+        hint: h,
+        gaps: &[],
+    };
+    static TOOL: std::sync::OnceLock<Hint> = std::sync::OnceLock::new();
+    static USER: std::sync::OnceLock<Hint> = std::sync::OnceLock::new();
+    let tool = TOOL.get_or_init(|| hint(Awaiting::Tool));
+    let user = USER.get_or_init(|| hint(Awaiting::User));
+    for (name, differ) in [("kvpark", true), ("kvpark:no-hints", false)] {
+        let mut k = Kvpark::new(Variant::from_name(name).unwrap(), PolicyEnv::default());
+        k.on_suspend(0, &view(tool));
+        let r_tool = k.expected_return(7).unwrap();
+        k.on_suspend(0, &view(user));
+        let r_user = k.expected_return(7).unwrap();
+        assert_eq!(r_tool != r_user, differ, "{name}: {r_tool} {r_user}");
+        assert_eq!(k.name(), name);
+    }
+}

@@ -1,0 +1,404 @@
+//! `kvpark`: placement, eviction and prefetch by expected cost, driven by
+//! the learned gap predictor ([`crate::predict::Learned`]).
+//!
+//! At every suspend the predictor gives the distribution of the coming gap
+//! ([`GapDist`]) from the hint (tool result or human, the tool's name), the
+//! session's own past gaps and the population's; the policy keeps it, with
+//! the suspend time, in constant state per session, and derives:
+//!
+//! - **Expected return.** At elapsed time `e` the policy uses the
+//!   conditional median of the gap given that it exceeds `e`: the gap at
+//!   probability `F(e) + (1 − F(e)) / 2`, or `2e` once `e` is past the
+//!   distribution's last quantile (a session silent that long is not coming
+//!   back soon). It is re-evaluated at checkpoints `e = 0.5 s, 1 s, 2 s, …`
+//!   (doubling, at most 30 s apart in the first hour, up to a day), so a
+//!   session whose predicted return has passed moves down the eviction
+//!   order instead of staying "about to return".
+//! - **Placement.** Each suspend saves the new bytes to host and writes them
+//!   through to NVMe (the write is a delta and costs only the NVMe write
+//!   link, the lowest class; dropping instead costs a prefill at the
+//!   session's context, which is always dearer than an NVMe read). Nothing
+//!   is dropped by choice: the tiers give way by eviction order.
+//! - **Eviction order** (host, NVMe): the session expected back last goes
+//!   first — Belady's rule on the predicted return. A reload from the next
+//!   tier costs time proportional to the bytes (link and decode), so the
+//!   benefit *per byte* of keeping a session is its chance of returning
+//!   soon, and the expected return orders the sessions; on NVMe the
+//!   alternative is a recompute whose cost per byte grows with the context
+//!   (prefill slows with context), so there the expected return is advanced
+//!   by the session's recompute time (a larger context stays longer). The
+//!   copy of a session whose step runs is kept like one about to return (it
+//!   spares a full save at the next suspend). vLLM's GPU prefix cache keeps
+//!   its least-recently-used order: ordering it by the predicted return was
+//!   measured to lose GPU hits (a context parked for a human is evicted
+//!   before one whose tool call is long overdue; see BENCHMARKS.md).
+//! - **Prefetch** NVMe → host: at a checkpoint, when the host no longer
+//!   holds the session and NVMe does, and the conditional probability that
+//!   it returns before the next checkpoint plus the read time is at least
+//!   [`PREFETCH_P`] (the checkpoints are close enough for this to fire
+//!   ahead of a return the predictor is sure of). The simulator loads a
+//!   request that arrives first (class 0), so a prefetch never delays a
+//!   waiting step.
+//!
+//! Variants (ablations), by name:
+//! - `kvpark:recency`: host and NVMe evict by recency (last touch), the
+//!   predictor is used only for prefetch;
+//! - `kvpark:no-prefetch`: never prefetches;
+//! - `kvpark:no-nvme`: host only (no NVMe copy, so nothing to prefetch);
+//! - `kvpark:no-hints`: the policy ignores the hint (what the session
+//!   waits on, the tool's name); the predictor then has only the
+//!   population's and the session's own gaps.
+//!
+//! Cost per event: one prediction (a fixed number of histogram bins) at a
+//! suspend, one update at a resume, O(1) per checkpoint; state per
+//! suspended session is constant.
+
+use std::collections::HashMap;
+
+use crate::predict::{GapContext, GapDist, GapPredictor, Learned};
+use crate::session::{Hint, Nanos, SessionId, Tier};
+
+use super::{EvictKey, Op, Policy, PolicyEnv, SessionView, SuspendPlan, TimerPlan};
+
+/// Conditional probability of a return before the next checkpoint (plus
+/// the read time) at which a session is prefetched NVMe → host.
+pub const PREFETCH_P: f64 = 0.5;
+
+/// Checkpoints are at most this far apart in the first hour after a
+/// suspend; a prefetch decision looks ahead to the next checkpoint plus the
+/// read time.
+pub const PREFETCH_HORIZON: Nanos = 30_000_000_000;
+
+/// First checkpoint after a suspend.
+const FIRST_CHECK: Nanos = 500_000_000;
+/// Checkpoints at most [`PREFETCH_HORIZON`] apart until this long after a
+/// suspend.
+const DENSE_UNTIL: Nanos = 3_600_000_000_000;
+/// No checkpoint later than this after a suspend.
+const LAST_CHECK: Nanos = 86_400_000_000_000;
+/// Slack added to a prefetch's read time (queueing behind other reads).
+const LEAD_SLACK_S: f64 = 1.0;
+
+/// Which parts of the policy are on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Variant {
+    /// Eviction orders by recency instead of the predicted return.
+    pub recency: bool,
+    /// Prefetch NVMe → host ahead of the predicted return.
+    pub prefetch: bool,
+    /// Use the NVMe tier.
+    pub nvme: bool,
+    /// Read the hint.
+    pub hints: bool,
+}
+
+impl Variant {
+    /// The full policy.
+    pub const FULL: Variant = Variant {
+        recency: false,
+        prefetch: true,
+        nvme: true,
+        hints: true,
+    };
+
+    /// The variant of a registered name (`kvpark`, `kvpark:recency`, …).
+    pub fn from_name(name: &str) -> Option<Variant> {
+        let f = Variant::FULL;
+        Some(match name {
+            "kvpark" => f,
+            "kvpark:recency" => Variant { recency: true, ..f },
+            "kvpark:no-prefetch" => Variant {
+                prefetch: false,
+                ..f
+            },
+            "kvpark:no-nvme" => Variant {
+                nvme: false,
+                prefetch: false,
+                ..f
+            },
+            "kvpark:no-hints" => Variant { hints: false, ..f },
+            _ => return None,
+        })
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Variant { recency: true, .. } => "kvpark:recency",
+            Variant { nvme: false, .. } => "kvpark:no-nvme",
+            Variant {
+                prefetch: false, ..
+            } => "kvpark:no-prefetch",
+            Variant { hints: false, .. } => "kvpark:no-hints",
+            _ => "kvpark",
+        }
+    }
+}
+
+/// What the policy keeps per suspended session.
+#[derive(Clone, Debug)]
+struct St {
+    /// Suspend time.
+    at: Nanos,
+    /// Predicted gap (`None`: the predictor knows nothing yet).
+    dist: Option<GapDist>,
+    /// Expected return instant as of the last checkpoint.
+    ret: Nanos,
+}
+
+/// The `kvpark` policy. See the module docs.
+pub struct Kvpark {
+    v: Variant,
+    env: PolicyEnv,
+    pred: Learned,
+    sess: HashMap<SessionId, St>,
+    no_hint: Hint,
+}
+
+impl Kvpark {
+    /// The expected return of a suspended session it tracks (tests of the
+    /// policy driven through the planner).
+    #[cfg(test)]
+    pub(crate) fn expected_return(&self, s: SessionId) -> Option<Nanos> {
+        self.sess.get(&s).map(|st| st.ret)
+    }
+}
+
+/// The gap at probability `p` of `d` (linear between its quantiles, from
+/// (0, 0)); `None` past its last quantile.
+fn inv(d: &GapDist, p: f64) -> Option<Nanos> {
+    let mut prev = (0.0, 0u64);
+    for &(q, g) in &d.quantiles {
+        if p <= q {
+            let span = q - prev.0;
+            let f = if span > 0.0 { (p - prev.0) / span } else { 1.0 };
+            return Some(prev.1 + ((g - prev.1) as f64 * f.clamp(0.0, 1.0)) as Nanos);
+        }
+        prev = (q, g);
+    }
+    None
+}
+
+/// The conditional median of the gap given that it exceeds `e` (time
+/// from the suspend).
+fn remaining_median(d: Option<&GapDist>, e: Nanos) -> Nanos {
+    let g = d.and_then(|d| {
+        let pe = d.cdf(e);
+        (pe < 0.99).then(|| inv(d, pe + (1.0 - pe) / 2.0)).flatten()
+    });
+    match g {
+        Some(g) => g.max(e + 1),
+        None => e.max(FIRST_CHECK).saturating_mul(2),
+    }
+}
+
+/// The next checkpoint (elapsed time) after `e`: doubling, at most
+/// [`PREFETCH_HORIZON`] apart during the first hour (where returns are
+/// dense enough to prefetch for), doubling again after.
+fn next_check(e: Nanos) -> Option<Nanos> {
+    let n = if e < FIRST_CHECK {
+        FIRST_CHECK
+    } else if e < DENSE_UNTIL {
+        e.saturating_mul(2).min(e + PREFETCH_HORIZON)
+    } else {
+        e.saturating_mul(2)
+    };
+    (n <= LAST_CHECK).then_some(n)
+}
+
+impl Kvpark {
+    /// The policy (or one of its ablations) over deployment `env`.
+    pub fn new(v: Variant, env: PolicyEnv) -> Self {
+        Kvpark {
+            v,
+            env,
+            pred: Learned::default(),
+            sess: HashMap::new(),
+            no_hint: Hint::default(),
+        }
+    }
+
+    fn hint<'a>(&'a self, s: &'a SessionView) -> &'a Hint {
+        if self.v.hints {
+            s.hint
+        } else {
+            &self.no_hint
+        }
+    }
+
+    fn ctx<'a>(&'a self, s: &'a SessionView, now: Nanos) -> GapContext<'a> {
+        let hint = self.hint(s);
+        GapContext {
+            session: s.id,
+            hint,
+            tools: &[],
+            ended_with_tool_calls: None,
+            now,
+            wall_ns: None,
+        }
+    }
+
+    /// Seconds to read `bytes` from NVMe into host, plus slack.
+    fn lead_ns(&self, bytes: u64) -> Nanos {
+        ((bytes as f64 / self.env.nvme_read_bps + LEAD_SLACK_S) * 1e9) as Nanos
+    }
+
+    /// Seconds to recompute a context of `bytes` (prefill at that context).
+    fn recompute_ns(&self, bytes: u64) -> Nanos {
+        let tokens = bytes as f64 / self.env.kv_bytes_per_token.max(1) as f64;
+        let s = tokens / self.env.prefill_tps * (1.0 + tokens / 2.0 / self.env.prefill_halving);
+        if s.is_finite() {
+            (s * 1e9) as Nanos
+        } else {
+            0
+        }
+    }
+
+    /// Updates the expected return of `s` at `now`; returns the plan's next
+    /// checkpoint (absolute) and whether to prefetch.
+    fn checkpoint(&mut self, now: Nanos, s: &SessionView) -> (Option<Nanos>, bool) {
+        let lead = self.lead_ns(s.bytes);
+        let Some(st) = self.sess.get_mut(&s.id) else {
+            return (None, false);
+        };
+        let e = now.saturating_sub(st.at);
+        st.ret = st.at + remaining_median(st.dist.as_ref(), e);
+        let next = next_check(e);
+        let mut fetch = false;
+        if self.v.prefetch
+            && s.held_in(Tier::Nvme) > s.held_in(Tier::Host) + s.pending[0]
+            && s.pending[0] == 0
+        {
+            if let Some(d) = &st.dist {
+                let pe = d.cdf(e);
+                if pe < 0.999 {
+                    let horizon = next.map_or(LAST_CHECK, |n| n - e) + lead;
+                    let p = (d.cdf(e.saturating_add(horizon)) - pe) / (1.0 - pe);
+                    fetch = p >= PREFETCH_P;
+                }
+            }
+        }
+        (next.map(|n| st.at + n), fetch)
+    }
+}
+
+impl Policy for Kvpark {
+    fn name(&self) -> String {
+        self.v.name().into()
+    }
+
+    fn on_suspend(&mut self, now: Nanos, s: &SessionView) -> SuspendPlan {
+        let dist = {
+            let ctx = self.ctx(s, now);
+            self.pred.predict(&ctx)
+        };
+        self.sess.insert(
+            s.id,
+            St {
+                at: now,
+                dist,
+                ret: now,
+            },
+        );
+        let (timer, _) = self.checkpoint(now, s);
+        let mut save = vec![Tier::Host];
+        if self.v.nvme {
+            save.push(Tier::Nvme);
+        }
+        SuspendPlan { save, timer }
+    }
+
+    fn on_timer(&mut self, now: Nanos, s: &SessionView) -> TimerPlan {
+        if s.suspended_at.is_none() {
+            return TimerPlan::default();
+        }
+        let (timer, fetch) = self.checkpoint(now, s);
+        TimerPlan {
+            ops: if fetch { vec![Op::Prefetch] } else { vec![] },
+            timer,
+        }
+    }
+
+    fn evict_key(&self, s: &SessionView, tier: Tier) -> EvictKey {
+        if s.suspended_at.is_none() {
+            // a step runs: its copy is as good as one about to return (it
+            // spares a full save at the next suspend)
+            return EvictKey {
+                class: 0,
+                order: if self.v.recency {
+                    s.last_touch
+                } else {
+                    u64::MAX - s.last_touch
+                },
+            };
+        }
+        if self.v.recency {
+            return EvictKey {
+                class: 0,
+                order: s.last_touch.max(2),
+            };
+        }
+        let ret = self.sess.get(&s.id).map_or(s.last_touch, |st| st.ret);
+        let ret = match tier {
+            Tier::Host => ret,
+            Tier::Nvme => ret.saturating_sub(self.recompute_ns(s.bytes)),
+        };
+        EvictKey {
+            class: 0,
+            order: (u64::MAX - ret).max(2),
+        }
+    }
+
+    fn on_resume(&mut self, now: Nanos, s: &SessionView, gap: Nanos, _ghost: Option<(Tier, u8)>) {
+        if self.sess.remove(&s.id).is_some() {
+            let hint = self.hint(s).clone();
+            let ctx = GapContext {
+                session: s.id,
+                hint: &hint,
+                tools: &[],
+                ended_with_tool_calls: None,
+                now,
+                wall_ns: None,
+            };
+            self.pred.observe(&ctx, gap);
+        }
+    }
+
+    fn on_end(&mut self, s: SessionId) {
+        self.sess.remove(&s);
+        self.pred.end(s);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: Nanos = 1_000_000_000;
+
+    fn dist(pairs: &[(f64, u64)]) -> GapDist {
+        GapDist {
+            quantiles: pairs.iter().map(|&(p, s)| (p, s * S)).collect(),
+        }
+    }
+
+    #[test]
+    fn expected_return_moves_out_as_the_wait_goes_on() {
+        let d = dist(&[(0.5, 10), (0.9, 100), (0.99, 1000)]);
+        assert_eq!(inv(&d, 0.5), Some(10 * S));
+        assert!(inv(&d, 0.7).unwrap().abs_diff(55 * S) < 1000);
+        assert_eq!(inv(&d, 0.995), None);
+        // fresh: the median; after 10 s: the gap at F = 0.75
+        assert_eq!(remaining_median(Some(&d), 0), 10 * S);
+        let at10 = remaining_median(Some(&d), 10 * S);
+        assert!(at10 > 10 * S && at10 < 100 * S, "{at10}");
+        assert!(remaining_median(Some(&d), 200 * S) > at10);
+        // past the last quantile: twice the elapsed time
+        assert_eq!(remaining_median(Some(&d), 2000 * S), 4000 * S);
+        assert_eq!(remaining_median(None, 0), 2 * FIRST_CHECK);
+        assert_eq!(next_check(0), Some(FIRST_CHECK));
+        assert_eq!(next_check(4 * S), Some(8 * S));
+        assert_eq!(next_check(100 * S), Some(130 * S));
+        assert_eq!(next_check(2 * DENSE_UNTIL), Some(4 * DENSE_UNTIL));
+        assert_eq!(next_check(LAST_CHECK), None);
+    }
+}
