@@ -153,7 +153,10 @@ impl Registered {
                 .fetch_add(1, Ordering::Relaxed);
             return;
         }
-        if let Some(until) = *self.nvme_paused_until.lock() {
+        // Read the deadline out first: a guard in an `if let` scrutinee
+        // lives through the body, which takes `report`.
+        let paused_until = *self.nvme_paused_until.lock();
+        if let Some(until) = paused_until {
             if Instant::now() < until {
                 self.metrics
                     .demotions_skipped_full
