@@ -52,9 +52,69 @@
 //!   unpins. When the host tier cannot hold every block of the step at once,
 //!   the blocks pinned so far are scattered whole first (as without
 //!   layer-wise loading) and the rest go layer by layer.
+//!
+//! Files, by concern:
+//!
+//! | file          | holds                                                              |
+//! |---------------|--------------------------------------------------------------------|
+//! | `mod.rs`      | [`Mover`] and its vLLM hooks, `Registered`, the report hold-back   |
+//! | `register.rs` | [`Mover::register`]: host arena and its pinning, NVMe store, slot table, recovery of a reopened host file, store labels |
+//! | `save.rs`     | saves: gather into host slots, streaming through a full host tier |
+//! | `load.rs`     | loads: pinning (reading NVMe), whole and layer-wise scatter, the layer thread |
+//! | `moves.rs`    | tier moves, demotion and write-behind, eviction, NVMe completions, deferred demotions, the writer thread |
+//! | `jobs.rs`     | the loader and saver threads                                       |
+//! | `lock.rs`     | the lock order's debug check                                       |
+//! | `metrics.rs`  | counters                                                           |
+//!
+//! # Lock order
+//!
+//! The state shared by the hooks (vLLM's thread) and the loader, saver,
+//! layer and writer threads sits behind these locks of `Registered`,
+//! listed in the order they may nest: a thread holding one takes only
+//! locks further down the list, never one above it, and never the same
+//! one twice.
+//!
+//! 1. `index` — the block index (where each block lives, pins, states).
+//! 2. `slots` — the slot table of a file-backed arena.
+//! 3. `report` — the worker report being built.
+//! 4. `writes` — NVMe writes in flight (ticket → key).
+//! 5. `deferred` — demotions waiting for room in the store's queue.
+//! 6. `nvme_paused_until` — when demotion may resume after a full disk.
+//!
+//! The nestings the code has:
+//!
+//! - `index` → `report`: a block the mover drops or finds lost while it
+//!   holds the index is reported under it (`evict_one`, `apply_move`'s
+//!   `EvictHost`, a failed NVMe read in `pin_for_load`).
+//! - `index` → `slots`: a host slot freed under the index (`free_slot`
+//!   clears its table entry; `evict_one`, `pin_for_load`, a panicked save's
+//!   cleanup in `jobs.rs`).
+//! - `writes` → the NVMe store: a write is submitted under `writes`, so
+//!   the writer thread never sees its completion before its ticket. The
+//!   submission waits only while the store's queue is full: the mover
+//!   keeps `MAX_WRITES_IN_FLIGHT` writes at most, counted before `writes`
+//!   is taken, so two threads demoting at once may both pass the count and
+//!   one then waits for an I/O thread to take a write off the queue (I/O
+//!   threads take no mover lock).
+//!
+//! Every other lock is taken alone and released before the next (each
+//! operand of `&&` / `||` drops its guard before the next runs; a guard in
+//! an `if let` scrutinee would live through the body, so values are read
+//! out first). Below all of these come the locks inside the components
+//! (the arena's free list and pinning state, the NVMe store, the copy
+//! engine), which never call back into the mover. The arena's slot guards
+//! are no locks: they fail with `Busy` instead of waiting. No lock above
+//! is held across a copy, a gather or scatter, an NVMe read or a wait on
+//! another thread (bar that submission). `LayerProgress::st` (with its
+//! condvar) belongs to the layer thread and its waiter and is never held
+//! with another lock.
+//!
+//! In debug builds the order is checked: each lock is an `Ordered` mutex
+//! with its level (`lock.rs`), and taking one out of order panics.
 
 mod jobs;
 mod load;
+mod lock;
 mod metrics;
 mod moves;
 mod register;
@@ -75,8 +135,8 @@ use crate::tier::slots::SlotTable;
 use crossbeam_channel::Receiver;
 use jobs::{JobThread, LoaderKind, SaverJob, SaverKind};
 use load::{LayerJob, LayerProgress, LayerThread, Layered};
+use lock::Ordered;
 use moves::Writer;
-use parking_lot::Mutex;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -99,21 +159,21 @@ struct Registered {
     kv: KvCaches,
     geom: Geometry,
     arena: HostArena,
-    index: Mutex<BlockIndex>,
+    index: Ordered<BlockIndex>,
     nvme: Option<NvmeStore>,
     nvme_done: Option<Receiver<Completion>>,
     /// NVMe writes in flight: ticket → key.
-    writes: Mutex<HashMap<u64, BlockKey>>,
+    writes: Ordered<HashMap<u64, BlockKey>>,
     /// Demotions waiting for room in the store's queue: (key, session, seq).
-    deferred: Mutex<std::collections::VecDeque<(BlockKey, u64, u32)>>,
-    report: Mutex<Report>,
+    deferred: Ordered<std::collections::VecDeque<(BlockKey, u64, u32)>>,
+    report: Ordered<Report>,
     metrics: MoverMetrics,
     engine: Arc<dyn CopyEngine>,
     clock: AtomicU64,
     /// Demotion paused until this instant after the disk filled up.
-    nvme_paused_until: Mutex<Option<Instant>>,
+    nvme_paused_until: Ordered<Option<Instant>>,
     /// Slot table of a file-backed arena (config `host_file`).
-    slots: Option<Mutex<SlotTable>>,
+    slots: Option<Ordered<SlotTable>>,
 }
 
 /// The worker-side executor of plans.

@@ -4,6 +4,7 @@
 
 use super::jobs::{JobThread, LoaderKind, SaverKind};
 use super::load::spawn_layer_thread;
+use super::lock::{Level, Ordered};
 use super::moves::spawn_writer;
 use super::{Mover, MoverMetrics, Registered};
 use crate::block::{BlockKey, Geometry, LayerView};
@@ -15,7 +16,6 @@ use crate::plan::Report;
 use crate::tier::host::{HostArena, SlotId};
 use crate::tier::nvme::{FsyncPolicy, NvmeConfig, NvmeStore};
 use crate::tier::slots::{table_path, SlotTable};
-use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -179,22 +179,22 @@ impl Mover {
                     t.clear(e.slot);
                 }
             }
-            Mutex::new(t)
+            Ordered::new(Level::Slots, t)
         });
         let reg = Arc::new(Registered {
             kv,
             geom,
             arena,
-            index: Mutex::new(index),
+            index: Ordered::new(Level::Index, index),
             nvme,
             nvme_done,
-            writes: Mutex::new(HashMap::new()),
-            deferred: Mutex::new(std::collections::VecDeque::new()),
-            report: Mutex::new(Report::default()),
+            writes: Ordered::new(Level::Writes, HashMap::new()),
+            deferred: Ordered::new(Level::Deferred, std::collections::VecDeque::new()),
+            report: Ordered::new(Level::Report, Report::default()),
             metrics,
             engine: self.engine.clone(),
             clock: AtomicU64::new(1),
-            nvme_paused_until: Mutex::new(None),
+            nvme_paused_until: Ordered::new(Level::PausedUntil, None),
             slots,
         });
         self.loader = Some(JobThread::spawn(LoaderKind {
