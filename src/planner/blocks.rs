@@ -142,6 +142,10 @@ struct Loc {
     last_use: u64,
     /// Loads planned and not yet reported: never dropped meanwhile.
     loading: u32,
+    /// A load of it failed on some rank: never offered again; dropped on
+    /// every rank that holds it (a worker whose loader failed still holds
+    /// the bytes, and offering them again would retry the failure forever).
+    doomed: bool,
 }
 
 #[derive(Debug)]
@@ -276,6 +280,8 @@ pub struct BlockPlanner {
     next_action: u64,
     /// Blocks some ranks hold and others do not.
     partial: HashSet<BlockKey>,
+    /// Blocks whose load failed, their drop not planned yet.
+    doomed: HashSet<BlockKey>,
     outbox: Plan,
     step: u64,
     sessions: HashMap<String, u64>,
@@ -357,6 +363,7 @@ impl BlockPlanner {
             actions: HashMap::new(),
             next_action: 1,
             partial: HashSet::new(),
+            doomed: HashSet::new(),
             outbox: Plan::default(),
             step: 0,
             sessions: HashMap::new(),
@@ -418,6 +425,7 @@ impl BlockPlanner {
                         session,
                         last_use: 0,
                         loading: 0,
+                        doomed: false,
                     },
                 );
             }
@@ -460,7 +468,7 @@ impl BlockPlanner {
 
     /// Every rank holds the block (in some tier): it can be loaded.
     fn loadable(&self, l: &Loc) -> bool {
-        l.host | l.nvme == self.all
+        !l.doomed && l.host | l.nvme == self.all
     }
 
     fn session_for(&mut self, req: &RequestView<'_>, keys: &[BlockKey]) -> u64 {
@@ -945,6 +953,20 @@ impl BlockPlanner {
         for k in partial {
             self.plan_move(MoveKind::Drop, k, None);
         }
+        // Blocks whose load failed: dropped on every rank, once.
+        let doomed: Vec<BlockKey> = self
+            .doomed
+            .iter()
+            .filter(|k| !self.saving_keys.contains_key(k))
+            .filter(|k| self.blocks.get(k).is_none_or(|l| l.loading == 0))
+            .copied()
+            .collect();
+        for k in doomed {
+            self.doomed.remove(&k);
+            if self.blocks.contains_key(&k) {
+                self.plan_move(MoveKind::Drop, k, None);
+            }
+        }
         if self.step % 1024 == 0 {
             self.end_idle_sessions(now);
         }
@@ -1064,6 +1086,14 @@ impl BlockPlanner {
                     loc.loading = loc.loading.saturating_sub(1);
                 }
             }
+            for k in &ld.failed {
+                if let Some(loc) = self.blocks.get_mut(k) {
+                    if !loc.doomed {
+                        loc.doomed = true;
+                        self.doomed.insert(*k);
+                    }
+                }
+            }
             self.metrics.load_failed_blocks += ld.failed.len() as u64;
             self.metrics.loaded_blocks += (ld.keys.len() - ld.failed.len()) as u64;
         }
@@ -1102,6 +1132,7 @@ impl BlockPlanner {
                     session,
                     last_use: 0,
                     loading: 0,
+                    doomed: false,
                 },
             );
         }
@@ -1130,6 +1161,7 @@ impl BlockPlanner {
         if !held {
             self.blocks.remove(k);
             self.partial.remove(k);
+            self.doomed.remove(k);
         } else if after.2 {
             self.partial.remove(k);
         } else {
@@ -1351,6 +1383,52 @@ mod tests {
             ),
             (4, 4, 0)
         );
+    }
+
+    #[test]
+    fn a_failed_load_of_a_block_the_worker_still_holds_is_never_offered_again() {
+        // A loader that failed (a panic, an I/O error) keeps the bytes and
+        // reports no tier change: offering the block again would retry the
+        // same failure forever (vLLM reschedules the request each time).
+        let mut p = BlockPlanner::new(Config::default(), BS).unwrap();
+        let h = hashes(4, 5);
+        let keys = park(&mut p, "a", b"", &h, 4);
+        p.match_request(&view("b", b"", &h), 0, 5 * BS, 20).unwrap();
+        p.on_alloc("b", &[1, 2, 3, 4, 5], 4 * BS).unwrap();
+        let rep = Report {
+            loaded: vec![LoadDone {
+                req_id: "b".into(),
+                failed: vec![keys[1], keys[3]],
+            }],
+            ..Default::default()
+        };
+        p.on_report(&rep.encode(), 21).unwrap();
+        let m = p.match_request(&view("c", b"", &h), 0, 5 * BS, 22).unwrap();
+        assert_eq!(
+            m.external_tokens, BS,
+            "the chain stops at the first failed block"
+        );
+        // the next plan drops both failed blocks, once
+        let plan = Plan::decode(&p.build_meta(23)).unwrap();
+        let mut drops: Vec<BlockKey> = plan
+            .moves
+            .iter()
+            .filter(|m| m.0 == MoveKind::Drop)
+            .map(|m| m.1)
+            .collect();
+        drops.sort();
+        let mut want = vec![keys[1], keys[3]];
+        want.sort();
+        assert_eq!(drops, want);
+        let again = Plan::decode(&p.build_meta(24)).unwrap();
+        assert!(again.moves.iter().all(|m| m.0 != MoveKind::Drop));
+        // the worker dropped them: the planner forgets them
+        let rep = Report {
+            tiers: vec![(TierChange::Lost, keys[1]), (TierChange::Lost, keys[3])],
+            ..Default::default()
+        };
+        p.on_report(&rep.encode(), 25).unwrap();
+        assert_eq!(p.metrics().parked_blocks, 2);
     }
 
     #[test]
