@@ -958,7 +958,7 @@ impl BlockPlanner {
             .doomed
             .iter()
             .filter(|k| !self.saving_keys.contains_key(k))
-            .filter(|k| self.blocks.get(k).is_none_or(|l| l.loading == 0))
+            .filter(|k| self.blocks.get(k).map_or(true, |l| l.loading == 0))
             .copied()
             .collect();
         for k in doomed {
