@@ -2,21 +2,11 @@
 //! `kvpark` binary parses it, and the evaluation it prints on the TraceLab
 //! example.
 
-use clap::Parser;
-use kvpark::sim::cli::{run, SimCommand};
 use kvpark::sim::predict_eval::{evaluate, Suspends};
 
-#[derive(Parser)]
-struct Cli {
-    #[command(subcommand)]
-    cmd: SimCommand,
-}
-
-fn kvpark(args: &[&str]) -> kvpark::Result<()> {
-    let mut v = vec!["kvpark"];
-    v.extend_from_slice(args);
-    run(Cli::try_parse_from(v).expect("arguments parse").cmd)
-}
+#[path = "common/cli.rs"]
+mod cli;
+use cli::kvpark;
 
 const EXAMPLE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),

@@ -1,20 +1,9 @@
 //! The `replay` / `trace` subcommands through `kvpark::sim::cli::run`, parsed
 //! from argument lists exactly as the `kvpark` binary parses them.
 
-use clap::Parser;
-use kvpark::sim::cli::{run, SimCommand};
-
-#[derive(Parser)]
-struct Cli {
-    #[command(subcommand)]
-    cmd: SimCommand,
-}
-
-fn kvpark(args: &[&str]) -> kvpark::Result<()> {
-    let mut v = vec!["kvpark"];
-    v.extend_from_slice(args);
-    run(Cli::try_parse_from(v).expect("arguments parse").cmd)
-}
+#[path = "common/cli.rs"]
+mod cli;
+use cli::kvpark;
 
 const EXAMPLE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),

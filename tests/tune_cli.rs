@@ -3,23 +3,13 @@
 //! connector's validation as is, the Pareto set is non-dominated, and every
 //! file in `deployments/` is both a deployment and a cluster file.
 
-use clap::Parser;
 use kvpark::config::Config;
-use kvpark::sim::cli::{run, SimCommand};
 use kvpark::sim::deploy::Deployment;
 use serde_json::Value;
 
-#[derive(Parser)]
-struct Cli {
-    #[command(subcommand)]
-    cmd: SimCommand,
-}
-
-fn kvpark(args: &[&str]) -> kvpark::Result<()> {
-    let mut v = vec!["kvpark"];
-    v.extend_from_slice(args);
-    run(Cli::try_parse_from(v).expect("arguments parse").cmd)
-}
+#[path = "common/cli.rs"]
+mod cli;
+use cli::kvpark;
 
 fn deployments() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deployments")

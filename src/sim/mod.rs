@@ -97,15 +97,7 @@ fn replay_cli(a: cli::ReplayArgs) -> crate::Result<()> {
         .map_err(|e| e.context(p.display()))?,
         None => deploy::Deployment::default_deployment(),
     };
-    let policies: Vec<String> = if a.policies.is_empty() {
-        DEFAULT_POLICIES.iter().map(|s| s.to_string()).collect()
-    } else {
-        a.policies
-            .iter()
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect()
-    };
+    let policies = names_or(&a.policies, &DEFAULT_POLICIES);
     let book = Arc::new(crate::policy::OracleBook::default());
     for p in &policies {
         crate::policy::by_name(p, crate::policy::PolicyEnv::default(), Some(book.clone()))?;
@@ -290,4 +282,17 @@ fn replay_cli(a: cli::ReplayArgs) -> crate::Result<()> {
         write_file(&dir.join("ttft_cdf.svg"), svg.as_bytes())?;
     }
     Ok(())
+}
+
+/// The names given on the command line (trimmed, empty ones left out), or
+/// `default` when none were given.
+pub(crate) fn names_or(given: &[String], default: &[&str]) -> Vec<String> {
+    if given.is_empty() {
+        return default.iter().map(|s| s.to_string()).collect();
+    }
+    given
+        .iter()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
 }

@@ -583,15 +583,7 @@ pub fn run_cli(a: super::cli::TuneArgs) -> Result<()> {
     use std::sync::Arc;
 
     let dep = load(&a.cluster)?;
-    let policies: Vec<String> = if a.policies.is_empty() {
-        DEFAULT_POLICIES.iter().map(|s| s.to_string()).collect()
-    } else {
-        a.policies
-            .iter()
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect()
-    };
+    let policies = super::names_or(&a.policies, DEFAULT_POLICIES);
     let codecs: Vec<String> = a
         .codecs
         .iter()
