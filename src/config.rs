@@ -147,8 +147,7 @@ pub const MAX_SEGMENT_BYTES: u64 = 4 << 30;
 
 /// Policies the connector can run (the replay also has calibration
 /// baselines and the oracle, which need the future of a trace).
-pub const CONNECTOR_POLICIES: &[&str] =
-    &["lmcache-lru", "vllm-offload", "vllm-offload:arc"];
+pub const CONNECTOR_POLICIES: &[&str] = &["lmcache-lru", "vllm-offload", "vllm-offload:arc"];
 
 /// The keys kvpark accepts, with a one-line description (README config table).
 pub const KEYS: &[(&str, &str, &str)] = &[
