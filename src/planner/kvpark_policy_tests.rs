@@ -146,7 +146,7 @@ fn prefetches_an_evicted_session_before_its_expected_return() {
 #[test]
 fn with_gpu_reports_host_gets_what_the_gpu_gave_up() {
     let cap = Capacity {
-        host_bytes: 2 * GB,
+        host_bytes: GB + GB / 2,
         nvme_bytes: 100 * GB,
     };
     let env = PolicyEnv {
@@ -155,31 +155,48 @@ fn with_gpu_reports_host_gets_what_the_gpu_gave_up() {
     };
     let mut p = trained_env(Variant::FULL, cap, env);
     let t = 1_000_000 * S;
-    // no host copy yet and the GPU holds the context: NVMe only
+    // nothing on NVMe yet: host and NVMe
     let a = p.suspend(t, 1, GB, &hint(Awaiting::User));
-    assert!(
-        a.iter()
-            .all(|x| matches!(x, Action::Copy { to: Tier::Nvme, .. }))
-            && a.len() == 1,
-        "{a:?}"
-    );
+    assert_eq!(a.len(), 2, "{a:?}");
     for x in &a {
         p.completed(t, x, true);
     }
+    // 1's host copy is redundant (the GPU holds it, NVMe too): first out
+    let b = p.suspend(t + S, 2, GB, &hint(Awaiting::User));
+    assert_eq!(drops(&b, Tier::Host), vec![1]);
+    for x in &b {
+        p.completed(t + S, x, true);
+    }
+    // 1 comes back (a GPU hit) and parks again: NVMe holds most of it and
+    // host has no copy, so NVMe only
+    p.resume(t + 2 * S, 1);
+    let c = p.suspend(t + 3 * S, 1, GB + GB / 8, &hint(Awaiting::User));
+    assert!(
+        c.len() == 1 && matches!(c[0], Action::Copy { to: Tier::Nvme, .. }),
+        "{c:?}"
+    );
+    for x in &c {
+        p.completed(t + 3 * S, x, true);
+    }
     // checkpoints while the GPU holds it: no prefetch
-    let mut now = t;
+    let mut now = t + 3 * S;
     while let Some(w) = p.next_wakeup() {
-        if w > t + 20 * S {
+        if w > t + 30 * S {
             break;
         }
         now = w;
-        assert!(p.tick(now).is_empty(), "at {}", (now - t) / S);
+        let acts = p.tick(now);
+        assert!(
+            acts.iter().all(|x| !matches!(x, Action::Copy { .. })),
+            "at {}: {acts:?}",
+            (now - t) / S
+        );
     }
-    // the GPU gives it up: prefetched to host at once (host has room)
+    // the GPU gives 1 up: prefetched over 2's redundant copy at once
     p.gpu_dropped(1);
-    let b = p.tick(now);
+    let d = p.tick(now);
     assert!(
-        b.iter().any(|x| matches!(
+        d.iter().any(|x| matches!(
             x,
             Action::Copy {
                 session: 1,
@@ -188,8 +205,9 @@ fn with_gpu_reports_host_gets_what_the_gpu_gave_up() {
                 ..
             }
         )),
-        "{b:?}"
+        "{d:?}"
     );
+    assert_eq!(drops(&d, Tier::Host), vec![2]);
     p.check().unwrap();
 }
 

@@ -19,9 +19,12 @@
 //!   ([`PolicyEnv::gpu_reports`]; the replay simulator does), a host copy of
 //!   a context the GPU still holds is redundant: such copies go first when
 //!   host needs room (once their NVMe copy is whole), and a suspend whose
-//!   session has no host copy writes to NVMe only (a session that still
-//!   has one saves its new bytes there, a cheap delta). Host is then filled
-//!   by prefetches of the sessions the GPU gave up. Without the reports (or
+//!   session has no host copy writes to NVMe only when NVMe already holds
+//!   more than half of the context (a session that still has a host copy
+//!   saves its new bytes there, a cheap delta; a long NVMe write is
+//!   covered by a host copy, so that a return after the GPU's eviction and
+//!   before the write lands is not recomputed). Host is then filled by
+//!   prefetches of the sessions the GPU gave up. Without the reports (or
 //!   without prefetch), each suspend saves to host and NVMe, as a
 //!   write-through cache does.
 //! - **NVMe** gets every suspend's new bytes (write-through: a delta on the
@@ -310,9 +313,16 @@ impl Policy for Kvpark {
         );
         let (timer, _) = self.checkpoint(now, s);
         let mut save = Vec::with_capacity(2);
-        // the GPU holds the context now: host gets it only as a delta on a
-        // copy it still has, or by a prefetch once the GPU gives it up
-        if !(self.v.prefetch && self.env.gpu_reports && s.held_in(Tier::Host) == 0) {
+        // the GPU holds the context now: host gets it as a delta on a copy
+        // it still has, or by a prefetch once the GPU gives it up; but while
+        // NVMe lacks more than half of it (a long write), host takes it too,
+        // so that a return between the GPU's eviction and the end of that
+        // write still finds it
+        let nvme_only = self.v.prefetch
+            && self.env.gpu_reports
+            && s.held_in(Tier::Host) == 0
+            && s.held_in(Tier::Nvme) > s.bytes / 2;
+        if !nvme_only {
             save.push(Tier::Host);
         }
         if self.v.nvme {
