@@ -226,7 +226,8 @@ impl Planner {
                     continue;
                 }
                 if below.is_some_and(|b| k >= b) {
-                    break 'outer;
+                    // the rest of this class ranks above the bound
+                    break;
                 }
                 let s = &self.sessions[&id];
                 if s.pending[ti] > 0 || s.reading[ti] > 0 {
