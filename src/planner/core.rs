@@ -86,6 +86,7 @@ struct Sess {
     timer_gen: u64,
     key: [Option<(EvictKey, u64)>; 2],
     ghost: Option<(Tier, u8)>,
+    gpu_gone: bool,
 }
 
 /// Gaps kept per session for the policy / predictor.
@@ -117,6 +118,7 @@ fn view<'a>(id: SessionId, s: &'a Sess) -> SessionView<'a> {
         served: s.served,
         hint: &s.hint,
         gaps: &s.gaps,
+        gpu_gone: s.gpu_gone,
     }
 }
 
@@ -192,7 +194,13 @@ impl Planner {
     /// Makes `need` bytes free in `t`, evicting per the policy (never `who`,
     /// never a session with a copy in flight in `t`). Returns the drops, or
     /// `None` (and evicts nothing) when that is impossible.
-    fn make_room(&mut self, t: Tier, need: u64, who: SessionId) -> Option<Vec<Action>> {
+    fn make_room(
+        &mut self,
+        t: Tier,
+        need: u64,
+        who: SessionId,
+        below: Option<EvictKey>,
+    ) -> Option<Vec<Action>> {
         let ti = tier_index(t);
         let free = self.cap[ti] - self.used[ti];
         if free >= need {
@@ -216,6 +224,10 @@ impl Planner {
             for &(k, id) in self.index[ti].range(lo..=hi) {
                 if id == who {
                     continue;
+                }
+                if below.is_some_and(|b| k >= b) {
+                    // the rest of this class ranks above the bound
+                    break;
                 }
                 let s = &self.sessions[&id];
                 if s.pending[ti] > 0 || s.reading[ti] > 0 {
@@ -252,6 +264,19 @@ impl Planner {
 
     /// Plans a copy of the missing bytes of `id` into `to` from `from`.
     fn plan_copy(&mut self, id: SessionId, from: Option<Tier>, to: Tier, out: &mut Vec<Action>) {
+        self.plan_copy_below(id, from, to, None, out)
+    }
+
+    /// [`Planner::plan_copy`], making room only by evicting copies whose key
+    /// is below `below` (when given).
+    fn plan_copy_below(
+        &mut self,
+        id: SessionId,
+        from: Option<Tier>,
+        to: Tier,
+        below: Option<EvictKey>,
+        out: &mut Vec<Action>,
+    ) {
         let ti = tier_index(to);
         let Some(s) = self.sessions.get(&id) else {
             return;
@@ -270,7 +295,8 @@ impl Planner {
             }
         }
         let delta = target - have;
-        match self.make_room(to, delta, id) {
+        match self.make_room(to, delta, id, below) {
+            None if below.is_some() => {}
             None => self.stats.refused[ti] += 1,
             Some(drops) => {
                 out.extend(drops);
@@ -355,6 +381,7 @@ impl Planner {
         sess.bytes = bytes;
         sess.suspended_at = Some(now);
         sess.last_touch = now;
+        sess.gpu_gone = false;
         sess.hint = hint.clone();
         let plan = self.policy.on_suspend(now, &view(s, sess));
         self.reindex(s);
@@ -416,6 +443,17 @@ impl Planner {
         }
     }
 
+    /// The GPU prefix cache gave up `s`'s context: the policy hears it at
+    /// the next [`Planner::tick`] (as if its timer fired).
+    pub fn gpu_dropped(&mut self, s: SessionId) {
+        if let Some(x) = self.sessions.get_mut(&s).filter(|x| x.live) {
+            if x.suspended_at.is_some() && !x.gpu_gone {
+                x.gpu_gone = true;
+                self.timers.push(Reverse((self.last_now, s, x.timer_gen)));
+            }
+        }
+    }
+
     /// The policy's place for `s`'s context in the GPU prefix cache (lowest
     /// goes first), as of `now` (vLLM's own order is least recently used).
     pub fn gpu_order(&self, s: SessionId, now: Nanos) -> u64 {
@@ -447,6 +485,9 @@ impl Planner {
                 match op {
                     Op::Demote => self.plan_copy(id, Some(Tier::Host), Tier::Nvme, &mut out),
                     Op::Prefetch => self.plan_copy(id, Some(Tier::Nvme), Tier::Host, &mut out),
+                    Op::PrefetchOver(k) => {
+                        self.plan_copy_below(id, Some(Tier::Nvme), Tier::Host, Some(k), &mut out)
+                    }
                     Op::Drop(t) => self.drop_tier(id, t, false, &mut out),
                 }
             }

@@ -20,7 +20,11 @@ fn hint(a: Awaiting) -> Hint {
 /// Trains the predictor through the planner: sessions 100.. wait on a
 /// tool for 1 s, sessions 200.. on a human for 300 s.
 fn trained(v: Variant, cap: Capacity) -> Planner {
-    let mut p = Planner::new(cap, Box::new(Kvpark::new(v, PolicyEnv::default())));
+    trained_env(v, cap, PolicyEnv::default())
+}
+
+fn trained_env(v: Variant, cap: Capacity, env: PolicyEnv) -> Planner {
+    let mut p = Planner::new(cap, Box::new(Kvpark::new(v, env)));
     let mut now = 0;
     for round in 0..60u64 {
         for (id, a, gap) in [(100, Awaiting::Tool, S), (200, Awaiting::User, 300 * S)] {
@@ -90,7 +94,9 @@ fn prefetches_an_evicted_session_before_its_expected_return() {
     }
     p.resume(t + 2 * S, 2);
     p.end(t + 2 * S, 2);
-    // walk the checkpoints: a prefetch of 1 comes before its median (300 s)
+    // walk the checkpoints: once host has room again (2 has ended), a
+    // ranked prefetch of 1 comes at the next checkpoint, long before its
+    // median (300 s)
     let mut now = t + 2 * S;
     let mut fetched = None;
     while let Some(w) = p.next_wakeup() {
@@ -114,7 +120,7 @@ fn prefetches_an_evicted_session_before_its_expected_return() {
         }
     }
     let at = fetched.expect("a prefetch before the predicted return");
-    assert!(at > t + 2 * S && at < t + 300 * S, "{}", (at - t) / S);
+    assert!(at >= t + 2 * S && at < t + 300 * S, "{}", (at - t) / S);
 
     // without prefetch: never
     let mut q = trained(Variant::from_name("kvpark:no-prefetch").unwrap(), cap);
@@ -135,6 +141,74 @@ fn prefetches_an_evicted_session_before_its_expected_return() {
             .iter()
             .all(|x| !matches!(x, Action::Copy { from: Some(_), .. })));
     }
+}
+
+#[test]
+fn with_gpu_reports_host_gets_what_the_gpu_gave_up() {
+    let cap = Capacity {
+        host_bytes: GB + GB / 2,
+        nvme_bytes: 100 * GB,
+    };
+    let env = PolicyEnv {
+        gpu_reports: true,
+        ..PolicyEnv::default()
+    };
+    let mut p = trained_env(Variant::FULL, cap, env);
+    let t = 1_000_000 * S;
+    // nothing on NVMe yet: host and NVMe
+    let a = p.suspend(t, 1, GB, &hint(Awaiting::User));
+    assert_eq!(a.len(), 2, "{a:?}");
+    for x in &a {
+        p.completed(t, x, true);
+    }
+    // 1's host copy is redundant (the GPU holds it, NVMe too): first out
+    let b = p.suspend(t + S, 2, GB, &hint(Awaiting::User));
+    assert_eq!(drops(&b, Tier::Host), vec![1]);
+    for x in &b {
+        p.completed(t + S, x, true);
+    }
+    // 1 comes back (a GPU hit) and parks again: NVMe holds most of it and
+    // host has no copy, so NVMe only
+    p.resume(t + 2 * S, 1);
+    let c = p.suspend(t + 3 * S, 1, GB + GB / 8, &hint(Awaiting::User));
+    assert!(
+        c.len() == 1 && matches!(c[0], Action::Copy { to: Tier::Nvme, .. }),
+        "{c:?}"
+    );
+    for x in &c {
+        p.completed(t + 3 * S, x, true);
+    }
+    // checkpoints while the GPU holds it: no prefetch
+    let mut now = t + 3 * S;
+    while let Some(w) = p.next_wakeup() {
+        if w > t + 30 * S {
+            break;
+        }
+        now = w;
+        let acts = p.tick(now);
+        assert!(
+            acts.iter().all(|x| !matches!(x, Action::Copy { .. })),
+            "at {}: {acts:?}",
+            (now - t) / S
+        );
+    }
+    // the GPU gives 1 up: prefetched over 2's redundant copy at once
+    p.gpu_dropped(1);
+    let d = p.tick(now);
+    assert!(
+        d.iter().any(|x| matches!(
+            x,
+            Action::Copy {
+                session: 1,
+                from: Some(Tier::Nvme),
+                to: Tier::Host,
+                ..
+            }
+        )),
+        "{d:?}"
+    );
+    assert_eq!(drops(&d, Tier::Host), vec![2]);
+    p.check().unwrap();
 }
 
 #[test]
@@ -162,6 +236,7 @@ fn variants_save_where_they_say_and_hints_are_ignored_without_them() {
         served: [0, 0],
         hint: h,
         gaps: &[],
+        gpu_gone: false,
     };
     static TOOL: std::sync::OnceLock<Hint> = std::sync::OnceLock::new();
     static USER: std::sync::OnceLock<Hint> = std::sync::OnceLock::new();

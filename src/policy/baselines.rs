@@ -196,6 +196,7 @@ mod tests {
                 served,
                 hint: HINT.get_or_init(Hint::default),
                 gaps: &[],
+                gpu_gone: false,
             }
         };
         assert_eq!(arc.evict_key(&view([0, 0]), Tier::Host).class, 0);

@@ -11,14 +11,26 @@
 //!   probability `F(e) + (1 − F(e)) / 2`, or `2e` once `e` is past the
 //!   distribution's last quantile (a session silent that long is not coming
 //!   back soon). It is re-evaluated at checkpoints `e = 0.5 s, 1 s, 2 s, …`
-//!   (doubling, at most 30 s apart in the first hour, up to a day), so a
-//!   session whose predicted return has passed moves down the eviction
-//!   order instead of staying "about to return".
-//! - **Placement.** Each suspend saves the new bytes to host and writes them
-//!   through to NVMe (the write is a delta and costs only the NVMe write
-//!   link, the lowest class; dropping instead costs a prefill at the
-//!   session's context, which is always dearer than an NVMe read). Nothing
-//!   is dropped by choice: the tiers give way by eviction order.
+//!   (doubling, at most [`CHECK_EVERY`] apart in the first hour, up to a
+//!   day), so a session whose predicted return has passed moves down the
+//!   eviction order instead of staying "about to return".
+//! - **Host holds what the GPU does not.** Where the runtime reports when
+//!   vLLM's GPU prefix cache gives up a parked context
+//!   ([`PolicyEnv::gpu_reports`]; the replay simulator does), a host copy of
+//!   a context the GPU still holds is redundant: such copies go first when
+//!   host needs room (once their NVMe copy is whole), and a suspend whose
+//!   session has no host copy writes to NVMe only when NVMe already holds
+//!   more than half of the context (a session that still has a host copy
+//!   saves its new bytes there, a cheap delta; a long NVMe write is
+//!   covered by a host copy, so that a return after the GPU's eviction and
+//!   before the write lands is not recomputed). Host is then filled by
+//!   prefetches of the sessions the GPU gave up. Without the reports (or
+//!   without prefetch), each suspend saves to host and NVMe, as a
+//!   write-through cache does.
+//! - **NVMe** gets every suspend's new bytes (write-through: a delta on the
+//!   NVMe write link, the lowest class; dropping instead costs a prefill at
+//!   the session's context, always dearer than an NVMe read). Nothing is
+//!   dropped by choice: the tiers give way by eviction order.
 //! - **Eviction order** (host, NVMe): the session expected back last goes
 //!   first — Belady's rule on the predicted return. A reload from the next
 //!   tier costs time proportional to the bytes (link and decode), so the
@@ -30,19 +42,21 @@
 //!   copy of a session whose step runs is kept like one about to return (it
 //!   spares a full save at the next suspend). vLLM's GPU prefix cache keeps
 //!   its least-recently-used order: ordering it by the predicted return was
-//!   measured to lose GPU hits (a context parked for a human is evicted
-//!   before one whose tool call is long overdue; see BENCHMARKS.md).
-//! - **Prefetch** NVMe → host: at a checkpoint, when the host no longer
-//!   holds the session and NVMe does, and the conditional probability that
-//!   it returns before the next checkpoint plus the read time is at least
-//!   [`PREFETCH_P`] (the checkpoints are close enough for this to fire
-//!   ahead of a return the predictor is sure of). The simulator loads a
-//!   request that arrives first (class 0), so a prefetch never delays a
-//!   waiting step.
+//!   measured to lose GPU hits (see BENCHMARKS.md).
+//! - **Prefetch** NVMe → host, ranked: at every checkpoint, and when the
+//!   GPU gives the context up, a session that NVMe holds and host does not
+//!   (and the GPU no longer does, where reported) asks for a prefetch that
+//!   may only evict host copies expected back later than
+//!   [`RANK_MARGIN`] × its own remaining wait ([`Op::PrefetchOver`]). Host
+//!   thus converges on the sessions expected back soonest, whatever their
+//!   absolute chance of returning, and the margin keeps two sessions of
+//!   about the same rank from displacing each other at every checkpoint.
+//!   The simulator loads a request that arrives first (class 0), so a
+//!   prefetch never delays a waiting step.
 //!
 //! Variants (ablations), by name:
-//! - `kvpark:recency`: host and NVMe evict by recency (last touch), the
-//!   predictor is used only for prefetch;
+//! - `kvpark:recency`: host and NVMe evict by recency (last touch); a
+//!   prefetch may evict only copies touched before the session's own;
 //! - `kvpark:no-prefetch`: never prefetches;
 //! - `kvpark:no-nvme`: host only (no NVMe copy, so nothing to prefetch);
 //! - `kvpark:no-hints`: the policy ignores the hint (what the session
@@ -60,24 +74,21 @@ use crate::session::{Hint, Nanos, SessionId, Tier};
 
 use super::{EvictKey, Op, Policy, PolicyEnv, SessionView, SuspendPlan, TimerPlan};
 
-/// Conditional probability of a return before the next checkpoint (plus
-/// the read time) at which a session is prefetched NVMe → host.
-pub const PREFETCH_P: f64 = 0.5;
-
 /// Checkpoints are at most this far apart in the first hour after a
-/// suspend; a prefetch decision looks ahead to the next checkpoint plus the
-/// read time.
-pub const PREFETCH_HORIZON: Nanos = 30_000_000_000;
+/// suspend (each may prefetch).
+pub const CHECK_EVERY: Nanos = 10_000_000_000;
+
+/// A ranked prefetch evicts only host copies expected back later than
+/// this many times the prefetched session's own remaining wait.
+pub const RANK_MARGIN: f64 = 2.0;
 
 /// First checkpoint after a suspend.
 const FIRST_CHECK: Nanos = 500_000_000;
-/// Checkpoints at most [`PREFETCH_HORIZON`] apart until this long after a
+/// Checkpoints at most [`CHECK_EVERY`] apart until this long after a
 /// suspend.
 const DENSE_UNTIL: Nanos = 3_600_000_000_000;
 /// No checkpoint later than this after a suspend.
 const LAST_CHECK: Nanos = 86_400_000_000_000;
-/// Slack added to a prefetch's read time (queueing behind other reads).
-const LEAD_SLACK_S: f64 = 1.0;
 
 /// Which parts of the policy are on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -192,13 +203,13 @@ fn remaining_median(d: Option<&GapDist>, e: Nanos) -> Nanos {
 }
 
 /// The next checkpoint (elapsed time) after `e`: doubling, at most
-/// [`PREFETCH_HORIZON`] apart during the first hour (where returns are
-/// dense enough to prefetch for), doubling again after.
+/// [`CHECK_EVERY`] apart during the first hour (where returns are dense
+/// enough to prefetch for), doubling again after.
 fn next_check(e: Nanos) -> Option<Nanos> {
     let n = if e < FIRST_CHECK {
         FIRST_CHECK
     } else if e < DENSE_UNTIL {
-        e.saturating_mul(2).min(e + PREFETCH_HORIZON)
+        e.saturating_mul(2).min(e + CHECK_EVERY)
     } else {
         e.saturating_mul(2)
     };
@@ -237,9 +248,9 @@ impl Kvpark {
         }
     }
 
-    /// Seconds to read `bytes` from NVMe into host, plus slack.
-    fn lead_ns(&self, bytes: u64) -> Nanos {
-        ((bytes as f64 / self.env.nvme_read_bps + LEAD_SLACK_S) * 1e9) as Nanos
+    /// Whether the GPU prefix cache is known to still hold the context.
+    fn on_gpu(&self, s: &SessionView) -> bool {
+        self.env.gpu_reports && !s.gpu_gone
     }
 
     /// Seconds to recompute a context of `bytes` (prefill at that context).
@@ -253,31 +264,32 @@ impl Kvpark {
         }
     }
 
-    /// Updates the expected return of `s` at `now`; returns the plan's next
-    /// checkpoint (absolute) and whether to prefetch.
-    fn checkpoint(&mut self, now: Nanos, s: &SessionView) -> (Option<Nanos>, bool) {
-        let lead = self.lead_ns(s.bytes);
+    /// Updates the expected return of `s` at `now`; returns the next
+    /// checkpoint (absolute) and, when `s` should be prefetched, the host
+    /// key below which the prefetch may evict.
+    fn checkpoint(&mut self, now: Nanos, s: &SessionView) -> (Option<Nanos>, Option<EvictKey>) {
+        let on_gpu = self.on_gpu(s);
         let Some(st) = self.sess.get_mut(&s.id) else {
-            return (None, false);
+            return (None, None);
         };
         let e = now.saturating_sub(st.at);
         st.ret = st.at + remaining_median(st.dist.as_ref(), e);
-        let next = next_check(e);
-        let mut fetch = false;
-        if self.v.prefetch
-            && s.held_in(Tier::Nvme) > s.held_in(Tier::Host) + s.pending[0]
+        let next = next_check(e).map(|n| st.at + n);
+        let fetch = self.v.prefetch
+            && !on_gpu
             && s.pending[0] == 0
-        {
-            if let Some(d) = &st.dist {
-                let pe = d.cdf(e);
-                if pe < 0.999 {
-                    let horizon = next.map_or(LAST_CHECK, |n| n - e) + lead;
-                    let p = (d.cdf(e.saturating_add(horizon)) - pe) / (1.0 - pe);
-                    fetch = p >= PREFETCH_P;
-                }
-            }
-        }
-        (next.map(|n| st.at + n), fetch)
+            && s.held_in(Tier::Nvme) > s.held_in(Tier::Host);
+        let over = fetch.then(|| {
+            let order = if self.v.recency {
+                // the recency order: only copies touched before this one
+                s.last_touch.max(2)
+            } else {
+                let wait = st.ret.saturating_sub(now) as f64 * RANK_MARGIN;
+                (u64::MAX - now.saturating_add(wait as Nanos)).max(2)
+            };
+            EvictKey { class: 1, order }
+        });
+        (next, over)
     }
 }
 
@@ -300,7 +312,19 @@ impl Policy for Kvpark {
             },
         );
         let (timer, _) = self.checkpoint(now, s);
-        let mut save = vec![Tier::Host];
+        let mut save = Vec::with_capacity(2);
+        // the GPU holds the context now: host gets it as a delta on a copy
+        // it still has, or by a prefetch once the GPU gives it up; but while
+        // NVMe lacks more than half of it (a long write), host takes it too,
+        // so that a return between the GPU's eviction and the end of that
+        // write still finds it
+        let nvme_only = self.v.prefetch
+            && self.env.gpu_reports
+            && s.held_in(Tier::Host) == 0
+            && s.held_in(Tier::Nvme) > s.bytes / 2;
+        if !nvme_only {
+            save.push(Tier::Host);
+        }
         if self.v.nvme {
             save.push(Tier::Nvme);
         }
@@ -311,9 +335,9 @@ impl Policy for Kvpark {
         if s.suspended_at.is_none() {
             return TimerPlan::default();
         }
-        let (timer, fetch) = self.checkpoint(now, s);
+        let (timer, over) = self.checkpoint(now, s);
         TimerPlan {
-            ops: if fetch { vec![Op::Prefetch] } else { vec![] },
+            ops: over.map(Op::PrefetchOver).into_iter().collect(),
             timer,
         }
     }
@@ -323,7 +347,7 @@ impl Policy for Kvpark {
             // a step runs: its copy is as good as one about to return (it
             // spares a full save at the next suspend)
             return EvictKey {
-                class: 0,
+                class: 1,
                 order: if self.v.recency {
                     s.last_touch
                 } else {
@@ -331,9 +355,17 @@ impl Policy for Kvpark {
                 },
             };
         }
-        if self.v.recency {
+        if tier == Tier::Host && self.on_gpu(s) && s.full_in(Tier::Nvme) {
+            // redundant while the GPU holds the context: first out
+            let ret = self.sess.get(&s.id).map_or(s.last_touch, |st| st.ret);
             return EvictKey {
                 class: 0,
+                order: u64::MAX - ret,
+            };
+        }
+        if self.v.recency {
+            return EvictKey {
+                class: 1,
                 order: s.last_touch.max(2),
             };
         }
@@ -343,7 +375,7 @@ impl Policy for Kvpark {
             Tier::Nvme => ret.saturating_sub(self.recompute_ns(s.bytes)),
         };
         EvictKey {
-            class: 0,
+            class: 1,
             order: (u64::MAX - ret).max(2),
         }
     }
@@ -397,7 +429,7 @@ mod tests {
         assert_eq!(remaining_median(None, 0), 2 * FIRST_CHECK);
         assert_eq!(next_check(0), Some(FIRST_CHECK));
         assert_eq!(next_check(4 * S), Some(8 * S));
-        assert_eq!(next_check(100 * S), Some(130 * S));
+        assert_eq!(next_check(100 * S), Some(110 * S));
         assert_eq!(next_check(2 * DENSE_UNTIL), Some(4 * DENSE_UNTIL));
         assert_eq!(next_check(LAST_CHECK), None);
     }

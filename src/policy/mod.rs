@@ -24,7 +24,7 @@
 //! Registered names (see [`by_name`]): `kvpark` and its ablations
 //! `kvpark:recency`, `kvpark:no-prefetch`, `kvpark:no-nvme`,
 //! `kvpark:no-hints` ([`kvpark`]), `gpu-lru`, `ttl:<dur>`, `lmcache-lru`,
-//! `vllm-offload`, `vllm-offload:arc`, `oracle`.
+//! `vllm-offload`, `vllm-offload:arc`, `oracle`, `oracle:gpu-lru`.
 
 pub mod baselines;
 pub mod kvpark;
@@ -62,6 +62,10 @@ pub struct SessionView<'a> {
     pub hint: &'a Hint,
     /// Recent observed gaps (oldest first).
     pub gaps: &'a [Nanos],
+    /// The runtime reported that the GPU prefix cache gave up the
+    /// session's context since its suspend (always `false` where the
+    /// runtime does not report it; see [`PolicyEnv::gpu_reports`]).
+    pub gpu_gone: bool,
 }
 
 impl SessionView<'_> {
@@ -99,6 +103,10 @@ pub enum Op {
     Demote,
     /// Copy NVMe → host (the missing bytes), making room in host.
     Prefetch,
+    /// [`Op::Prefetch`], but only when host has the room free or can make it
+    /// by evicting copies whose host eviction key is below the given one;
+    /// nothing otherwise.
+    PrefetchOver(EvictKey),
     /// Drop the copy in this tier.
     Drop(Tier),
 }
@@ -135,6 +143,9 @@ pub struct PolicyEnv {
     pub prefill_tps: f64,
     /// Context length (tokens) at which prefill speed halves.
     pub prefill_halving: f64,
+    /// The runtime tells the planner when the GPU prefix cache gives up a
+    /// suspended session's context ([`SessionView::gpu_gone`]).
+    pub gpu_reports: bool,
 }
 
 impl Default for PolicyEnv {
@@ -145,6 +156,7 @@ impl Default for PolicyEnv {
             kv_bytes_per_token: 131_072,
             prefill_tps: 16_000.0,
             prefill_halving: 30_000.0,
+            gpu_reports: false,
         }
     }
 }
@@ -200,10 +212,11 @@ pub trait Policy: Send {
 /// Valid policy names, for errors and help.
 pub const NAMES: &str = "kvpark, kvpark:recency, kvpark:no-prefetch, kvpark:no-nvme, \
      kvpark:no-hints, gpu-lru, ttl:<dur> (e.g. ttl:5m), lmcache-lru, vllm-offload, \
-     vllm-offload:arc, oracle";
+     vllm-offload:arc, oracle, oracle:gpu-lru";
 
-/// Builds a policy by name. `oracle` needs the simulator's book of future
-/// returns (`book`); it is an error without one.
+/// Builds a policy by name. `oracle` (and `oracle:gpu-lru`, the oracle
+/// with vLLM's own least-recently-used GPU prefix-cache order) needs the
+/// simulator's book of future returns (`book`); it is an error without one.
 pub fn by_name(
     name: &str,
     env: PolicyEnv,
@@ -215,8 +228,8 @@ pub fn by_name(
         "lmcache-lru" => Ok(Box::new(LmcacheLru)),
         "vllm-offload" | "vllm-offload:lru" => Ok(Box::new(VllmOffload::lru())),
         "vllm-offload:arc" => Ok(Box::new(VllmOffload::arc())),
-        "oracle" => match book {
-            Some(b) => Ok(Box::new(Oracle::new(env, b))),
+        "oracle" | "oracle:gpu-lru" => match book {
+            Some(b) => Ok(Box::new(Oracle::new(env, b).lru_gpu(n == "oracle:gpu-lru"))),
             None => Err(Error::invalid(
                 "policy oracle needs the future of the trace: only the replay simulator can run it",
             )),
@@ -264,11 +277,13 @@ mod tests {
         assert!(by_name("ttl:5 fortnights", PolicyEnv::default(), None).is_err());
         assert!(by_name("oracle", PolicyEnv::default(), None).is_err());
         let book = Arc::new(OracleBook::default());
-        assert_eq!(
-            by_name("oracle", PolicyEnv::default(), Some(book))
-                .unwrap()
-                .name(),
-            "oracle"
-        );
+        for n in ["oracle", "oracle:gpu-lru"] {
+            assert_eq!(
+                by_name(n, PolicyEnv::default(), Some(book.clone()))
+                    .unwrap()
+                    .name(),
+                n
+            );
+        }
     }
 }

@@ -10,7 +10,10 @@
 //!   session granularity);
 //! - prefetches NVMe → host just in time: the expected read time of the
 //!   missing bytes (NVMe read, then host → GPU) plus one second ahead of the
-//!   return.
+//!   return;
+//! - orders vLLM's GPU prefix cache by the return too (Belady), except as
+//!   `oracle:gpu-lru`, which keeps vLLM's least-recently-used order (what
+//!   the tiers alone are worth).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -51,6 +54,7 @@ pub struct Oracle {
     env: PolicyEnv,
     book: Arc<OracleBook>,
     next: HashMap<SessionId, Nanos>,
+    lru_gpu: bool,
 }
 
 impl Oracle {
@@ -60,7 +64,14 @@ impl Oracle {
             env,
             book,
             next: HashMap::new(),
+            lru_gpu: false,
         }
+    }
+
+    /// With vLLM's own (least recently used) GPU prefix-cache order.
+    pub fn lru_gpu(mut self, on: bool) -> Self {
+        self.lru_gpu = on;
+        self
     }
 
     fn lead(&self, bytes: u64) -> Nanos {
@@ -71,7 +82,12 @@ impl Oracle {
 
 impl Policy for Oracle {
     fn name(&self) -> String {
-        "oracle".into()
+        if self.lru_gpu {
+            "oracle:gpu-lru"
+        } else {
+            "oracle"
+        }
+        .into()
     }
     fn on_suspend(&mut self, now: Nanos, s: &SessionView) -> SuspendPlan {
         let Some(nr) = self.book.get(s.id) else {
@@ -118,7 +134,10 @@ impl Policy for Oracle {
         };
         EvictKey { class: 0, order }
     }
-    fn gpu_order(&self, s: SessionId, _now: Nanos) -> u64 {
+    fn gpu_order(&self, s: SessionId, now: Nanos) -> u64 {
+        if self.lru_gpu {
+            return now;
+        }
         // Belady: the context that returns last goes first; one that never
         // returns before any
         self.book.get(s).map_or(0, |nr| u64::MAX - nr)

@@ -513,6 +513,8 @@ struct Gpu {
     pos: HashMap<u32, u64>,
     evictions: u64,
     enabled: bool,
+    /// Sessions whose context `shrink` evicted, for the planner.
+    gone: Vec<u32>,
 }
 
 impl Gpu {
@@ -552,6 +554,7 @@ impl Gpu {
             self.pos.remove(&s);
             self.cache_bytes -= b;
             self.evictions += 1;
+            self.gone.push(s);
         }
     }
     fn used(&self) -> u64 {
@@ -943,6 +946,13 @@ impl Sim<'_> {
         self.gpu.pinned_bytes += b;
     }
 
+    /// Tells the planner which parked contexts the GPU gave up.
+    fn gpu_gone(&mut self) {
+        for s in std::mem::take(&mut self.gpu.gone) {
+            self.planner.gpu_dropped(s as SessionId);
+        }
+    }
+
     fn unpin_gpu(&mut self, s: u32) {
         let Some(e) = self.gpu.pinned.get_mut(&s) else {
             return;
@@ -957,6 +967,7 @@ impl Sim<'_> {
                     .gpu_order(s as SessionId, self.last_t.unwrap_or(0));
                 self.gpu.insert(s, order, b);
                 self.gpu.shrink();
+                self.gpu_gone();
             }
         }
     }
@@ -1184,6 +1195,7 @@ impl Sim<'_> {
         let gpu_held = self.gpu.take_cached(i) + self.gpu.take_pinned(i);
         self.gpu.running += need;
         self.gpu.shrink();
+        self.gpu_gone();
         let rid = match self.free_rids.pop() {
             Some(r) => r,
             None => {
@@ -1327,6 +1339,7 @@ impl Sim<'_> {
         let acts = self.planner.suspend(now, sid, bytes, &hint);
         self.issue(now, acts);
         self.gpu.shrink();
+        self.gpu_gone();
         if next.is_some() {
             self.parked_of[i as usize] = bytes;
             self.parked_now += bytes;
@@ -1363,6 +1376,7 @@ pub fn run_policy(
         kv_bytes_per_token: dep.kv_bytes_per_token,
         prefill_tps: dep.prefill_tps,
         prefill_halving: dep.prefill_halving,
+        gpu_reports: true,
     };
     let book = Arc::new(OracleBook::default());
     let pol = by_name(policy, env, Some(book.clone()))?;
@@ -1406,6 +1420,7 @@ pub fn run_policy(
             pos: HashMap::new(),
             evictions: 0,
             enabled: !idealised,
+            gone: Vec::new(),
         },
         heap: BinaryHeap::with_capacity(n * 2),
         seq: 0,
