@@ -171,6 +171,17 @@ def planner_delta(out: dict, before: str, after: str, key: str) -> int:
     return s[after]["planner"][key] - s[before]["planner"][key]
 
 
+def after_resets(*phases: list) -> list:
+    """The phases' ops in one engine, vLLM's prefix cache reset between phases: what a
+    reference engine without kvpark runs for phases that are separate engines with it."""
+    ops: list = []
+    for i, phase in enumerate(phases):
+        if i:
+            ops.append({"op": "reset_prefix_cache"})
+        ops.extend(phase)
+    return ops
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model, libkvpark):
     tmp = tmp_path_factory.mktemp("e2e")
@@ -185,15 +196,7 @@ def runs(tmp_path_factory, tiny_model, libkvpark):
         base_spec(
             tiny_model,
             None,
-            PHASE_A
-            + [{"op": "reset_prefix_cache"}]
-            + PHASE_B
-            + [{"op": "reset_prefix_cache"}]
-            + PHASE_C
-            + [{"op": "reset_prefix_cache"}]
-            + PHASE_D
-            + [{"op": "reset_prefix_cache"}]
-            + PHASE_E,
+            after_resets(PHASE_A, PHASE_B, PHASE_C, PHASE_D, PHASE_E),
         ),
     )
     # Phase A loads host hits layer by layer beside the forward (on the CPU backend the

@@ -33,6 +33,7 @@ import pytest
 
 from test_e2e import (
     BS,
+    after_resets,
     assert_same_outputs,
     base_spec,
     expected_hit,
@@ -98,13 +99,7 @@ def tp_runs(tmp_path_factory, tiny_model, libkvpark, monkeypatch_module):
         tp_spec(
             tiny_model,
             None,
-            PHASE_A
-            + [{"op": "reset_prefix_cache"}]
-            + PHASE_B
-            + [{"op": "reset_prefix_cache"}]
-            + PHASE_C
-            + [{"op": "reset_prefix_cache"}]
-            + PHASE_D,
+            after_resets(PHASE_A, PHASE_B, PHASE_C, PHASE_D),
         ),
     )
     a = run_engine(tmp, "A", tp_spec(tiny_model, cfg, PHASE_A))
