@@ -10,6 +10,8 @@ Loaded blocks are compared byte for byte with what was saved.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -109,12 +111,22 @@ class Harness:
         self.scheduler.update_from_output(out, mro)
         return out
 
-    def run_until_empty(self, max_steps: int = 200) -> int:
-        for i in range(max_steps):
-            if not self.scheduler.has_requests():
-                return i
+    def run_until_empty(self, timeout_s: float = 30.0) -> int:
+        """Steps until the scheduler holds no request. Saves and async loads finish on the
+        worker's background threads (at a lower priority than the step), so on a busy
+        machine this takes time, not a number of steps: it steps as vLLM does, yielding
+        the CPU between steps, for up to `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        steps = 0
+        while self.scheduler.has_requests():
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"scheduler still holds {list(self.scheduler.requests)} after {steps} steps ({timeout_s} s)"
+                )
             self.step()
-        raise AssertionError(f"scheduler still holds {list(self.scheduler.requests)} after {max_steps} steps")
+            steps += 1
+            time.sleep(0.001)
+        return steps
 
     def block_ids(self, req: Request) -> list[int]:
         return list(self.scheduler.kv_cache_manager.get_block_ids(req.request_id)[0])
