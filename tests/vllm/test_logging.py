@@ -114,6 +114,10 @@ def test_interpreter_exit_while_threads_log(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     assert "Fatal Python error" not in p.stderr
     out = p.stdout.splitlines()
-    assert out[-1] == "exiting"
+    assert "exiting" in out, out[-5:]
+    # the threads may still log through Python until the callback is removed at exit;
+    # nothing else follows (no traceback, no half-written line)
+    tail = out[out.index("exiting") + 1 :]
+    assert all(l.startswith("kvpark.") for l in tail), tail[-5:]
     # messages went through Python logging before the exit
     assert any(l.startswith("kvpark.store ") and "another model" in l for l in out), out[:5]
