@@ -8,6 +8,7 @@
 use crate::codec::CodecTag;
 use crate::copy::select::{Rule, Selector};
 use crate::error::{Error, Result};
+use crate::policy::Knobs;
 use crate::units::{parse_duration_ns, parse_size};
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -56,6 +57,10 @@ pub struct Config {
     pub copy_strategy: Option<Vec<Rule>>,
     /// Placement policy name.
     pub policy: String,
+    /// The `kvpark` policy's knobs (the `kvpark` key; defaults for other
+    /// policies).
+    #[serde(serialize_with = "ser_knobs")]
+    pub kvpark: Knobs,
     /// NVMe I/O threads per rank.
     pub io_threads: u32,
     /// fsync policy of the NVMe store.
@@ -114,6 +119,10 @@ fn ser_ns<S: serde::Serializer>(ns: &u64, s: S) -> std::result::Result<S::Ok, S:
     s.serialize_str(&format!("{ns}ns"))
 }
 
+fn ser_knobs<S: serde::Serializer>(k: &Knobs, s: S) -> std::result::Result<S::Ok, S::Error> {
+    serde::Serialize::serialize(&k.to_json_full(), s)
+}
+
 fn ser_codec<S: serde::Serializer>(c: &CodecTag, s: S) -> std::result::Result<S::Ok, S::Error> {
     s.serialize_str(c.name())
 }
@@ -131,6 +140,7 @@ impl Default for Config {
             layerwise_load: Layerwise::Auto,
             copy_strategy: None,
             policy: "lmcache-lru".into(),
+            kvpark: Knobs::default(),
             io_threads: 4,
             fsync: Fsync::Segment,
             min_park_blocks: 1,
@@ -147,7 +157,16 @@ pub const MAX_SEGMENT_BYTES: u64 = 4 << 30;
 
 /// Policies the connector can run (the replay also has calibration
 /// baselines and the oracle, which need the future of a trace).
-pub const CONNECTOR_POLICIES: &[&str] = &["lmcache-lru", "vllm-offload", "vllm-offload:arc"];
+pub const CONNECTOR_POLICIES: &[&str] = &[
+    "lmcache-lru",
+    "vllm-offload",
+    "vllm-offload:arc",
+    "kvpark",
+    "kvpark:recency",
+    "kvpark:no-prefetch",
+    "kvpark:no-nvme",
+    "kvpark:no-hints",
+];
 
 /// The keys kvpark accepts, with a one-line description (README config table).
 pub const KEYS: &[(&str, &str, &str)] = &[
@@ -188,7 +207,12 @@ pub const KEYS: &[(&str, &str, &str)] = &[
         "null",
         "GPU copy mechanism: a name (kernel_mapped, kernel_staged, dma_batch, dma_each) or an array of rules by direction, layout and size, such as the `rules` that `scripts/gpu/check_and_bench.py` derives from measurements; null = the built-in table",
     ),
-    ("policy", "\"lmcache-lru\"", "placement policy: lmcache-lru (host + NVMe write-through, LRU), vllm-offload, vllm-offload:arc (host only)"),
+    ("policy", "\"lmcache-lru\"", "placement policy: lmcache-lru (host + NVMe write-through, LRU), vllm-offload, vllm-offload:arc (host only), kvpark (gap prediction: eviction by expected return, NVMe → host prefetch ahead of it; ablations kvpark:recency, kvpark:no-prefetch, kvpark:no-nvme, kvpark:no-hints)"),
+    (
+        "kvpark",
+        "{}",
+        "knobs of the kvpark policies: prefetch_margin (2: a prefetch displaces only host copies expected back later than this many times its own wait), check_every (\"10s\": checkpoints, each may prefetch, at most this far apart in a suspend's first hour), first_check (\"500ms\": the first checkpoint); `kvpark tune` recommends them",
+    ),
     (
         "io_threads",
         "4",
@@ -281,13 +305,19 @@ impl Config {
                 "policy" => {
                     let p = as_str(k, v)?;
                     if !CONNECTOR_POLICIES.contains(&p) {
+                        let knobs = if p.starts_with("kvpark") && p.contains('@') {
+                            "; give the kvpark policy's knobs in the \"kvpark\" object"
+                        } else {
+                            ""
+                        };
                         return Err(Error::config(format!(
-                            "policy: unknown policy {p:?} (available: {})",
+                            "policy: unknown policy {p:?} (available: {}){knobs}",
                             CONNECTOR_POLICIES.join(", ")
                         )));
                     }
                     c.policy = p.into();
                 }
+                "kvpark" => c.kvpark = Knobs::from_json(v)?,
                 "io_threads" => {
                     c.io_threads = v.as_u64().filter(|n| (1..=64).contains(n)).ok_or_else(|| {
                         Error::config(format!("{k}: expected an integer 1..=64, got {v}"))
@@ -359,6 +389,12 @@ impl Config {
         if self.host_bytes == 0 {
             return Err(Error::config("host_bytes: must be > 0"));
         }
+        if self.kvpark != Knobs::default() && !self.policy.starts_with("kvpark") {
+            return Err(Error::config(format!(
+                "kvpark: knobs of the kvpark policy given, but policy is {:?}",
+                self.policy
+            )));
+        }
         for (key, path) in [("host_file", &self.host_file), ("nvme_dir", &self.nvme_dir)] {
             if path.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
                 return Err(Error::config(format!(
@@ -383,6 +419,14 @@ impl Config {
             )));
         }
         Ok(())
+    }
+
+    /// Whether the policy saves every parked block to NVMe as well as host
+    /// (write-through), given an NVMe tier.
+    pub fn writes_through(&self) -> bool {
+        let p = self.policy.as_str();
+        self.nvme_dir.is_some()
+            && (p == "lmcache-lru" || (p.starts_with("kvpark") && p != "kvpark:no-nvme"))
     }
 
     /// The host arena file of `rank` (`<host_file>.rank<N>`), if configured.

@@ -38,7 +38,7 @@
 //! | [`tier`]      | codec, block, units, error, benchkit                                 |
 //! | [`copy`]      | tier, block, error, benchkit                                         |
 //! | [`codec`]     | error, benchkit                                                      |
-//! | [`config`]    | codec, copy::select, units, error                                    |
+//! | [`config`]    | codec, copy::select, policy, units, error                            |
 //! | `benchkit`    | —                                                                    |
 //! | [`block`]     | error                                                                |
 //! | [`units`]     | error                                                                |
@@ -50,7 +50,8 @@
 //! the `gpu-bench` exports. [`session`] is the vocabulary `planner`,
 //! `policy` and `predict` share ([`planner::core`] re-exports it);
 //! [`copy::select`] is the pure half of the CUDA strategy choice that
-//! `config` validates `copy_strategy` with.
+//! `config` validates `copy_strategy` with, as [`policy::Knobs`] is what
+//! it validates the `kvpark` policy's knobs with.
 //!
 //! ## What the library carries
 //!

@@ -11,6 +11,7 @@
 //! | `fuzz_trace` | `sim::trace::read_bytes` (plain and gzip) and `parse_row`, then `derive_steps`, `stats::TraceStats` (JSON and report) and `engine::Script` | no panic; corrupt gzip is an error; every row is delivered once, loose rows are not replayed; each step has fresh + cacheable = L, fresh ≤ append, a gap ≥ 0, a span > 0 |
 //! | `fuzz_config` | `config::Config::from_json` (`kv_connector_extra_config`) | no panic; an error is a `Config` error; a config that parses re-serialises to JSON that parses to the same value |
 //! | `fuzz_deployment` | `sim::deploy::Deployment::from_json` (`replay --deployment`) | no panic; an error is a `Config` error naming the deployment; an accepted deployment satisfies every documented bound and replays the example trace |
+//! | `fuzz_knobs` | the kvpark policy's knobs as text: `sim::tune::knob_grid` (`tune --knobs`) and `policy::by_name` on `kvpark@…` names (`replay --policies`) | no panic; an error is `InvalidArgument`; every accepted setting is within the documented ranges and its name form parses back to the same knobs, which the connector's config (`"kvpark"` object) accepts and reads back equal |
 //! | `fuzz_cluster` | the same parser on cluster files (`tune --cluster`: drives, pinnable host RAM, prices, prefill by context), then `sim::tune::grid` and `config_json` | no panic; an error is a `Config` error naming the deployment; an accepted file keeps host ≤ pinnable and NVMe ≤ the drives' sum (checked sums), its grid stays within them, and the config of every grid point passes `Config::from_json` as printed |
 //!
 //! Inputs: the real inputs under `tests/fuzz_corpus/<target>/` (plans and
@@ -228,6 +229,10 @@ const JSON_VALUES: &[&str] = &[
 
 const JSON_KEYS: &[&str] = &[
     "host_bytes",
+    "kvpark",
+    "prefetch_margin",
+    "check_every",
+    "first_check",
     "nvme_dir",
     "nvme_bytes",
     "nvme_segment_bytes",
@@ -885,6 +890,60 @@ fn fuzz_config() {
     run_target("config", true, check_config);
 }
 
+// ------------------------------------------------------------- knobs
+
+fn check_knob(k: &kvpark::policy::Knobs) -> Result<(), TestCaseError> {
+    prop_assert!((1.0..=100.0).contains(&k.prefetch_margin), "{k:?}");
+    prop_assert!((100_000_000..=3_600_000_000_000).contains(&k.check_every));
+    prop_assert!((10_000_000..=600_000_000_000).contains(&k.first_check));
+    let name = format!("kvpark@{}", k.suffix());
+    let back = kvpark::policy::kvpark::parse_name(name.trim_end_matches('@'));
+    prop_assert!(matches!(back, Some(Ok((_, b))) if b == *k), "{name}");
+    let cfg = format!(r#"{{"policy":"kvpark","kvpark":{}}}"#, k.to_json());
+    let c = Config::from_json(cfg.as_bytes());
+    prop_assert!(
+        c.as_ref().is_ok_and(|c| c.kvpark == *k),
+        "{cfg}: {:?}",
+        c.err()
+    );
+    Ok(())
+}
+
+fn check_knobs(b: &[u8]) -> Result<(), TestCaseError> {
+    let Ok(text) = std::str::from_utf8(b) else {
+        return Ok(()); // command-line arguments are UTF-8
+    };
+    match kvpark::sim::tune::knob_grid(text) {
+        Ok(ks) => {
+            accepted();
+            prop_assert!(!ks.is_empty());
+            for k in &ks {
+                check_knob(k)?;
+            }
+        }
+        Err(e) => prop_assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{}", e),
+    }
+    let name = format!("kvpark@{text}");
+    match kvpark::policy::kvpark::parse_name(&name) {
+        Some(Ok((_, k))) => {
+            accepted();
+            check_knob(&k)?;
+            let p = kvpark::policy::by_name(&name, Default::default(), None);
+            prop_assert!(p.is_ok(), "{name}");
+        }
+        Some(Err(e)) => prop_assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{}", e),
+        None => {
+            prop_assert!(kvpark::policy::by_name(&name, Default::default(), None).is_err());
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn fuzz_knobs() {
+    run_target("knobs", false, check_knobs);
+}
+
 // ------------------------------------------------------------- deployment
 
 fn example_script() -> &'static Script {
@@ -985,7 +1044,8 @@ fn check_cluster(b: &[u8]) -> Result<(), TestCaseError> {
             prop_assert!(d.prefill_tps.is_finite() && d.prefill_tps > 0.0);
             prop_assert!(d.prefill_halving.is_finite() && d.prefill_halving > 0.0);
             let policies: Vec<String> = DEFAULT_POLICIES.iter().map(|s| s.to_string()).collect();
-            match grid(&d, &policies, &[], 3, 3) {
+            let knobs = kvpark::sim::tune::knob_grid(kvpark::sim::tune::DEFAULT_KNOBS).unwrap();
+            match grid(&d, &policies, &[], &knobs, 3, 3) {
                 Ok(pts) => {
                     for p in pts {
                         prop_assert!(p.host_bytes > 0 && p.host_bytes <= d.pinnable_host_bytes);
@@ -1168,7 +1228,11 @@ fn write_corpus() {
         let mut off = 0;
         let mut i = 0;
         while off < seg.len() {
-            let h = RecordHeader::decode(&seg[off..off + HEADER_LEN]).unwrap();
+            // the segment's store label is not a KV record: step over it
+            let Ok(h) = RecordHeader::decode(&seg[off..off + HEADER_LEN]) else {
+                off += 4096;
+                continue;
+            };
             let len = h.padded_len() as usize;
             put(
                 "record_payload",
@@ -1240,6 +1304,22 @@ fn write_corpus() {
         "normalized_default.json",
         Config::default().to_json().as_bytes(),
     );
+    put(
+        "config",
+        "kvpark_knobs.json",
+        br#"{"policy":"kvpark","nvme_dir":"/nvme/kvpark","kvpark":{"prefetch_margin":1.25,"check_every":"2s","first_check":"250ms"}}"#,
+    );
+    // knob specs and names
+    put(
+        "knobs",
+        "default_grid.txt",
+        kvpark::sim::tune::DEFAULT_KNOBS.as_bytes(),
+    );
+    put(
+        "knobs",
+        "name.txt",
+        b"kvpark:no-hints@margin=4,every=2s,first=1s",
+    );
     // deployment JSON: the embedded default and a small node
     put(
         "deployment",
@@ -1303,6 +1383,15 @@ fn corpus_holds_real_inputs() {
     }
     for (n, b) in corpus("config").iter() {
         Config::from_json(b).unwrap_or_else(|e| panic!("config/{n}: {e}"));
+    }
+    for (n, b) in corpus("knobs").iter() {
+        let t = std::str::from_utf8(b).unwrap();
+        if t.starts_with("kvpark") {
+            kvpark::policy::by_name(t, Default::default(), None)
+                .unwrap_or_else(|e| panic!("knobs/{n}: {e}"));
+        } else {
+            kvpark::sim::tune::knob_grid(t).unwrap_or_else(|e| panic!("knobs/{n}: {e}"));
+        }
     }
     for (n, b) in corpus("deployment").iter() {
         Deployment::from_json(std::str::from_utf8(b).unwrap())

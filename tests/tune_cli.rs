@@ -46,7 +46,9 @@ fn tune_prints_a_config_the_connector_accepts_and_a_non_dominated_front() {
         "--nvme-steps",
         "2",
         "--policies",
-        "lmcache-lru,vllm-offload,gpu-lru",
+        "lmcache-lru,vllm-offload,kvpark,gpu-lru",
+        "--knobs",
+        "margin=1.25,4",
         "--nvme-dir",
         "/mnt/nvme0/kvpark",
         "--config-out",
@@ -67,12 +69,26 @@ fn tune_prints_a_config_the_connector_accepts_and_a_non_dominated_front() {
         v["kv_connector_extra_config"]
     );
     let pts = v["points"].as_array().unwrap();
-    // 3 host × 2 NVMe sizes × 2 connector policies, and gpu-lru once
-    assert_eq!(pts.len(), 3 * 2 * 2 + 1);
+    // 3 host × 2 NVMe sizes × 2 LRU policies; kvpark: 3 host × (no NVMe,
+    // then NVMe at 2 knob settings); gpu-lru once
+    assert_eq!(pts.len(), 3 * 2 * 2 + 3 * (1 + 2) + 1);
+    let knobbed: Vec<&str> = pts
+        .iter()
+        .filter_map(|p| p["policy"].as_str())
+        .filter(|p| p.starts_with("kvpark@"))
+        .collect();
+    assert_eq!(knobbed.len(), 6, "{knobbed:?}");
+    assert!(knobbed
+        .iter()
+        .all(|p| *p == "kvpark@margin=1.25" || *p == "kvpark@margin=4"));
     let rec = &pts[v["recommended"].as_u64().unwrap() as usize];
     assert_eq!(rec["pareto"], true);
     assert_eq!(rec["baseline"], false);
-    assert_eq!(c.policy, rec["policy"].as_str().unwrap());
+    // the policy and its knobs, as the connector reads them back
+    let name = rec["policy"].as_str().unwrap();
+    let (base, knobs) = name.split_once('@').unwrap_or((name, ""));
+    assert_eq!(c.policy, base);
+    assert_eq!(c.kvpark.suffix(), knobs);
     assert_eq!(c.host_bytes, rec["host_bytes"].as_u64().unwrap());
     if rec["nvme_bytes"].as_u64().unwrap() > 0 && rec["nvme_used"] == true {
         assert_eq!(c.nvme_bytes, rec["nvme_bytes"].as_u64().unwrap());
@@ -90,7 +106,8 @@ fn tune_prints_a_config_the_connector_accepts_and_a_non_dominated_front() {
     }
 
     // the front: no runnable point dominates a front point, and every
-    // runnable point off the front is dominated by one on it
+    // runnable point off the front is dominated by one on it or ties with
+    // one (of equal points the front keeps one)
     let runnable: Vec<&Value> = pts.iter().filter(|p| p["baseline"] == false).collect();
     let front: Vec<&Value> = runnable
         .iter()
@@ -110,7 +127,8 @@ fn tune_prints_a_config_the_connector_accepts_and_a_non_dominated_front() {
         assert!(
             front
                 .iter()
-                .any(|f| dominates(&objectives(f), &objectives(p))),
+                .any(|f| dominates(&objectives(f), &objectives(p))
+                    || (objectives(f) == objectives(p) && f["codec"] == p["codec"])),
             "{p} is off the front but not dominated"
         );
     }

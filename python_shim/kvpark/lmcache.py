@@ -71,6 +71,7 @@ CONNECTOR_ONLY_KEYS = {
     "copy_strategy": "the plugin copies host memory only; LMCache moves chunks to and from the GPU",
     "min_park_blocks": "LMCache decides what it stores",
     "session_ttl": "LMCache's keys carry no session",
+    "kvpark": "the kvpark policy's knobs: the policy predicts session gaps, and LMCache's keys carry no session",
 }
 
 

@@ -327,7 +327,13 @@ impl BlockPlanner {
                 "ranks {first_rank} + {world} overflow a 32-bit rank"
             )));
         }
-        let policy = crate::policy::by_name(&cfg.policy, PolicyEnv::default(), None)
+        let sfx = cfg.kvpark.suffix();
+        let name = if cfg.policy.starts_with("kvpark") && !sfx.is_empty() {
+            format!("{}@{sfx}", cfg.policy)
+        } else {
+            cfg.policy.clone()
+        };
+        let policy = crate::policy::by_name(&name, PolicyEnv::default(), None)
             .map_err(|e| Error::config(format!("policy: {}", e.message())))?;
         let cap = Capacity {
             host_bytes: cfg.host_bytes,
@@ -820,7 +826,7 @@ impl BlockPlanner {
             for a in &actions {
                 self.core.completed(now, a, false);
             }
-            let through = self.cfg.nvme_dir.is_some() && self.cfg.policy == "lmcache-lru";
+            let through = self.cfg.writes_through();
             return (true, through);
         }
         let (mut to_host, mut to_nvme) = (false, false);
@@ -1639,5 +1645,32 @@ mod policy_tests {
         let a = finish(&mut p, "a", &hashes(3, 3), 3, 10);
         assert!(!a.saves[0].to_nvme);
         assert!(Config::from_json(br#"{"policy":"oracle"}"#).is_err());
+        // kvpark writes every suspend's new blocks through to NVMe, its
+        // no-nvme ablation never; knobs come from the "kvpark" object
+        for (policy, nvme) in [("kvpark", true), ("kvpark:no-nvme", false)] {
+            let cfg = Config::from_json(
+                format!(
+                    r#"{{"policy":"{policy}","nvme_dir":{:?},"kvpark":{{"prefetch_margin":4,"check_every":"2s"}}}}"#,
+                    std::env::temp_dir()
+                )
+                .as_bytes(),
+            )
+            .unwrap();
+            assert_eq!(cfg.kvpark.prefetch_margin, 4.0);
+            let mut p = BlockPlanner::new(cfg, BS).unwrap();
+            let w = finish(&mut p, "warm", &hashes(1, 98), 1, 1);
+            assert_eq!(w.saves[0].to_nvme, nvme, "{policy} (first save)");
+            let a = finish(&mut p, "a", &hashes(3, 3), 3, 10);
+            assert_eq!(a.saves[0].to_nvme, nvme, "{policy}");
+        }
+        let e = Config::from_json(br#"{"policy":"lmcache-lru","kvpark":{"prefetch_margin":4}}"#)
+            .unwrap_err();
+        assert!(
+            e.message().contains("policy is \"lmcache-lru\""),
+            "{}",
+            e.message()
+        );
+        let e = Config::from_json(br#"{"policy":"kvpark@margin=4"}"#).unwrap_err();
+        assert!(e.message().contains("\"kvpark\" object"), "{}", e.message());
     }
 }

@@ -69,21 +69,23 @@
 
 use std::collections::HashMap;
 
+use crate::error::{Error, Result};
 use crate::predict::{GapContext, GapDist, GapPredictor, Learned};
 use crate::session::{Hint, Nanos, SessionId, Tier};
 
 use super::{EvictKey, Op, Policy, PolicyEnv, SessionView, SuspendPlan, TimerPlan};
 
-/// Checkpoints are at most this far apart in the first hour after a
-/// suspend (each may prefetch).
+/// Default [`Knobs::check_every`]: checkpoints are at most this far apart
+/// in the first hour after a suspend (each may prefetch).
 pub const CHECK_EVERY: Nanos = 10_000_000_000;
 
-/// A ranked prefetch evicts only host copies expected back later than
-/// this many times the prefetched session's own remaining wait.
+/// Default [`Knobs::prefetch_margin`]: a ranked prefetch evicts only host
+/// copies expected back later than this many times the prefetched
+/// session's own remaining wait.
 pub const RANK_MARGIN: f64 = 2.0;
 
-/// First checkpoint after a suspend.
-const FIRST_CHECK: Nanos = 500_000_000;
+/// Default [`Knobs::first_check`]: the first checkpoint after a suspend.
+pub const FIRST_CHECK: Nanos = 500_000_000;
 /// Checkpoints at most [`CHECK_EVERY`] apart until this long after a
 /// suspend.
 const DENSE_UNTIL: Nanos = 3_600_000_000_000;
@@ -145,6 +147,208 @@ impl Variant {
     }
 }
 
+/// The policy's tunable numbers (`kvpark tune` sweeps them; the connector
+/// takes them from the `kvpark` object of its config, the replay from a
+/// policy name such as `kvpark@margin=4,every=2s`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Knobs {
+    /// A ranked prefetch evicts only host copies expected back later than
+    /// this many times the prefetched session's remaining wait (1..=100):
+    /// lower prefetches more eagerly and displaces more.
+    pub prefetch_margin: f64,
+    /// Checkpoints (each may prefetch) at most this far apart during the
+    /// first hour after a suspend (100 ms..=1 h).
+    pub check_every: Nanos,
+    /// The first checkpoint after a suspend (10 ms..=10 min).
+    pub first_check: Nanos,
+}
+
+impl Default for Knobs {
+    fn default() -> Self {
+        Knobs {
+            prefetch_margin: RANK_MARGIN,
+            check_every: CHECK_EVERY,
+            first_check: FIRST_CHECK,
+        }
+    }
+}
+
+/// Keys of [`Knobs`] in a config object and (short form) in a policy name.
+const KNOB_KEYS: [(&str, &str); 3] = [
+    ("prefetch_margin", "margin"),
+    ("check_every", "every"),
+    ("first_check", "first"),
+];
+
+impl Knobs {
+    /// Sets one knob from its (long or short) key and a text value
+    /// ("4", "2s", "500ms"); checks the range.
+    pub fn set(&mut self, key: &str, value: &str) -> Result<()> {
+        let long = KNOB_KEYS
+            .iter()
+            .find(|(l, s)| *l == key || *s == key)
+            .map(|(l, _)| *l)
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "kvpark: unknown knob {key:?} (knobs: prefetch_margin (margin), \
+                     check_every (every), first_check (first))"
+                ))
+            })?;
+        let dur = |lo: Nanos, hi: Nanos| -> Result<Nanos> {
+            let d = crate::units::parse_duration_ns(value)
+                .map_err(|e| Error::invalid(format!("kvpark {long}: {}", e.message())))?;
+            if !(lo..=hi).contains(&d) {
+                return Err(Error::invalid(format!(
+                    "kvpark {long}: {value} is outside {}..={}",
+                    fmt_dur(lo),
+                    fmt_dur(hi)
+                )));
+            }
+            Ok(d)
+        };
+        match long {
+            "prefetch_margin" => {
+                let m: f64 = value.trim().parse().map_err(|_| {
+                    Error::invalid(format!("kvpark {long}: expected a number, got {value:?}"))
+                })?;
+                if !(1.0..=100.0).contains(&m) {
+                    return Err(Error::invalid(format!(
+                        "kvpark {long}: {value} is outside 1..=100"
+                    )));
+                }
+                self.prefetch_margin = m;
+            }
+            "check_every" => self.check_every = dur(100_000_000, 3_600_000_000_000)?,
+            _ => self.first_check = dur(10_000_000, 600_000_000_000)?,
+        }
+        Ok(())
+    }
+
+    /// Knobs from the connector config's `kvpark` object (keys as
+    /// [`Knobs`] names them; numbers or duration strings).
+    pub fn from_json(v: &serde_json::Value) -> Result<Knobs> {
+        let serde_json::Value::Object(m) = v else {
+            return Err(Error::config(format!(
+                "kvpark: expected an object of knobs such as {{\"prefetch_margin\": 2, \"check_every\": \"10s\"}}, got {v}"
+            )));
+        };
+        let mut k = Knobs::default();
+        for (key, val) in m {
+            if !KNOB_KEYS.iter().any(|(l, _)| l == key) {
+                return Err(Error::config(format!(
+                    "kvpark: unknown knob {key:?} (knobs: prefetch_margin, check_every, first_check)"
+                )));
+            }
+            let text = match val {
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Number(n) if key == "prefetch_margin" => n.to_string(),
+                _ => {
+                    return Err(Error::config(format!(
+                        "kvpark {key}: expected {}, got {val}",
+                        if key == "prefetch_margin" {
+                            "a number"
+                        } else {
+                            "a duration such as \"10s\""
+                        }
+                    )))
+                }
+            };
+            k.set(key, &text).map_err(|e| Error::config(e.message()))?;
+        }
+        Ok(k)
+    }
+
+    /// The knobs that differ from the default, as a config object.
+    pub fn to_json(&self) -> serde_json::Value {
+        let d = Knobs::default();
+        let mut m = serde_json::Map::new();
+        if self.prefetch_margin != d.prefetch_margin {
+            m.insert(
+                "prefetch_margin".into(),
+                serde_json::json!(self.prefetch_margin),
+            );
+        }
+        if self.check_every != d.check_every {
+            m.insert(
+                "check_every".into(),
+                serde_json::json!(fmt_dur(self.check_every)),
+            );
+        }
+        if self.first_check != d.first_check {
+            m.insert(
+                "first_check".into(),
+                serde_json::json!(fmt_dur(self.first_check)),
+            );
+        }
+        serde_json::Value::Object(m)
+    }
+
+    /// Every knob, as a config object.
+    pub fn to_json_full(&self) -> serde_json::Value {
+        serde_json::json!({
+            "prefetch_margin": self.prefetch_margin,
+            "check_every": fmt_dur(self.check_every),
+            "first_check": fmt_dur(self.first_check),
+        })
+    }
+
+    /// The knobs that differ from the default in a policy name's short
+    /// form (`margin=4,every=2s`; empty for the default).
+    pub fn suffix(&self) -> String {
+        let d = Knobs::default();
+        let mut v = Vec::new();
+        if self.prefetch_margin != d.prefetch_margin {
+            v.push(format!("margin={}", self.prefetch_margin));
+        }
+        if self.check_every != d.check_every {
+            v.push(format!("every={}", fmt_dur(self.check_every)));
+        }
+        if self.first_check != d.first_check {
+            v.push(format!("first={}", fmt_dur(self.first_check)));
+        }
+        v.join(",")
+    }
+}
+
+/// A duration as [`crate::units::parse_duration_ns`] reads it back
+/// (whole seconds as "Ns", else milliseconds, else nanoseconds).
+fn fmt_dur(ns: Nanos) -> String {
+    if ns % 1_000_000_000 == 0 {
+        format!("{}s", ns / 1_000_000_000)
+    } else if ns % 1_000_000 == 0 {
+        format!("{}ms", ns / 1_000_000)
+    } else {
+        format!("{ns}ns")
+    }
+}
+
+/// Splits a policy name `kvpark[:variant][@knob=value,...]` into the
+/// variant and its knobs; `None` when it is not a kvpark name.
+pub fn parse_name(name: &str) -> Option<Result<(Variant, Knobs)>> {
+    let (base, knobs) = match name.split_once('@') {
+        Some((b, k)) => (b, Some(k)),
+        None => (name, None),
+    };
+    let v = Variant::from_name(base)?;
+    let mut k = Knobs::default();
+    if let Some(list) = knobs {
+        for item in list.split(',') {
+            let Some((key, val)) = item.split_once('=') else {
+                return Some(Err(Error::invalid(format!(
+                    "policy {name:?}: expected knob=value after @, got {item:?}"
+                ))));
+            };
+            if let Err(e) = k.set(key.trim(), val.trim()) {
+                return Some(Err(Error::invalid(format!(
+                    "policy {name:?}: {}",
+                    e.message()
+                ))));
+            }
+        }
+    }
+    Some(Ok((v, k)))
+}
+
 /// What the policy keeps per suspended session.
 #[derive(Clone, Debug)]
 struct St {
@@ -159,6 +363,7 @@ struct St {
 /// The `kvpark` policy. See the module docs.
 pub struct Kvpark {
     v: Variant,
+    k: Knobs,
     env: PolicyEnv,
     pred: Learned,
     sess: HashMap<SessionId, St>,
@@ -191,25 +396,25 @@ fn inv(d: &GapDist, p: f64) -> Option<Nanos> {
 
 /// The conditional median of the gap given that it exceeds `e` (time
 /// from the suspend).
-fn remaining_median(d: Option<&GapDist>, e: Nanos) -> Nanos {
+fn remaining_median(d: Option<&GapDist>, e: Nanos, first: Nanos) -> Nanos {
     let g = d.and_then(|d| {
         let pe = d.cdf(e);
         (pe < 0.99).then(|| inv(d, pe + (1.0 - pe) / 2.0)).flatten()
     });
     match g {
         Some(g) => g.max(e + 1),
-        None => e.max(FIRST_CHECK).saturating_mul(2),
+        None => e.max(first).saturating_mul(2),
     }
 }
 
-/// The next checkpoint (elapsed time) after `e`: doubling, at most
-/// [`CHECK_EVERY`] apart during the first hour (where returns are dense
-/// enough to prefetch for), doubling again after.
-fn next_check(e: Nanos) -> Option<Nanos> {
-    let n = if e < FIRST_CHECK {
-        FIRST_CHECK
+/// The next checkpoint (elapsed time) after `e`: doubling from
+/// `k.first_check`, at most `k.check_every` apart during the first hour
+/// (where returns are dense enough to prefetch for), doubling again after.
+fn next_check(e: Nanos, k: &Knobs) -> Option<Nanos> {
+    let n = if e < k.first_check {
+        k.first_check
     } else if e < DENSE_UNTIL {
-        e.saturating_mul(2).min(e + CHECK_EVERY)
+        e.saturating_mul(2).min(e + k.check_every)
     } else {
         e.saturating_mul(2)
     };
@@ -219,8 +424,14 @@ fn next_check(e: Nanos) -> Option<Nanos> {
 impl Kvpark {
     /// The policy (or one of its ablations) over deployment `env`.
     pub fn new(v: Variant, env: PolicyEnv) -> Self {
+        Kvpark::with_knobs(v, Knobs::default(), env)
+    }
+
+    /// The policy with its knobs set.
+    pub fn with_knobs(v: Variant, k: Knobs, env: PolicyEnv) -> Self {
         Kvpark {
             v,
+            k,
             env,
             pred: Learned::default(),
             sess: HashMap::new(),
@@ -273,8 +484,8 @@ impl Kvpark {
             return (None, None);
         };
         let e = now.saturating_sub(st.at);
-        st.ret = st.at + remaining_median(st.dist.as_ref(), e);
-        let next = next_check(e).map(|n| st.at + n);
+        st.ret = st.at + remaining_median(st.dist.as_ref(), e, self.k.first_check);
+        let next = next_check(e, &self.k).map(|n| st.at + n);
         let fetch = self.v.prefetch
             && !on_gpu
             && s.pending[0] == 0
@@ -284,7 +495,7 @@ impl Kvpark {
                 // the recency order: only copies touched before this one
                 s.last_touch.max(2)
             } else {
-                let wait = st.ret.saturating_sub(now) as f64 * RANK_MARGIN;
+                let wait = st.ret.saturating_sub(now) as f64 * self.k.prefetch_margin;
                 (u64::MAX - now.saturating_add(wait as Nanos)).max(2)
             };
             EvictKey { class: 1, order }
@@ -295,7 +506,12 @@ impl Kvpark {
 
 impl Policy for Kvpark {
     fn name(&self) -> String {
-        self.v.name().into()
+        let sfx = self.k.suffix();
+        if sfx.is_empty() {
+            self.v.name().into()
+        } else {
+            format!("{}@{sfx}", self.v.name())
+        }
     }
 
     fn on_suspend(&mut self, now: Nanos, s: &SessionView) -> SuspendPlan {
@@ -420,17 +636,70 @@ mod tests {
         assert!(inv(&d, 0.7).unwrap().abs_diff(55 * S) < 1000);
         assert_eq!(inv(&d, 0.995), None);
         // fresh: the median; after 10 s: the gap at F = 0.75
-        assert_eq!(remaining_median(Some(&d), 0), 10 * S);
-        let at10 = remaining_median(Some(&d), 10 * S);
+        let f = FIRST_CHECK;
+        assert_eq!(remaining_median(Some(&d), 0, f), 10 * S);
+        let at10 = remaining_median(Some(&d), 10 * S, f);
         assert!(at10 > 10 * S && at10 < 100 * S, "{at10}");
-        assert!(remaining_median(Some(&d), 200 * S) > at10);
+        assert!(remaining_median(Some(&d), 200 * S, f) > at10);
         // past the last quantile: twice the elapsed time
-        assert_eq!(remaining_median(Some(&d), 2000 * S), 4000 * S);
-        assert_eq!(remaining_median(None, 0), 2 * FIRST_CHECK);
-        assert_eq!(next_check(0), Some(FIRST_CHECK));
-        assert_eq!(next_check(4 * S), Some(8 * S));
-        assert_eq!(next_check(100 * S), Some(110 * S));
-        assert_eq!(next_check(2 * DENSE_UNTIL), Some(4 * DENSE_UNTIL));
-        assert_eq!(next_check(LAST_CHECK), None);
+        assert_eq!(remaining_median(Some(&d), 2000 * S, f), 4000 * S);
+        assert_eq!(remaining_median(None, 0, f), 2 * FIRST_CHECK);
+        let k = Knobs::default();
+        assert_eq!(next_check(0, &k), Some(FIRST_CHECK));
+        assert_eq!(next_check(4 * S, &k), Some(8 * S));
+        assert_eq!(next_check(100 * S, &k), Some(110 * S));
+        assert_eq!(next_check(2 * DENSE_UNTIL, &k), Some(4 * DENSE_UNTIL));
+        assert_eq!(next_check(LAST_CHECK, &k), None);
+        let k = Knobs {
+            check_every: 2 * S,
+            first_check: S,
+            ..k
+        };
+        assert_eq!(next_check(0, &k), Some(S));
+        assert_eq!(next_check(100 * S, &k), Some(102 * S));
+    }
+
+    #[test]
+    fn knobs_parse_from_names_and_config_and_round_trip() {
+        let (v, k) = parse_name("kvpark:no-hints@margin=4,every=2s,first=250ms")
+            .unwrap()
+            .unwrap();
+        assert_eq!(v, Variant::from_name("kvpark:no-hints").unwrap());
+        assert_eq!(k.prefetch_margin, 4.0);
+        assert_eq!(k.check_every, 2 * S);
+        assert_eq!(k.first_check, 250_000_000);
+        assert_eq!(k.suffix(), "margin=4,every=2s,first=250ms");
+        assert_eq!(Knobs::from_json(&k.to_json()).unwrap(), k);
+        assert_eq!(Knobs::from_json(&k.to_json_full()).unwrap(), k);
+        let (_, k2) = parse_name(&format!("kvpark@{}", k.suffix()))
+            .unwrap()
+            .unwrap();
+        assert_eq!(k2, k);
+        assert_eq!(parse_name("kvpark").unwrap().unwrap().1, Knobs::default());
+        assert!(Knobs::default().to_json().as_object().unwrap().is_empty());
+        assert!(parse_name("lmcache-lru").is_none());
+        for bad in [
+            "kvpark@margin=0.5",
+            "kvpark@margin=x",
+            "kvpark@every=1ms",
+            "kvpark@first=2h",
+            "kvpark@speed=3",
+            "kvpark@margin",
+        ] {
+            let e = parse_name(bad).unwrap().unwrap_err();
+            assert!(
+                e.message().contains("kvpark") || e.message().contains(bad),
+                "{bad}: {}",
+                e.message()
+            );
+        }
+        for bad in [
+            serde_json::json!({"margin": 2}),
+            serde_json::json!({"check_every": 10}),
+            serde_json::json!({"prefetch_margin": "x"}),
+            serde_json::json!([1]),
+        ] {
+            assert!(Knobs::from_json(&bad).is_err(), "{bad}");
+        }
     }
 }

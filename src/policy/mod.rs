@@ -36,7 +36,7 @@ use crate::error::{Error, Result};
 use crate::session::{Hint, Nanos, SessionId, Tier};
 
 pub use baselines::{GpuOnly, LmcacheLru, Ttl, VllmOffload};
-pub use kvpark::{Kvpark, Variant};
+pub use kvpark::{Knobs, Kvpark, Variant};
 pub use oracle::{Oracle, OracleBook};
 
 /// What a policy sees of a session (a snapshot; all bytes are the planner's accounting).
@@ -211,7 +211,7 @@ pub trait Policy: Send {
 
 /// Valid policy names, for errors and help.
 pub const NAMES: &str = "kvpark, kvpark:recency, kvpark:no-prefetch, kvpark:no-nvme, \
-     kvpark:no-hints, gpu-lru, ttl:<dur> (e.g. ttl:5m), lmcache-lru, vllm-offload, \
+     kvpark:no-hints (each with optional knobs: kvpark@margin=4,every=2s,first=1s), gpu-lru, ttl:<dur> (e.g. ttl:5m), lmcache-lru, vllm-offload, \
      vllm-offload:arc, oracle, oracle:gpu-lru";
 
 /// Builds a policy by name. `oracle` (and `oracle:gpu-lru`, the oracle
@@ -235,8 +235,9 @@ pub fn by_name(
             )),
         },
         _ => {
-            if let Some(v) = Variant::from_name(n) {
-                return Ok(Box::new(Kvpark::new(v, env)));
+            if let Some(r) = kvpark::parse_name(n) {
+                let (v, k) = r?;
+                return Ok(Box::new(Kvpark::with_knobs(v, k, env)));
             }
             if let Some(d) = n.strip_prefix("ttl:") {
                 let tau = crate::units::parse_duration_ns(d)

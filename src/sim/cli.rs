@@ -122,6 +122,11 @@ pub struct TuneArgs {
     /// Codecs to sweep, comma-separated; default: the cluster file's.
     #[arg(long, value_delimiter = ',')]
     pub codecs: Vec<String>,
+    /// Knob grid of the kvpark policies, `;`-separated per knob, values
+    /// comma-separated (`margin=1.25,2,4;every=2s,10s,60s`; knobs: margin,
+    /// every, first); swept at every point with an NVMe tier.
+    #[arg(long, default_value = super::tune::DEFAULT_KNOBS)]
+    pub knobs: String,
     /// Host sizes: halving from the cluster's pinnable_host_bytes.
     #[arg(long, default_value_t = super::tune::DEFAULT_HOST_STEPS)]
     pub host_steps: u32,

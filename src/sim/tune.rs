@@ -4,10 +4,13 @@
 //!
 //! The sweep is a grid: host bytes (halving from the cluster's
 //! `pinnable_host_bytes`), NVMe bytes (none, then quartering up from the
-//! drives' capacity), codecs and policy names (default [`DEFAULT_POLICIES`],
+//! drives' capacity), codecs, policy names (default [`DEFAULT_POLICIES`],
 //! the connector's policies; any name `policy::by_name` knows may be given,
 //! and a name the connector cannot run is replayed once at the file's own
-//! tiers as a baseline). Every point is one closed-loop replay
+//! tiers as a baseline) and, for the `kvpark` policies at points with an
+//! NVMe tier (where they prefetch), the policy's knobs ([`knob_grid`],
+//! default [`DEFAULT_KNOBS`]: how eagerly a prefetch displaces host copies
+//! and how often a suspended session is looked at). Every point is one closed-loop replay
 //! ([`super::engine::run_policy`]); points run in parallel on std threads.
 //!
 //! Each point gets a cost per hour of the node ([`super::deploy::Prices`]:
@@ -29,10 +32,14 @@ use super::deploy::Deployment;
 use super::engine::{run_policy, Script, SimConfig};
 use crate::config::CONNECTOR_POLICIES;
 use crate::error::{Error, Result};
+use crate::policy::Knobs;
 use crate::units::fmt_bytes;
 
 /// Policies swept when `--policies` is not given (one line to extend).
-pub const DEFAULT_POLICIES: &[&str] = &["lmcache-lru", "vllm-offload", "vllm-offload:arc"];
+pub const DEFAULT_POLICIES: &[&str] =
+    &["lmcache-lru", "vllm-offload", "vllm-offload:arc", "kvpark"];
+/// Knob grid of the `kvpark` policies when `--knobs` is not given.
+pub const DEFAULT_KNOBS: &str = "margin=1.25,2,4;every=2s,10s,60s";
 /// Host sizes of the default grid (halving from `pinnable_host_bytes`).
 pub const DEFAULT_HOST_STEPS: u32 = 5;
 /// NVMe sizes of the default grid (none, then quartering up to the drives' capacity).
@@ -122,12 +129,59 @@ fn levels(max: u64, steps: u32, ratio: u64, ranks: u32) -> Vec<u64> {
     v
 }
 
+/// The knob settings of a `--knobs` spec (`margin=1.25,2,4;every=2s,10s`):
+/// every combination, each checked; an empty spec is the default knobs.
+pub fn knob_grid(spec: &str) -> Result<Vec<Knobs>> {
+    let mut out = vec![Knobs::default()];
+    let mut seen = Vec::new();
+    for part in spec.split(';').map(str::trim).filter(|p| !p.is_empty()) {
+        let (key, vals) = part.split_once('=').ok_or_else(|| {
+            Error::invalid(format!(
+                "tune --knobs: expected knob=v1,v2,… in {part:?} (e.g. {DEFAULT_KNOBS})"
+            ))
+        })?;
+        let key = key.trim();
+        if seen.contains(&key) {
+            return Err(Error::invalid(format!("tune --knobs: {key} given twice")));
+        }
+        seen.push(key);
+        let mut next = Vec::new();
+        for k in &out {
+            for v in vals.split(',').map(str::trim).filter(|v| !v.is_empty()) {
+                let mut k = *k;
+                k.set(key, v)
+                    .map_err(|e| Error::invalid(format!("tune --knobs: {}", e.message())))?;
+                if !next.contains(&k) {
+                    next.push(k);
+                }
+            }
+        }
+        if next.is_empty() {
+            return Err(Error::invalid(format!("tune --knobs: no values for {key}")));
+        }
+        out = next;
+    }
+    Ok(out)
+}
+
+/// `policy` with `knobs` (the name the replay and the table use).
+fn with_knobs(policy: &str, knobs: &Knobs) -> String {
+    let sfx = knobs.suffix();
+    if sfx.is_empty() {
+        policy.to_string()
+    } else {
+        format!("{policy}@{sfx}")
+    }
+}
+
 /// The sweep's grid on `dep`. Policy names are checked against
-/// `policy::by_name`, codecs against the measured table.
+/// `policy::by_name`, codecs against the measured table; `knobs` is swept
+/// for the `kvpark` policies at points with an NVMe tier.
 pub fn grid(
     dep: &Deployment,
     policies: &[String],
     codecs: &[String],
+    knobs: &[Knobs],
     host_steps: u32,
     nvme_steps: u32,
 ) -> Result<Vec<Point>> {
@@ -180,8 +234,14 @@ pub fn grid(
             dep.gpu_count,
         ));
     }
+    let default_knobs = [Knobs::default()];
     let mut pts = Vec::new();
     for p in policies {
+        if p.starts_with("kvpark") && p.contains('@') {
+            return Err(Error::invalid(format!(
+                "tune --policies: {p:?}: give the kvpark knobs to sweep with --knobs"
+            )));
+        }
         if !CONNECTOR_POLICIES.contains(&p.as_str()) {
             pts.push(Point {
                 policy: p.clone(),
@@ -195,13 +255,21 @@ pub fn grid(
         for c in &codecs {
             for &h in &host {
                 for &n in &nvme {
-                    pts.push(Point {
-                        policy: p.clone(),
-                        codec: c.clone(),
-                        host_bytes: h,
-                        nvme_bytes: n,
-                        baseline: false,
-                    });
+                    // knobs matter where the policy prefetches: from NVMe
+                    let ks = if p.starts_with("kvpark") && n > 0 && !knobs.is_empty() {
+                        knobs
+                    } else {
+                        &default_knobs[..]
+                    };
+                    for k in ks {
+                        pts.push(Point {
+                            policy: with_knobs(p, k),
+                            codec: c.clone(),
+                            host_bytes: h,
+                            nvme_bytes: n,
+                            baseline: false,
+                        });
+                    }
                 }
             }
         }
@@ -295,15 +363,30 @@ pub fn dominates(a: &Outcome, b: &Outcome) -> bool {
 }
 
 /// Indices of the non-dominated outcomes among those the connector can run
-/// (baselines excluded), by ascending cost.
+/// (baselines excluded), by ascending cost; of several with equal
+/// objectives, the one with the fewest knobs set.
 pub fn pareto(out: &[Outcome]) -> Vec<usize> {
     let cand: Vec<usize> = (0..out.len())
         .filter(|&i| !out[i].point.baseline && objectives(&out[i]).iter().all(|v| v.is_finite()))
         .collect();
+    // Of points with equal objectives (knob settings that made no
+    // difference) the front keeps one: the fewest knobs set, then the name.
+    let rank = |i: usize| {
+        let p = &out[i].point.policy;
+        (p.matches(['@', ',']).count(), p.clone(), i)
+    };
     let mut front: Vec<usize> = cand
         .iter()
         .copied()
         .filter(|&i| !cand.iter().any(|&j| dominates(&out[j], &out[i])))
+        .filter(|&i| {
+            !cand.iter().any(|&j| {
+                j != i
+                    && objectives(&out[j]) == objectives(&out[i])
+                    && out[j].point.codec == out[i].point.codec
+                    && rank(j) < rank(i)
+            })
+        })
         .collect();
     front.sort_by(|&a, &b| {
         objectives(&out[a])
@@ -392,7 +475,8 @@ pub fn size_string(b: u64) -> Value {
 /// The connector config of an outcome: per-rank `host_bytes` and
 /// `nvme_bytes`, `nvme_dir` (`nvme_dir` given, else
 /// [`NVME_DIR_PLACEHOLDER`]; null when the point has no NVMe tier or never
-/// wrote to it), `policy`, `codec`.
+/// wrote to it), `policy`, `codec`, and the `kvpark` knobs that differ
+/// from the default.
 pub fn config_json(dep: &Deployment, o: &Outcome, nvme_dir: Option<&str>) -> Value {
     let ranks = dep.gpu_count.max(1) as u64;
     let mut m = serde_json::Map::new();
@@ -406,7 +490,19 @@ pub fn config_json(dep: &Deployment, o: &Outcome, nvme_dir: Option<&str>) -> Val
     } else {
         m.insert("nvme_dir".into(), Value::Null);
     }
-    m.insert("policy".into(), json!(o.point.policy));
+    let (policy, knobs) = match o.point.policy.split_once('@') {
+        Some((base, _)) => {
+            let k = crate::policy::kvpark::parse_name(&o.point.policy)
+                .and_then(|r| r.ok())
+                .map(|(_, k)| k.to_json());
+            (base, k)
+        }
+        None => (o.point.policy.as_str(), None),
+    };
+    m.insert("policy".into(), json!(policy));
+    if let Some(k) = knobs.filter(|k| k.as_object().is_some_and(|m| !m.is_empty())) {
+        m.insert("kvpark".into(), k);
+    }
     m.insert("codec".into(), json!(o.point.codec));
     Value::Object(m)
 }
@@ -432,7 +528,7 @@ fn row(o: &mut String, x: &Outcome, mark: &str) {
     };
     let _ = writeln!(
         o,
-        "{mark:1} {:<18} {:<10} {:>11} {:>11} {:>9.4} {:>8.2} {:>6.2}× {:>6.1}%",
+        "{mark:1} {:<34} {:<10} {:>11} {:>11} {:>9.4} {:>8.2} {:>6.2}× {:>6.1}%",
         x.point.policy,
         x.point.codec,
         fmt_bytes(x.point.host_bytes),
@@ -476,7 +572,7 @@ pub fn render(
     );
     let _ = writeln!(
         o,
-        "  {:<18} {:<10} {:>11} {:>11} {:>9} {:>8} {:>7} {:>7}",
+        "  {:<34} {:<10} {:>11} {:>11} {:>9} {:>8} {:>7} {:>7}",
         "policy", "codec", "host", "NVMe", "$/h", "p90 s", "amp", "hit"
     );
     for &i in front {
@@ -609,7 +705,8 @@ pub fn run_cli(a: super::cli::TuneArgs) -> Result<()> {
             "--time-compression {tc}: must be a positive number"
         )));
     }
-    let points = grid(&dep, &policies, &codecs, a.host_steps, a.nvme_steps)?;
+    let knobs = knob_grid(&a.knobs)?;
+    let points = grid(&dep, &policies, &codecs, &knobs, a.host_steps, a.nvme_steps)?;
     let (script, label) = match &a.trace {
         Some(p) => {
             let (s, sum) = Script::from_file(p)?;
@@ -803,6 +900,8 @@ mod tests {
             out("vllm-offload", 0.5, 3.0, 1.2),
             out("vllm-offload", 3.0, 1.0, 1.5), // dominated by #1
             out("gpu-lru", 0.1, 0.1, 1.0),      // baseline: never on the front
+            out("kvpark@margin=4", 0.5, 1.0, 1.0),
+            out("kvpark", 0.5, 1.0, 1.0), // the same: kept instead of the line above
         ];
         let f = pareto(&xs);
         for &i in &f {
@@ -815,10 +914,11 @@ mod tests {
             }
         }
         for (j, y) in xs.iter().enumerate() {
-            if !f.contains(&j) && !y.point.baseline {
+            if !f.contains(&j) && !y.point.baseline && j != 6 {
                 assert!(f.iter().any(|&i| dominates(&xs[i], y)), "{j} left out");
             }
         }
+        assert!(f.contains(&7) && !f.contains(&6), "{f:?}");
         assert!(f
             .windows(2)
             .all(|w| xs[w[0]].usd_per_hour <= xs[w[1]].usd_per_hour));
@@ -879,6 +979,7 @@ mod tests {
             &dep,
             &["lmcache-lru".into()],
             &["none".into(), "lz4".into()],
+            &knob_grid(DEFAULT_KNOBS).unwrap(),
             2,
             2,
         )
@@ -908,11 +1009,11 @@ mod tests {
         );
         let dep = Deployment::from_json(&j).unwrap();
         let pol = ["lmcache-lru".to_string()];
-        let e = grid(&dep, &pol, &[], 2, 2).unwrap_err();
+        let e = grid(&dep, &pol, &[], &[], 2, 2).unwrap_err();
         assert!(e.message().contains("--codecs"), "{}", e.message());
         // every codec the sweep accepts is one the connector's config accepts
         for t in crate::codec::ALL {
-            let pts = grid(&dep, &pol, &[t.name().to_string()], 1, 1).unwrap();
+            let pts = grid(&dep, &pol, &[t.name().to_string()], &[], 1, 1).unwrap();
             let o = Outcome {
                 point: pts[0].clone(),
                 usd_per_hour: 0.0,
@@ -927,6 +1028,41 @@ mod tests {
             .unwrap();
             assert_eq!(c.codec, t);
         }
+    }
+
+    #[test]
+    fn kvpark_knobs_are_swept_where_it_prefetches_and_land_in_the_config() {
+        let ks = knob_grid(DEFAULT_KNOBS).unwrap();
+        assert_eq!(ks.len(), 9);
+        assert!(ks.contains(&Knobs::default()));
+        let dep = Deployment::from_json(CLUSTERS[0].1).unwrap();
+        let pts = grid(&dep, &["kvpark".into()], &[], &ks, 2, 2).unwrap();
+        // 2 host sizes × (no NVMe: the default knobs; NVMe: 9 settings)
+        assert_eq!(pts.len(), 2 * (1 + 9));
+        for p in &pts {
+            assert!(p.nvme_bytes > 0 || p.policy == "kvpark", "{p:?}");
+            crate::policy::by_name(&p.policy, crate::policy::PolicyEnv::default(), None).unwrap();
+            let mut o = out(&p.policy, 1.0, 1.0, 1.0);
+            o.point = p.clone();
+            o.nvme_used = p.nvme_bytes > 0;
+            let j = config_json(&dep, &o, Some("/nvme"));
+            let c = crate::config::Config::from_json(j.to_string().as_bytes()).unwrap();
+            assert_eq!(c.policy, "kvpark");
+            // the config's knobs name the point's policy back
+            assert_eq!(with_knobs("kvpark", &c.kvpark), p.policy);
+        }
+        for bad in [
+            "margin",
+            "margin=0.1",
+            "speed=1",
+            "margin=2;margin=3",
+            "every=",
+        ] {
+            assert!(knob_grid(bad).is_err(), "{bad}");
+        }
+        assert_eq!(knob_grid("").unwrap(), vec![Knobs::default()]);
+        let e = grid(&dep, &["kvpark@margin=3".into()], &[], &ks, 1, 1).unwrap_err();
+        assert!(e.message().contains("--knobs"), "{}", e.message());
     }
 
     #[test]

@@ -203,6 +203,13 @@ impl ChunkStore {
                 "elem_size: {elem_size} must be 1, 2, 4 or 8"
             )));
         }
+        if cfg.policy.starts_with("kvpark") {
+            return Err(Error::config(format!(
+                "policy: {:?} predicts the gaps of sessions, which the chunk store does not see; \
+                 it runs lmcache-lru (host + NVMe write-through) or vllm-offload (host only)",
+                cfg.policy
+            )));
+        }
         if cfg.host_file.is_some() {
             return Err(Error::config(
                 "host_file: not supported by the chunk store (chunks outlive a restart on NVMe: set nvme_dir)",
