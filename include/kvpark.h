@@ -270,6 +270,14 @@ enum KvparkStatus kvpark_mover_register(struct KvparkMover *m,
 // `meta` valid for `len` bytes.
 enum KvparkStatus kvpark_mover_bind(struct KvparkMover *m, const uint8_t *meta, uintptr_t len);
 
+// Runs a plan of tier moves only (from `kvpark_planner_tick_moves`)
+// outside the engine's step; their outcomes come in the next worker
+// report. A plan with saves or loads is `KVPARK_INVALID_ARGUMENT`.
+//
+// # Safety
+// `meta` valid for `len` bytes.
+enum KvparkStatus kvpark_mover_run_moves(struct KvparkMover *m, const uint8_t *meta, uintptr_t len);
+
 // `start_load_kv`: sync loads start (layer by layer beside the forward
 // when `layerwise_load` is on, else complete before return); async ones start.
 //
@@ -388,6 +396,23 @@ enum KvparkStatus kvpark_planner_request_finished(struct KvparkPlanner *p,
 enum KvparkStatus kvpark_planner_build_meta(struct KvparkPlanner *p,
                                             uint64_t now_ns,
                                             struct KvparkBuf *out);
+
+// The policy's time-driven work due by `now_ns` as a plan of tier moves
+// only, for the workers to run while the engine is idle
+// (`kvpark_mover_run_moves`); empty when there is none.
+//
+// # Safety
+// `out` valid for writing.
+enum KvparkStatus kvpark_planner_tick_moves(struct KvparkPlanner *p,
+                                            uint64_t now_ns,
+                                            struct KvparkBuf *out);
+
+// When the policy next has time-driven work, on the clock of the
+// `now_ns` the planner is given; `UINT64_MAX` when nothing is scheduled.
+//
+// # Safety
+// `out` valid for writing.
+enum KvparkStatus kvpark_planner_next_wakeup(struct KvparkPlanner *p, uint64_t *out);
 
 // `update_connector_output`: one worker report (opaque bytes).
 //

@@ -186,6 +186,8 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     ),
     "kvpark_planner_build_meta": (_Status, [_PlannerP, c_uint64, POINTER(KvparkBuf)]),
     "kvpark_planner_on_worker_meta": (_Status, [_PlannerP, _u8p, c_size_t, c_uint64]),
+    "kvpark_planner_tick_moves": (_Status, [_PlannerP, c_uint64, POINTER(KvparkBuf)]),
+    "kvpark_planner_next_wakeup": (_Status, [_PlannerP, POINTER(c_uint64)]),
     "kvpark_planner_metrics": (_Status, [_PlannerP, POINTER(KvparkBuf)]),
     "kvpark_mover_new": (_Status, [_u8p, c_size_t, c_uint32, POINTER(_MoverP)]),
     "kvpark_mover_free": (None, [_MoverP]),
@@ -194,6 +196,7 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
         [_MoverP, POINTER(KvparkGeometry), POINTER(KvparkLayerView), c_size_t, c_uint8],
     ),
     "kvpark_mover_bind": (_Status, [_MoverP, _u8p, c_size_t]),
+    "kvpark_mover_run_moves": (_Status, [_MoverP, _u8p, c_size_t]),
     "kvpark_mover_start_load": (_Status, [_MoverP]),
     "kvpark_mover_wait_layer": (_Status, [_MoverP, c_uint32]),
     "kvpark_mover_set_stream": (_Status, [_MoverP, c_uint64]),
@@ -469,6 +472,18 @@ class Planner:
         _call(self._lib, "kvpark_planner_build_meta", self._handle(), c_uint64(now_ns), ctypes.byref(out))
         return _take_buf(self._lib, out)
 
+    def tick_moves(self, now_ns: int) -> bytes:
+        """The policy's tier moves due by now_ns, as a moves-only plan (b"" when none)."""
+        out = KvparkBuf()
+        _call(self._lib, "kvpark_planner_tick_moves", self._handle(), c_uint64(now_ns), ctypes.byref(out))
+        return _take_buf(self._lib, out)
+
+    def next_wakeup(self) -> int | None:
+        """When the policy next has time-driven work (ns, the clock of now_ns); None: nothing."""
+        out = c_uint64(0)
+        _call(self._lib, "kvpark_planner_next_wakeup", self._handle(), ctypes.byref(out))
+        return None if out.value == 2**64 - 1 else int(out.value)
+
     def on_worker_meta(self, blob: bytes, now_ns: int) -> None:
         ptr, n = _bytes_ptr(blob)
         _call(self._lib, "kvpark_planner_on_worker_meta", self._handle(), ptr, n, c_uint64(now_ns))
@@ -518,6 +533,11 @@ class Mover:
     def bind(self, plan: bytes) -> None:
         ptr, n = _bytes_ptr(plan)
         _call(self._lib, "kvpark_mover_bind", self._handle(), ptr, n)
+
+    def run_moves(self, plan: bytes) -> None:
+        """Runs a moves-only plan (Planner.tick_moves) outside the engine's step."""
+        ptr, n = _bytes_ptr(plan)
+        _call(self._lib, "kvpark_mover_run_moves", self._handle(), ptr, n)
 
     def start_load(self) -> None:
         _call(self._lib, "kvpark_mover_start_load", self._handle())

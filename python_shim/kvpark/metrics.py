@@ -91,6 +91,11 @@ METRICS: tuple[Metric, ...] = (
     Metric("save_failed_blocks", "counter", "Blocks whose save failed.", "planner", _one(_at("save_failed_blocks"))),
     Metric("policy_moves", "counter", "Block moves the placement policy planned (evict, demote, promote, drop).",
            "planner", _one(_at("moves"))),
+    Metric("prefetches", "counter",
+           "Prefetches (NVMe -> host ahead of a predicted return) by outcome: issued; in_time (whole on host "
+           "when the session came back); late (still moving); wasted (left host before the session came back).",
+           "planner", ((("issued",), _at("prefetches")), (("in_time",), _at("prefetch_in_time")),
+                       (("late",), _at("prefetch_late")), (("wasted",), _at("prefetch_wasted"))), ("outcome",)),
     Metric("sessions", "counter", "Sessions seen.", "planner", _one(_at("sessions"))),
     Metric("parked_blocks", "gauge", "Blocks kvpark holds, by tier (a block on both counts in both).",
            "planner", ((("host",), _at("parked_host_blocks")), (("nvme",), _at("parked_nvme_blocks"))), ("tier",)),

@@ -27,7 +27,9 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 import time
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -56,6 +58,25 @@ if TYPE_CHECKING:
 
 # Under vLLM's logger tree, so kvpark's lines use vLLM's handler, format and level.
 logger = logging.getLogger("vllm.kvpark")
+
+#: The engine has been quiet this long (no scheduler call): the planner's
+#: time-driven moves are run from the idle thread instead of the next step.
+IDLE_AFTER_S = 0.25
+#: After an idle plan, the worker's report is collected this long (its moves
+#: finish on the saver thread), so the next request's match already sees them.
+IDLE_REPORT_S = 10.0
+
+#: Scheduler and worker connectors of one engine in this process (vLLM's
+#: single-worker executor: the engine core runs the scheduler and the worker
+#: together), by engine id: the scheduler side reaches the worker's mover
+#: directly while the engine is idle.
+_LINES: dict[str, dict[str, "weakref.ref[KVParkConnector]"]] = {}
+_LINES_LOCK = threading.Lock()
+
+
+def _line_key(vllm_config: "VllmConfig") -> str:
+    kvtc = getattr(vllm_config, "kv_transfer_config", None)
+    return str(getattr(kvtc, "engine_id", None) or "")
 
 #: Key of kvpark's session hints inside a request's kv_transfer_params.
 HINT_KEY = "kvpark"
@@ -358,8 +379,21 @@ class KVParkConnector(KVConnectorBase_V1):
             "load_error_blocks": 0,
             "bad_hints": 0,
         }
+        # idle-time moves (scheduler side): see _idle_loop
+        self._line = _line_key(vllm_config)
+        self._lock = threading.RLock()
+        self._last_engine_call = time.monotonic()
+        self._idle_thread: threading.Thread | None = None
+        self._idle_stop = threading.Event()
+        self._idle_report_until = 0.0
+        self.idle_counters: dict[str, int] = {"plans": 0, "reports": 0, "errors": 0}
+        first, world = engine_ranks(vllm_config)
+        with _LINES_LOCK:
+            _LINES.setdefault(self._line, {})["scheduler" if role == KVConnectorRole.SCHEDULER else "worker"] = (
+                weakref.ref(self)
+            )
+        self._world = world
         if role == KVConnectorRole.SCHEDULER:
-            first, world = engine_ranks(vllm_config)
             self._planner = _ffi.Planner(extra, self._block_size, world, first)
             logger.info(
                 "kvpark: planner up (block_size %d, worker ranks %d..%d, config %s)",
@@ -396,12 +430,20 @@ class KVParkConnector(KVConnectorBase_V1):
         object) plus the shim's own counters under "shim"."""
         out: dict[str, Any] = {}
         if self._planner is not None:
-            out = self._planner.metrics()
+            out = {**self._planner.metrics(), "idle": dict(self.idle_counters)}
         elif self._mover is not None:
             out = self._mover.metrics()
         return {**out, "shim": dict(self.shim_counters)}
 
     def shutdown(self):
+        self._idle_stop.set()
+        t = self._idle_thread
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout=5)
+        with _LINES_LOCK:
+            line = _LINES.get(self._line, {})
+            for k in [k for k, r in line.items() if r() is self]:
+                del line[k]
         if self._mover is not None:
             self._mover.close()
             self._mover = None
@@ -482,7 +524,13 @@ class KVParkConnector(KVConnectorBase_V1):
                 logger.warning("kvpark: ignoring the hint of request %s: %s", request.request_id, e.message)
             return call(_request_view(request, with_hint=False))
 
+    def _engine_call(self) -> None:
+        """A scheduler call of vLLM: the engine is not idle (the idle thread waits)."""
+        with self._lock:
+            self._last_engine_call = time.monotonic()
+
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
+        self._engine_call()
         now = _now_ns()
         n, load_async = self._with_hint_fallback(
             request, lambda v: self._p().match(v, num_computed_tokens, request.num_tokens, now)
@@ -493,6 +541,7 @@ class KVParkConnector(KVConnectorBase_V1):
         return n, load_async
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int):
+        self._engine_call()
         ids = blocks.get_block_ids()
         block_ids = list(ids[0]) if ids else []
         self._p().on_alloc(request.request_id, block_ids, num_external_tokens)
@@ -501,9 +550,76 @@ class KVParkConnector(KVConnectorBase_V1):
             self.shim_counters["async_loads"] += int(self._last_match.pop(request.request_id, False))
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
+        self._engine_call()
+        self._start_idle_thread()
         return KVParkConnectorMetadata(self._p().build_meta(_now_ns()))
 
+    # ------------------------------------------------------- idle-time moves
+
+    def _start_idle_thread(self) -> None:
+        """Starts the idle thread once, when the policy has time-driven work (the kvpark
+        policies: checkpoints that may prefetch) and the worker shares this process."""
+        if self._idle_thread is not None or not str(self._config.get("policy", "")).startswith("kvpark"):
+            return
+        if self._world != 1:
+            return  # workers in other processes: moves travel with the steps only
+        self._idle_thread = threading.Thread(target=self._idle_loop, name="kvpark-idle", daemon=True)
+        self._idle_thread.start()
+
+    def _idle_worker(self) -> "KVParkConnector | None":
+        with _LINES_LOCK:
+            ref = _LINES.get(self._line, {}).get("worker")
+        w = ref() if ref is not None else None
+        return w if w is not None and w._mover is not None else None
+
+    def _idle_loop(self) -> None:
+        """vLLM calls the scheduler only while it has requests, so the policy's
+        checkpoints (prefetch NVMe -> host ahead of a predicted return) would wait for
+        the next request. While the engine is quiet this thread ticks the planner at its
+        wakeups, runs the resulting tier moves on the worker's mover and feeds the
+        worker's reports back, so the next request's match sees the prefetched blocks
+        on host (a synchronous load)."""
+        while True:
+            wait = 1.0
+            try:
+                wait = self._idle_tick()
+            except Exception as e:  # noqa: BLE001 - the idle thread must never take the engine down
+                self.idle_counters["errors"] += 1
+                logger.warning("kvpark: idle-time moves failed (%s); they wait for the next step", e)
+            if self._idle_stop.wait(max(0.01, min(wait, 1.0))):
+                return
+
+    def _idle_tick(self) -> float:
+        """One pass of the idle thread; returns how long to sleep."""
+        with self._lock:
+            planner = self._planner
+            if planner is None:
+                return 1.0
+            quiet = time.monotonic() - self._last_engine_call
+            if quiet < IDLE_AFTER_S:
+                return IDLE_AFTER_S - quiet
+            w = self._idle_worker()
+            if w is None:
+                return 1.0
+            # the worker's news first (saves and NVMe writes that finished after the
+            # last step), so the policy decides on what the tiers hold now
+            blob = w._m().take_worker_meta()
+            if blob:
+                planner.on_worker_meta(blob, _now_ns())
+                self.idle_counters["reports"] += 1
+                self._idle_report_until = time.monotonic() + IDLE_REPORT_S
+            plan = planner.tick_moves(_now_ns())
+            if plan:
+                w._m().run_moves(plan)
+                self.idle_counters["plans"] += 1
+                self._idle_report_until = time.monotonic() + IDLE_REPORT_S
+            if time.monotonic() < self._idle_report_until:
+                return 0.05
+            nxt = planner.next_wakeup()
+            return 1.0 if nxt is None else max(0.0, (nxt - _now_ns()) / 1e9)
+
     def update_connector_output(self, connector_output: "KVConnectorOutput"):
+        self._engine_call()
         stats = getattr(connector_output, "kv_connector_stats", None)
         movers = getattr(stats, "data", None) or {}
         for rank, snap in (movers.get("mover") or {}).items():
@@ -523,6 +639,7 @@ class KVParkConnector(KVConnectorBase_V1):
         Returns delay_free=True only while a save of this request is planned: vLLM then keeps
         the blocks until a worker reports the request in finished_sending.
         """
+        self._engine_call()
         now = _now_ns()
         ids = list(block_ids)
         delay = self._with_hint_fallback(

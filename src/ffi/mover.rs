@@ -117,6 +117,25 @@ pub unsafe extern "C" fn kvpark_mover_bind(
     })
 }
 
+/// Runs a plan of tier moves only (from `kvpark_planner_tick_moves`)
+/// outside the engine's step; their outcomes come in the next worker
+/// report. A plan with saves or loads is `KVPARK_INVALID_ARGUMENT`.
+///
+/// # Safety
+/// `meta` valid for `len` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn kvpark_mover_run_moves(
+    m: *mut KvparkMover,
+    meta: *const u8,
+    len: usize,
+) -> KvparkStatus {
+    guard("kvpark_mover_run_moves", || {
+        let m = &*nn(m, "mover")?;
+        m.inner.lock().run_moves(bytes(meta, len, "meta")?)?;
+        Ok(())
+    })
+}
+
 /// `start_load_kv`: sync loads start (layer by layer beside the forward
 /// when `layerwise_load` is on, else complete before return); async ones start.
 ///

@@ -222,6 +222,45 @@ pub unsafe extern "C" fn kvpark_planner_build_meta(
     })
 }
 
+/// The policy's time-driven work due by `now_ns` as a plan of tier moves
+/// only, for the workers to run while the engine is idle
+/// (`kvpark_mover_run_moves`); empty when there is none.
+///
+/// # Safety
+/// `out` valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn kvpark_planner_tick_moves(
+    p: *mut KvparkPlanner,
+    now_ns: u64,
+    out: *mut KvparkBuf,
+) -> KvparkStatus {
+    guard("kvpark_planner_tick_moves", || {
+        let p = &*nn(p, "planner")?;
+        nn(out, "out")?;
+        let v = p.inner.lock().tick_moves(now_ns);
+        put_buf(out, v);
+        Ok(())
+    })
+}
+
+/// When the policy next has time-driven work, on the clock of the
+/// `now_ns` the planner is given; `UINT64_MAX` when nothing is scheduled.
+///
+/// # Safety
+/// `out` valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn kvpark_planner_next_wakeup(
+    p: *mut KvparkPlanner,
+    out: *mut u64,
+) -> KvparkStatus {
+    guard("kvpark_planner_next_wakeup", || {
+        let p = &*nn(p, "planner")?;
+        nn(out, "out")?;
+        *out = p.inner.lock().next_wakeup().unwrap_or(u64::MAX);
+        Ok(())
+    })
+}
+
 /// `update_connector_output`: one worker report (opaque bytes).
 ///
 /// # Safety

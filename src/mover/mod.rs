@@ -279,6 +279,34 @@ impl Mover {
         Ok(())
     }
 
+    /// Runs a plan of tier moves only ([`crate::planner::blocks::BlockPlanner::tick_moves`])
+    /// outside the engine's step, on the saver thread, behind the jobs
+    /// already queued there; their outcomes come in the next report. A
+    /// plan that carries saves or loads is refused (those belong to a
+    /// step: vLLM holds their blocks for it).
+    pub fn run_moves(&mut self, meta: &[u8]) -> Result<()> {
+        if meta.is_empty() {
+            return Ok(());
+        }
+        let plan = Plan::decode(meta)?;
+        if !plan.saves.is_empty() || !plan.loads.is_empty() {
+            return Err(Error::invalid(format!(
+                "run_moves: the plan of step {} carries {} saves and {} loads; only a step runs those",
+                plan.step,
+                plan.saves.len(),
+                plan.loads.len()
+            )));
+        }
+        if plan.moves.is_empty() {
+            return Ok(());
+        }
+        if let Some(saver) = self.saver.as_mut() {
+            // as in a step: with the saver gone, moves are dropped
+            let _ = saver.submit(SaverJob::Moves(plan.moves));
+        }
+        Ok(())
+    }
+
     /// `start_load_kv`: starts the step's sync loads (layer by layer on the
     /// layer thread, or whole before returning when `layerwise_load` is off)
     /// and hands async loads to the loader thread.

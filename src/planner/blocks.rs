@@ -249,6 +249,19 @@ pub struct PlannerMetrics {
     pub moves_skipped: u64,
     /// Move outcomes reported failed (one per rank).
     pub moves_failed: u64,
+    /// Promotions (NVMe → host) the policy issued ahead of a session's
+    /// return (prefetches).
+    pub prefetches: u64,
+    /// Of which were whole on host when the session came back (in time).
+    pub prefetch_in_time: u64,
+    /// Of which were still in flight when the session came back (late).
+    pub prefetch_late: u64,
+    /// Of which left host (evicted, failed, or the session ended) before
+    /// the session came back (wasted).
+    pub prefetch_wasted: u64,
+    /// Plans of tier moves run while the engine was idle
+    /// ([`BlockPlanner::tick_moves`]).
+    pub idle_plans: u64,
     /// Host bytes the core planner accounts for.
     pub planned_host_bytes: u64,
     /// NVMe bytes the core planner accounts for.
@@ -294,6 +307,8 @@ pub struct BlockPlanner {
     save_actions: HashMap<String, Vec<Action>>,
     /// Requests already counted as a resume of their session.
     resumed: HashSet<String>,
+    /// Sessions with a prefetch since their suspend: whether it completed.
+    prefetched: HashMap<SessionId, bool>,
     /// Last suspend or resume per session (for `session_ttl`).
     last_seen: HashMap<SessionId, u64>,
 }
@@ -348,6 +363,7 @@ impl BlockPlanner {
             chains: HashMap::new(),
             save_actions: HashMap::new(),
             resumed: HashSet::new(),
+            prefetched: HashMap::new(),
             last_seen: HashMap::new(),
             model: ModelNs::of(&cfg.model_identity),
             cfg,
@@ -543,6 +559,11 @@ impl BlockPlanner {
         };
         if self.resumed.insert(req.req_id.to_string()) {
             if let Some(s) = self.known_session(req, &keys) {
+                match self.prefetched.remove(&s) {
+                    Some(true) => self.metrics.prefetch_in_time += 1,
+                    Some(false) => self.metrics.prefetch_late += 1,
+                    None => {}
+                }
                 self.core.resume(now, s);
                 self.last_seen.insert(s, now);
             }
@@ -801,6 +822,7 @@ impl BlockPlanner {
             e.2 &= p.ok;
             if e.1 == 0 {
                 let (a, _, ok) = self.actions.remove(&id).expect("present");
+                self.prefetch_settled(&a, ok);
                 self.core.completed(now, &a, ok);
             }
         }
@@ -884,6 +906,18 @@ impl BlockPlanner {
                 return;
             }
         };
+        match kind {
+            MoveKind::Promote => {
+                self.metrics.prefetches += 1;
+                self.prefetched.insert(session, false);
+            }
+            MoveKind::EvictHost | MoveKind::Drop => {
+                if kind == MoveKind::EvictHost && self.prefetched.remove(&session).is_some() {
+                    self.metrics.prefetch_wasted += 1;
+                }
+            }
+            MoveKind::Demote => {}
+        }
         let id = self.next_action;
         self.next_action += 1;
         let chain = self.chains.get(&session).cloned().unwrap_or_default();
@@ -916,10 +950,61 @@ impl BlockPlanner {
         }
         if planned == 0 {
             // Nothing to move: done exactly when the blocks are already there.
+            self.prefetch_settled(&a, there);
             self.core.completed(now, &a, there);
         } else {
             self.actions.insert(id, (a, planned, there));
         }
+    }
+
+    /// A prefetch (NVMe → host copy) of the policy ended: whole on host
+    /// (`ok`), or wasted.
+    fn prefetch_settled(&mut self, a: &Action, ok: bool) {
+        if let Action::Copy {
+            session,
+            from: Some(Tier::Nvme),
+            to: Tier::Host,
+            ..
+        } = a
+        {
+            if let Some(done) = self.prefetched.get_mut(session) {
+                if ok {
+                    *done = true;
+                } else {
+                    self.prefetched.remove(session);
+                    self.metrics.prefetch_wasted += 1;
+                }
+            }
+        }
+    }
+
+    /// When the policy next has time-driven work (a checkpoint, a
+    /// demotion), on the clock of `now_ns`; `None`: nothing scheduled.
+    pub fn next_wakeup(&self) -> Option<u64> {
+        self.core.next_wakeup()
+    }
+
+    /// The policy's time-driven work due by `now` as a plan of tier moves
+    /// only (empty bytes when there is none), for a caller that runs it
+    /// on the workers while the engine is idle: vLLM calls
+    /// [`BlockPlanner::build_meta`] only while it has requests, so without
+    /// this a prefetch due during an idle gap would wait for the next
+    /// request. Saves and loads stay for the next `build_meta`; the moves
+    /// are tracked and settle on the workers' reports as any others.
+    pub fn tick_moves(&mut self, now: u64) -> Vec<u8> {
+        for a in self.core.tick(now) {
+            self.apply_action(a, now);
+        }
+        if self.outbox.moves.is_empty() {
+            return Vec::new();
+        }
+        self.metrics.idle_plans += 1;
+        Plan {
+            step: self.step,
+            moves: std::mem::take(&mut self.outbox.moves),
+            ..Plan::default()
+        }
+        .encode()
     }
 
     /// Plans a block move unless the same move is already waiting for its
@@ -1001,6 +1086,9 @@ impl BlockPlanner {
                         self.plan_move(MoveKind::Drop, k, None);
                     }
                 }
+            }
+            if self.prefetched.remove(&s).is_some() {
+                self.metrics.prefetch_wasted += 1;
             }
             self.metrics.sessions_ended += 1;
         }
@@ -1672,5 +1760,140 @@ mod policy_tests {
         );
         let e = Config::from_json(br#"{"policy":"kvpark@margin=4"}"#).unwrap_err();
         assert!(e.message().contains("\"kvpark\" object"), "{}", e.message());
+    }
+}
+
+#[cfg(test)]
+mod idle_tests {
+    use super::*;
+    use crate::plan::SaveDone;
+
+    const BS: u32 = 16;
+    const BLOCK: u64 = 4096;
+    const MS: u64 = 1_000_000;
+
+    fn hashes(n: usize, seed: u8) -> Vec<u8> {
+        (0..n)
+            .flat_map(|i| [seed, i as u8, 9, 9, 9, 9, 9, 9])
+            .collect()
+    }
+
+    /// Finishes a request of session `s` with `n` blocks; the worker parks
+    /// them on host and NVMe and reports the host evictions the plan asks.
+    fn finish(p: &mut BlockPlanner, s: &str, awaiting: &str, h: &[u8], n: usize, now: u64) {
+        let v = RequestView {
+            req_id: s,
+            salt: b"",
+            hashes: h,
+            hash_len: 8,
+            hint: Some(RequestHint {
+                session: Some(s.into()),
+                awaiting: Some(awaiting.into()),
+                tool: (awaiting == "tool").then(|| "Bash".into()),
+            }),
+        };
+        let ids: Vec<u32> = (1..=n as u32).collect();
+        p.request_finished(&v, &ids, n as u32 * BS, now).unwrap();
+        let plan = Plan::decode(&p.build_meta(now)).unwrap();
+        report(p, &plan, now);
+    }
+
+    /// The worker runs `plan` and reports every save and move done.
+    fn report(p: &mut BlockPlanner, plan: &Plan, now: u64) {
+        let mut tiers = Vec::new();
+        let mut moved = Vec::new();
+        for (kind, k) in &plan.moves {
+            tiers.push(match kind {
+                MoveKind::EvictHost => (TierChange::LeftHost, *k),
+                MoveKind::Promote => (TierChange::OnHost, *k),
+                MoveKind::Demote => (TierChange::OnNvme, *k),
+                MoveKind::Drop => (TierChange::Lost, *k),
+            });
+            moved.push(crate::plan::MoveDone {
+                kind: *kind,
+                key: *k,
+                outcome: Outcome::Done,
+            });
+        }
+        let mut saved = Vec::new();
+        for s in &plan.saves {
+            for b in &s.blocks {
+                tiers.push((TierChange::OnHost, b.0));
+                if s.to_nvme {
+                    // the write-behind: one Demote outcome per block
+                    tiers.push((TierChange::OnNvme, b.0));
+                    moved.push(crate::plan::MoveDone {
+                        kind: MoveKind::Demote,
+                        key: b.0,
+                        outcome: Outcome::Done,
+                    });
+                }
+            }
+            saved.push(SaveDone {
+                req_id: s.req_id.clone(),
+                ok: s.blocks.iter().map(|b| b.0).collect(),
+                failed: vec![],
+            });
+        }
+        let rep = Report {
+            block_bytes: BLOCK,
+            saved,
+            moved,
+            tiers,
+            ..Default::default()
+        };
+        p.on_report(&rep.encode(), now).unwrap();
+    }
+
+    #[test]
+    fn an_idle_tick_prefetches_the_tool_session_over_the_human_one() {
+        let cfg = Config::from_json(
+            format!(
+                r#"{{"policy":"kvpark","host_bytes":{},"nvme_dir":{:?},"kvpark":{{"check_every":"500ms"}}}}"#,
+                20 * BLOCK,
+                std::env::temp_dir()
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        let mut p = BlockPlanner::new(cfg, BS).unwrap();
+        let t0 = 1_000_000 * MS;
+        finish(&mut p, "warm", "user", &hashes(1, 99), 1, t0);
+        finish(&mut p, "p1", "tool", &hashes(10, 1), 10, t0 + 100 * MS);
+        // p2 parks 8 s later: p1 has waited long enough for its tool that
+        // the population's distribution alone would not call it imminent
+        let p2_at = 8000;
+        finish(&mut p, "p2", "user", &hashes(19, 2), 19, t0 + p2_at * MS);
+        let m = p.metrics();
+        assert_eq!(m.prefetches, 0, "{m:?}");
+        // the engine is idle: ticks at the planner's wakeups
+        let mut now = t0 + p2_at * MS;
+        let mut fetched = None;
+        for _ in 0..1000 {
+            let Some(w) = p.next_wakeup() else { break };
+            now = w.max(now);
+            let plan = p.tick_moves(now);
+            if plan.is_empty() {
+                continue;
+            }
+            let plan = Plan::decode(&plan).unwrap();
+            assert!(plan.saves.is_empty() && plan.loads.is_empty());
+            report(&mut p, &plan, now);
+            if plan.moves.iter().any(|m| m.0 == MoveKind::Promote) {
+                fetched = Some(now);
+                break;
+            }
+        }
+        let at = fetched.expect("a prefetch while idle");
+        // at the first checkpoint after p2 parked (every 500 ms)
+        assert!(
+            at <= t0 + (p2_at + 500) * MS,
+            "prefetched at {} ms",
+            (at - t0) / MS
+        );
+        let m = p.metrics();
+        assert_eq!((m.prefetches, m.idle_plans), (1, 1), "{m:?}");
+        // p1's 10 blocks are on host again (and the warm session's one)
+        assert_eq!(m.parked_host_blocks, 11, "{m:?}");
     }
 }
