@@ -96,6 +96,11 @@ METRICS: tuple[Metric, ...] = (
            "when the session came back); late (still moving); wasted (left host before the session came back).",
            "planner", ((("issued",), _at("prefetches")), (("in_time",), _at("prefetch_in_time")),
                        (("late",), _at("prefetch_late")), (("wasted",), _at("prefetch_wasted"))), ("outcome",)),
+    Metric("predicted_gaps", "counter",
+           "Gaps (suspend to the next request) the kvpark policy had predicted: all; below_p50 / below_p90 "
+           "(at most the predicted median / p90: calibrated, half and nine in ten).",
+           "planner", ((("all",), _at("predicted_gaps")), (("below_p50",), _at("gaps_below_p50")),
+                       (("below_p90",), _at("gaps_below_p90"))), ("bucket",)),
     Metric("sessions", "counter", "Sessions seen.", "planner", _one(_at("sessions"))),
     Metric("parked_blocks", "gauge", "Blocks kvpark holds, by tier (a block on both counts in both).",
            "planner", ((("host",), _at("parked_host_blocks")), (("nvme",), _at("parked_nvme_blocks"))), ("tier",)),

@@ -262,6 +262,13 @@ pub struct PlannerMetrics {
     /// Plans of tier moves run while the engine was idle
     /// ([`BlockPlanner::tick_moves`]).
     pub idle_plans: u64,
+    /// Gaps (suspend to the next request) the policy had predicted (the
+    /// kvpark policies; 0 for the others).
+    pub predicted_gaps: u64,
+    /// Of which at most the predicted median (calibrated: half).
+    pub gaps_below_p50: u64,
+    /// Of which at most the predicted p90 (calibrated: nine in ten).
+    pub gaps_below_p90: u64,
     /// Host bytes the core planner accounts for.
     pub planned_host_bytes: u64,
     /// NVMe bytes the core planner accounts for.
@@ -1299,6 +1306,11 @@ impl BlockPlanner {
             )),
             "per-tier counts drifted from the index"
         );
+        if let Some(c) = self.core.calibration() {
+            self.metrics.predicted_gaps = c.gaps;
+            self.metrics.gaps_below_p50 = c.below_p50;
+            self.metrics.gaps_below_p90 = c.below_p90;
+        }
         let (h, n) = self.core.occupancy();
         self.metrics.planned_host_bytes = h;
         self.metrics.planned_nvme_bytes = n;

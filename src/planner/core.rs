@@ -29,7 +29,7 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap};
 
-use crate::policy::{tier_index, EvictKey, Op, Policy, SessionView};
+use crate::policy::{tier_index, Calibration, EvictKey, Op, Policy, SessionView};
 
 pub use crate::session::{Action, Awaiting, Capacity, Hint, Nanos, SessionId, Tier};
 
@@ -142,6 +142,11 @@ impl Planner {
     /// The policy's name.
     pub fn policy_name(&self) -> String {
         self.policy.name()
+    }
+
+    /// The policy's gap-prediction calibration, if it predicts gaps.
+    pub fn calibration(&self) -> Option<Calibration> {
+        self.policy.calibration()
     }
 
     /// Counters.

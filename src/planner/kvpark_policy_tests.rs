@@ -252,3 +252,24 @@ fn variants_save_where_they_say_and_hints_are_ignored_without_them() {
         assert_eq!(k.name(), name);
     }
 }
+
+#[test]
+fn calibration_counts_every_predicted_gap() {
+    let cap = Capacity {
+        host_bytes: GB,
+        nvme_bytes: 100 * GB,
+    };
+    let p = trained(Variant::FULL, cap);
+    // 60 rounds of one tool wait (1 s) and one human wait (300 s), each
+    // suspend predicted (the study's prior before any gap is seen)
+    let c = p.calibration().expect("kvpark predicts gaps");
+    assert_eq!(c.gaps, 120, "{c:?}");
+    assert!(c.below_p50 <= c.below_p90 && c.below_p90 <= c.gaps, "{c:?}");
+    // the waits repeat exactly: once learned, each is within its p90
+    assert!(c.below_p90 >= 100, "{c:?}");
+    let lru = Planner::new(
+        cap,
+        crate::policy::by_name("lmcache-lru", PolicyEnv::default(), None).unwrap(),
+    );
+    assert_eq!(lru.calibration(), None);
+}

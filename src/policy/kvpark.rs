@@ -73,7 +73,7 @@ use crate::error::{Error, Result};
 use crate::predict::{GapContext, GapDist, GapPredictor, Learned};
 use crate::session::{Hint, Nanos, SessionId, Tier};
 
-use super::{EvictKey, Op, Policy, PolicyEnv, SessionView, SuspendPlan, TimerPlan};
+use super::{Calibration, EvictKey, Op, Policy, PolicyEnv, SessionView, SuspendPlan, TimerPlan};
 
 /// Default [`Knobs::check_every`]: checkpoints are at most this far apart
 /// in the first hour after a suspend (each may prefetch).
@@ -368,6 +368,7 @@ pub struct Kvpark {
     pred: Learned,
     sess: HashMap<SessionId, St>,
     no_hint: Hint,
+    cal: Calibration,
 }
 
 impl Kvpark {
@@ -436,6 +437,7 @@ impl Kvpark {
             pred: Learned::default(),
             sess: HashMap::new(),
             no_hint: Hint::default(),
+            cal: Calibration::default(),
         }
     }
 
@@ -597,7 +599,13 @@ impl Policy for Kvpark {
     }
 
     fn on_resume(&mut self, now: Nanos, s: &SessionView, gap: Nanos, _ghost: Option<(Tier, u8)>) {
-        if self.sess.remove(&s.id).is_some() {
+        if let Some(st) = self.sess.remove(&s.id) {
+            if let Some(d) = &st.dist {
+                self.cal.gaps += 1;
+                let below = |p: f64| inv(d, p).is_some_and(|q| gap <= q);
+                self.cal.below_p50 += below(0.5) as u64;
+                self.cal.below_p90 += below(0.9) as u64;
+            }
             let hint = self.hint(s).clone();
             let ctx = GapContext {
                 session: s.id,
@@ -614,6 +622,10 @@ impl Policy for Kvpark {
     fn on_end(&mut self, s: SessionId) {
         self.sess.remove(&s);
         self.pred.end(s);
+    }
+
+    fn calibration(&self) -> Option<Calibration> {
+        Some(self.cal)
     }
 }
 

@@ -161,6 +161,19 @@ impl Default for PolicyEnv {
     }
 }
 
+/// How the gaps a policy predicted came out: of the observed gaps whose
+/// prediction it had, how many were at most the predicted median and at
+/// most the predicted p90 (ideal: half and nine in ten).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Calibration {
+    /// Gaps observed with a prediction.
+    pub gaps: u64,
+    /// Of which at most the predicted p50.
+    pub below_p50: u64,
+    /// Of which at most the predicted p90.
+    pub below_p90: u64,
+}
+
 /// A placement / eviction / prefetch policy. See the module docs.
 pub trait Policy: Send {
     /// The registered name ("vllm-offload:arc").
@@ -206,6 +219,10 @@ pub trait Policy: Send {
     /// A session ended.
     fn on_end(&mut self, s: SessionId) {
         let _ = s;
+    }
+    /// The calibration of its gap predictions (`None`: it predicts none).
+    fn calibration(&self) -> Option<Calibration> {
+        None
     }
 }
 

@@ -90,3 +90,13 @@ def test_the_displaced_session_still_hits_from_nvme(runs):
     assert t["external_tokens"] == 640, t["external_tokens"]
     assert p2["hit_blocks_nvme"] - p1["hit_blocks_nvme"] >= 1, (p1, p2)
     assert p2["load_failed_blocks"] == 0, p2
+
+
+def test_the_gap_predictions_are_counted(runs):
+    _, got = runs
+    s = snaps(got)
+    # p1 and p2 came back once each, both after a predicted gap
+    end = s["after_p2"]["planner"]
+    assert s["before_idle"]["planner"]["predicted_gaps"] == 0
+    assert end["predicted_gaps"] == 2, end
+    assert end["gaps_below_p50"] <= end["gaps_below_p90"] <= 2, end
