@@ -324,8 +324,7 @@ fn main() {
     let buckets = |n: usize| ((n * 8).div_ceil(7)).next_power_of_two();
     let b = buckets(parked as usize + 1);
     let key = std::mem::size_of::<BlockKey>();
-    // Loc: host, nvme, session, last_use (u64 each), loading (u32), doomed (bool)
-    let loc = 40;
+    let loc = kvpark::planner::blocks::INDEX_ENTRY_BYTES - key;
     let chain_cap = a.blocks.next_power_of_two();
     println!(
         "  estimate: blocks map {} buckets x ({key} key + {loc} Loc + 1 ctrl) = {:.1} B/block; session chains Vec<BlockKey> capacity {chain_cap} per {} blocks = {:.1} B/block; total {:.1} B/block",

@@ -444,12 +444,18 @@ class KVParkConnector(KVConnectorBase_V1):
             line = _LINES.get(self._line, {})
             for k in [k for k, r in line.items() if r() is self]:
                 del line[k]
-        if self._mover is not None:
-            self._mover.close()
-            self._mover = None
-        if self._planner is not None:
-            self._planner.close()
-            self._planner = None
+            sched = line.get("scheduler")
+            sched = sched() if sched is not None else None
+        # The scheduler's idle thread works on this worker's mover under the scheduler's
+        # lock: close under it too, so no idle call is inside the library meanwhile.
+        with (sched._lock if sched is not None else self._lock):
+            if self._mover is not None:
+                self._mover.close()
+                self._mover = None
+        with self._lock:
+            if self._planner is not None:
+                self._planner.close()
+                self._planner = None
 
     @classmethod
     def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:

@@ -139,7 +139,6 @@ struct Loc {
     /// Ranks holding an NVMe copy.
     nvme: u64,
     session: u64,
-    last_use: u64,
     /// Loads planned and not yet reported: never dropped meanwhile.
     loading: u32,
     /// A load of it failed on some rank: never offered again; dropped on
@@ -159,6 +158,10 @@ struct ReqState {
 /// A block found at start: `(rank, key, session, raw_len, in the host
 /// arena file, on NVMe)`.
 pub type Recovered = (u32, BlockKey, u64, u64, bool, bool);
+
+/// Bytes of one entry of the block index (key and location), before the
+/// hash table's own overhead (a control byte per bucket, spare buckets).
+pub const INDEX_ENTRY_BYTES: usize = std::mem::size_of::<(BlockKey, Loc)>();
 
 /// The most ranks one planner tracks (one bit each).
 pub const MAX_WORLD: u32 = 64;
@@ -452,7 +455,6 @@ impl BlockPlanner {
                         host: 0,
                         nvme: 0,
                         session,
-                        last_use: 0,
                         loading: 0,
                         doomed: false,
                     },
@@ -597,11 +599,6 @@ impl BlockPlanner {
         }
         let bytes = n as u64 * self.block_bytes;
         let load_async = n > 0 && (!all_host || bytes > self.cfg.sync_load_budget_bytes);
-        for k in &keys[local..local + n] {
-            if let Some(l) = self.blocks.get_mut(k) {
-                l.last_use = now;
-            }
-        }
         self.reqs.insert(
             req.req_id.to_string(),
             ReqState {
@@ -712,23 +709,19 @@ impl BlockPlanner {
         self.last_seen.insert(session, now);
         let (to_host, to_nvme) = self.suspend_session(req, session, full, now);
         let mut blocks = Vec::new();
-        let all = self.all;
         for (i, k) in keys[..full].iter().enumerate() {
-            match self.blocks.get_mut(k) {
-                Some(l) if l.host | l.nvme == all => l.last_use = now,
-                _ if self.saving_keys.contains_key(k) => {}
-                // held by some ranks only: being dropped, not parked again
-                Some(_) => {}
-                _ => {
-                    if block_ids[i] == 0 {
-                        return Err(Error::invalid(format!(
-                            "request {:?}: block {i} is vLLM's null block",
-                            req.req_id
-                        )));
-                    }
-                    blocks.push((*k, block_ids[i], i as u32));
-                }
+            // parked already, held by some ranks only (being dropped, not
+            // parked again) or being saved: nothing to save
+            if self.blocks.contains_key(k) || self.saving_keys.contains_key(k) {
+                continue;
             }
+            if block_ids[i] == 0 {
+                return Err(Error::invalid(format!(
+                    "request {:?}: block {i} is vLLM's null block",
+                    req.req_id
+                )));
+            }
+            blocks.push((*k, block_ids[i], i as u32));
         }
         if blocks.is_empty() || !to_host {
             if let Some(acts) = self.save_actions.remove(req.req_id) {
@@ -1231,7 +1224,6 @@ impl BlockPlanner {
                     host: 0,
                     nvme: 0,
                     session,
-                    last_use: 0,
                     loading: 0,
                     doomed: false,
                 },
