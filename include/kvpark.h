@@ -397,6 +397,14 @@ enum KvparkStatus kvpark_planner_build_meta(struct KvparkPlanner *p,
                                             uint64_t now_ns,
                                             struct KvparkBuf *out);
 
+// The bytes of one KV block on one worker rank as vLLM's KV cache config
+// gives them, so that sessions parked before the first worker report are
+// accounted; a worker's report overrides it.
+//
+// # Safety
+// `p` must be a live planner.
+enum KvparkStatus kvpark_planner_expect_block_bytes(struct KvparkPlanner *p, uint64_t bytes);
+
 // The policy's time-driven work due by `now_ns` as a plan of tier moves
 // only, for the workers to run while the engine is idle
 // (`kvpark_mover_run_moves`); empty when there is none.

@@ -187,6 +187,7 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "kvpark_planner_build_meta": (_Status, [_PlannerP, c_uint64, POINTER(KvparkBuf)]),
     "kvpark_planner_on_worker_meta": (_Status, [_PlannerP, _u8p, c_size_t, c_uint64]),
     "kvpark_planner_tick_moves": (_Status, [_PlannerP, c_uint64, POINTER(KvparkBuf)]),
+    "kvpark_planner_expect_block_bytes": (_Status, [_PlannerP, c_uint64]),
     "kvpark_planner_next_wakeup": (_Status, [_PlannerP, POINTER(c_uint64)]),
     "kvpark_planner_metrics": (_Status, [_PlannerP, POINTER(KvparkBuf)]),
     "kvpark_mover_new": (_Status, [_u8p, c_size_t, c_uint32, POINTER(_MoverP)]),
@@ -471,6 +472,10 @@ class Planner:
         out = KvparkBuf()
         _call(self._lib, "kvpark_planner_build_meta", self._handle(), c_uint64(now_ns), ctypes.byref(out))
         return _take_buf(self._lib, out)
+
+    def expect_block_bytes(self, n: int) -> None:
+        """One rank's bytes per KV block from vLLM's config, until a worker reports them."""
+        _call(self._lib, "kvpark_planner_expect_block_bytes", self._handle(), c_uint64(n))
 
     def tick_moves(self, now_ns: int) -> bytes:
         """The policy's tier moves due by now_ns, as a moves-only plan (b"" when none)."""

@@ -395,6 +395,9 @@ class KVParkConnector(KVConnectorBase_V1):
         self._world = world
         if role == KVConnectorRole.SCHEDULER:
             self._planner = _ffi.Planner(extra, self._block_size, world, first)
+            if context.get("block_bytes"):
+                # sessions parked before the first worker report are accounted too
+                self._planner.expect_block_bytes(int(context["block_bytes"]))
             logger.info(
                 "kvpark: planner up (block_size %d, worker ranks %d..%d, config %s)",
                 self._block_size,

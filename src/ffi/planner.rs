@@ -222,6 +222,24 @@ pub unsafe extern "C" fn kvpark_planner_build_meta(
     })
 }
 
+/// The bytes of one KV block on one worker rank as vLLM's KV cache config
+/// gives them, so that sessions parked before the first worker report are
+/// accounted; a worker's report overrides it.
+///
+/// # Safety
+/// `p` must be a live planner.
+#[no_mangle]
+pub unsafe extern "C" fn kvpark_planner_expect_block_bytes(
+    p: *mut KvparkPlanner,
+    bytes: u64,
+) -> KvparkStatus {
+    guard("kvpark_planner_expect_block_bytes", || {
+        let p = &*nn(p, "planner")?;
+        p.inner.lock().expect_block_bytes(bytes);
+        Ok(())
+    })
+}
+
 /// The policy's time-driven work due by `now_ns` as a plan of tier moves
 /// only, for the workers to run while the engine is idle
 /// (`kvpark_mover_run_moves`); empty when there is none.

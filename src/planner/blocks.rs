@@ -319,6 +319,8 @@ pub struct BlockPlanner {
     resumed: HashSet<String>,
     /// Sessions with a prefetch since their suspend: whether it completed.
     prefetched: HashMap<SessionId, bool>,
+    /// A worker reported the block size (until then it is vLLM's config's, if given).
+    block_bytes_reported: bool,
     /// Last suspend or resume per session (for `session_ttl`).
     last_seen: HashMap<SessionId, u64>,
 }
@@ -374,6 +376,7 @@ impl BlockPlanner {
             save_actions: HashMap::new(),
             resumed: HashSet::new(),
             prefetched: HashMap::new(),
+            block_bytes_reported: false,
             last_seen: HashMap::new(),
             model: ModelNs::of(&cfg.model_identity),
             cfg,
@@ -978,6 +981,17 @@ impl BlockPlanner {
         }
     }
 
+    /// The bytes of one block on one rank, as vLLM's KV cache config gives
+    /// them, before any worker reported them: without it the sessions
+    /// parked before the first report are not in the policy's accounting.
+    /// A worker's report always wins (a mismatch is logged once).
+    pub fn expect_block_bytes(&mut self, bytes: u64) {
+        if !self.block_bytes_reported && bytes > 0 {
+            self.block_bytes = bytes;
+            self.metrics.block_bytes = bytes;
+        }
+    }
+
     /// When the policy next has time-driven work (a checkpoint, a
     /// demotion), on the clock of `now_ns`; `None`: nothing scheduled.
     pub fn next_wakeup(&self) -> Option<u64> {
@@ -1114,6 +1128,17 @@ impl BlockPlanner {
         };
         let bit = 1u64 << rank;
         if r.block_bytes != 0 {
+            if self.block_bytes != 0
+                && self.block_bytes != r.block_bytes
+                && !self.block_bytes_reported
+            {
+                log::warn!(
+                    "kvpark: rank {rank} reports {} bytes per block, vLLM's KV cache config implied {}; using the rank's",
+                    r.block_bytes,
+                    self.block_bytes
+                );
+            }
+            self.block_bytes_reported = true;
             self.block_bytes = r.block_bytes;
             self.metrics.block_bytes = r.block_bytes;
         }
@@ -1847,6 +1872,22 @@ mod idle_tests {
             ..Default::default()
         };
         p.on_report(&rep.encode(), now).unwrap();
+    }
+
+    #[test]
+    fn the_first_session_is_tracked_when_the_block_size_is_expected() {
+        for expect in [false, true] {
+            let cfg = Config::from_json(br#"{"policy":"kvpark","host_bytes":"1MiB"}"#).unwrap();
+            let mut p = BlockPlanner::new(cfg, BS).unwrap();
+            if expect {
+                p.expect_block_bytes(BLOCK);
+            }
+            finish(&mut p, "first", "user", &hashes(5, 1), 5, MS);
+            let id = p.sessions["first"];
+            let held = p.core.holding(id).map_or(0, |h| h.held[0]);
+            assert_eq!(held, if expect { 5 * BLOCK } else { 0 }, "expect {expect}");
+            assert_eq!(p.metrics().block_bytes, BLOCK);
+        }
     }
 
     #[test]

@@ -59,6 +59,10 @@ static void misuse(void) {
     CHECK(kvpark_planner_match(NULL, NULL, 0, 0, 0, NULL) == KVPARK_STATUS_NULL_POINTER, "match(NULL)");
     CHECK(kvpark_mover_start_load(NULL) == KVPARK_STATUS_NULL_POINTER, "start_load(NULL)");
     CHECK(kvpark_mover_set_stream(NULL, 0) == KVPARK_STATUS_NULL_POINTER, "set_stream(NULL)");
+    CHECK(kvpark_planner_tick_moves(NULL, 0, &out) == KVPARK_STATUS_NULL_POINTER, "tick_moves(NULL)");
+    CHECK(kvpark_planner_next_wakeup(NULL, NULL) == KVPARK_STATUS_NULL_POINTER, "next_wakeup(NULL)");
+    CHECK(kvpark_planner_expect_block_bytes(NULL, 4096) == KVPARK_STATUS_NULL_POINTER, "expect_block_bytes(NULL)");
+    CHECK(kvpark_mover_run_moves(NULL, NULL, 0) == KVPARK_STATUS_NULL_POINTER, "run_moves(NULL)");
 
     /* undersized last-error buffer: truncated, NUL-terminated, full length returned */
     char tiny[4];
@@ -78,6 +82,14 @@ static void misuse(void) {
     CHECK(kvpark_mover_new((const uint8_t *)"{\"host_bytes\":\"1MiB\"}", 21, 0, &m) == KVPARK_STATUS_OK, "mover_new");
     const uint8_t junk[3] = {'K', 'V', 'P'};
     CHECK(kvpark_mover_bind(m, junk, sizeof junk) == KVPARK_STATUS_CORRUPT, "short plan");
+    CHECK(kvpark_mover_run_moves(m, junk, sizeof junk) == KVPARK_STATUS_CORRUPT, "short idle plan");
+    /* nothing scheduled yet: no wakeup, an empty idle plan */
+    uint64_t wake = 0;
+    CHECK(kvpark_planner_next_wakeup(p, &wake) == KVPARK_STATUS_OK && wake == UINT64_MAX, "no wakeup");
+    CHECK(kvpark_planner_tick_moves(p, 1, &out) == KVPARK_STATUS_OK && out.len == 0, "empty idle plan");
+    kvpark_buf_free(out);
+    out = (KvparkBuf){0};
+    CHECK(kvpark_planner_expect_block_bytes(p, 4096) == KVPARK_STATUS_OK, "expect_block_bytes");
 
     /* inconsistent geometry: 2 layers declared, 1 view given; strides of neither order */
     float *kv = calloc((size_t)BLOCKS * PAGE, sizeof(float));

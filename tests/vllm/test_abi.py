@@ -42,6 +42,8 @@ STUBFN(kvpark_mover_register) STUBFN(kvpark_mover_bind) STUBFN(kvpark_mover_star
 STUBFN(kvpark_mover_wait_layer) STUBFN(kvpark_mover_wait_for_save) STUBFN(kvpark_mover_get_finished)
 STUBFN(kvpark_mover_take_worker_meta) STUBFN(kvpark_mover_metrics) STUBFN(kvpark_mover_set_stream)
 STUBFN(kvpark_config_preflight) STUBFN(kvpark_set_log_callback)
+STUBFN(kvpark_planner_tick_moves) STUBFN(kvpark_planner_next_wakeup)
+STUBFN(kvpark_planner_expect_block_bytes) STUBFN(kvpark_mover_run_moves)
 void kvpark_planner_free(void *p) { (void)p; }
 void kvpark_mover_free(void *p) { (void)p; }
 """

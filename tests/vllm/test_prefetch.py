@@ -17,10 +17,9 @@ import pytest
 from test_e2e import assert_same_outputs, base_spec, run_engine, snaps, turns, turn
 
 PHASE = [
-    # the first request teaches the planner the workers' block size (the policy
-    # tracks sessions from then on)
-    turn(["w0"], 64, "w0.t1", {"awaiting": "user"}),
-    {"op": "drain"},
+    # before any worker report: the planner knows the block size from vLLM's KV cache
+    # config, so the very first session is in the policy's accounting
+    {"op": "snapshot", "tag": "start"},
     turn(["p1"], 320, "p1.t1", {"awaiting": "tool", "tool": "Bash"}),
     {"op": "drain"},
     turn(["p2"], 640, "p2.t1", {"awaiting": "user"}),
@@ -42,10 +41,10 @@ PHASE = [
 def runs(tmp_path_factory, tiny_model, libkvpark):
     tmp = tmp_path_factory.mktemp("prefetch")
     ref = run_engine(tmp, "ref", base_spec(tiny_model, None, PHASE))
-    # 22 host slots of 32 KiB: w0's 2 blocks, then p2's 20 push all of p1's 10 out to NVMe (the
+    # 20 host slots of 32 KiB: p2's 20 blocks push all of p1's 10 out to NVMe (the
     # kvpark policy writes each suspend through to NVMe). Checkpoints every 500 ms.
     cfg = {
-        "host_bytes": "704KiB",
+        "host_bytes": "640KiB",
         "nvme_dir": str(tmp / "nvme"),
         "policy": "kvpark",
         "kvpark": {"check_every": "500ms"},
@@ -56,7 +55,14 @@ def runs(tmp_path_factory, tiny_model, libkvpark):
 
 def test_outputs_equal_a_run_without_kvpark(runs):
     ref, got = runs
-    assert_same_outputs(ref, got, ["w0.t1", "p1.t1", "p2.t1", "p1.t2", "p2.t2"])
+    assert_same_outputs(ref, got, ["p1.t1", "p2.t1", "p1.t2", "p2.t2"])
+
+
+def test_the_block_size_from_vllms_config_is_the_workers(runs):
+    _, got = runs
+    s = snaps(got)
+    assert s["start"]["planner"]["block_bytes"] == 32 << 10, s["start"]["planner"]
+    assert s["after_p2"]["planner"]["block_bytes"] == 32 << 10
 
 
 def test_idle_prefetch_makes_the_next_request_a_sync_host_hit(runs):
