@@ -31,12 +31,16 @@
 
 use kvpark::block::{BlockKey, ModelNs};
 use kvpark::config::Config;
-use kvpark::plan::{LoadDone, MoveDone, MoveKind, Outcome, Plan, Report, SaveDone, TierChange};
+use kvpark::plan::{Plan, Report};
 use kvpark::planner::{BlockPlanner, RequestView};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Instant;
+
+#[path = "common/clock.rs"]
+mod clock;
+use clock::thread_cpu_ns;
 
 /// Live heap bytes and their peak, counted by the global allocator.
 struct Counting;
@@ -148,56 +152,7 @@ fn view<'a>(id: &'a str, h: &'a [u8]) -> RequestView<'a> {
 /// The worker runs `plan` and reports every save, load and move done
 /// (saves written through to NVMe report one `Demote` outcome per block).
 fn report(p: &mut BlockPlanner, plan: &Plan, block_bytes: u64, now: u64) {
-    let mut tiers = Vec::new();
-    let mut moved = Vec::new();
-    for (kind, k) in &plan.moves {
-        tiers.push(match kind {
-            MoveKind::EvictHost => (TierChange::LeftHost, *k),
-            MoveKind::Promote => (TierChange::OnHost, *k),
-            MoveKind::Demote => (TierChange::OnNvme, *k),
-            MoveKind::Drop => (TierChange::Lost, *k),
-        });
-        moved.push(MoveDone {
-            kind: *kind,
-            key: *k,
-            outcome: Outcome::Done,
-        });
-    }
-    let mut saved = Vec::new();
-    for s in &plan.saves {
-        for b in &s.blocks {
-            tiers.push((TierChange::OnHost, b.0));
-            if s.to_nvme {
-                tiers.push((TierChange::OnNvme, b.0));
-                moved.push(MoveDone {
-                    kind: MoveKind::Demote,
-                    key: b.0,
-                    outcome: Outcome::Done,
-                });
-            }
-        }
-        saved.push(SaveDone {
-            req_id: s.req_id.clone(),
-            ok: s.blocks.iter().map(|b| b.0).collect(),
-            failed: vec![],
-        });
-    }
-    let loaded = plan
-        .loads
-        .iter()
-        .map(|l| LoadDone {
-            req_id: l.req_id.clone(),
-            failed: vec![],
-        })
-        .collect();
-    let rep = Report {
-        block_bytes,
-        saved,
-        loaded,
-        moved,
-        tiers,
-        ..Default::default()
-    };
+    let rep = Report::all_done(plan, block_bytes);
     p.on_report(&rep.encode(), now).expect("on_report");
 }
 
@@ -218,17 +173,6 @@ fn pct(v: &mut [u64], p: f64) -> f64 {
     v.sort_unstable();
     let i = ((v.len() as f64 - 1.0) * p).round() as usize;
     v[i] as f64 / 1e3
-}
-
-/// CPU time of the calling thread, in ns (excludes time preempted).
-fn thread_cpu_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid timespec to write; CLOCK_THREAD_CPUTIME_ID exists on Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// A tiny xorshift, so the bench needs no dependency.

@@ -27,6 +27,10 @@ use kvpark::planner::{BlockPlanner, RequestView};
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
+#[path = "common/clock.rs"]
+mod clock;
+use clock::thread_cpu_ns;
+
 const LAYERS: u32 = 8;
 const BLOCK_TOKENS: u32 = 16;
 /// vLLM blocks in the fake KV cache.
@@ -128,18 +132,6 @@ fn view<'a>(r: &'a Req) -> RequestView<'a> {
         hash_len: 32,
         hint: None,
     }
-}
-
-/// CPU time of the calling thread, in ns (excludes time preempted or
-/// blocked).
-fn thread_cpu_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid timespec to write; CLOCK_THREAD_CPUTIME_ID exists on Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Context switches of the calling thread so far: (voluntary: it blocked,

@@ -213,6 +213,53 @@ impl Report {
             && self.tiers.is_empty()
     }
 
+    /// The report of rank 0 of a worker that ran all of `plan` and
+    /// succeeded everywhere: every save parked on host (and written to
+    /// NVMe, one Demote outcome per block, when it asked for it), every load
+    /// done, every move done with its tier change. For tests, benchmarks
+    /// and models of the worker; a real worker reports what happened.
+    pub fn all_done(plan: &Plan, block_bytes: u64) -> Report {
+        let mut r = Report {
+            block_bytes,
+            ..Report::default()
+        };
+        for (kind, k) in &plan.moves {
+            r.tier(
+                match kind {
+                    MoveKind::EvictHost => TierChange::LeftHost,
+                    MoveKind::Promote => TierChange::OnHost,
+                    MoveKind::Demote => TierChange::OnNvme,
+                    MoveKind::Drop => TierChange::Lost,
+                },
+                *k,
+            );
+            r.moved(*kind, *k, Outcome::Done);
+        }
+        for s in &plan.saves {
+            for b in &s.blocks {
+                r.tier(TierChange::OnHost, b.0);
+                if s.to_nvme {
+                    r.tier(TierChange::OnNvme, b.0);
+                    r.moved(MoveKind::Demote, b.0, Outcome::Done);
+                }
+            }
+            r.saved.push(SaveDone {
+                req_id: s.req_id.clone(),
+                ok: s.blocks.iter().map(|b| b.0).collect(),
+                failed: vec![],
+            });
+        }
+        r.loaded = plan
+            .loads
+            .iter()
+            .map(|l| LoadDone {
+                req_id: l.req_id.clone(),
+                failed: vec![],
+            })
+            .collect();
+        r
+    }
+
     /// Records a tier change.
     pub fn tier(&mut self, change: TierChange, key: BlockKey) {
         self.tiers.push((change, key));

@@ -1795,7 +1795,6 @@ mod policy_tests {
 #[cfg(test)]
 mod idle_tests {
     use super::*;
-    use crate::plan::SaveDone;
 
     const BS: u32 = 16;
     const BLOCK: u64 = 4096;
@@ -1829,48 +1828,7 @@ mod idle_tests {
 
     /// The worker runs `plan` and reports every save and move done.
     fn report(p: &mut BlockPlanner, plan: &Plan, now: u64) {
-        let mut tiers = Vec::new();
-        let mut moved = Vec::new();
-        for (kind, k) in &plan.moves {
-            tiers.push(match kind {
-                MoveKind::EvictHost => (TierChange::LeftHost, *k),
-                MoveKind::Promote => (TierChange::OnHost, *k),
-                MoveKind::Demote => (TierChange::OnNvme, *k),
-                MoveKind::Drop => (TierChange::Lost, *k),
-            });
-            moved.push(crate::plan::MoveDone {
-                kind: *kind,
-                key: *k,
-                outcome: Outcome::Done,
-            });
-        }
-        let mut saved = Vec::new();
-        for s in &plan.saves {
-            for b in &s.blocks {
-                tiers.push((TierChange::OnHost, b.0));
-                if s.to_nvme {
-                    // the write-behind: one Demote outcome per block
-                    tiers.push((TierChange::OnNvme, b.0));
-                    moved.push(crate::plan::MoveDone {
-                        kind: MoveKind::Demote,
-                        key: b.0,
-                        outcome: Outcome::Done,
-                    });
-                }
-            }
-            saved.push(SaveDone {
-                req_id: s.req_id.clone(),
-                ok: s.blocks.iter().map(|b| b.0).collect(),
-                failed: vec![],
-            });
-        }
-        let rep = Report {
-            block_bytes: BLOCK,
-            saved,
-            moved,
-            tiers,
-            ..Default::default()
-        };
+        let rep = Report::all_done(plan, BLOCK);
         p.on_report(&rep.encode(), now).unwrap();
     }
 
