@@ -1061,6 +1061,7 @@ fn check_cluster(b: &[u8]) -> Result<(), TestCaseError> {
                             amplification: 1.0,
                             hit: 1.0,
                             nvme_used: true,
+                            nvme_read_bytes: 0,
                         };
                         let j = config_json(&d, &o, None).to_string();
                         let c = Config::from_json(j.as_bytes());

@@ -153,7 +153,30 @@ fn with_gpu_reports_host_gets_what_the_gpu_gave_up() {
         gpu_reports: true,
         ..PolicyEnv::default()
     };
-    let mut p = trained_env(Variant::FULL, cap, env);
+    // plain kvpark ignores the reports (the connector has none): the same
+    // sequence as below writes the third suspend through to host and NVMe
+    let mut plain = trained_env(Variant::FULL, cap, env);
+    let t0 = 1_000_000 * S;
+    for (at, id, bytes) in [(t0, 1, GB), (t0 + S, 2, GB)] {
+        for x in plain.suspend(at, id, bytes, &hint(Awaiting::User)) {
+            plain.completed(at, &x, true);
+        }
+    }
+    plain.resume(t0 + 2 * S, 1);
+    let c = plain.suspend(t0 + 3 * S, 1, GB + GB / 8, &hint(Awaiting::User));
+    assert!(
+        c.iter().any(|x| matches!(
+            x,
+            Action::Copy {
+                from: None,
+                to: Tier::Host,
+                ..
+            }
+        )),
+        "plain kvpark saves to host: {c:?}"
+    );
+    let v = Variant::from_name("kvpark:gpu-events").unwrap();
+    let mut p = trained_env(v, cap, env);
     let t = 1_000_000 * S;
     // nothing on NVMe yet: host and NVMe
     let a = p.suspend(t, 1, GB, &hint(Awaiting::User));

@@ -14,9 +14,11 @@
 //!   (doubling, at most [`CHECK_EVERY`] apart in the first hour, up to a
 //!   day), so a session whose predicted return has passed moves down the
 //!   eviction order instead of staying "about to return".
-//! - **Host holds what the GPU does not.** Where the runtime reports when
-//!   vLLM's GPU prefix cache gives up a parked context
-//!   ([`PolicyEnv::gpu_reports`]; the replay simulator does), a host copy of
+//! - **Host holds what the GPU does not** (variant `kvpark:gpu-events`
+//!   only). Where the runtime reports when vLLM's GPU prefix cache gives
+//!   up a parked context ([`PolicyEnv::gpu_reports`]; the replay simulator
+//!   does, the vLLM connector does not yet: it would need vLLM's KV-cache
+//!   events, so plain `kvpark` goes without them everywhere), a host copy of
 //!   a context the GPU still holds is redundant: such copies go first when
 //!   host needs room (once their NVMe copy is whole), and a suspend whose
 //!   session has no host copy writes to NVMe only when NVMe already holds
@@ -61,7 +63,9 @@
 //! - `kvpark:no-nvme`: host only (no NVMe copy, so nothing to prefetch);
 //! - `kvpark:no-hints`: the policy ignores the hint (what the session
 //!   waits on, the tool's name); the predictor then has only the
-//!   population's and the session's own gaps.
+//!   population's and the session's own gaps;
+//! - `kvpark:gpu-events`: uses the runtime's news of GPU evictions (above);
+//!   replay only, until the connector subscribes to vLLM's KV-cache events.
 //!
 //! Cost per event: one prediction (a fixed number of histogram bins) at a
 //! suspend, one update at a resume, O(1) per checkpoint; state per
@@ -103,6 +107,12 @@ pub struct Variant {
     pub nvme: bool,
     /// Read the hint.
     pub hints: bool,
+    /// Use the runtime's news of the GPU prefix cache giving a parked
+    /// context up ([`PolicyEnv::gpu_reports`]), where it gives them: the
+    /// replay can; the vLLM connector does not yet (it would need vLLM's
+    /// KV-cache events), so the `kvpark` it runs, and the replay's, go
+    /// without.
+    pub gpu_events: bool,
 }
 
 impl Variant {
@@ -112,6 +122,7 @@ impl Variant {
         prefetch: true,
         nvme: true,
         hints: true,
+        gpu_events: false,
     };
 
     /// The variant of a registered name (`kvpark`, `kvpark:recency`, …).
@@ -130,6 +141,10 @@ impl Variant {
                 ..f
             },
             "kvpark:no-hints" => Variant { hints: false, ..f },
+            "kvpark:gpu-events" => Variant {
+                gpu_events: true,
+                ..f
+            },
             _ => return None,
         })
     }
@@ -142,6 +157,9 @@ impl Variant {
                 prefetch: false, ..
             } => "kvpark:no-prefetch",
             Variant { hints: false, .. } => "kvpark:no-hints",
+            Variant {
+                gpu_events: true, ..
+            } => "kvpark:gpu-events",
             _ => "kvpark",
         }
     }
@@ -463,7 +481,7 @@ impl Kvpark {
 
     /// Whether the GPU prefix cache is known to still hold the context.
     fn on_gpu(&self, s: &SessionView) -> bool {
-        self.env.gpu_reports && !s.gpu_gone
+        self.v.gpu_events && self.env.gpu_reports && !s.gpu_gone
     }
 
     /// Seconds to recompute a context of `bytes` (prefill at that context).
@@ -537,6 +555,7 @@ impl Policy for Kvpark {
         // so that a return between the GPU's eviction and the end of that
         // write still finds it
         let nvme_only = self.v.prefetch
+            && self.v.gpu_events
             && self.env.gpu_reports
             && s.held_in(Tier::Host) == 0
             && s.held_in(Tier::Nvme) > s.bytes / 2;

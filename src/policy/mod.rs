@@ -23,7 +23,7 @@
 //!
 //! Registered names (see [`by_name`]): `kvpark` and its ablations
 //! `kvpark:recency`, `kvpark:no-prefetch`, `kvpark:no-nvme`,
-//! `kvpark:no-hints` ([`kvpark`]), `gpu-lru`, `ttl:<dur>`, `lmcache-lru`,
+//! `kvpark:no-hints` and its replay-only `kvpark:gpu-events` ([`kvpark`]), `gpu-lru`, `ttl:<dur>`, `lmcache-lru`,
 //! `vllm-offload`, `vllm-offload:arc`, `oracle`, `oracle:gpu-lru`.
 
 pub mod baselines;
@@ -228,7 +228,7 @@ pub trait Policy: Send {
 
 /// Valid policy names, for errors and help.
 pub const NAMES: &str = "kvpark, kvpark:recency, kvpark:no-prefetch, kvpark:no-nvme, \
-     kvpark:no-hints (each with optional knobs: kvpark@margin=4,every=2s,first=1s), gpu-lru, ttl:<dur> (e.g. ttl:5m), lmcache-lru, vllm-offload, \
+     kvpark:no-hints, kvpark:gpu-events (each with optional knobs: kvpark@margin=4,every=2s,first=1s), gpu-lru, ttl:<dur> (e.g. ttl:5m), lmcache-lru, vllm-offload, \
      vllm-offload:arc, oracle, oracle:gpu-lru";
 
 /// Builds a policy by name. `oracle` (and `oracle:gpu-lru`, the oracle
@@ -280,6 +280,7 @@ mod tests {
             "kvpark:no-prefetch",
             "kvpark:no-nvme",
             "kvpark:no-hints",
+            "kvpark:gpu-events",
             "gpu-lru",
             "lmcache-lru",
             "vllm-offload",

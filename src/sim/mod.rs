@@ -61,12 +61,13 @@ pub fn fmt_dur_s(s: f64) -> String {
 }
 
 /// Policies compared when `--policies` is not given.
-pub const DEFAULT_POLICIES: [&str; 6] = [
+pub const DEFAULT_POLICIES: [&str; 7] = [
     "gpu-lru",
     "vllm-offload",
     "vllm-offload:arc",
     "lmcache-lru",
     "kvpark",
+    "kvpark:gpu-events",
     "oracle",
 ];
 /// Sessions of the embedded default trace.

@@ -102,6 +102,9 @@ pub struct Outcome {
     pub hit: f64,
     /// Whether anything was written to NVMe.
     pub nvme_used: bool,
+    /// Bytes read from NVMe (loads and prefetches, as stored): the
+    /// tie-breaker between points equal on the three objectives.
+    pub nvme_read_bytes: u64,
 }
 
 /// Rounds `b` down to a multiple of `g` (g > 0).
@@ -335,6 +338,7 @@ pub fn sweep(
                         amplification: r.amplification,
                         hit: r.hit.all,
                         nvme_used: r.nvme_write_bytes > 0,
+                        nvme_read_bytes: r.nvme_read_bytes,
                     })
                 });
                 *slots[i].lock() = Some(r);
@@ -364,16 +368,26 @@ pub fn dominates(a: &Outcome, b: &Outcome) -> bool {
 
 /// Indices of the non-dominated outcomes among those the connector can run
 /// (baselines excluded), by ascending cost; of several with equal
-/// objectives, the one with the fewest knobs set.
+/// objectives, the one that read the fewest NVMe bytes, then the one with
+/// the fewest knobs set.
 pub fn pareto(out: &[Outcome]) -> Vec<usize> {
     let cand: Vec<usize> = (0..out.len())
         .filter(|&i| !out[i].point.baseline && objectives(&out[i]).iter().all(|v| v.is_finite()))
         .collect();
-    // Of points with equal objectives (knob settings that made no
-    // difference) the front keeps one: the fewest knobs set, then the name.
+    // Of points with equal objectives (knob settings or policies that made
+    // no difference) the front keeps one: the fewest NVMe bytes read (a
+    // prefetch that bought nothing is wear and bandwidth), then the fewest
+    // knobs set, then a policy without gap prediction (the same result with
+    // less machinery), then the name.
     let rank = |i: usize| {
         let p = &out[i].point.policy;
-        (p.matches(['@', ',']).count(), p.clone(), i)
+        (
+            out[i].nvme_read_bytes,
+            p.matches(['@', ',']).count(),
+            p.starts_with("kvpark"),
+            p.clone(),
+            i,
+        )
     };
     let mut front: Vec<usize> = cand
         .iter()
@@ -439,11 +453,13 @@ pub fn recommend(
                 out[a].usd_per_hour,
                 out[a].ttft_user_p90,
                 out[a].amplification,
+                out[a].nvme_read_bytes,
             )
                 .partial_cmp(&(
                     out[b].usd_per_hour,
                     out[b].ttft_user_p90,
                     out[b].amplification,
+                    out[b].nvme_read_bytes,
                 ))
                 .unwrap_or(std::cmp::Ordering::Equal)
         });
@@ -528,7 +544,7 @@ fn row(o: &mut String, x: &Outcome, mark: &str) {
     };
     let _ = writeln!(
         o,
-        "{mark:1} {:<34} {:<10} {:>11} {:>11} {:>9.4} {:>8.2} {:>6.2}× {:>6.1}%",
+        "{mark:1} {:<34} {:<10} {:>11} {:>11} {:>9.4} {:>8.2} {:>6.2}× {:>6.1}% {:>10}",
         x.point.policy,
         x.point.codec,
         fmt_bytes(x.point.host_bytes),
@@ -536,7 +552,8 @@ fn row(o: &mut String, x: &Outcome, mark: &str) {
         x.usd_per_hour,
         x.ttft_user_p90,
         x.amplification,
-        x.hit * 100.0
+        x.hit * 100.0,
+        fmt_bytes(x.nvme_read_bytes)
     );
 }
 
@@ -572,8 +589,8 @@ pub fn render(
     );
     let _ = writeln!(
         o,
-        "  {:<34} {:<10} {:>11} {:>11} {:>9} {:>8} {:>7} {:>7}",
-        "policy", "codec", "host", "NVMe", "$/h", "p90 s", "amp", "hit"
+        "  {:<34} {:<10} {:>11} {:>11} {:>9} {:>8} {:>7} {:>7} {:>10}",
+        "policy", "codec", "host", "NVMe", "$/h", "p90 s", "amp", "hit", "NVMe read"
     );
     for &i in front {
         let m = if rec.is_some_and(|r| r.index == i) {
@@ -833,6 +850,7 @@ pub fn run_cli(a: super::cli::TuneArgs) -> Result<()> {
                     "amplification": x.amplification,
                     "hit": x.hit,
                     "nvme_used": x.nvme_used,
+                    "nvme_read_bytes": x.nvme_read_bytes,
                     "pareto": front.contains(&i),
                 })
             })
@@ -874,6 +892,7 @@ mod tests {
             amplification: amp,
             hit: 0.5,
             nvme_used: false,
+            nvme_read_bytes: 0,
         }
     }
 
@@ -902,6 +921,12 @@ mod tests {
             out("gpu-lru", 0.1, 0.1, 1.0),      // baseline: never on the front
             out("kvpark@margin=4", 0.5, 1.0, 1.0),
             out("kvpark", 0.5, 1.0, 1.0), // the same: kept instead of the line above
+            {
+                // the same again, but it read more NVMe: left out
+                let mut o = out("lmcache-lru", 0.5, 1.0, 1.0);
+                o.nvme_read_bytes = 1;
+                o
+            },
         ];
         let f = pareto(&xs);
         for &i in &f {
@@ -914,11 +939,14 @@ mod tests {
             }
         }
         for (j, y) in xs.iter().enumerate() {
-            if !f.contains(&j) && !y.point.baseline && j != 6 {
+            if !f.contains(&j) && !y.point.baseline && j != 6 && j != 8 {
                 assert!(f.iter().any(|&i| dominates(&xs[i], y)), "{j} left out");
             }
         }
-        assert!(f.contains(&7) && !f.contains(&6), "{f:?}");
+        assert!(
+            f.contains(&7) && !f.contains(&6) && !f.contains(&8),
+            "{f:?}"
+        );
         assert!(f
             .windows(2)
             .all(|w| xs[w[0]].usd_per_hour <= xs[w[1]].usd_per_hour));
@@ -1021,6 +1049,7 @@ mod tests {
                 amplification: 1.0,
                 hit: 1.0,
                 nvme_used: false,
+                nvme_read_bytes: 0,
             };
             let c = crate::config::Config::from_json(
                 config_json(&dep, &o, None).to_string().as_bytes(),
