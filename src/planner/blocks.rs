@@ -1669,10 +1669,10 @@ mod policy_tests {
     use super::*;
     use crate::plan::SaveDone;
 
-    const BS: u32 = 16;
-    const BLOCK: u64 = 4096;
+    pub(super) const BS: u32 = 16;
+    pub(super) const BLOCK: u64 = 4096;
 
-    fn hashes(n: usize, seed: u8) -> Vec<u8> {
+    pub(super) fn hashes(n: usize, seed: u8) -> Vec<u8> {
         (0..n)
             .flat_map(|i| [seed, i as u8, 9, 9, 9, 9, 9, 9])
             .collect()
@@ -1794,17 +1794,10 @@ mod policy_tests {
 
 #[cfg(test)]
 mod idle_tests {
+    use super::policy_tests::{hashes, BLOCK, BS};
     use super::*;
 
-    const BS: u32 = 16;
-    const BLOCK: u64 = 4096;
     const MS: u64 = 1_000_000;
-
-    fn hashes(n: usize, seed: u8) -> Vec<u8> {
-        (0..n)
-            .flat_map(|i| [seed, i as u8, 9, 9, 9, 9, 9, 9])
-            .collect()
-    }
 
     /// Finishes a request of session `s` with `n` blocks; the worker parks
     /// them on host and NVMe and reports the host evictions the plan asks.
