@@ -8,7 +8,7 @@
 use crate::codec::CodecTag;
 use crate::copy::select::{Rule, Selector};
 use crate::error::{Error, Result};
-use crate::policy::Knobs;
+use crate::policy::{Knobs, Variant};
 use crate::units::{parse_duration_ns, parse_size};
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -389,7 +389,7 @@ impl Config {
         if self.host_bytes == 0 {
             return Err(Error::config("host_bytes: must be > 0"));
         }
-        if self.kvpark != Knobs::default() && !self.policy.starts_with("kvpark") {
+        if self.kvpark != Knobs::default() && !self.predicts_gaps() {
             return Err(Error::config(format!(
                 "kvpark: knobs of the kvpark policy given, but policy is {:?}",
                 self.policy
@@ -421,12 +421,10 @@ impl Config {
         Ok(())
     }
 
-    /// Whether the policy saves every parked block to NVMe as well as host
-    /// (write-through), given an NVMe tier.
-    pub fn writes_through(&self) -> bool {
-        let p = self.policy.as_str();
-        self.nvme_dir.is_some()
-            && (p == "lmcache-lru" || (p.starts_with("kvpark") && p != "kvpark:no-nvme"))
+    /// Whether the policy is one of the `kvpark` policies (gap prediction,
+    /// per-session state; the `kvpark` knobs apply to it).
+    pub fn predicts_gaps(&self) -> bool {
+        Variant::from_name(&self.policy).is_some()
     }
 
     /// The host arena file of `rank` (`<host_file>.rank<N>`), if configured.

@@ -534,7 +534,12 @@ class KVParkConnector(KVConnectorBase_V1):
             return call(_request_view(request, with_hint=False))
 
     def _engine_call(self) -> None:
-        """A scheduler call of vLLM: the engine is not idle (the idle thread waits)."""
+        """A scheduler call of vLLM: the engine is not idle. With an idle thread, under
+        its lock, so that a pass of it in progress ends first and the next one sees this
+        call (no report is applied between a match and its allocation)."""
+        if self._idle_thread is None:
+            self._last_engine_call = time.monotonic()
+            return
         with self._lock:
             self._last_engine_call = time.monotonic()
 
@@ -560,18 +565,17 @@ class KVParkConnector(KVConnectorBase_V1):
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
         self._engine_call()
-        self._start_idle_thread()
         return KVParkConnectorMetadata(self._p().build_meta(_now_ns()))
 
     # ------------------------------------------------------- idle-time moves
 
     def _start_idle_thread(self) -> None:
-        """Starts the idle thread once, when the policy has time-driven work (the kvpark
-        policies: checkpoints that may prefetch) and the worker shares this process."""
-        if self._idle_thread is not None or not str(self._config.get("policy", "")).startswith("kvpark"):
-            return
-        if self._world != 1:
+        """Starts the idle thread once, when the policy has time-driven work (the planner
+        has a wakeup: the kvpark policies' checkpoints) and the worker shares this process."""
+        if self._idle_thread is not None or self._world != 1:
             return  # workers in other processes: moves travel with the steps only
+        if self._planner is None or self._planner.next_wakeup() is None:
+            return
         self._idle_thread = threading.Thread(target=self._idle_loop, name="kvpark-idle", daemon=True)
         self._idle_thread.start()
 
@@ -655,6 +659,9 @@ class KVParkConnector(KVConnectorBase_V1):
             request, lambda v: self._p().request_finished(v, ids, int(request.num_computed_tokens), now)
         )
         self.shim_counters["delayed_frees"] += int(delay)
+        # a suspend is where the policy sets its timers (once per finished request,
+        # not per step, until the thread runs)
+        self._start_idle_thread()
         self._last_match.pop(request.request_id, None)
         self._bad_hint_reqs.discard(request.request_id)
         return delay, None

@@ -354,13 +354,7 @@ impl BlockPlanner {
                 "ranks {first_rank} + {world} overflow a 32-bit rank"
             )));
         }
-        let sfx = cfg.kvpark.suffix();
-        let name = if cfg.policy.starts_with("kvpark") && !sfx.is_empty() {
-            format!("{}@{sfx}", cfg.policy)
-        } else {
-            cfg.policy.clone()
-        };
-        let policy = crate::policy::by_name(&name, PolicyEnv::default(), None)
+        let policy = crate::policy::with_knobs(&cfg.policy, &cfg.kvpark, PolicyEnv::default())
             .map_err(|e| Error::config(format!("policy: {}", e.message())))?;
         let cap = Capacity {
             host_bytes: cfg.host_bytes,
@@ -841,18 +835,28 @@ impl BlockPlanner {
         now: u64,
     ) -> (bool, bool) {
         let hint = core_hint(req.hint.as_ref());
-        let bytes = full as u64 * self.block_bytes;
+        // Without a block size yet (none from vLLM's config, no worker
+        // report), the policy still decides the tiers, on a nominal byte a
+        // block; its copies are then failed, so no size is accounted until
+        // the next suspend.
+        let sized = self.block_bytes != 0;
+        let bytes = full as u64 * self.block_bytes.max(1);
         let actions = self.core.suspend(now, session, bytes, &hint);
-        if self.block_bytes == 0 {
-            // No worker has reported the block size yet (the very first
-            // requests): park to host, and through to NVMe when the policy
-            // writes through; the core planner learns the sizes from the next
-            // suspend on.
+        if !sized {
+            let mut to_nvme = false;
             for a in &actions {
+                to_nvme |= matches!(
+                    a,
+                    Action::Copy {
+                        from: None,
+                        to: Tier::Nvme,
+                        ..
+                    }
+                );
                 self.core.completed(now, a, false);
             }
-            let through = self.cfg.writes_through();
-            return (true, through);
+            // the mover parks through the host tier
+            return (true, to_nvme);
         }
         let (mut to_host, mut to_nvme) = (false, false);
         let mut saves = Vec::new();
@@ -1388,6 +1392,15 @@ mod tests {
         keys
     }
 
+    /// Session "a" parks the 4 blocks of `h`; request "b" matches them
+    /// and its load is planned (the worker has not answered yet).
+    fn parked_and_loading(p: &mut BlockPlanner, h: &[u8]) -> Vec<BlockKey> {
+        let keys = park(p, "a", b"", h, 4);
+        p.match_request(&view("b", b"", h), 0, 5 * BS, 20).unwrap();
+        p.on_alloc("b", &[1, 2, 3, 4, 5], 4 * BS).unwrap();
+        keys
+    }
+
     #[test]
     fn saved_blocks_become_hits_beyond_the_local_hit() {
         let mut p = BlockPlanner::new(Config::default(), BS).unwrap();
@@ -1515,9 +1528,7 @@ mod tests {
         // same failure forever (vLLM reschedules the request each time).
         let mut p = BlockPlanner::new(Config::default(), BS).unwrap();
         let h = hashes(4, 5);
-        let keys = park(&mut p, "a", b"", &h, 4);
-        p.match_request(&view("b", b"", &h), 0, 5 * BS, 20).unwrap();
-        p.on_alloc("b", &[1, 2, 3, 4, 5], 4 * BS).unwrap();
+        let keys = parked_and_loading(&mut p, &h);
         let rep = Report {
             loaded: vec![LoadDone {
                 req_id: "b".into(),
@@ -1558,9 +1569,7 @@ mod tests {
     fn failed_loads_are_forgotten_and_unsaved_blocks_no_hit() {
         let mut p = BlockPlanner::new(Config::default(), BS).unwrap();
         let h = hashes(4, 5);
-        let keys = park(&mut p, "a", b"", &h, 4);
-        p.match_request(&view("b", b"", &h), 0, 5 * BS, 20).unwrap();
-        p.on_alloc("b", &[1, 2, 3, 4, 5], 4 * BS).unwrap();
+        let keys = parked_and_loading(&mut p, &h);
         // the worker found block 2's record corrupt: it failed the load and
         // lost the block
         let rep = Report {
@@ -1667,7 +1676,6 @@ fn core_hint(h: Option<&RequestHint>) -> Hint {
 #[cfg(test)]
 mod policy_tests {
     use super::*;
-    use crate::plan::SaveDone;
 
     pub(super) const BS: u32 = 16;
     pub(super) const BLOCK: u64 = 4096;
@@ -1689,28 +1697,9 @@ mod policy_tests {
         let ids: Vec<u32> = (1..=n as u32).collect();
         p.request_finished(&v, &ids, n as u32 * BS, now).unwrap();
         let plan = Plan::decode(&p.build_meta(now)).unwrap();
-        // the worker confirms every save
-        let saved: Vec<SaveDone> = plan
-            .saves
-            .iter()
-            .map(|s| SaveDone {
-                req_id: s.req_id.clone(),
-                ok: s.blocks.iter().map(|b| b.0).collect(),
-                failed: vec![],
-            })
-            .collect();
-        let tiers = plan
-            .saves
-            .iter()
-            .flat_map(|s| s.blocks.iter().map(|b| (TierChange::OnHost, b.0)))
-            .collect();
-        let rep = Report {
-            block_bytes: BLOCK,
-            saved,
-            tiers,
-            ..Default::default()
-        };
-        p.on_report(&rep.encode(), now).unwrap();
+        // the worker confirms every save (and its write-through)
+        p.on_report(&Report::all_done(&plan, BLOCK).encode(), now)
+            .unwrap();
         plan
     }
 

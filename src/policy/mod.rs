@@ -268,6 +268,15 @@ pub fn by_name(
     }
 }
 
+/// The policy a connector config names, with the config's knobs (they
+/// apply to the `kvpark` policies; the others have none).
+pub fn with_knobs(name: &str, knobs: &Knobs, env: PolicyEnv) -> Result<Box<dyn Policy>> {
+    match Variant::from_name(name.trim()) {
+        Some(v) => Ok(Box::new(Kvpark::with_knobs(v, *knobs, env))),
+        None => by_name(name, env, None),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -32,7 +32,7 @@ use super::deploy::Deployment;
 use super::engine::{run_policy, Script, SimConfig};
 use crate::config::CONNECTOR_POLICIES;
 use crate::error::{Error, Result};
-use crate::policy::Knobs;
+use crate::policy::{Knobs, Variant};
 use crate::units::fmt_bytes;
 
 /// Policies swept when `--policies` is not given (one line to extend).
@@ -259,7 +259,7 @@ pub fn grid(
             for &h in &host {
                 for &n in &nvme {
                     // knobs matter where the policy prefetches: from NVMe
-                    let ks = if p.starts_with("kvpark") && n > 0 && !knobs.is_empty() {
+                    let ks = if Variant::from_name(p).is_some() && n > 0 && !knobs.is_empty() {
                         knobs
                     } else {
                         &default_knobs[..]
@@ -384,7 +384,7 @@ pub fn pareto(out: &[Outcome]) -> Vec<usize> {
         (
             out[i].nvme_read_bytes,
             p.matches(['@', ',']).count(),
-            p.starts_with("kvpark"),
+            Variant::from_name(p.split('@').next().unwrap_or("")).is_some(),
             p.clone(),
             i,
         )

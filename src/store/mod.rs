@@ -203,7 +203,7 @@ impl ChunkStore {
                 "elem_size: {elem_size} must be 1, 2, 4 or 8"
             )));
         }
-        if cfg.policy.starts_with("kvpark") {
+        if cfg.predicts_gaps() {
             return Err(Error::config(format!(
                 "policy: {:?} predicts the gaps of sessions, which the chunk store does not see; \
                  it runs lmcache-lru (host + NVMe write-through) or vllm-offload (host only)",
