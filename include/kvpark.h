@@ -405,6 +405,36 @@ enum KvparkStatus kvpark_planner_build_meta(struct KvparkPlanner *p,
 // `p` must be a live planner.
 enum KvparkStatus kvpark_planner_expect_block_bytes(struct KvparkPlanner *p, uint64_t bytes);
 
+// The caller will pass vLLM's KV-cache events (the GPU prefix cache's
+// evictions) with `kvpark_planner_gpu_removed` and
+// `kvpark_planner_gpu_cleared`; the kvpark policies then keep host for the
+// contexts the GPU gave up.
+//
+// # Safety
+// `p` must be a live planner.
+enum KvparkStatus kvpark_planner_hear_gpu_events(struct KvparkPlanner *p);
+
+// vLLM's GPU prefix cache removed `n` blocks (`BlockRemoved` events):
+// `ids` holds their block hashes as vLLM's events give them, the last 8
+// bytes of the hash as a big-endian integer (with
+// `VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=0` the caller converts the hash
+// bytes the same way). `*out_sessions` (optional) receives the number of
+// parked contexts this gave up.
+//
+// # Safety
+// `ids` valid for `n` values; `out_sessions` NULL or valid for writing.
+enum KvparkStatus kvpark_planner_gpu_removed(struct KvparkPlanner *p,
+                                             const uint64_t *ids,
+                                             uintptr_t n,
+                                             uint64_t *out_sessions);
+
+// vLLM cleared its GPU prefix cache (`AllBlocksCleared`). `*out_sessions`
+// (optional) receives the number of parked contexts this gave up.
+//
+// # Safety
+// `out_sessions` NULL or valid for writing.
+enum KvparkStatus kvpark_planner_gpu_cleared(struct KvparkPlanner *p, uint64_t *out_sessions);
+
 // The policy's time-driven work due by `now_ns` as a plan of tier moves
 // only, for the workers to run while the engine is idle
 // (`kvpark_mover_run_moves`); empty when there is none.

@@ -307,6 +307,9 @@ impl Config {
                     if !CONNECTOR_POLICIES.contains(&p) {
                         let knobs = if p.starts_with("kvpark") && p.contains('@') {
                             "; give the kvpark policy's knobs in the \"kvpark\" object"
+                        } else if p == "kvpark:gpu-events" {
+                            "; \"kvpark\" becomes kvpark:gpu-events by itself when vLLM publishes \
+                             its KV-cache events (kv_events_config with the zmq publisher)"
                         } else {
                             ""
                         };

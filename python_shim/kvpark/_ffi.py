@@ -189,6 +189,9 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "kvpark_planner_tick_moves": (_Status, [_PlannerP, c_uint64, POINTER(KvparkBuf)]),
     "kvpark_planner_expect_block_bytes": (_Status, [_PlannerP, c_uint64]),
     "kvpark_planner_next_wakeup": (_Status, [_PlannerP, POINTER(c_uint64)]),
+    "kvpark_planner_hear_gpu_events": (_Status, [_PlannerP]),
+    "kvpark_planner_gpu_removed": (_Status, [_PlannerP, POINTER(c_uint64), c_size_t, POINTER(c_uint64)]),
+    "kvpark_planner_gpu_cleared": (_Status, [_PlannerP, POINTER(c_uint64)]),
     "kvpark_planner_metrics": (_Status, [_PlannerP, POINTER(KvparkBuf)]),
     "kvpark_mover_new": (_Status, [_u8p, c_size_t, c_uint32, POINTER(_MoverP)]),
     "kvpark_mover_free": (None, [_MoverP]),
@@ -488,6 +491,28 @@ class Planner:
         out = c_uint64(0)
         _call(self._lib, "kvpark_planner_next_wakeup", self._handle(), ctypes.byref(out))
         return None if out.value == 2**64 - 1 else int(out.value)
+
+    def hear_gpu_events(self) -> None:
+        """The caller will pass vLLM's KV-cache events (gpu_removed / gpu_cleared): the
+        kvpark policies then keep host for the contexts vLLM's GPU cache gave up."""
+        _call(self._lib, "kvpark_planner_hear_gpu_events", self._handle())
+
+    def gpu_removed(self, ids: Sequence[int]) -> int:
+        """vLLM's GPU prefix cache removed these blocks, given as vLLM's KV-cache events
+        give block hashes (the hash's last 8 bytes as a big-endian integer; see
+        event_id); returns how many parked contexts that gave up."""
+        if not ids:
+            return 0
+        arr = (c_uint64 * len(ids))(*ids)
+        out = c_uint64(0)
+        _call(self._lib, "kvpark_planner_gpu_removed", self._handle(), arr, len(ids), ctypes.byref(out))
+        return int(out.value)
+
+    def gpu_cleared(self) -> int:
+        """vLLM cleared its GPU prefix cache; returns how many parked contexts that gave up."""
+        out = c_uint64(0)
+        _call(self._lib, "kvpark_planner_gpu_cleared", self._handle(), ctypes.byref(out))
+        return int(out.value)
 
     def on_worker_meta(self, blob: bytes, now_ns: int) -> None:
         ptr, n = _bytes_ptr(blob)

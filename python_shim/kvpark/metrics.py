@@ -101,6 +101,11 @@ METRICS: tuple[Metric, ...] = (
            "(at most the predicted median / p90: calibrated, half and nine in ten).",
            "planner", ((("all",), _at("predicted_gaps")), (("below_p50",), _at("gaps_below_p50")),
                        (("below_p90",), _at("gaps_below_p90"))), ("bucket",)),
+    Metric("gpu_evictions", "counter",
+           "vLLM's GPU prefix-cache evictions heard from its KV-cache events (kv_events_config with the zmq "
+           "publisher): removed_blocks (block hashes removed); dropped_sessions (parked contexts given up).",
+           "planner", ((("removed_blocks",), _at("gpu_removed_blocks")),
+                       (("dropped_sessions",), _at("gpu_dropped_sessions"))), ("kind",)),
     Metric("sessions", "counter", "Sessions seen.", "planner", _one(_at("sessions"))),
     Metric("parked_blocks", "gauge", "Blocks kvpark holds, by tier (a block on both counts in both).",
            "planner", ((("host",), _at("parked_host_blocks")), (("nvme",), _at("parked_nvme_blocks"))), ("tier",)),

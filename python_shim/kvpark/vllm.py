@@ -42,7 +42,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
 
-from . import _ffi
+from . import _ffi, _kv_events
 from . import errors as kvpark_errors
 from ._ffi import DTYPE_BF16, DTYPE_F16, DTYPE_F32, DTYPE_FP8, KvparkGeometry, KvparkLayerView
 from .metrics import KVParkPromMetrics, KVParkStats, summary
@@ -387,6 +387,8 @@ class KVParkConnector(KVConnectorBase_V1):
         self._idle_stop = threading.Event()
         self._idle_report_until = 0.0
         self.idle_counters: dict[str, int] = {"plans": 0, "reports": 0, "errors": 0}
+        # vLLM's KV-cache events (scheduler side): see _start_gpu_feed
+        self._gpu_feed: _kv_events.GpuEvictionFeed | None = None
         first, world = engine_ranks(vllm_config)
         with _LINES_LOCK:
             _LINES.setdefault(self._line, {})["scheduler" if role == KVConnectorRole.SCHEDULER else "worker"] = (
@@ -405,6 +407,7 @@ class KVParkConnector(KVConnectorBase_V1):
                 first + world - 1,
                 self._config,
             )
+            self._start_gpu_feed(vllm_config)
         else:
             self._mover = _ffi.Mover(extra, self._rank)
             logger.info("kvpark: mover up (rank %d, config %s)", self._rank, self._config)
@@ -434,12 +437,16 @@ class KVParkConnector(KVConnectorBase_V1):
         out: dict[str, Any] = {}
         if self._planner is not None:
             out = {**self._planner.metrics(), "idle": dict(self.idle_counters)}
+            if self._gpu_feed is not None:
+                out["kv_events"] = {"endpoint": self._gpu_feed.endpoint, **self._gpu_feed.counters}
         elif self._mover is not None:
             out = self._mover.metrics()
         return {**out, "shim": dict(self.shim_counters)}
 
     def shutdown(self):
         self._idle_stop.set()
+        if self._gpu_feed is not None:
+            self._gpu_feed.close()
         t = self._idle_thread
         if t is not None and t is not threading.current_thread():
             t.join(timeout=5)
@@ -565,7 +572,45 @@ class KVParkConnector(KVConnectorBase_V1):
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
         self._engine_call()
+        self._take_gpu_events()
         return KVParkConnectorMetadata(self._p().build_meta(_now_ns()))
+
+    # ------------------------------------------------ vLLM's KV-cache events
+
+    def _start_gpu_feed(self, vllm_config: "VllmConfig") -> None:
+        """Subscribes to vLLM's KV-cache events when vLLM publishes them over ZMQ, so the
+        planner hears which parked contexts the GPU prefix cache gave up (the kvpark policy
+        then keeps host for those and prefetches them; see README "GPU evictions")."""
+        kec = getattr(vllm_config, "kv_events_config", None)
+        if kec is None or not getattr(kec, "enable_kv_cache_events", False):
+            return
+        par = getattr(vllm_config, "parallel_config", None)
+        dp = getattr(par, "data_parallel_index", None)
+        if dp is None:
+            dp = getattr(par, "data_parallel_rank", 0)
+        endpoint, why = _kv_events.subscribe_endpoint(kec, int(dp or 0))
+        if endpoint is None:
+            logger.warning("kvpark: GPU evictions go unheard: %s", why)
+            return
+        try:
+            self._gpu_feed = _kv_events.GpuEvictionFeed(endpoint, str(getattr(kec, "topic", "") or ""))
+        except Exception as e:  # noqa: BLE001 - without the feed kvpark still serves
+            logger.warning("kvpark: cannot subscribe to vLLM's KV-cache events at %s (%s)", endpoint, e)
+            return
+        self._p().hear_gpu_events()
+        logger.info("kvpark: hearing the GPU prefix cache's evictions from vLLM's KV-cache events at %s", endpoint)
+
+    def _take_gpu_events(self) -> None:
+        """Hands the GPU evictions heard since the last call to the planner (from the
+        scheduler thread, or the idle thread under its lock)."""
+        feed = self._gpu_feed
+        if feed is None or self._planner is None:
+            return
+        removed, cleared = feed.take()
+        if cleared:
+            self._planner.gpu_cleared()
+        if removed:
+            self._planner.gpu_removed(removed)
 
     # ------------------------------------------------------- idle-time moves
 
@@ -621,6 +666,7 @@ class KVParkConnector(KVConnectorBase_V1):
                 planner.on_worker_meta(blob, _now_ns())
                 self.idle_counters["reports"] += 1
                 self._idle_report_until = time.monotonic() + IDLE_REPORT_S
+            self._take_gpu_events()
             plan = planner.tick_moves(_now_ns())
             if plan:
                 w._m().run_moves(plan)

@@ -240,6 +240,69 @@ pub unsafe extern "C" fn kvpark_planner_expect_block_bytes(
     })
 }
 
+/// The caller will pass vLLM's KV-cache events (the GPU prefix cache's
+/// evictions) with `kvpark_planner_gpu_removed` and
+/// `kvpark_planner_gpu_cleared`; the kvpark policies then keep host for the
+/// contexts the GPU gave up.
+///
+/// # Safety
+/// `p` must be a live planner.
+#[no_mangle]
+pub unsafe extern "C" fn kvpark_planner_hear_gpu_events(p: *mut KvparkPlanner) -> KvparkStatus {
+    guard("kvpark_planner_hear_gpu_events", || {
+        let p = &*nn(p, "planner")?;
+        p.inner.lock().hear_gpu_events();
+        Ok(())
+    })
+}
+
+/// vLLM's GPU prefix cache removed `n` blocks (`BlockRemoved` events):
+/// `ids` holds their block hashes as vLLM's events give them, the last 8
+/// bytes of the hash as a big-endian integer (with
+/// `VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=0` the caller converts the hash
+/// bytes the same way). `*out_sessions` (optional) receives the number of
+/// parked contexts this gave up.
+///
+/// # Safety
+/// `ids` valid for `n` values; `out_sessions` NULL or valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn kvpark_planner_gpu_removed(
+    p: *mut KvparkPlanner,
+    ids: *const u64,
+    n: usize,
+    out_sessions: *mut u64,
+) -> KvparkStatus {
+    guard("kvpark_planner_gpu_removed", || {
+        let p = &*nn(p, "planner")?;
+        let ids = slice(ids, n, "ids")?;
+        let gone = p.inner.lock().gpu_removed(ids);
+        if !out_sessions.is_null() {
+            out_sessions.write(gone);
+        }
+        Ok(())
+    })
+}
+
+/// vLLM cleared its GPU prefix cache (`AllBlocksCleared`). `*out_sessions`
+/// (optional) receives the number of parked contexts this gave up.
+///
+/// # Safety
+/// `out_sessions` NULL or valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn kvpark_planner_gpu_cleared(
+    p: *mut KvparkPlanner,
+    out_sessions: *mut u64,
+) -> KvparkStatus {
+    guard("kvpark_planner_gpu_cleared", || {
+        let p = &*nn(p, "planner")?;
+        let n = p.inner.lock().gpu_cleared();
+        if !out_sessions.is_null() {
+            out_sessions.write(n);
+        }
+        Ok(())
+    })
+}
+
 /// The policy's time-driven work due by `now_ns` as a plan of tier moves
 /// only, for the workers to run while the engine is idle
 /// (`kvpark_mover_run_moves`); empty when there is none.

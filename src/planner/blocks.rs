@@ -272,6 +272,14 @@ pub struct PlannerMetrics {
     pub gaps_below_p50: u64,
     /// Of which at most the predicted p90 (calibrated: nine in ten).
     pub gaps_below_p90: u64,
+    /// 1 when the planner hears vLLM's KV-cache events (the GPU prefix
+    /// cache's evictions; [`BlockPlanner::hear_gpu_events`]), else 0.
+    pub gpu_events: u64,
+    /// Block hashes vLLM reported removed from its GPU prefix cache.
+    pub gpu_removed_blocks: u64,
+    /// Parked contexts the GPU prefix cache gave up, as the policy heard
+    /// them (a session's deepest parked block left the GPU).
+    pub gpu_dropped_sessions: u64,
     /// Host bytes the core planner accounts for.
     pub planned_host_bytes: u64,
     /// NVMe bytes the core planner accounts for.
@@ -323,6 +331,15 @@ pub struct BlockPlanner {
     block_bytes_reported: bool,
     /// Last suspend or resume per session (for `session_ttl`).
     last_seen: HashMap<SessionId, u64>,
+    /// GPU-eviction news is on ([`Self::hear_gpu_events`]).
+    gpu_events: bool,
+    /// The event id ([`Self::event_id`]) of each suspended session's
+    /// deepest parked block (kept only while GPU-eviction news is on): when
+    /// vLLM's prefix cache drops that block, it has begun to give the
+    /// context up (it evicts a finished request's blocks tail first).
+    gpu_marks: HashMap<u64, SessionId>,
+    /// The reverse of `gpu_marks`.
+    gpu_mark_of: HashMap<SessionId, u64>,
 }
 
 impl BlockPlanner {
@@ -372,6 +389,9 @@ impl BlockPlanner {
             prefetched: HashMap::new(),
             block_bytes_reported: false,
             last_seen: HashMap::new(),
+            gpu_events: false,
+            gpu_marks: HashMap::new(),
+            gpu_mark_of: HashMap::new(),
             model: ModelNs::of(&cfg.model_identity),
             cfg,
             block_size,
@@ -572,6 +592,7 @@ impl BlockPlanner {
                 }
                 self.core.resume(now, s);
                 self.last_seen.insert(s, now);
+                self.unmark_gpu(s);
             }
         }
         let bs = self.block_size as usize;
@@ -704,6 +725,10 @@ impl BlockPlanner {
         let session = self.session_for(req, &keys[..full]);
         self.resumed.remove(req.req_id);
         self.last_seen.insert(session, now);
+        if self.gpu_events {
+            let h = req.hash_len;
+            self.mark_gpu(session, &req.hashes[(full - 1) * h..full * h]);
+        }
         let (to_host, to_nvme) = self.suspend_session(req, session, full, now);
         let mut blocks = Vec::new();
         for (i, k) in keys[..full].iter().enumerate() {
@@ -983,6 +1008,82 @@ impl BlockPlanner {
                 }
             }
         }
+    }
+
+    /// The runtime will report the GPU prefix cache's evictions (vLLM's
+    /// KV-cache events, [`Self::gpu_removed`]): the policy may then count
+    /// on them ([`PolicyEnv::gpu_reports`]; the kvpark policies keep host
+    /// for the contexts the GPU gave up and prefetch those). Sessions
+    /// parked before it (recovered at start) count as given up: the GPU
+    /// cache of a starting engine holds nothing of them.
+    pub fn hear_gpu_events(&mut self) {
+        if self.gpu_events {
+            return;
+        }
+        self.gpu_events = true;
+        self.metrics.gpu_events = 1;
+        self.core.hear_gpu_reports();
+        let known: Vec<SessionId> = self.chains.keys().copied().collect();
+        for s in known {
+            self.core.gpu_dropped(s);
+        }
+    }
+
+    fn mark_gpu(&mut self, s: SessionId, hash: &[u8]) {
+        self.unmark_gpu(s);
+        let h = Self::event_id(hash);
+        if let Some(old) = self.gpu_marks.insert(h, s) {
+            // another session's deepest block too (a fork): the newer
+            // suspend owns it
+            self.gpu_mark_of.remove(&old);
+        }
+        self.gpu_mark_of.insert(s, h);
+    }
+
+    fn unmark_gpu(&mut self, s: SessionId) {
+        if let Some(h) = self.gpu_mark_of.remove(&s) {
+            self.gpu_marks.remove(&h);
+        }
+    }
+
+    /// The id vLLM's KV-cache events give a block hash (`BlockRemoved`):
+    /// its last 8 bytes as a big-endian integer, the whole hash when shorter
+    /// (vLLM's `maybe_convert_block_hash`; its events carry these integers
+    /// by default).
+    pub fn event_id(hash: &[u8]) -> u64 {
+        hash[hash.len().saturating_sub(8)..]
+            .iter()
+            .fold(0, |a, &b| (a << 8) | u64::from(b))
+    }
+
+    /// vLLM's GPU prefix cache removed these blocks (their
+    /// [`Self::event_id`]s). A suspended session whose deepest parked block
+    /// is among them has its context given up: the policy hears it at the
+    /// next tick. Returns the number of such sessions.
+    pub fn gpu_removed(&mut self, ids: &[u64]) -> u64 {
+        let mut n = 0;
+        for id in ids {
+            self.metrics.gpu_removed_blocks += 1;
+            if let Some(s) = self.gpu_marks.remove(id) {
+                self.gpu_mark_of.remove(&s);
+                self.core.gpu_dropped(s);
+                n += 1;
+            }
+        }
+        self.metrics.gpu_dropped_sessions += n;
+        n
+    }
+
+    /// vLLM cleared its whole GPU prefix cache (`AllBlocksCleared`): every
+    /// suspended session's context is gone from the GPU. Returns their number.
+    pub fn gpu_cleared(&mut self) -> u64 {
+        let n = self.gpu_mark_of.len() as u64;
+        for (s, _) in std::mem::take(&mut self.gpu_mark_of) {
+            self.core.gpu_dropped(s);
+        }
+        self.gpu_marks.clear();
+        self.metrics.gpu_dropped_sessions += n;
+        n
     }
 
     /// The bytes of one block on one rank, as vLLM's KV cache config gives
@@ -1778,6 +1879,8 @@ mod policy_tests {
         );
         let e = Config::from_json(br#"{"policy":"kvpark@margin=4"}"#).unwrap_err();
         assert!(e.message().contains("\"kvpark\" object"), "{}", e.message());
+        let e = Config::from_json(br#"{"policy":"kvpark:gpu-events"}"#).unwrap_err();
+        assert!(e.message().contains("kv_events_config"), "{}", e.message());
     }
 }
 
@@ -1880,5 +1983,102 @@ mod idle_tests {
         assert_eq!((m.prefetches, m.idle_plans), (1, 1), "{m:?}");
         // p1's 10 blocks are on host again (and the warm session's one)
         assert_eq!(m.parked_host_blocks, 11, "{m:?}");
+    }
+
+    #[test]
+    fn event_ids_are_vllms_integer_block_hashes() {
+        // int.from_bytes(h, "big") & (2**64 - 1)
+        let h: Vec<u8> = (1..=32).collect();
+        assert_eq!(BlockPlanner::event_id(&h), 0x191a_1b1c_1d1e_1f20);
+        assert_eq!(BlockPlanner::event_id(&[1, 2]), 0x0102);
+        assert_eq!(BlockPlanner::event_id(&[]), 0);
+    }
+
+    #[test]
+    fn gpu_evictions_turn_the_policy_to_the_context_the_gpu_gave_up() {
+        let cfg = Config::from_json(
+            format!(
+                r#"{{"policy":"kvpark","host_bytes":{},"nvme_dir":{:?}}}"#,
+                20 * BLOCK,
+                std::env::temp_dir()
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        let mut p = BlockPlanner::new(cfg, BS).unwrap();
+        // without the news nothing is marked: a removal changes nothing
+        let h1 = hashes(10, 1);
+        let ids: Vec<u64> = h1.chunks(8).map(BlockPlanner::event_id).collect();
+        assert_eq!(p.gpu_removed(&ids), 0);
+        p.hear_gpu_events();
+        let t0 = 1_000_000 * MS;
+        finish(&mut p, "warm", "user", &hashes(1, 99), 1, t0);
+        finish(&mut p, "p1", "user", &h1, 10, t0 + 100 * MS);
+        finish(&mut p, "p2", "user", &hashes(19, 2), 19, t0 + 200 * MS);
+        // the GPU still holds p1: its checkpoints fetch nothing back
+        let mut now = t0 + 200 * MS;
+        while let Some(w) = p.next_wakeup().filter(|&w| w <= t0 + 60_000 * MS) {
+            now = w.max(now);
+            let plan = p.tick_moves(now);
+            if plan.is_empty() {
+                continue;
+            }
+            let plan = Plan::decode(&plan).unwrap();
+            assert!(
+                plan.moves.iter().all(|m| m.0 != MoveKind::Promote),
+                "{:?}",
+                plan.moves
+            );
+            report(&mut p, &plan, now);
+        }
+        let before = p.metrics();
+        assert_eq!(before.prefetches, 0, "{before:?}");
+        assert!(before.parked_host_blocks < 30, "{before:?}");
+        // vLLM evicts p1's blocks tail first: the deepest one is the news
+        assert_eq!(p.gpu_removed(&ids[..9]), 0);
+        assert_eq!(p.gpu_removed(&ids[9..]), 1);
+        assert_eq!(p.gpu_removed(&ids[9..]), 0, "once");
+        let plan = Plan::decode(&p.tick_moves(now)).unwrap();
+        let promoted: Vec<BlockKey> = plan
+            .moves
+            .iter()
+            .filter(|m| m.0 == MoveKind::Promote)
+            .map(|m| m.1)
+            .collect();
+        let model = ModelNs::of(&p.cfg.model_identity);
+        let p1_keys: HashSet<BlockKey> = h1
+            .chunks(8)
+            .map(|h| BlockKey::derive_in(&model, b"", h))
+            .collect();
+        assert!(!promoted.is_empty(), "{:?}", plan.moves);
+        assert!(promoted.iter().all(|k| p1_keys.contains(k)), "{promoted:?}");
+        report(&mut p, &plan, now);
+        let m = p.metrics();
+        assert_eq!(
+            (
+                m.gpu_events,
+                m.gpu_removed_blocks,
+                m.gpu_dropped_sessions,
+                m.prefetches
+            ),
+            (1, 21, 1, 1),
+            "{m:?}"
+        );
+        // p1 comes back: no longer a parked context, so no news of it
+        let v = RequestView {
+            req_id: "p1-next",
+            salt: b"",
+            hashes: &h1,
+            hash_len: 8,
+            hint: Some(RequestHint {
+                session: Some("p1".into()),
+                ..Default::default()
+            }),
+        };
+        p.match_request(&v, 0, 11 * BS, now + MS).unwrap();
+        // a cleared prefix cache gives up the two still marked (warm, p2)
+        assert_eq!(p.gpu_cleared(), 2);
+        assert_eq!(p.gpu_cleared(), 0);
+        assert_eq!(p.metrics().gpu_dropped_sessions, 3);
     }
 }

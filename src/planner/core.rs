@@ -448,6 +448,12 @@ impl Planner {
         }
     }
 
+    /// From now on the runtime reports when the GPU prefix cache gives up a
+    /// context ([`Planner::gpu_dropped`]); the policy may count on it.
+    pub fn hear_gpu_reports(&mut self) {
+        self.policy.hear_gpu_reports();
+    }
+
     /// The GPU prefix cache gave up `s`'s context: the policy hears it at
     /// the next [`Planner::tick`] (as if its timer fired).
     pub fn gpu_dropped(&mut self, s: SessionId) {

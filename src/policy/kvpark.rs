@@ -17,8 +17,9 @@
 //! - **Host holds what the GPU does not** (variant `kvpark:gpu-events`
 //!   only). Where the runtime reports when vLLM's GPU prefix cache gives
 //!   up a parked context ([`PolicyEnv::gpu_reports`]; the replay simulator
-//!   does, the vLLM connector does not yet: it would need vLLM's KV-cache
-//!   events, so plain `kvpark` goes without them everywhere), a host copy of
+//!   does, and the vLLM connector does when vLLM publishes its KV-cache
+//!   events over ZMQ: the connector's `kvpark` then becomes this variant;
+//!   plain `kvpark` is the policy without them), a host copy of
 //!   a context the GPU still holds is redundant: such copies go first when
 //!   host needs room (once their NVMe copy is whole), and a suspend whose
 //!   session has no host copy writes to NVMe only when NVMe already holds
@@ -64,8 +65,10 @@
 //! - `kvpark:no-hints`: the policy ignores the hint (what the session
 //!   waits on, the tool's name); the predictor then has only the
 //!   population's and the session's own gaps;
-//! - `kvpark:gpu-events`: uses the runtime's news of GPU evictions (above);
-//!   replay only, until the connector subscribes to vLLM's KV-cache events.
+//! - `kvpark:gpu-events`: uses the runtime's news of GPU evictions (above):
+//!   what the connector's `kvpark` runs in a vLLM that publishes KV-cache
+//!   events (`kv_events_config` with the `zmq` publisher); in the replay a
+//!   name of its own, beside the `kvpark` of a vLLM without them.
 //!
 //! Cost per event: one prediction (a fixed number of histogram bins) at a
 //! suspend, one update at a resume, O(1) per checkpoint; state per
@@ -109,9 +112,9 @@ pub struct Variant {
     pub hints: bool,
     /// Use the runtime's news of the GPU prefix cache giving a parked
     /// context up ([`PolicyEnv::gpu_reports`]), where it gives them: the
-    /// replay can; the vLLM connector does not yet (it would need vLLM's
-    /// KV-cache events), so the `kvpark` it runs, and the replay's, go
-    /// without.
+    /// replay does; the vLLM connector does when vLLM publishes KV-cache
+    /// events (it then switches its `kvpark` to this, see
+    /// [`Policy::hear_gpu_reports`]).
     pub gpu_events: bool,
 }
 
@@ -525,6 +528,13 @@ impl Kvpark {
 }
 
 impl Policy for Kvpark {
+    /// The connector heard that vLLM publishes KV-cache events: the policy
+    /// becomes `kvpark:gpu-events` (host for what the GPU gave up).
+    fn hear_gpu_reports(&mut self) {
+        self.env.gpu_reports = true;
+        self.v.gpu_events = true;
+    }
+
     fn name(&self) -> String {
         let sfx = self.k.suffix();
         if sfx.is_empty() {

@@ -23,7 +23,7 @@
 //!
 //! Registered names (see [`by_name`]): `kvpark` and its ablations
 //! `kvpark:recency`, `kvpark:no-prefetch`, `kvpark:no-nvme`,
-//! `kvpark:no-hints` and its replay-only `kvpark:gpu-events` ([`kvpark`]), `gpu-lru`, `ttl:<dur>`, `lmcache-lru`,
+//! `kvpark:no-hints` and `kvpark:gpu-events` (what the connector's `kvpark` becomes with vLLM's KV-cache events; [`kvpark`]), `gpu-lru`, `ttl:<dur>`, `lmcache-lru`,
 //! `vllm-offload`, `vllm-offload:arc`, `oracle`, `oracle:gpu-lru`.
 
 pub mod baselines;
@@ -190,6 +190,9 @@ pub trait Policy: Send {
         let _ = (now, s);
         TimerPlan::default()
     }
+    /// The runtime now reports the GPU prefix cache's evictions (it did
+    /// not when the policy was made): see [`PolicyEnv::gpu_reports`].
+    fn hear_gpu_reports(&mut self) {}
     /// The session's eviction key in `tier`.
     fn evict_key(&self, s: &SessionView, tier: Tier) -> EvictKey {
         let _ = tier;

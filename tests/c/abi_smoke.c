@@ -63,6 +63,9 @@ static void misuse(void) {
     CHECK(kvpark_planner_next_wakeup(NULL, NULL) == KVPARK_STATUS_NULL_POINTER, "next_wakeup(NULL)");
     CHECK(kvpark_planner_expect_block_bytes(NULL, 4096) == KVPARK_STATUS_NULL_POINTER, "expect_block_bytes(NULL)");
     CHECK(kvpark_mover_run_moves(NULL, NULL, 0) == KVPARK_STATUS_NULL_POINTER, "run_moves(NULL)");
+    CHECK(kvpark_planner_hear_gpu_events(NULL) == KVPARK_STATUS_NULL_POINTER, "hear_gpu_events(NULL)");
+    CHECK(kvpark_planner_gpu_removed(NULL, NULL, 0, NULL) == KVPARK_STATUS_NULL_POINTER, "gpu_removed(NULL)");
+    CHECK(kvpark_planner_gpu_cleared(NULL, NULL) == KVPARK_STATUS_NULL_POINTER, "gpu_cleared(NULL)");
 
     /* undersized last-error buffer: truncated, NUL-terminated, full length returned */
     char tiny[4];
@@ -90,6 +93,13 @@ static void misuse(void) {
     kvpark_buf_free(out);
     out = (KvparkBuf){0};
     CHECK(kvpark_planner_expect_block_bytes(p, 4096) == KVPARK_STATUS_OK, "expect_block_bytes");
+    /* GPU-eviction news: ids NULL with a count; ids nothing parked has */
+    uint64_t gone = 7;
+    CHECK(kvpark_planner_hear_gpu_events(p) == KVPARK_STATUS_OK, "hear_gpu_events");
+    CHECK(kvpark_planner_gpu_removed(p, NULL, 2, &gone) == KVPARK_STATUS_NULL_POINTER && gone == 7, "removed ids NULL");
+    const uint64_t removed[2] = {1, 2};
+    CHECK(kvpark_planner_gpu_removed(p, removed, 2, &gone) == KVPARK_STATUS_OK && gone == 0, "unknown ids");
+    CHECK(kvpark_planner_gpu_cleared(p, &gone) == KVPARK_STATUS_OK && gone == 0, "cleared, nothing parked");
 
     /* inconsistent geometry: 2 layers declared, 1 view given; strides of neither order */
     float *kv = calloc((size_t)BLOCKS * PAGE, sizeof(float));

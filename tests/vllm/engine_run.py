@@ -81,6 +81,11 @@ def build_llm(spec: dict):
         # "mp": the worker runs in its own (spawned) process, so the plan and the worker
         # metadata really cross a process boundary (serialized by vLLM's message queue).
         kw["distributed_executor_backend"] = spec["executor"]
+    if spec.get("kv_events"):
+        # vLLM publishes its KV-cache events (the GPU prefix cache's changes) over ZMQ
+        from vllm.config import KVEventsConfig
+
+        kw["kv_events_config"] = KVEventsConfig(enable_kv_cache_events=True, publisher="zmq", **spec["kv_events"])
     if spec.get("kvpark") is not None:
         kw["kv_transfer_config"] = {
             "kv_connector": "KVParkConnector",

@@ -44,6 +44,7 @@ STUBFN(kvpark_mover_take_worker_meta) STUBFN(kvpark_mover_metrics) STUBFN(kvpark
 STUBFN(kvpark_config_preflight) STUBFN(kvpark_set_log_callback)
 STUBFN(kvpark_planner_tick_moves) STUBFN(kvpark_planner_next_wakeup)
 STUBFN(kvpark_planner_expect_block_bytes) STUBFN(kvpark_mover_run_moves)
+STUBFN(kvpark_planner_hear_gpu_events) STUBFN(kvpark_planner_gpu_removed) STUBFN(kvpark_planner_gpu_cleared)
 void kvpark_planner_free(void *p) { (void)p; }
 void kvpark_mover_free(void *p) { (void)p; }
 """

@@ -65,6 +65,14 @@ def test_the_block_size_from_vllms_config_is_the_workers(runs):
     assert s["after_p2"]["planner"]["block_bytes"] == 32 << 10
 
 
+def test_without_kv_events_no_gpu_eviction_is_heard(runs):
+    _, got = runs
+    end = snaps(got)["after_p2"]["planner"]
+    # vLLM publishes no KV-cache events here: the policy goes without them
+    assert (end["gpu_events"], end["gpu_removed_blocks"], end["gpu_dropped_sessions"]) == (0, 0, 0), end
+    assert "kv_events" not in end, end
+
+
 def test_idle_prefetch_makes_the_next_request_a_sync_host_hit(runs):
     _, got = runs
     s = snaps(got)
