@@ -291,9 +291,39 @@ pub(crate) fn names_or(given: &[String], default: &[&str]) -> Vec<String> {
     if given.is_empty() {
         return default.iter().map(|s| s.to_string()).collect();
     }
-    given
-        .iter()
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-        .collect()
+    // the list is split at every comma, knobs too: `kvpark@margin=4,every=2s`
+    // arrives as two items, the second of which continues the first
+    let mut out: Vec<String> = Vec::new();
+    for s in given.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
+        match out.last_mut() {
+            Some(prev) if prev.contains('@') && s.contains('=') && !s.contains('@') => {
+                prev.push(',');
+                prev.push_str(s);
+            }
+            _ => out.push(s.to_string()),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::names_or;
+
+    #[test]
+    fn a_policy_list_keeps_each_policys_knobs() {
+        // as clap splits `--policies lmcache-lru,kvpark@margin=4,every=2s,oracle`
+        let given: Vec<String> = ["lmcache-lru", "kvpark@margin=4", "every=2s", " oracle", ""]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(
+            names_or(&given, &[]),
+            ["lmcache-lru", "kvpark@margin=4,every=2s", "oracle"]
+        );
+        // a knob with no policy before it stays an item (and fails as a name)
+        let given = vec!["margin=4".to_string()];
+        assert_eq!(names_or(&given, &[]), ["margin=4"]);
+        assert_eq!(names_or(&[], &["a", "b"]), ["a", "b"]);
+    }
 }
