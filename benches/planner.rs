@@ -24,12 +24,14 @@
 //! reported on their own line), so the index stays full.
 //!
 //! Baselines, timed in the same process around every new request (the
-//! machine is shared and noisy: compare ratios): the SHA-256 key derivation
-//! of the request's block hashes alone (`BlockKey::derive_in`, what kvpark
-//! does per block), and a `HashMap<BlockKey, u64>` lookup of the same keys in
-//! a map as large as the planner's index.
+//! machine is shared and noisy: compare ratios): one SHA-256 per block hash
+//! (`BlockKey::derive_in` called per block, as the planner derived keys
+//! before it derived them per request), a `HashMap<BlockKey, u64>` lookup of
+//! the same keys in a map as large as the planner's index, and the floor of
+//! any match: the request's keys derived as the planner derives them
+//! (`KeyDeriver`) and its load list (key, block id) built.
 
-use kvpark::block::{BlockKey, ModelNs};
+use kvpark::block::{BlockKey, KeyDeriver, ModelNs};
 use kvpark::config::Config;
 use kvpark::plan::{Plan, Report};
 use kvpark::planner::{BlockPlanner, RequestView};
@@ -263,20 +265,13 @@ fn main() {
         m.moves,
         m.sessions
     );
-    // What the index is made of (hashbrown: buckets = next power of two of
-    // n * 8 / 7, one control byte per bucket).
-    let buckets = |n: usize| ((n * 8).div_ceil(7)).next_power_of_two();
-    let b = buckets(parked as usize + 1);
-    let key = std::mem::size_of::<BlockKey>();
-    let loc = kvpark::planner::blocks::INDEX_ENTRY_BYTES - key;
-    let chain_cap = a.blocks.next_power_of_two();
+    // What the index is made of, by capacity: the lookup table (8-byte
+    // entries and a control byte per bucket), the chains' keys and runs.
+    let ix = p.index_heap_bytes();
     println!(
-        "  estimate: blocks map {} buckets x ({key} key + {loc} Loc + 1 ctrl) = {:.1} B/block; session chains Vec<BlockKey> capacity {chain_cap} per {} blocks = {:.1} B/block; total {:.1} B/block",
-        b,
-        b as f64 * (key + loc + 1) as f64 / parked as f64,
-        a.blocks,
-        (chain_cap * key) as f64 / a.blocks as f64,
-        b as f64 * (key + loc + 1) as f64 / parked as f64 + (chain_cap * key) as f64 / a.blocks as f64,
+        "  the block index itself: {:.1} MiB = {:.1} B/block (the rest is per-session and per-request state)",
+        ix as f64 / (1 << 20) as f64,
+        ix as f64 / parked as f64
     );
 
     // Baseline map: the same keys in a plain HashMap of the same size.
@@ -300,6 +295,7 @@ fn main() {
     let mut next_id = 0u64;
     let rows: [(usize, usize); 6] = [(1, 0), (1, 1), (16, 1), (16, 16), (64, 1), (64, 64)];
     let (mut all_match, mut all_sha, mut all_map) = (Vec::new(), Vec::new(), Vec::new());
+    let mut all_floor = Vec::new();
     let (mut fin_ns, mut fin_meta_ns, mut n_blocks) = (Vec::new(), Vec::new(), 0usize);
     let mut ext_blocks = 0u64;
     println!(
@@ -312,7 +308,7 @@ fn main() {
             a.requests.div_ceil(new)
         };
         let (mut step_ns, mut match_ns, mut meta_ns) = (Vec::new(), Vec::new(), Vec::new());
-        let (mut sha_ns, mut map_ns) = (Vec::new(), Vec::new());
+        let (mut sha_ns, mut map_ns, mut floor_ns) = (Vec::new(), Vec::new(), Vec::new());
         let (mut step_cpu, mut match_cpu) = (Vec::new(), Vec::new());
         for _ in 0..steps {
             now += 10 * MS;
@@ -334,8 +330,17 @@ fn main() {
                 let found = keys.iter().take_while(|k| base.contains_key(k)).count();
                 let t2 = Instant::now();
                 std::hint::black_box(found);
+                // the floor: the request's keys derived as the planner
+                // derives them, and the load list (key, block id) built
+                let d = KeyDeriver::new(&model, b"", HASH_LEN);
+                let keys: Vec<BlockKey> = h.chunks_exact(HASH_LEN).map(|c| d.key(c)).collect();
+                let list: Vec<(BlockKey, u32)> =
+                    keys.iter().copied().zip(ids.iter().copied()).collect();
+                std::hint::black_box(list);
+                let t3 = Instant::now();
                 sha_ns.push((t1 - t0).as_nanos() as u64);
                 map_ns.push((t2 - t1).as_nanos() as u64);
+                floor_ns.push((t3 - t2).as_nanos() as u64);
             }
             // The step.
             let (c0, t0) = (thread_cpu_ns(), Instant::now());
@@ -403,8 +408,9 @@ fn main() {
             let m50 = pct(&mut match_ns, 0.5);
             let s50 = pct(&mut sha_ns, 0.5);
             let h50 = pct(&mut map_ns, 0.5);
+            let f50 = pct(&mut floor_ns, 0.5);
             println!(
-                "          per new request ({} blocks): match+on_alloc p50 {:.1} p99 {:.1} ({:.3} µs per block); baseline SHA-256 keys p50 {:.1} (ratio {:.2}), HashMap lookups p50 {:.1}, SHA+lookups (ratio {:.2})",
+                "          per new request ({} blocks): match+on_alloc p50 {:.1} p99 {:.1} ({:.3} µs per block); baseline SHA-256 keys p50 {:.1} (ratio {:.2}), HashMap lookups p50 {:.1}, SHA+lookups (ratio {:.2}); floor (keys derived, load list built) p50 {:.1} (ratio {:.2})",
                 a.blocks + a.new_blocks,
                 m50,
                 pct(&mut match_ns, 0.99),
@@ -412,7 +418,9 @@ fn main() {
                 s50,
                 m50 / s50,
                 h50,
-                m50 / (s50 + h50)
+                m50 / (s50 + h50),
+                f50,
+                m50 / f50
             );
             println!(
                 "          per new request on the CPU: match+on_alloc p50 {:.1} p99 {:.1}; baseline p99: SHA-256 {:.1}, lookups {:.1}",
@@ -424,13 +432,15 @@ fn main() {
             all_match.extend(match_ns);
             all_sha.extend(sha_ns);
             all_map.extend(map_ns);
+            all_floor.extend(floor_ns);
         }
     }
     let m = pct(&mut all_match, 0.5);
     let s = pct(&mut all_sha, 0.5);
     let h = pct(&mut all_map, 0.5);
+    let f = pct(&mut all_floor, 0.5);
     println!(
-        "all new requests ({}, {} blocks matched of {} hashed): match+on_alloc p50 {:.1} µs p99 {:.1} µs; SHA-256 baseline p50 {:.1} µs, HashMap lookups p50 {:.1} µs; ratio to SHA-256 {:.2}, to SHA+lookups {:.2}",
+        "all new requests ({}, {} blocks matched of {} hashed): match+on_alloc p50 {:.1} µs p99 {:.1} µs; SHA-256 baseline p50 {:.1} µs, HashMap lookups p50 {:.1} µs; ratio to SHA-256 {:.2}, to SHA+lookups {:.2}; floor p50 {:.1} µs, ratio {:.2}",
         all_match.len(),
         ext_blocks,
         n_blocks,
@@ -439,7 +449,9 @@ fn main() {
         s,
         h,
         m / s,
-        m / (s + h)
+        m / (s + h),
+        f,
+        m / f
     );
     println!(
         "turn end (outside the step): request_finished p50 {:.1} µs p99 {:.1} µs per request; its build_meta (the save) p50 {:.1} µs p99 {:.1} µs",

@@ -25,11 +25,13 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::fmt;
 
-/// A parked block's identity: SHA-256 over (domain, model, salt, vLLM block hash).
+/// A parked block's identity: the vLLM block hash under a namespace of
+/// (domain, model, salt, hash length).
 ///
 /// vLLM's block hashes cover tokens (and LoRA, multimodal inputs, the cache
 /// salt) but not the model, so the key also covers a [`ModelNs`]: blocks
 /// parked by one model are never found by another, whatever store they sit in.
+/// See [`BlockKey::derive_in`] for the construction.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 #[repr(C)]
 pub struct BlockKey(pub [u8; 32]);
@@ -64,16 +66,10 @@ impl BlockKey {
         Self::derive_in(&ModelNs::UNNAMED, salt, vllm_hash)
     }
 
-    /// Derives the key of a vLLM block hash under a cache salt for a model.
+    /// Derives the key of a vLLM block hash under a cache salt for a model
+    /// (see [`KeyDeriver`]).
     pub fn derive_in(model: &ModelNs, salt: &[u8], vllm_hash: &[u8]) -> Self {
-        let mut h = Sha256::new();
-        h.update(b"kvpark-block-v2");
-        h.update(model.0);
-        h.update((salt.len() as u64).to_le_bytes());
-        h.update(salt);
-        h.update((vllm_hash.len() as u64).to_le_bytes());
-        h.update(vllm_hash);
-        BlockKey(h.finalize().into())
+        KeyDeriver::new(model, salt, vllm_hash.len()).key(vllm_hash)
     }
 
     /// First 8 bytes as an integer (for sharding and short display).
@@ -84,6 +80,66 @@ impl BlockKey {
     /// Lowercase hex of the whole key.
     pub fn to_hex(&self) -> String {
         self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// Derives the [`BlockKey`]s of one request's vLLM block hashes (one
+/// model, one cache salt, one hash length).
+///
+/// The namespace digest `d` = SHA-256 over (domain `kvpark-block-v3`, the
+/// [`ModelNs`], the length-prefixed salt, the hash length) is computed once;
+/// a hash of up to 32 bytes becomes `d` XOR the hash (zero-padded), a
+/// longer one SHA-256 over (`d`, hash). So a block's key costs a 32-byte XOR
+/// instead of a SHA-256 per block (the scheduler derives every block of
+/// every request it matches). Within a namespace two keys are equal exactly
+/// when the hashes are; across namespaces `d` differs, so a shorter hash
+/// never meets another namespace's keys (the padding bytes are `d`'s), and a
+/// 32-byte one would need two vLLM hashes (SHA-256 digests) whose XOR is a
+/// given value, a 2^128 search.
+#[derive(Clone, Copy, Debug)]
+pub struct KeyDeriver {
+    d: [u8; 32],
+}
+
+impl KeyDeriver {
+    /// The deriver of `hash_len`-byte hashes under `salt` for `model`.
+    pub fn new(model: &ModelNs, salt: &[u8], hash_len: usize) -> Self {
+        let mut h = Sha256::new();
+        h.update(b"kvpark-block-v3");
+        h.update(model.0);
+        h.update((salt.len() as u64).to_le_bytes());
+        h.update(salt);
+        h.update((hash_len as u64).to_le_bytes());
+        KeyDeriver {
+            d: h.finalize().into(),
+        }
+    }
+
+    /// The key of one vLLM block hash (of the length given to [`Self::new`]).
+    #[inline]
+    pub fn key(&self, vllm_hash: &[u8]) -> BlockKey {
+        if vllm_hash.len() > 32 {
+            let mut h = Sha256::new();
+            h.update(self.d);
+            h.update(vllm_hash);
+            return BlockKey(h.finalize().into());
+        }
+        let mut k = self.d;
+        // fixed lengths (vLLM's: 32-byte SHA-256, 8-byte ints) unrolled
+        if let Ok(h) = <&[u8; 32]>::try_from(vllm_hash) {
+            for (a, b) in k.iter_mut().zip(h) {
+                *a ^= b;
+            }
+        } else if let Ok(h) = <&[u8; 8]>::try_from(vllm_hash) {
+            for (a, b) in k.iter_mut().zip(h) {
+                *a ^= b;
+            }
+        } else {
+            for (a, b) in k.iter_mut().zip(vllm_hash) {
+                *a ^= b;
+            }
+        }
+        BlockKey(k)
     }
 }
 
@@ -497,6 +553,34 @@ mod tests {
             BlockKey::derive_in(&ModelNs::UNNAMED, b"s", &h),
             BlockKey::derive(b"s", &h)
         );
+    }
+
+    #[test]
+    fn keys_are_equal_exactly_when_namespace_and_hash_are() {
+        let m = ModelNs::of("m");
+        let h32 = [7u8; 32];
+        let mut h32b = h32;
+        h32b[31] ^= 1;
+        let d = KeyDeriver::new(&m, b"s", 32);
+        assert_eq!(d.key(&h32), BlockKey::derive_in(&m, b"s", &h32));
+        assert_ne!(d.key(&h32), d.key(&h32b));
+        // a hash and its zero-padded longer form: different namespaces
+        assert_ne!(
+            BlockKey::derive_in(&m, b"", &[1]),
+            BlockKey::derive_in(&m, b"", &[1, 0])
+        );
+        // long hashes: every byte counts
+        let long: Vec<u8> = (0..40).collect();
+        let mut long2 = long.clone();
+        long2[39] ^= 1;
+        assert_ne!(
+            BlockKey::derive_in(&m, b"", &long),
+            BlockKey::derive_in(&m, b"", &long2)
+        );
+        // an 8-byte hash leaves the namespace digest in the other 24 bytes
+        let a = BlockKey::derive_in(&m, b"a", &[1; 8]);
+        let b = BlockKey::derive_in(&m, b"b", &[1; 8]);
+        assert_ne!(a.0[8..], b.0[8..]);
     }
 
     #[test]

@@ -375,7 +375,20 @@ impl R<'_> {
 impl Plan {
     /// Encodes the plan.
     pub fn encode(&self) -> Vec<u8> {
-        let mut w = W(Vec::with_capacity(64));
+        // the size up front: a resumed session's load is tens of KiB
+        let cap = 64
+            + self
+                .saves
+                .iter()
+                .map(|s| 32 + s.req_id.len() + s.blocks.len() * 40)
+                .sum::<usize>()
+            + self
+                .loads
+                .iter()
+                .map(|l| 32 + l.req_id.len() + l.blocks.len() * 36)
+                .sum::<usize>()
+            + self.moves.len() * 33;
+        let mut w = W(Vec::with_capacity(cap));
         w.0.extend_from_slice(PLAN_MAGIC);
         w.u8(VERSION);
         w.u64(self.step);

@@ -40,14 +40,16 @@
 //! actions become block moves here: a session's blocks are the chain keys it
 //! parked first (a prefix shared with an older session stays that session's).
 
-use crate::block::{BlockKey, ModelNs};
+use crate::block::{BlockKey, KeyDeriver, ModelNs};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::plan::{LoadReq, MoveKind, Outcome, Plan, Report, SaveReq, TierChange};
+use crate::planner::chain_index::{ChainIndex, Loc, Pos};
 use crate::planner::core::{Action, Awaiting, Capacity, Hint, Planner, SessionId, Tier};
 use crate::policy::PolicyEnv;
 use serde::Serialize;
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 /// Session hint a harness may attach (`kv_transfer_params["kvpark"]`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Deserialize)]
@@ -113,12 +115,13 @@ impl RequestView<'_> {
         Ok(())
     }
 
-    fn keys(&self, model: &ModelNs) -> Result<Vec<BlockKey>> {
+    fn keys(&self, model: &ModelNs) -> Result<Arc<[BlockKey]>> {
         self.check()?;
+        let d = KeyDeriver::new(model, self.salt, self.hash_len);
         Ok(self
             .hashes
-            .chunks(self.hash_len.max(1))
-            .map(|h| BlockKey::derive_in(model, self.salt, h))
+            .chunks_exact(self.hash_len.max(1))
+            .map(|h| d.key(h))
             .collect())
     }
 }
@@ -132,24 +135,15 @@ pub struct Match {
     pub load_async: bool,
 }
 
-#[derive(Clone, Copy, Debug)]
-struct Loc {
-    /// Ranks holding a host copy (bit r = rank r).
-    host: u64,
-    /// Ranks holding an NVMe copy.
-    nvme: u64,
-    session: u64,
-    /// Loads planned and not yet reported: never dropped meanwhile.
-    loading: u32,
-    /// A load of it failed on some rank: never offered again; dropped on
-    /// every rank that holds it (a worker whose loader failed still holds
-    /// the bytes, and offering them again would retry the failure forever).
-    doomed: bool,
-}
-
 #[derive(Debug)]
 struct ReqState {
-    keys: Vec<BlockKey>,
+    /// The request's block keys (shared with its load, if any).
+    keys: Arc<[BlockKey]>,
+    /// Where the matched blocks were found, as runs of consecutive chain
+    /// positions (for on_alloc, which checks them again unless the index's
+    /// layout is still `layout`).
+    pos: Vec<(Pos, usize)>,
+    layout: u64,
     local_blocks: usize,
     ext_blocks: usize,
     load_async: bool,
@@ -158,10 +152,6 @@ struct ReqState {
 /// A block found at start: `(rank, key, session, raw_len, in the host
 /// arena file, on NVMe)`.
 pub type Recovered = (u32, BlockKey, u64, u64, bool, bool);
-
-/// Bytes of one entry of the block index (key and location), before the
-/// hash table's own overhead (a control byte per bucket, spare buckets).
-pub const INDEX_ENTRY_BYTES: usize = std::mem::size_of::<(BlockKey, Loc)>();
 
 /// The most ranks one planner tracks (one bit each).
 pub const MAX_WORLD: u32 = 64;
@@ -189,7 +179,14 @@ struct Saving {
 /// A load waiting for every rank's outcome.
 #[derive(Debug)]
 struct Loading {
-    keys: Vec<BlockKey>,
+    /// The request's keys; the load's are `keys[lo..hi]`.
+    keys: Arc<[BlockKey]>,
+    lo: usize,
+    hi: usize,
+    /// The chain ranges (chain, from, to) whose `loading` count this load
+    /// raised, valid while the index's layout is still `layout`.
+    ranges: Vec<(u32, u32, u32)>,
+    layout: u64,
     reported: u64,
     /// Blocks some rank failed to load.
     failed: HashSet<BlockKey>,
@@ -293,7 +290,9 @@ pub struct BlockPlanner {
     model: ModelNs,
     block_size: u32,
     block_bytes: u64,
-    blocks: HashMap<BlockKey, Loc>,
+    /// Every block some rank holds, in the chains of the sessions that
+    /// parked them first.
+    blocks: ChainIndex,
     reqs: HashMap<String, ReqState>,
     saving: HashMap<String, Saving>,
     /// Keys of saves in flight → their session.
@@ -319,8 +318,6 @@ pub struct BlockPlanner {
     next_session: u64,
     metrics: PlannerMetrics,
     core: Planner,
-    /// Blocks each session owns (it parked them first), in chain order.
-    chains: HashMap<SessionId, Vec<BlockKey>>,
     /// Save actions of the core planner waiting for the worker's report.
     save_actions: HashMap<String, Vec<Action>>,
     /// Requests already counted as a resume of their session.
@@ -383,7 +380,6 @@ impl BlockPlanner {
         };
         Ok(BlockPlanner {
             core: Planner::new(cap, policy),
-            chains: HashMap::new(),
             save_actions: HashMap::new(),
             resumed: HashSet::new(),
             prefetched: HashMap::new(),
@@ -396,7 +392,7 @@ impl BlockPlanner {
             cfg,
             block_size,
             block_bytes: 0,
-            blocks: HashMap::new(),
+            blocks: ChainIndex::default(),
             reqs: HashMap::new(),
             saving: HashMap::new(),
             saving_keys: HashMap::new(),
@@ -464,8 +460,7 @@ impl BlockPlanner {
             if self.block_bytes == 0 {
                 self.block_bytes = raw_len;
             }
-            if !self.blocks.contains_key(&key) {
-                self.chains.entry(session).or_default().push(key);
+            if !self.blocks.contains(&key) {
                 self.blocks.insert(
                     key,
                     Loc {
@@ -484,18 +479,19 @@ impl BlockPlanner {
         self.metrics.recovered_partial_blocks = self.partial.len() as u64;
         // The core planner learns each recovered session as suspended, with
         // a copy in each tier that holds every block of the session.
+        let all = self.all;
         let sessions: Vec<(SessionId, usize, bool, bool)> = self
-            .chains
-            .iter()
-            .map(|(s, c)| {
-                let all = self.all;
-                let every =
-                    |f: &dyn Fn(&Loc) -> bool| c.iter().all(|k| self.blocks.get(k).is_some_and(f));
+            .blocks
+            .sessions()
+            .into_iter()
+            .filter(|&s| s != 0)
+            .map(|s| {
+                let c = self.blocks.chain_of(s);
                 (
-                    *s,
+                    s,
                     c.len(),
-                    every(&|l| l.host == all),
-                    every(&|l| l.nvme == all),
+                    c.iter().all(|(_, l)| l.host == all),
+                    c.iter().all(|(_, l)| l.nvme == all),
                 )
             })
             .collect();
@@ -597,15 +593,29 @@ impl BlockPlanner {
         }
         let bs = self.block_size as usize;
         let local = num_computed_tokens as usize / bs;
+        // The loadable prefix beyond vLLM's hit: a table lookup finds a
+        // block, then the chain holding it answers for as many of the next
+        // blocks as it holds in order (a resumed session's whole context,
+        // usually), without the table.
         let mut n = 0;
         let mut all_host = true;
-        for k in keys.iter().skip(local) {
-            match self.blocks.get(k) {
-                Some(l) if self.loadable(l) => {
-                    all_host &= l.host == self.all;
-                    n += 1;
-                }
-                _ => break,
+        let mut pos = Vec::new();
+        let all = self.all;
+        while local + n < keys.len() {
+            let Some(at) = self.blocks.locate(&keys[local + n]) else {
+                break;
+            };
+            let (m, refused) = self.blocks.extend(at, &keys[local + n..], |l| {
+                let ok = !l.doomed && l.host | l.nvme == all;
+                all_host &= !ok || l.host == all;
+                ok
+            });
+            if m > 0 {
+                pos.push((at, m));
+                n += m;
+            }
+            if refused || m == 0 {
+                break;
             }
         }
         // Leave at least one token for vLLM to compute.
@@ -621,6 +631,8 @@ impl BlockPlanner {
             req.req_id.to_string(),
             ReqState {
                 keys,
+                pos,
+                layout: self.blocks.layout(),
                 local_blocks: local,
                 ext_blocks: n,
                 load_async,
@@ -669,15 +681,42 @@ impl BlockPlanner {
             .collect();
         let sync = !st.load_async;
         let all = self.all;
-        for (k, _) in &blocks {
-            if let Some(l) = self.blocks.get_mut(k) {
-                l.loading += 1;
-                if l.host == all {
-                    self.metrics.hit_blocks_host += 1;
-                } else {
-                    self.metrics.hit_blocks_nvme += 1;
+        // one update per run of consecutive chain positions (a resumed
+        // session's blocks are one run of its chain)
+        let mut runs: Vec<(u32, u32, u32)> = Vec::new();
+        let mut i = 0;
+        for &(at, m) in &st.pos {
+            let m = m.min(blocks.len() - i);
+            if m == 0 {
+                break;
+            }
+            let keys = &st.keys[lo + i..lo + i + m];
+            if st.layout == self.blocks.layout() || self.blocks.extend(at, keys, |_| true).0 == m {
+                runs.push((at.0, at.1, at.1 + m as u32));
+                i += m;
+            } else {
+                break;
+            }
+        }
+        // (blocks the match did not place, or that moved since: one by one)
+        for (k, _) in &blocks[i..] {
+            if let Some(at) = self.blocks.locate(k) {
+                match runs.last_mut() {
+                    Some((c, _, b)) if *c == at.0 && *b == at.1 => *b += 1,
+                    _ => runs.push((at.0, at.1, at.1 + 1)),
                 }
             }
+        }
+        let m = &mut self.metrics;
+        for &(c, a, b) in &runs {
+            self.blocks.update_range(c, a, b, |l, n| {
+                l.loading += 1;
+                if l.host == all {
+                    m.hit_blocks_host += n as u64;
+                } else {
+                    m.hit_blocks_nvme += n as u64;
+                }
+            });
         }
         self.metrics.hit_requests += 1;
         self.metrics.hit_tokens += num_external_tokens as u64;
@@ -689,7 +728,11 @@ impl BlockPlanner {
         self.loads.insert(
             req_id.to_string(),
             Loading {
-                keys: blocks.iter().map(|b| b.0).collect(),
+                keys: st.keys.clone(),
+                lo,
+                hi,
+                ranges: runs,
+                layout: self.blocks.layout(),
                 reported: 0,
                 failed: HashSet::new(),
             },
@@ -731,10 +774,11 @@ impl BlockPlanner {
         }
         let (to_host, to_nvme) = self.suspend_session(req, session, full, now);
         let mut blocks = Vec::new();
+        let indexed = self.blocks.present(&keys[..full]);
         for (i, k) in keys[..full].iter().enumerate() {
             // parked already, held by some ranks only (being dropped, not
             // parked again) or being saved: nothing to save
-            if self.blocks.contains_key(k) || self.saving_keys.contains_key(k) {
+            if indexed[i] || self.saving_keys.contains_key(k) {
                 continue;
             }
             if block_ids[i] == 0 {
@@ -952,12 +996,9 @@ impl BlockPlanner {
         }
         let id = self.next_action;
         self.next_action += 1;
-        let chain = self.chains.get(&session).cloned().unwrap_or_default();
+        let chain = self.blocks.chain_of(session);
         let (mut planned, mut there) = (0, true);
-        for k in chain {
-            let Some(l) = self.blocks.get(&k) else {
-                continue;
-            };
+        for (k, l) in chain {
             // Per rank: the move is wanted where that rank's copy needs it.
             let wanted = match kind {
                 MoveKind::EvictHost => l.host != 0,
@@ -1023,8 +1064,7 @@ impl BlockPlanner {
         self.gpu_events = true;
         self.metrics.gpu_events = 1;
         self.core.hear_gpu_reports();
-        let known: Vec<SessionId> = self.chains.keys().copied().collect();
-        for s in known {
+        for s in self.blocks.sessions().into_iter().filter(|&s| s != 0) {
             self.core.gpu_dropped(s);
         }
     }
@@ -1173,7 +1213,7 @@ impl BlockPlanner {
             .collect();
         for k in doomed {
             self.doomed.remove(&k);
-            if self.blocks.contains_key(&k) {
+            if self.blocks.contains(&k) {
                 self.plan_move(MoveKind::Drop, k, None);
             }
         }
@@ -1199,11 +1239,9 @@ impl BlockPlanner {
             for a in self.core.end(now, s) {
                 self.apply_action(a, now);
             }
-            if let Some(chain) = self.chains.remove(&s) {
-                for k in chain {
-                    if self.blocks.get(&k).is_some_and(|l| l.loading == 0) {
-                        self.plan_move(MoveKind::Drop, k, None);
-                    }
+            for (k, l) in self.blocks.detach(s) {
+                if l.loading == 0 {
+                    self.plan_move(MoveKind::Drop, k, None);
                 }
             }
             if self.prefetched.remove(&s).is_some() {
@@ -1280,7 +1318,7 @@ impl BlockPlanner {
             let parked = sv
                 .keys
                 .iter()
-                .filter(|k| self.blocks.get(k).is_some_and(|l| self.loadable(l)))
+                .filter(|k| self.blocks.get(k).is_some_and(|l| self.loadable(&l)))
                 .count() as u64;
             self.metrics.saved_blocks += parked;
             self.metrics.save_failed_blocks += sv.keys.len() as u64 - parked;
@@ -1299,27 +1337,37 @@ impl BlockPlanner {
             }
             ld.reported |= bit;
             // only keys of this load count (a report is outside bytes)
-            ld.failed
-                .extend(l.failed.into_iter().filter(|k| ld.keys.contains(k)));
+            ld.failed.extend(
+                l.failed
+                    .into_iter()
+                    .filter(|k| ld.keys[ld.lo..ld.hi].contains(k)),
+            );
             if ld.reported != self.all {
                 continue;
             }
             let ld = self.loads.remove(&l.req_id).expect("present");
-            for k in &ld.keys {
-                if let Some(loc) = self.blocks.get_mut(k) {
-                    loc.loading = loc.loading.saturating_sub(1);
+            if ld.layout == self.blocks.layout() {
+                for &(c, a, b) in &ld.ranges {
+                    self.blocks.update_range(c, a, b, |loc, _| {
+                        loc.loading = loc.loading.saturating_sub(1)
+                    });
+                }
+            } else {
+                for k in &ld.keys[ld.lo..ld.hi] {
+                    self.blocks
+                        .update(k, |loc| loc.loading = loc.loading.saturating_sub(1));
                 }
             }
             for k in &ld.failed {
-                if let Some(loc) = self.blocks.get_mut(k) {
-                    if !loc.doomed {
-                        loc.doomed = true;
-                        self.doomed.insert(*k);
-                    }
+                let newly = self
+                    .blocks
+                    .update(k, |loc| !std::mem::replace(&mut loc.doomed, true));
+                if newly == Some(true) {
+                    self.doomed.insert(*k);
                 }
             }
             self.metrics.load_failed_blocks += ld.failed.len() as u64;
-            self.metrics.loaded_blocks += (ld.keys.len() - ld.failed.len()) as u64;
+            self.metrics.loaded_blocks += (ld.hi - ld.lo - ld.failed.len()) as u64;
         }
         for m in r.moved {
             match &m.outcome {
@@ -1340,14 +1388,13 @@ impl BlockPlanner {
     fn set_rank(&mut self, k: &BlockKey, rank: u32, host: Option<bool>, nvme: Option<bool>) {
         let bit = 1u64 << rank;
         let all = self.all;
-        if !self.blocks.contains_key(k) {
+        if !self.blocks.contains(k) {
             if host != Some(true) && nvme != Some(true) {
                 return;
             }
+            // (a block of no save in flight goes to session 0's chain, which
+            // no policy action names)
             let session = self.saving_keys.get(k).copied().unwrap_or(0);
-            if session != 0 {
-                self.chains.entry(session).or_default().push(*k);
-            }
             self.blocks.insert(
                 *k,
                 Loc {
@@ -1359,17 +1406,21 @@ impl BlockPlanner {
                 },
             );
         }
-        let l = self.blocks.get_mut(k).expect("present");
-        let before = (l.host == all, l.nvme == all, l.host | l.nvme == all);
         let set = |m: &mut u64, v: Option<bool>| match v {
             Some(true) => *m |= bit,
             Some(false) => *m &= !bit,
             None => {}
         };
-        set(&mut l.host, host);
-        set(&mut l.nvme, nvme);
-        let after = (l.host == all, l.nvme == all, l.host | l.nvme == all);
-        let held = l.host | l.nvme != 0;
+        let (before, after, held) = self
+            .blocks
+            .update(k, |l| {
+                let before = (l.host == all, l.nvme == all, l.host | l.nvme == all);
+                set(&mut l.host, host);
+                set(&mut l.nvme, nvme);
+                let after = (l.host == all, l.nvme == all, l.host | l.nvme == all);
+                (before, after, l.host | l.nvme != 0)
+            })
+            .expect("present");
         let m = &mut self.metrics;
         let step = |c: &mut u64, b: bool, a: bool| {
             if a && !b {
@@ -1403,7 +1454,7 @@ impl BlockPlanner {
     pub fn all_whereabouts(&self) -> Vec<(BlockKey, u64, u64)> {
         self.blocks
             .iter()
-            .map(|(k, l)| (*k, l.host, l.nvme))
+            .map(|(k, l)| (k, l.host, l.nvme))
             .collect()
     }
 
@@ -1421,7 +1472,7 @@ impl BlockPlanner {
                 self.metrics.parked_nvme_blocks,
                 self.metrics.parked_blocks,
             ),
-            self.blocks.values().fold((0, 0, 0), |(h, n, p), l| (
+            self.blocks.iter().fold((0, 0, 0), |(h, n, p), (_, l)| (
                 h + (l.host == all) as u64,
                 n + (l.nvme == all) as u64,
                 p + (l.host | l.nvme == all) as u64
@@ -1442,6 +1493,12 @@ impl BlockPlanner {
     /// Number of blocks kvpark can load (every rank holds them).
     pub fn parked_blocks(&self) -> usize {
         self.metrics.parked_blocks as usize
+    }
+
+    /// Heap bytes of the block index (lookup table, chains' keys and
+    /// runs), by capacity: what [`Self::parked_blocks`] costs in memory.
+    pub fn index_heap_bytes(&self) -> usize {
+        self.blocks.heap_bytes()
     }
 }
 

@@ -11,6 +11,7 @@
 //!   one place the scheduler side reads files).
 
 pub mod blocks;
+mod chain_index;
 pub mod core;
 pub mod recovery;
 

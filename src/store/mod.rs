@@ -8,7 +8,7 @@
 //! world size, worker, chunk hash and dtype) becomes a [`BlockKey`] by
 //! SHA-256 over the domain `kvpark-chunk-v1`, the [`ModelNs`] of the config's
 //! `model_identity` and the length-prefixed key bytes. The domain keeps chunk
-//! keys apart from the vLLM connector's block keys (`kvpark-block-v2`) even in
+//! keys apart from the vLLM connector's block keys (`kvpark-block-v3`) even in
 //! a shared NVMe directory; the model namespace keeps one model's chunks from
 //! another's.
 //!
