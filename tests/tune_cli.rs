@@ -278,3 +278,50 @@ fn unknown_policy_or_codec_is_refused_before_the_sweep() {
     let e = kvpark(&["tune", "--cluster", c, "--codecs", "zip"]).unwrap_err();
     assert!(e.to_string().contains("zip"), "{e}");
 }
+
+#[test]
+fn tune_for_kv_events_sweeps_the_kvpark_that_hears_them_and_recommends_kvpark() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("extra.json");
+    let json = dir.path().join("tune.json");
+    let cluster = deployments().join("cluster-1xh100-1tb-2xgen4.json");
+    kvpark(&[
+        "tune",
+        "--cluster",
+        cluster.to_str().unwrap(),
+        "--sessions",
+        "120",
+        "--host-steps",
+        "2",
+        "--nvme-steps",
+        "2",
+        "--policies",
+        "kvpark",
+        "--knobs",
+        "margin=1.25,4",
+        "--kv-events",
+        "--config-out",
+        cfg.to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+    ])
+    .unwrap();
+    let v: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let pts = v["points"].as_array().unwrap();
+    // 2 host × (no NVMe, then NVMe at 2 knob settings), all of them the
+    // kvpark that hears vLLM's KV-cache events, none a baseline
+    assert_eq!(pts.len(), 2 * (1 + 2));
+    for p in pts {
+        assert!(
+            p["policy"]
+                .as_str()
+                .unwrap()
+                .starts_with("kvpark:gpu-events"),
+            "{p}"
+        );
+        assert_eq!(p["baseline"], false);
+    }
+    // the config names the connector's kvpark (it switches by itself)
+    let c = Config::from_json(&std::fs::read(&cfg).unwrap()).unwrap();
+    assert_eq!(c.policy, "kvpark");
+}

@@ -122,6 +122,11 @@ pub struct TuneArgs {
     /// Codecs to sweep, comma-separated; default: the cluster file's.
     #[arg(long, value_delimiter = ',')]
     pub codecs: Vec<String>,
+    /// Tune for a vLLM that publishes its KV-cache events: sweep `kvpark`
+    /// as it runs with them (`kvpark:gpu-events`; the recommended config
+    /// still says "kvpark", and its `vllm serve` line turns the events on).
+    #[arg(long)]
+    pub kv_events: bool,
     /// Knob grid of the kvpark policies, `;`-separated per knob, values
     /// comma-separated (`margin=1.25,2,4;every=2s,10s,60s`; knobs: margin,
     /// every, first); swept at every point with an NVMe tier.

@@ -38,6 +38,19 @@ use crate::units::fmt_bytes;
 /// Policies swept when `--policies` is not given (one line to extend).
 pub const DEFAULT_POLICIES: &[&str] =
     &["lmcache-lru", "vllm-offload", "vllm-offload:arc", "kvpark"];
+/// The kvpark policy as the connector runs it in a vLLM that publishes its
+/// KV-cache events (`tune --kv-events`): recommended as `"policy": "kvpark"`
+/// with a `vllm serve` line that turns the events on.
+pub const KVPARK_WITH_EVENTS: &str = "kvpark:gpu-events";
+/// What `vllm serve` needs for [`KVPARK_WITH_EVENTS`].
+pub const KV_EVENTS_FLAG: &str = r#"--kv-events-config '{"enable_kv_cache_events": true, "publisher": "zmq", "endpoint": "tcp://*:5557"}'"#;
+
+/// Whether the connector runs `policy` (a name without knobs): its config
+/// policies, and [`KVPARK_WITH_EVENTS`] (its `kvpark` given vLLM's events).
+pub fn connector_runs(policy: &str) -> bool {
+    CONNECTOR_POLICIES.contains(&policy) || policy == KVPARK_WITH_EVENTS
+}
+
 /// Knob grid of the `kvpark` policies when `--knobs` is not given.
 pub const DEFAULT_KNOBS: &str = "margin=1.25,2,4;every=2s,10s,60s";
 /// Host sizes of the default grid (halving from `pinnable_host_bytes`).
@@ -245,7 +258,7 @@ pub fn grid(
                 "tune --policies: {p:?}: give the kvpark knobs to sweep with --knobs"
             )));
         }
-        if !CONNECTOR_POLICIES.contains(&p.as_str()) {
+        if !connector_runs(p) {
             pts.push(Point {
                 policy: p.clone(),
                 codec: dep.codec.clone(),
@@ -515,6 +528,12 @@ pub fn config_json(dep: &Deployment, o: &Outcome, nvme_dir: Option<&str>) -> Val
         }
         None => (o.point.policy.as_str(), None),
     };
+    // the connector's kvpark becomes gpu-events by itself with vLLM's events
+    let policy = if policy == KVPARK_WITH_EVENTS {
+        "kvpark"
+    } else {
+        policy
+    };
     m.insert("policy".into(), json!(policy));
     if let Some(k) = knobs.filter(|k| k.as_object().is_some_and(|m| !m.is_empty())) {
         m.insert("kvpark".into(), k);
@@ -523,8 +542,10 @@ pub fn config_json(dep: &Deployment, o: &Outcome, nvme_dir: Option<&str>) -> Val
     Value::Object(m)
 }
 
-/// The `vllm serve` line around a connector config.
-pub fn serve_line(model: &str, extra: &Value) -> String {
+/// The `vllm serve` line around a connector config (with `kv_events`, the
+/// flag that publishes vLLM's KV-cache events, which the recommended policy
+/// counts on).
+pub fn serve_line(model: &str, extra: &Value, kv_events: bool) -> String {
     let t = json!({
         "kv_connector": "KVParkConnector",
         "kv_connector_module_path": "kvpark.vllm",
@@ -533,7 +554,12 @@ pub fn serve_line(model: &str, extra: &Value) -> String {
         "kv_connector_extra_config": extra,
     });
     let model = if model.is_empty() { "MODEL" } else { model };
-    format!("vllm serve {model} --kv-transfer-config '{t}'")
+    let events = if kv_events {
+        format!(" {KV_EVENTS_FLAG}")
+    } else {
+        String::new()
+    };
+    format!("vllm serve {model} --kv-transfer-config '{t}'{events}")
 }
 
 fn row(o: &mut String, x: &Outcome, mark: &str) {
@@ -696,7 +722,16 @@ pub fn run_cli(a: super::cli::TuneArgs) -> Result<()> {
     use std::sync::Arc;
 
     let dep = load(&a.cluster)?;
-    let policies = super::names_or(&a.policies, DEFAULT_POLICIES);
+    let mut policies = super::names_or(&a.policies, DEFAULT_POLICIES);
+    if a.kv_events {
+        // the vLLM to tune for publishes its KV-cache events: its kvpark
+        // is the one that hears the GPU's evictions
+        for p in &mut policies {
+            if p == "kvpark" {
+                *p = KVPARK_WITH_EVENTS.into();
+            }
+        }
+    }
     let codecs: Vec<String> = a
         .codecs
         .iter()
@@ -816,9 +851,14 @@ pub fn run_cli(a: super::cli::TuneArgs) -> Result<()> {
             if a.nvme_dir.is_none() && j["nvme_dir"].is_string() {
                 println!("(set nvme_dir to a directory on the NVMe drives, or pass --nvme-dir)");
             }
+            let events = out[r.index].point.policy.starts_with(KVPARK_WITH_EVENTS);
             println!(
                 "\n{}",
-                serve_line(dep.model.split_whitespace().next().unwrap_or(""), &j)
+                serve_line(
+                    dep.model.split_whitespace().next().unwrap_or(""),
+                    &j,
+                    events
+                )
             );
             Some(j)
         }
@@ -885,7 +925,7 @@ mod tests {
                 codec: "exp-huff".into(),
                 host_bytes: 1 << 30,
                 nvme_bytes: 0,
-                baseline: !CONNECTOR_POLICIES.contains(&policy),
+                baseline: !connector_runs(policy),
             },
             usd_per_hour: cost,
             ttft_user_p90: p90,
@@ -1092,6 +1132,34 @@ mod tests {
         assert_eq!(knob_grid("").unwrap(), vec![Knobs::default()]);
         let e = grid(&dep, &["kvpark@margin=3".into()], &[], &ks, 1, 1).unwrap_err();
         assert!(e.message().contains("--knobs"), "{}", e.message());
+    }
+
+    #[test]
+    fn kvpark_with_kv_events_is_swept_and_recommended_as_kvpark_with_the_events_on() {
+        let ks = knob_grid(DEFAULT_KNOBS).unwrap();
+        let dep = Deployment::from_json(CLUSTERS[0].1).unwrap();
+        let pts = grid(&dep, &[KVPARK_WITH_EVENTS.into()], &[], &ks, 2, 2).unwrap();
+        assert_eq!(pts.len(), 2 * (1 + 9));
+        for p in &pts {
+            assert!(!p.baseline, "{p:?}");
+            assert!(p.policy.starts_with(KVPARK_WITH_EVENTS), "{p:?}");
+            let mut o = out(&p.policy, 1.0, 1.0, 1.0);
+            o.point = p.clone();
+            o.nvme_used = p.nvme_bytes > 0;
+            let j = config_json(&dep, &o, Some("/nvme"));
+            let c = crate::config::Config::from_json(j.to_string().as_bytes()).unwrap();
+            // the connector's kvpark, which turns into gpu-events with the events
+            assert_eq!(c.policy, "kvpark");
+            assert_eq!(with_knobs(KVPARK_WITH_EVENTS, &c.kvpark), p.policy);
+        }
+        let j = json!({"policy": "kvpark"});
+        assert!(serve_line("m", &j, true).ends_with(KV_EVENTS_FLAG));
+        assert!(!serve_line("m", &j, false).contains("kv-events"));
+        // the flag parses as vLLM's KVEventsConfig JSON
+        let flag = KV_EVENTS_FLAG.split('\'').nth(1).unwrap();
+        let v: Value = serde_json::from_str(flag).unwrap();
+        assert_eq!(v["publisher"], "zmq");
+        assert_eq!(v["enable_kv_cache_events"], true);
     }
 
     #[test]
