@@ -97,7 +97,14 @@ def churn(n):
 for n in range(3):
     threading.Thread(target=churn, args=(n,), daemon=True).start()
 time.sleep(1.0)
-print("exiting", flush=True)
+# under the log handler's lock, so the marker is never written into the middle of
+# one of the threads' log lines
+handler = logging.getLogger().handlers[0]
+handler.acquire()
+try:
+    print("exiting", flush=True)
+finally:
+    handler.release()
 """
 
 
