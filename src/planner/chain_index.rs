@@ -206,7 +206,6 @@ pub(crate) struct ChainIndex {
     free: Vec<u32>,
     /// The chain a session appends to.
     by_session: HashMap<SessionId, u32>,
-    len: usize,
     /// Changes whenever a present block may change its position (a block
     /// removed, a chain compacted or freed): positions found before stay
     /// valid while it is unchanged.
@@ -239,7 +238,11 @@ impl ChainIndex {
     /// Present blocks.
     #[cfg(test)]
     pub fn len(&self) -> usize {
-        self.len
+        self.chains
+            .iter()
+            .flatten()
+            .map(|c| c.present as usize)
+            .sum()
     }
 
     fn chain(&self, c: u32) -> &Chain {
@@ -397,7 +400,6 @@ impl ChainIndex {
         self.table.insert_unique(hash_of(&k), (c, p), |&(c, p)| {
             hash_of(&chains[c as usize].as_ref().expect("live chain").keys[p as usize])
         });
-        self.len += 1;
     }
 
     /// Forgets `k`; its location before, if it was present.
@@ -412,7 +414,6 @@ impl ChainIndex {
             })
             .ok()?;
         let ((c, p), _) = entry.remove();
-        self.len -= 1;
         self.layout += 1;
         let ch = self.chains[c as usize].as_mut().expect("live chain");
         let s = ch.runs.get(p);
