@@ -46,6 +46,7 @@ use crate::error::{Error, Result};
 use crate::plan::{LoadReq, MoveKind, Outcome, Plan, Report, SaveReq, TierChange};
 use crate::planner::chain_index::{ChainIndex, Loc, Pos};
 use crate::planner::core::{Action, Awaiting, Capacity, Hint, Planner, SessionId, Tier};
+use crate::planner::{KeyMap, KeySet};
 use crate::policy::PolicyEnv;
 use serde::Serialize;
 use std::collections::{HashMap, HashSet};
@@ -116,12 +117,23 @@ impl RequestView<'_> {
     }
 
     fn keys(&self, model: &ModelNs) -> Result<Arc<[BlockKey]>> {
+        self.keys_after(model, &[])
+    }
+
+    /// The keys of the request's blocks, `known` being those of its first
+    /// blocks (derived earlier).
+    fn keys_after(&self, model: &ModelNs, known: &[BlockKey]) -> Result<Arc<[BlockKey]>> {
         self.check()?;
         let d = KeyDeriver::new(model, self.salt, self.hash_len);
-        Ok(self
-            .hashes
-            .chunks_exact(self.hash_len.max(1))
-            .map(|h| d.key(h))
+        let h = self.hash_len.max(1);
+        Ok(known
+            .iter()
+            .copied()
+            .chain(
+                self.hashes[known.len() * h..]
+                    .chunks_exact(h)
+                    .map(|h| d.key(h)),
+            )
             .collect())
     }
 }
@@ -189,7 +201,7 @@ struct Loading {
     layout: u64,
     reported: u64,
     /// Blocks some rank failed to load.
-    failed: HashSet<BlockKey>,
+    failed: KeySet<BlockKey>,
 }
 
 /// Counters exported as JSON.
@@ -296,7 +308,7 @@ pub struct BlockPlanner {
     reqs: HashMap<String, ReqState>,
     saving: HashMap<String, Saving>,
     /// Keys of saves in flight → their session.
-    saving_keys: HashMap<BlockKey, u64>,
+    saving_keys: KeyMap<BlockKey, u64>,
     loads: HashMap<String, Loading>,
     /// Ranks the workers run as: `first_rank..first_rank + world`.
     world: u32,
@@ -304,14 +316,14 @@ pub struct BlockPlanner {
     /// Bit mask of every rank.
     all: u64,
     /// Planned moves waiting for outcomes.
-    pending: HashMap<(MoveKind, BlockKey), Pending>,
+    pending: KeyMap<(MoveKind, BlockKey), Pending>,
     /// Core actions waiting for their moves: (action, moves left, all done).
-    actions: HashMap<u64, (Action, usize, bool)>,
+    actions: KeyMap<u64, (Action, usize, bool)>,
     next_action: u64,
     /// Blocks some ranks hold and others do not.
-    partial: HashSet<BlockKey>,
+    partial: KeySet<BlockKey>,
     /// Blocks whose load failed, their drop not planned yet.
-    doomed: HashSet<BlockKey>,
+    doomed: KeySet<BlockKey>,
     outbox: Plan,
     step: u64,
     sessions: HashMap<String, u64>,
@@ -323,20 +335,20 @@ pub struct BlockPlanner {
     /// Requests already counted as a resume of their session.
     resumed: HashSet<String>,
     /// Sessions with a prefetch since their suspend: whether it completed.
-    prefetched: HashMap<SessionId, bool>,
+    prefetched: KeyMap<SessionId, bool>,
     /// A worker reported the block size (until then it is vLLM's config's, if given).
     block_bytes_reported: bool,
     /// Last suspend or resume per session (for `session_ttl`).
-    last_seen: HashMap<SessionId, u64>,
+    last_seen: KeyMap<SessionId, u64>,
     /// GPU-eviction news is on ([`Self::hear_gpu_events`]).
     gpu_events: bool,
     /// The event id ([`Self::event_id`]) of each suspended session's
     /// deepest parked block (kept only while GPU-eviction news is on): when
     /// vLLM's prefix cache drops that block, it has begun to give the
     /// context up (it evicts a finished request's blocks tail first).
-    gpu_marks: HashMap<u64, SessionId>,
+    gpu_marks: KeyMap<u64, SessionId>,
     /// The reverse of `gpu_marks`.
-    gpu_mark_of: HashMap<SessionId, u64>,
+    gpu_mark_of: KeyMap<SessionId, u64>,
 }
 
 impl BlockPlanner {
@@ -378,16 +390,47 @@ impl BlockPlanner {
                 0
             },
         };
-        Ok(BlockPlanner {
-            core: Planner::new(cap, policy),
+        Ok(Self::build(
+            cfg,
+            block_size,
+            first_rank,
+            world,
+            Planner::new(cap, policy),
+        ))
+    }
+
+    /// A one-rank planner whose core planner has capacity `cap` and runs
+    /// `policy`, for the replay simulator: it may run policies the
+    /// connector cannot (the oracle) and accounts NVMe in raw bytes.
+    pub fn for_replay(
+        cfg: Config,
+        block_size: u32,
+        cap: Capacity,
+        policy: Box<dyn crate::policy::Policy>,
+    ) -> Result<Self> {
+        if block_size == 0 {
+            return Err(Error::invalid("block_size must be > 0"));
+        }
+        Ok(Self::build(
+            cfg,
+            block_size,
+            0,
+            1,
+            Planner::new(cap, policy),
+        ))
+    }
+
+    fn build(cfg: Config, block_size: u32, first_rank: u32, world: u32, core: Planner) -> Self {
+        BlockPlanner {
+            core,
             save_actions: HashMap::new(),
             resumed: HashSet::new(),
-            prefetched: HashMap::new(),
+            prefetched: KeyMap::default(),
             block_bytes_reported: false,
-            last_seen: HashMap::new(),
+            last_seen: KeyMap::default(),
             gpu_events: false,
-            gpu_marks: HashMap::new(),
-            gpu_mark_of: HashMap::new(),
+            gpu_marks: KeyMap::default(),
+            gpu_mark_of: KeyMap::default(),
             model: ModelNs::of(&cfg.model_identity),
             cfg,
             block_size,
@@ -395,7 +438,7 @@ impl BlockPlanner {
             blocks: ChainIndex::default(),
             reqs: HashMap::new(),
             saving: HashMap::new(),
-            saving_keys: HashMap::new(),
+            saving_keys: KeyMap::default(),
             loads: HashMap::new(),
             world,
             first_rank,
@@ -404,11 +447,11 @@ impl BlockPlanner {
             } else {
                 (1u64 << world) - 1
             },
-            pending: HashMap::new(),
-            actions: HashMap::new(),
+            pending: KeyMap::default(),
+            actions: KeyMap::default(),
             next_action: 1,
-            partial: HashSet::new(),
-            doomed: HashSet::new(),
+            partial: KeySet::default(),
+            doomed: KeySet::default(),
             outbox: Plan::default(),
             step: 0,
             sessions: HashMap::new(),
@@ -417,7 +460,29 @@ impl BlockPlanner {
                 world_size: world as u64,
                 ..PlannerMetrics::default()
             },
-        })
+        }
+    }
+
+    /// The core planner (read-only: occupancy, statistics, the policy's GPU order).
+    pub fn core(&self) -> &Planner {
+        &self.core
+    }
+
+    /// The counters as they stand, without the per-step refresh of
+    /// [`Self::metrics`] (for a caller that reads them every request).
+    pub fn counters(&self) -> &PlannerMetrics {
+        &self.metrics
+    }
+
+    /// The id of the session a harness names `name` in its hints (a new id
+    /// when kvpark has not seen it yet; its requests then use it).
+    pub fn session_named(&mut self, name: &str) -> SessionId {
+        if let Some(&s) = self.sessions.get(name) {
+            return s;
+        }
+        let s = self.new_session();
+        self.sessions.insert(name.to_string(), s);
+        s
     }
 
     /// A planner for ranks `first_rank..first_rank + world` (see
@@ -473,7 +538,7 @@ impl BlockPlanner {
                 );
             }
             self.next_session = self.next_session.max(session.wrapping_add(1));
-            self.set_rank(&key, rank, host.then_some(true), nvme.then_some(true));
+            self.set_rank(None, &key, rank, host.then_some(true), nvme.then_some(true));
         }
         self.metrics.recovered_blocks = self.metrics.parked_blocks;
         self.metrics.recovered_partial_blocks = self.partial.len() as u64;
@@ -734,7 +799,7 @@ impl BlockPlanner {
                 ranges: runs,
                 layout: self.blocks.layout(),
                 reported: 0,
-                failed: HashSet::new(),
+                failed: KeySet::default(),
             },
         );
         self.outbox.loads.push(LoadReq {
@@ -754,8 +819,13 @@ impl BlockPlanner {
         num_computed_tokens: u32,
         now: u64,
     ) -> Result<bool> {
+        // vLLM only appends to a request's block hashes: the keys derived
+        // when it was matched are a prefix of its keys now
         let keys = match self.reqs.remove(req.req_id) {
             Some(st) if st.keys.len() == req.num_hashes() => st.keys,
+            Some(st) if st.keys.len() < req.num_hashes() => {
+                req.keys_after(&self.model, &st.keys)?
+            }
             _ => req.keys(&self.model)?,
         };
         let full = keys
@@ -870,9 +940,11 @@ impl BlockPlanner {
     /// every rank reported it, the core action it belongs to learns of it
     /// once all of that action's moves are in.
     fn settle(&mut self, kind: MoveKind, key: BlockKey, bit: u64, done: bool, now: u64) {
-        let Some(p) = self.pending.get_mut(&(kind, key)) else {
+        let std::collections::hash_map::Entry::Occupied(mut e) = self.pending.entry((kind, key))
+        else {
             return;
         };
+        let p = e.get_mut();
         if p.reported & bit != 0 {
             return;
         }
@@ -881,7 +953,7 @@ impl BlockPlanner {
         if p.reported != self.all {
             return;
         }
-        let p = self.pending.remove(&(kind, key)).expect("present");
+        let p = e.remove();
         let Some(id) = p.action else { return };
         if let Some(e) = self.actions.get_mut(&id) {
             e.1 -= 1;
@@ -1151,11 +1223,20 @@ impl BlockPlanner {
     /// request. Saves and loads stay for the next `build_meta`; the moves
     /// are tracked and settle on the workers' reports as any others.
     pub fn tick_moves(&mut self, now: u64) -> Vec<u8> {
+        let plan = self.tick_plan(now);
+        if plan.moves.is_empty() {
+            return Vec::new();
+        }
+        plan.encode()
+    }
+
+    /// [`Self::tick_moves`], not encoded (empty moves when there are none).
+    pub fn tick_plan(&mut self, now: u64) -> Plan {
         for a in self.core.tick(now) {
             self.apply_action(a, now);
         }
         if self.outbox.moves.is_empty() {
-            return Vec::new();
+            return Plan::default();
         }
         self.metrics.idle_plans += 1;
         Plan {
@@ -1163,7 +1244,6 @@ impl BlockPlanner {
             moves: std::mem::take(&mut self.outbox.moves),
             ..Plan::default()
         }
-        .encode()
     }
 
     /// Plans a block move unless the same move is already waiting for its
@@ -1187,6 +1267,11 @@ impl BlockPlanner {
 
     /// `build_connector_meta`: this step's plan, encoded.
     pub fn build_meta(&mut self, now: u64) -> Vec<u8> {
+        self.take_plan(now).encode()
+    }
+
+    /// [`Self::build_meta`], not encoded.
+    pub fn take_plan(&mut self, now: u64) -> Plan {
         self.step += 1;
         for a in self.core.tick(now) {
             self.apply_action(a, now);
@@ -1222,7 +1307,7 @@ impl BlockPlanner {
         }
         let mut plan = std::mem::take(&mut self.outbox);
         plan.step = self.step;
-        plan.encode()
+        plan
     }
 
     /// Ends sessions idle longer than `session_ttl`: their blocks are dropped.
@@ -1260,7 +1345,11 @@ impl BlockPlanner {
     /// applied in order to that rank's bits; saves, loads and moves settle
     /// once every rank reported them.
     pub fn on_report(&mut self, bytes: &[u8], now: u64) -> Result<()> {
-        let r = Report::decode(bytes)?;
+        self.apply_report(Report::decode(bytes)?, now)
+    }
+
+    /// [`Self::on_report`] of a decoded report.
+    pub fn apply_report(&mut self, r: Report, now: u64) -> Result<()> {
         let Some(rank) = self.local_rank(r.rank) else {
             return Err(Error::invalid(format!(
                 "report from rank {}, but the planner plans for ranks {}..{}",
@@ -1285,6 +1374,9 @@ impl BlockPlanner {
             self.block_bytes = r.block_bytes;
             self.metrics.block_bytes = r.block_bytes;
         }
+        // (a report lists a session's blocks in chain order: each is
+        // looked for right after the one before it first)
+        let mut near = None;
         for (change, k) in &r.tiers {
             let (host, nvme) = match change {
                 TierChange::OnHost => (Some(true), None),
@@ -1293,7 +1385,7 @@ impl BlockPlanner {
                 TierChange::LeftNvme => (None, Some(false)),
                 TierChange::Lost => (Some(false), Some(false)),
             };
-            self.set_rank(k, rank, host, nvme);
+            near = self.set_rank(near, k, rank, host, nvme);
         }
         for s in r.saved {
             // a block this rank did not park is not written to its NVMe either
@@ -1385,42 +1477,50 @@ impl BlockPlanner {
     /// place tier bits change, so it keeps the per-tier counts and the set of
     /// partial blocks, and metrics never scan the index (they are read every
     /// step). A block no rank holds is forgotten.
-    fn set_rank(&mut self, k: &BlockKey, rank: u32, host: Option<bool>, nvme: Option<bool>) {
+    fn set_rank(
+        &mut self,
+        near: Option<Pos>,
+        k: &BlockKey,
+        rank: u32,
+        host: Option<bool>,
+        nvme: Option<bool>,
+    ) -> Option<Pos> {
         let bit = 1u64 << rank;
         let all = self.all;
-        if !self.blocks.contains(k) {
-            if host != Some(true) && nvme != Some(true) {
-                return;
-            }
-            // (a block of no save in flight goes to session 0's chain, which
-            // no policy action names)
-            let session = self.saving_keys.get(k).copied().unwrap_or(0);
-            self.blocks.insert(
-                *k,
-                Loc {
-                    host: 0,
-                    nvme: 0,
-                    session,
-                    loading: 0,
-                    doomed: false,
-                },
-            );
-        }
         let set = |m: &mut u64, v: Option<bool>| match v {
             Some(true) => *m |= bit,
             Some(false) => *m &= !bit,
             None => {}
         };
-        let (before, after, held) = self
-            .blocks
-            .update(k, |l| {
-                let before = (l.host == all, l.nvme == all, l.host | l.nvme == all);
-                set(&mut l.host, host);
-                set(&mut l.nvme, nvme);
-                let after = (l.host == all, l.nvme == all, l.host | l.nvme == all);
-                (before, after, l.host | l.nvme != 0)
-            })
-            .expect("present");
+        let change = |l: &mut Loc| {
+            let before = (l.host == all, l.nvme == all, l.host | l.nvme == all);
+            set(&mut l.host, host);
+            set(&mut l.nvme, nvme);
+            let after = (l.host == all, l.nvme == all, l.host | l.nvme == all);
+            (before, after, l.host | l.nvme != 0)
+        };
+        let (changed, at) = match self.blocks.update_near(near, k, change) {
+            Some((c, at)) => (c, Some(at)),
+            None => {
+                if host != Some(true) && nvme != Some(true) {
+                    return None;
+                }
+                // (a block of no save in flight goes to session 0's chain,
+                // which no policy action names)
+                let session = self.saving_keys.get(k).copied().unwrap_or(0);
+                let mut l = Loc {
+                    host: 0,
+                    nvme: 0,
+                    session,
+                    loading: 0,
+                    doomed: false,
+                };
+                let c = change(&mut l);
+                self.blocks.insert(*k, l);
+                (c, None)
+            }
+        };
+        let (before, after, held) = changed;
         let m = &mut self.metrics;
         let step = |c: &mut u64, b: bool, a: bool| {
             if a && !b {
@@ -1432,22 +1532,40 @@ impl BlockPlanner {
         step(&mut m.parked_host_blocks, before.0, after.0);
         step(&mut m.parked_nvme_blocks, before.1, after.1);
         step(&mut m.parked_blocks, before.2, after.2);
+        let mut at = at;
         if !held {
             self.blocks.remove(k);
             self.partial.remove(k);
             self.doomed.remove(k);
+            // (a removal may move positions)
+            at = None;
         } else if after.2 {
-            self.partial.remove(k);
+            if !self.partial.is_empty() {
+                self.partial.remove(k);
+            }
         } else {
             self.partial.insert(*k);
         }
         self.metrics.partial_blocks = self.partial.len() as u64;
+        at
     }
 
     /// Where the planner believes `k` lives: (ranks with a host copy, ranks
     /// with an NVMe copy) as bit masks; `None` when no rank holds it.
     pub fn whereabouts(&self, k: &BlockKey) -> Option<(u64, u64)> {
         self.blocks.get(k).map(|l| (l.host, l.nvme))
+    }
+
+    /// [`Self::whereabouts`] of each of `keys` (fastest for keys in chain order).
+    pub fn whereabouts_of(&self, keys: &[BlockKey]) -> Vec<Option<(u64, u64)>> {
+        let mut near = None;
+        keys.iter()
+            .map(|k| {
+                let found = self.blocks.get_near(near, k);
+                near = found.map(|f| f.1);
+                found.map(|(l, _)| (l.host, l.nvme))
+            })
+            .collect()
     }
 
     /// Every block some rank holds, with [`Self::whereabouts`].
@@ -1557,6 +1675,31 @@ mod tests {
         p.match_request(&view("b", b"", h), 0, 5 * BS, 20).unwrap();
         p.on_alloc("b", &[1, 2, 3, 4, 5], 4 * BS).unwrap();
         keys
+    }
+
+    #[test]
+    fn a_finished_request_parks_the_keys_of_all_its_blocks_matched_or_not() {
+        // matched with 3 blocks, finished with 7 (decoding filled 4 more):
+        // the keys derived at the match are reused and the rest derived
+        let model = ModelNs::of("");
+        let h = hashes(7, 4);
+        let mut p = BlockPlanner::new(Config::default(), BS).unwrap();
+        p.match_request(&view("r", b"salt", &h[..3 * 8]), 0, 3 * BS + 1, 1)
+            .unwrap();
+        let ids: Vec<u32> = (1..=7).collect();
+        assert!(p
+            .request_finished(&view("r", b"salt", &h), &ids, 7 * BS, 2)
+            .unwrap());
+        let plan = p.take_plan(2);
+        let got: Vec<BlockKey> = plan.saves[0].blocks.iter().map(|b| b.0).collect();
+        let want: Vec<BlockKey> = view("r", b"salt", &h).keys(&model).unwrap().to_vec();
+        assert_eq!(got, want);
+        // and a fresh planner derives the very same keys from scratch
+        let mut q = BlockPlanner::new(Config::default(), BS).unwrap();
+        q.request_finished(&view("r", b"salt", &h), &ids, 7 * BS, 2)
+            .unwrap();
+        let fresh: Vec<BlockKey> = q.take_plan(2).saves[0].blocks.iter().map(|b| b.0).collect();
+        assert_eq!(fresh, want);
     }
 
     #[test]

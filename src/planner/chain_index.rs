@@ -260,6 +260,47 @@ impl ChainIndex {
             .copied()
     }
 
+    /// [`Self::find`], trying first the position after `near` (where a
+    /// caller walking a chain's keys in order finds the next one without
+    /// the table).
+    #[inline]
+    fn find_near(&self, near: Option<Pos>, k: &BlockKey) -> Option<(u32, u32)> {
+        if let Some(Pos(c, p)) = near {
+            if let Some(Some(ch)) = self.chains.get(c as usize) {
+                let q = p.wrapping_add(1);
+                if ch.keys.get(q as usize) == Some(k) && ch.runs.get(q).present {
+                    return Some((c, q));
+                }
+            }
+        }
+        self.find(k)
+    }
+
+    /// [`Self::get`] with a hint (see [`Self::update_near`]); also returns
+    /// the block's position.
+    pub fn get_near(&self, near: Option<Pos>, k: &BlockKey) -> Option<(Loc, Pos)> {
+        let (c, p) = self.find_near(near, k)?;
+        let ch = self.chain(c);
+        Some((ch.runs.get(p).loc(ch.session), Pos(c, p)))
+    }
+
+    /// [`Self::update`], looking first right after `near` (the position of
+    /// the key before `k` in the caller's walk); also returns `k`'s position.
+    pub fn update_near<R>(
+        &mut self,
+        near: Option<Pos>,
+        k: &BlockKey,
+        f: impl FnOnce(&mut Loc) -> R,
+    ) -> Option<(R, Pos)> {
+        let (c, p) = self.find_near(near, k)?;
+        let ch = self.chains[c as usize].as_mut().expect("live chain");
+        let mut l = ch.runs.get(p).loc(ch.session);
+        let r = f(&mut l);
+        debug_assert_eq!(l.session, ch.session, "a block keeps its session");
+        ch.runs.set(p, State::of(&l));
+        Some((r, Pos(c, p)))
+    }
+
     /// The position of `k`, if present.
     #[inline]
     pub fn locate(&self, k: &BlockKey) -> Option<Pos> {
@@ -607,7 +648,9 @@ mod tests {
                         }
                     }
                     2 => {
-                        let a = ix.update(&k, |l| { l.host = v; l.loading += 1; }).is_some();
+                        // (with a hint: the position of the key before it, if present)
+                        let near = ix.get_near(None, &key(i.wrapping_sub(1))).map(|x| x.1);
+                        let a = ix.update_near(near, &k, |l| { l.host = v; l.loading += 1; }).is_some();
                         let b = plain.get_mut(&k).map(|l| { l.host = v; l.loading += 1; }).is_some();
                         prop_assert_eq!(a, b);
                     }
@@ -615,9 +658,15 @@ mod tests {
                 }
                 prop_assert_eq!(ix.len(), plain.len());
             }
+            let mut near = None;
             for i in 0..300 {
                 let k = key(i);
                 prop_assert_eq!(ix.get(&k), plain.get(&k).copied());
+                // a walk that hints each lookup with the last block found
+                let found = ix.get_near(near, &k);
+                prop_assert_eq!(found.map(|f| f.0), plain.get(&k).copied());
+                prop_assert_eq!(found.map(|f| f.1), ix.locate(&k));
+                near = found.map(|f| f.1).or(near);
             }
             let probe: Vec<BlockKey> = (0..300).map(key).collect();
             let want: Vec<bool> = probe.iter().map(|k| plain.contains_key(k)).collect();
