@@ -390,3 +390,48 @@ fn a_save_three_times_the_host_tier_streams_to_nvme_and_lands_while_idle() {
         assert_eq!(c.block(1, b + 12), &want[b as usize - 1][..], "block {b}");
     }
 }
+
+#[test]
+fn a_save_of_a_block_on_nvme_only_gathers_it_into_host_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let g = geom();
+    let cfg = Config {
+        host_bytes: 3 * g.block_bytes() as u64,
+        nvme_dir: Some(dir.path().to_path_buf()),
+        nvme_segment_bytes: 1 << 20,
+        ..Config::default()
+    };
+    let mut c = Cache::new();
+    for b in 1..=6 {
+        c.fill(b, b as f32 + 0.25);
+    }
+    let want = c.block(1, 1).to_vec();
+    let mut m = mover(&cfg, &mut c);
+    for b in 1..=6u32 {
+        save(&mut m, &format!("s{b}"), &[(200 + b, b)]);
+        m.drain(Duration::from_secs(10));
+    }
+    // the 3-slot host tier evicted the first blocks: on NVMe only now
+    let k = counters(&m);
+    assert!(k["host_evictions"].as_u64().unwrap() >= 3, "{k}");
+    m.take_report();
+    // the session's next turn parks block 1 again (vLLM holds it in block 7)
+    c.fill(7, 1.25);
+    save(&mut m, "again", &[(201, 7)]);
+    let r = Report::decode(&m.take_report()).unwrap();
+    assert_eq!(r.saved[0].ok, vec![key(201)]);
+    assert!(
+        r.tiers.contains(&(TierChange::OnHost, key(201))),
+        "{:?}",
+        r.tiers
+    );
+    assert_eq!(counters(&m)["rehosted_blocks"], 1);
+    // it loads from host, byte-exact, without reading the disk
+    let nvme_reads = counters(&m)["load_blocks_nvme"].as_u64().unwrap();
+    c.clear(20);
+    assert!(load(&mut m, "l", true, &[(201, 20)]).is_empty());
+    assert_eq!(c.block(1, 20), &want[..]);
+    let k = counters(&m);
+    assert_eq!(k["load_blocks_nvme"].as_u64().unwrap(), nvme_reads);
+    assert_eq!(k["load_blocks_host"], 1);
+}

@@ -29,6 +29,10 @@ counters! {
     saves,
     /// Blocks gathered into the host tier.
     saved_blocks,
+    /// Blocks of a save that were on NVMe only, gathered again into the
+    /// host tier from vLLM (cheaper than a promotion later; counted in
+    /// `saved_blocks` too).
+    rehosted_blocks,
     /// Blocks whose save failed.
     save_failed_blocks,
     /// Nanoseconds spent saving.

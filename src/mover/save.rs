@@ -32,8 +32,19 @@ impl Registered {
         let stream = s.to_nvme && self.nvme.is_some();
         let deadline = t0 + SAVE_STREAM_WAIT;
         let mut batch: Vec<(BlockKey, u32, SlotId, u32)> = Vec::with_capacity(s.blocks.len());
+        let mut rehost: Vec<(BlockKey, u32, SlotId)> = Vec::new();
         for &(key, block, seq) in &s.blocks {
             let known = self.index.lock().get(&key).map(|e| e.state);
+            if known == Some(BlockState::Nvme) {
+                // On NVMe only, and vLLM holds it now: gather it into a host
+                // slot (the planner asked for it on host; a promotion later
+                // would read the disk). Anything in the way leaves it as it
+                // was: parked on NVMe.
+                if let Some(slot) = self.begin_rehost(&key, block) {
+                    rehost.push((key, block, slot));
+                    continue;
+                }
+            }
             if let Some(state) = known {
                 // Parked already: tell where (the planner may not know it
                 // on this rank, e.g. after a restart).
@@ -91,7 +102,87 @@ impl Registered {
             batch.push((key, block, slot, seq));
         }
         self.gather_batch(s, &mut batch, &mut done);
+        self.finish_rehost(s, rehost, &mut done);
         self.count_save(done, t0)
+    }
+
+    /// Takes a host slot for NVMe-only `key` to be gathered from vLLM's
+    /// `block` (the index's promotion states: the slot fills, then the block
+    /// is on host and NVMe); `None` when the block or a slot is not there.
+    fn begin_rehost(&self, key: &BlockKey, block: u32) -> Option<SlotId> {
+        self.kv.check_block(block).ok()?;
+        let slot = self.alloc_slot(false).ok()?;
+        if self
+            .index
+            .lock()
+            .begin_promote(key, slot, self.now())
+            .is_err()
+        {
+            let _ = self.free_slot(slot);
+            return None;
+        }
+        Some(slot)
+    }
+
+    /// Gathers the re-hosted blocks and settles them: on host and NVMe, or
+    /// (the gather failed) on NVMe only as before. Either way the block
+    /// stays parked, so the save reports it ok.
+    fn finish_rehost(&self, s: &SaveReq, todo: Vec<(BlockKey, u32, SlotId)>, done: &mut SaveDone) {
+        if todo.is_empty() {
+            return;
+        }
+        let mut guards = Vec::with_capacity(todo.len());
+        for t in &todo {
+            match self.arena.slot_mut(t.2) {
+                Ok(g) => guards.push(g),
+                Err(_) => break,
+            }
+        }
+        let ok = guards.len() == todo.len() && {
+            let mut ops: Vec<GatherOp<'_>> = todo
+                .iter()
+                .zip(guards.iter_mut())
+                .map(|(t, g)| GatherOp {
+                    block: t.1,
+                    dst: &mut g[..self.geom.block_bytes()],
+                })
+                .collect();
+            self.engine.gather(&self.kv, &mut ops).is_ok()
+        };
+        drop(guards);
+        for (key, _, slot) in todo {
+            let (settled, session, seq) = {
+                let mut idx = self.index.lock();
+                let (session, seq) = idx.get(&key).map_or((s.session, 0), |e| (e.session, e.seq));
+                (idx.finish_promote(&key, ok), session, seq)
+            };
+            match settled {
+                Ok(None) if ok => {
+                    self.record_slot(slot, &key, session, seq);
+                    let mut r = self.report.lock();
+                    r.tier(TierChange::OnHost, key);
+                    r.tier(TierChange::OnNvme, key);
+                    drop(r);
+                    self.metrics.rehosted_blocks.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(Some(freed)) => {
+                    let _ = self.free_slot(freed);
+                    self.report.lock().tier(TierChange::OnNvme, key);
+                }
+                _ => {
+                    // (free the slot only if no block owns it any more)
+                    if self.index.lock().slot_owner(slot).is_none() {
+                        let _ = self.free_slot(slot);
+                    }
+                    self.report.lock().tier(TierChange::OnNvme, key);
+                }
+            }
+            done.ok.push(key);
+            if s.to_nvme {
+                // already on NVMe: the write-behind's outcome is Done
+                self.demote(key, session, seq);
+            }
+        }
     }
 
     /// Gathers the batch's blocks from vLLM into their host slots, records

@@ -317,6 +317,8 @@ pub struct BlockPlanner {
     all: u64,
     /// Planned moves waiting for outcomes.
     pending: KeyMap<(MoveKind, BlockKey), Pending>,
+    /// Later actions waiting for a move already pending for an earlier one.
+    waiters: KeyMap<(MoveKind, BlockKey), Vec<u64>>,
     /// Core actions waiting for their moves: (action, moves left, all done).
     actions: KeyMap<u64, (Action, usize, bool)>,
     next_action: u64,
@@ -448,6 +450,7 @@ impl BlockPlanner {
                 (1u64 << world) - 1
             },
             pending: KeyMap::default(),
+            waiters: KeyMap::default(),
             actions: KeyMap::default(),
             next_action: 1,
             partial: KeySet::default(),
@@ -844,7 +847,13 @@ impl BlockPlanner {
         }
         let (to_host, to_nvme) = self.suspend_session(req, session, full, now);
         let mut blocks = Vec::new();
-        let indexed = self.blocks.present(&keys[..full]);
+        // Blocks on NVMe only (every rank, none loading) are saved to host
+        // again when the policy wants host: vLLM holds them now, and the
+        // policy counts the host copy as the session's whole context.
+        let all = self.all;
+        let rehost =
+            |l: &Loc| to_host && !l.doomed && l.loading == 0 && l.host == 0 && l.nvme == all;
+        let indexed = self.blocks.present_where(&keys[..full], |l| !rehost(l));
         for (i, k) in keys[..full].iter().enumerate() {
             // parked already, held by some ranks only (being dropped, not
             // parked again) or being saved: nothing to save
@@ -954,10 +963,18 @@ impl BlockPlanner {
             return;
         }
         let p = e.remove();
-        let Some(id) = p.action else { return };
+        let waiting = self.waiters.remove(&(kind, key)).unwrap_or_default();
+        for id in p.action.into_iter().chain(waiting) {
+            self.action_moved(id, p.ok, now);
+        }
+    }
+
+    /// One of action `id`'s moves ended (`ok`: done on every rank); the
+    /// core planner learns of the action when all of them have.
+    fn action_moved(&mut self, id: u64, ok: bool, now: u64) {
         if let Some(e) = self.actions.get_mut(&id) {
             e.1 -= 1;
-            e.2 &= p.ok;
+            e.2 &= ok;
             if e.1 == 0 {
                 let (a, _, ok) = self.actions.remove(&id).expect("present");
                 self.prefetch_settled(&a, ok);
@@ -1090,7 +1107,11 @@ impl BlockPlanner {
             if self.plan_move(kind, k, Some(id)) {
                 planned += 1;
             } else {
-                there = false;
+                // the same move is in flight for an earlier action: this
+                // one ends with it (failing it now made the policy ask
+                // again at once, at the same instant, forever)
+                self.waiters.entry((kind, k)).or_default().push(id);
+                planned += 1;
             }
         }
         if planned == 0 {
@@ -1675,6 +1696,38 @@ mod tests {
         p.match_request(&view("b", b"", h), 0, 5 * BS, 20).unwrap();
         p.on_alloc("b", &[1, 2, 3, 4, 5], 4 * BS).unwrap();
         keys
+    }
+
+    #[test]
+    fn blocks_on_nvme_only_are_saved_to_host_again_when_the_policy_wants_host() {
+        let mut p = BlockPlanner::new(Config::default(), BS).unwrap();
+        let h = hashes(5, 6);
+        let keys = park(&mut p, "a", b"", &h[..4 * 8], 4);
+        // the worker wrote them to NVMe, then evicted the host copies
+        let mut r = Report {
+            block_bytes: 4096,
+            ..Report::default()
+        };
+        for k in &keys {
+            r.tier(TierChange::OnNvme, *k);
+        }
+        for k in &keys[1..] {
+            r.tier(TierChange::LeftHost, *k);
+        }
+        p.on_report(&r.encode(), 12).unwrap();
+        assert_eq!(p.whereabouts(&keys[0]), Some((1, 1)));
+        assert_eq!(p.whereabouts(&keys[1]), Some((0, 1)));
+        // the session's next turn ends with 5 blocks: the policy saves to
+        // host, so the three NVMe-only blocks go with the new one
+        let ids: Vec<u32> = (1..=5).collect();
+        assert!(p
+            .request_finished(&view("b", b"", &h), &ids, 5 * BS, 20)
+            .unwrap());
+        let plan = p.take_plan(20);
+        let saved: Vec<BlockKey> = plan.saves[0].blocks.iter().map(|b| b.0).collect();
+        assert_eq!(&saved[..3], &keys[1..]);
+        assert_eq!(saved.len(), 4);
+        assert!(!saved.contains(&keys[0]));
     }
 
     #[test]

@@ -349,15 +349,23 @@ impl ChainIndex {
     /// Which of `keys` are present: one table lookup per run of them that
     /// a chain holds in order (a request's parked prefix is usually one),
     /// and one per key outside such runs.
+    #[cfg(test)]
     pub fn present(&self, keys: &[BlockKey]) -> Vec<bool> {
+        self.present_where(keys, |_| true)
+    }
+
+    /// Which of `keys` are present with a location `ok` accepts (called in
+    /// order, once per present block).
+    pub fn present_where(&self, keys: &[BlockKey], mut ok: impl FnMut(&Loc) -> bool) -> Vec<bool> {
         let mut out = vec![false; keys.len()];
         let mut i = 0;
         while i < keys.len() {
             match self.locate(&keys[i]) {
                 Some(at) => {
-                    let (m, _) = self.extend(at, &keys[i..], |_| true);
+                    let (m, refused) = self.extend(at, &keys[i..], &mut ok);
                     out[i..i + m].iter_mut().for_each(|b| *b = true);
-                    i += m.max(1);
+                    // (a refused block stays false)
+                    i += m + usize::from(refused || m == 0);
                 }
                 None => i += 1,
             }
@@ -671,6 +679,8 @@ mod tests {
             let probe: Vec<BlockKey> = (0..300).map(key).collect();
             let want: Vec<bool> = probe.iter().map(|k| plain.contains_key(k)).collect();
             prop_assert_eq!(ix.present(&probe), want);
+            let even: Vec<bool> = probe.iter().map(|k| plain.get(k).is_some_and(|l| l.host % 2 == 0)).collect();
+            prop_assert_eq!(ix.present_where(&probe, |l| l.host % 2 == 0), even);
             let mut all: Vec<(BlockKey, Loc)> = ix.iter().collect();
             all.sort_by_key(|e| e.0 .0);
             let mut want: Vec<(BlockKey, Loc)> = plain.into_iter().collect();
