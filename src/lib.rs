@@ -16,6 +16,7 @@
 //!                       policy ◀── predict              tier::{host, nvme}, copy, codec, index
 //!                       (pure: time is an argument)
 //!  sim (trace reader, generator, replay) drives planner + policy on a virtual clock
+//!   (with `--blocks` the block planner too, its plans run by a modelled worker)
 //! ```
 //!
 //! Dependencies point down only. The table lists every module and every
@@ -30,7 +31,7 @@
 //! | [`mover`]     | tier, copy, codec, index, plan, block, config, units, error          |
 //! | [`store`]     | tier, index, block, config, error                                    |
 //! | [`preflight`] | tier, config, units, error                                           |
-//! | `sim`         | planner, policy, predict, session, codec, config, units, error       |
+//! | `sim`         | planner, policy, predict, session, plan, block, codec, config, units, error |
 //! | [`policy`]    | predict, session, units, error                                       |
 //! | [`predict`]   | session                                                              |
 //! | [`plan`]      | block, error                                                         |

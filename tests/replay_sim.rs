@@ -44,6 +44,7 @@ fn cfg(tc: f64, check: bool) -> SimConfig {
         progress: None,
         check_invariants: check,
         record_links: false,
+        blocks: false,
     }
 }
 

@@ -104,6 +104,11 @@ pub struct ReplayArgs {
     /// Show progress on stderr even when it is not a terminal.
     #[arg(long)]
     pub progress: bool,
+    /// Drive the connector's scheduler-side block planner at block
+    /// granularity (the deployment's block size, vLLM's block hashes, its
+    /// plans run on a modelled worker) instead of the session-level planner.
+    #[arg(long)]
+    pub blocks: bool,
 }
 
 /// `kvpark tune ...`

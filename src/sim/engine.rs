@@ -52,6 +52,35 @@
 //! last chunk lands; the GPU context a save reads stays pinned until the
 //! PCIe part is done.
 //!
+//! # Block mode ([`SimConfig::blocks`], `kvpark replay --blocks`)
+//!
+//! By default the simulator drives the session-level core planner
+//! ([`Planner`]) that the connector's block planner wraps, and tells it
+//! when a session ends. In block mode it drives the connector's
+//! scheduler-side [`crate::planner::blocks::BlockPlanner`] itself, as vLLM
+//! does ([`super::blocks`]): at admission `match_request` with the step's
+//! block hashes and vLLM's local hit (the GPU model's, whole blocks) and
+//! `on_alloc`; at the step's end `request_finished`; every plan
+//! (`take_plan`, `tick_plan` on the planner's own clock) runs on a modelled
+//! worker over the same links, which reports each save, load and block
+//! move when its last byte lands (done, or skipped where the block is no
+//! longer where the move needs it); drops and host evictions free their
+//! slots at once. The planner learns everything from those reports, as in
+//! the connector. What differs from the default, by design:
+//! - hits are whole blocks (vLLM hashes full blocks only);
+//! - the planner is never told that a session ended, or that vLLM refused
+//!   a step over the context: their blocks stay parked until the policy
+//!   evicts them or the planner's session TTL ends them (the oracle, which
+//!   knows the future, is told that such a session does not return);
+//! - `kvpark` runs as in a connector without vLLM's KV-cache events, and
+//!   every other policy hears the GPU's evictions as those events;
+//! - prefetches are counted by the planner (`prefetches`, in time, late,
+//!   wasted) and, as in the default mode, a prefetched session that comes
+//!   back as a GPU hit wasted its prefetch.
+//!
+//! It is slower (every block of every move goes through the planner's
+//! index and the worker's report): see BENCHMARKS.md, "Replay".
+//!
 //! # Hits (token-weighted, DESIGN §6)
 //!
 //! A counted step hits its cacheable tokens when its session's KV is on the
@@ -66,10 +95,12 @@ use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use super::blocks::BlockSim;
 use super::deploy::Deployment;
 use super::hist::LogHist;
 use super::trace::{self, ReadSummary, Session, ToolNames, Trigger};
 use crate::error::Result;
+use crate::plan::{MoveKind, Outcome, Plan, Report, SaveDone, TierChange};
 use crate::planner::core::{Action, Awaiting, Capacity, Hint, Planner, SessionId, Tier};
 use crate::policy::{by_name, OracleBook, PolicyEnv};
 
@@ -240,6 +271,11 @@ pub struct SimConfig {
     pub check_invariants: bool,
     /// Keep every chunk each link moved ([`PolicyResult::link_log`]; tests).
     pub record_links: bool,
+    /// Drive the connector's scheduler-side [`crate::planner::blocks::BlockPlanner`]
+    /// at block granularity, its plans run by a modelled worker
+    /// ([`super::blocks`]), instead of the session-level core planner alone.
+    /// Idealised policies always run at session level.
+    pub blocks: bool,
 }
 
 impl Default for SimConfig {
@@ -249,6 +285,7 @@ impl Default for SimConfig {
             progress: None,
             check_invariants: false,
             record_links: false,
+            blocks: false,
         }
     }
 }
@@ -435,6 +472,10 @@ enum Then {
     PinHost(u32),
     /// That write is done.
     UnpinHost(u32),
+    /// The modelled worker reports to the block planner.
+    Report(Box<Report>),
+    /// Tier moves of the block planner landed: the worker reports them.
+    Moved(MoveKind, Vec<crate::block::BlockKey>),
 }
 
 struct Transfer {
@@ -577,7 +618,11 @@ struct Sim<'a> {
     dep: &'a Deployment,
     cfg: &'a SimConfig,
     idealised: bool,
+    /// The session-level planner (unused when `blocks` drives the block planner).
     planner: Planner,
+    blocks: Option<BlockSim>,
+    /// The first error the block planner returned (ends the replay).
+    err: Option<crate::Error>,
     book: Arc<OracleBook>,
     gpu: Gpu,
     heap: BinaryHeap<Reverse<(u64, Ev, u64)>>,
@@ -626,8 +671,16 @@ impl Sim<'_> {
         self.heap.push(Reverse((t, e, self.seq)));
     }
 
+    /// The core planner that decides: the block planner's, or the session-level one.
+    fn core(&self) -> &Planner {
+        match &self.blocks {
+            Some(b) => b.planner().core(),
+            None => &self.planner,
+        }
+    }
+
     fn reschedule(&mut self, now: u64) {
-        if let Some(w) = self.planner.next_wakeup() {
+        if let Some(w) = self.core().next_wakeup() {
             let w = w.max(now);
             if self.wake_at.map_or(true, |x| w < x || x < now) {
                 self.wake_at = Some(w);
@@ -637,7 +690,7 @@ impl Sim<'_> {
     }
 
     fn occupancy(&self) -> [u64; 4] {
-        let (h, n) = self.planner.occupancy();
+        let (h, n) = self.core().occupancy();
         [self.gpu.used(), h, self.dep.stored(n), self.parked_now]
     }
 
@@ -803,7 +856,183 @@ impl Sim<'_> {
             Then::Loaded(r) => self.loaded(now, r),
             Then::PinHost(s) => self.planner.pin_load(s as SessionId, Tier::Host),
             Then::UnpinHost(s) => self.planner.unpin_load(s as SessionId, Tier::Host),
+            Then::Report(r) => self.report(now, *r),
+            Then::Moved(kind, keys) => {
+                let r = self.worker_report(kind, &keys);
+                self.report(now, r);
+            }
         }
+    }
+
+    // ---- the block planner's plans, on a modelled worker ----
+
+    fn report(&mut self, now: u64, r: Report) {
+        if let Some(b) = self.blocks.as_mut() {
+            if let Err(e) = b.planner_mut().apply_report(r, now) {
+                self.err.get_or_insert(e);
+            }
+        }
+    }
+
+    /// Runs a plan of the block planner as one worker rank would, over the
+    /// links: `load` is the request the plan's load is for. Each save,
+    /// load and tier move is reported when its last byte lands; drops and
+    /// host evictions free their slots at once. A move of a block the
+    /// planner no longer holds where the move needs it is reported
+    /// skipped, as the worker skips it.
+    fn run_plan(&mut self, now: u64, plan: Plan, load: Option<(u32, u64, u64)>) {
+        let bb = self.dep.kv_bytes(self.dep.block_size as u64);
+        for l in plan.loads {
+            let Some((rid, host, nvme)) = load else {
+                continue;
+            };
+            let mut r = Report::default();
+            r.loaded.push(crate::plan::LoadDone {
+                req_id: l.req_id,
+                failed: vec![],
+            });
+            let then = vec![Then::Report(Box::new(r)), Then::Loaded(rid)];
+            let raw = self.dep.kv_bytes(host + nvme);
+            if nvme > 0 {
+                let stored = self.dep.stored(self.dep.kv_bytes(nvme));
+                self.transfer(
+                    now,
+                    [NVR as u8, H2D as u8],
+                    [stored, raw],
+                    0,
+                    [vec![], then],
+                    None,
+                );
+            } else {
+                self.transfer(now, [H2D as u8, NO_LINK], [raw, 0], 0, [then, vec![]], None);
+            }
+        }
+        for sv in plan.saves {
+            let s = BlockSim::session_of(&sv.req_id);
+            let raw = bb * sv.blocks.len() as u64;
+            let mut host = Report::default();
+            for b in &sv.blocks {
+                host.tier(TierChange::OnHost, b.0);
+            }
+            host.saved.push(SaveDone {
+                req_id: sv.req_id,
+                ok: sv.blocks.iter().map(|b| b.0).collect(),
+                failed: vec![],
+            });
+            let mut first = vec![Then::Report(Box::new(host))];
+            if let Some(s) = s {
+                self.pin_gpu(s);
+                first.insert(0, Then::Unpin(s));
+            }
+            if sv.to_nvme {
+                let mut nv = Report::default();
+                for b in &sv.blocks {
+                    nv.tier(TierChange::OnNvme, b.0);
+                    nv.moved(MoveKind::Demote, b.0, Outcome::Done);
+                }
+                // (a block already on NVMe, saved again to host, is not
+                // written again: its write-behind is done at once)
+                let keys: Vec<_> = sv.blocks.iter().map(|b| b.0).collect();
+                let on_nvme = match &self.blocks {
+                    Some(b) => b
+                        .planner()
+                        .whereabouts_of(&keys)
+                        .iter()
+                        .filter(|w| w.is_some_and(|w| w.1 != 0))
+                        .count() as u64,
+                    None => 0,
+                };
+                let write = bb * (sv.blocks.len() as u64 - on_nvme);
+                self.transfer(
+                    now,
+                    [D2H as u8, NVW as u8],
+                    [raw, self.dep.stored(write).max(1)],
+                    2,
+                    [first, vec![Then::Report(Box::new(nv))]],
+                    None,
+                );
+            } else {
+                self.transfer(
+                    now,
+                    [D2H as u8, NO_LINK],
+                    [raw, 0],
+                    1,
+                    [first, vec![]],
+                    None,
+                );
+            }
+        }
+        // consecutive moves of one kind are one session's (the planner
+        // plans a session's moves together): one transfer each
+        let mut i = 0;
+        let moves = plan.moves;
+        while i < moves.len() {
+            let kind = moves[i].0;
+            let mut j = i;
+            while j < moves.len() && moves[j].0 == kind {
+                j += 1;
+            }
+            let keys: Vec<_> = moves[i..j].iter().map(|m| m.1).collect();
+            i = j;
+            let stored = self.dep.stored(bb * keys.len() as u64);
+            match kind {
+                MoveKind::EvictHost | MoveKind::Drop => {
+                    let r = self.worker_report(kind, &keys);
+                    self.report(now, r);
+                }
+                MoveKind::Demote => {
+                    let then = vec![Then::Moved(kind, keys)];
+                    self.transfer(
+                        now,
+                        [NVW as u8, NO_LINK],
+                        [stored, 0],
+                        2,
+                        [then, vec![]],
+                        None,
+                    );
+                }
+                MoveKind::Promote => {
+                    let then = vec![Then::Moved(kind, keys)];
+                    self.transfer(
+                        now,
+                        [NVR as u8, NO_LINK],
+                        [stored, 0],
+                        1,
+                        [then, vec![]],
+                        None,
+                    );
+                }
+            }
+        }
+    }
+
+    /// What the worker reports of `kind` moves of `keys` run now: done
+    /// where the block is where the move needs it, skipped otherwise.
+    fn worker_report(&self, kind: MoveKind, keys: &[crate::block::BlockKey]) -> Report {
+        let mut r = Report::default();
+        let Some(b) = &self.blocks else { return r };
+        for (k, w) in keys.iter().zip(b.planner().whereabouts_of(keys)) {
+            let (host, nvme) = w.unwrap_or((0, 0));
+            let change = match kind {
+                MoveKind::EvictHost if host != 0 => Some(if nvme != 0 {
+                    TierChange::LeftHost
+                } else {
+                    TierChange::Lost
+                }),
+                MoveKind::Drop if host | nvme != 0 => Some(TierChange::Lost),
+                MoveKind::Demote if host != 0 => Some(TierChange::OnNvme),
+                MoveKind::Promote if nvme != 0 => Some(TierChange::OnHost),
+                _ => None,
+            };
+            match change {
+                Some(c) => {
+                    r.tier(c, *k);
+                    r.moved(kind, *k, Outcome::Done);
+                }
+                None => r.moved(kind, *k, Outcome::Skipped("not parked here".into())),
+            }
+        }
+        r
     }
 
     /// Raises every queued chunk of `tid` to class 0.
@@ -949,7 +1178,21 @@ impl Sim<'_> {
     /// Tells the planner which parked contexts the GPU gave up.
     fn gpu_gone(&mut self) {
         for s in std::mem::take(&mut self.gpu.gone) {
-            self.planner.gpu_dropped(s as SessionId);
+            match self.blocks.as_mut() {
+                Some(b) => b.gpu_evicted(s),
+                None => self.planner.gpu_dropped(s as SessionId),
+            }
+        }
+    }
+
+    /// The policy's GPU eviction order for session `i`'s context.
+    fn gpu_order(&mut self, i: u32, now: u64) -> u64 {
+        match self.blocks.as_mut() {
+            Some(b) => {
+                let sid = b.session(i);
+                b.planner().core().gpu_order(sid, now)
+            }
+            None => self.planner.gpu_order(i as SessionId, now),
         }
     }
 
@@ -962,9 +1205,7 @@ impl Sim<'_> {
             let (b, _) = self.gpu.pinned.remove(&s).expect("pinned");
             self.gpu.pinned_bytes -= b;
             if b > 0 {
-                let order = self
-                    .planner
-                    .gpu_order(s as SessionId, self.last_t.unwrap_or(0));
+                let order = self.gpu_order(s, self.last_t.unwrap_or(0));
                 self.gpu.insert(s, order, b);
                 self.gpu.shrink();
                 self.gpu_gone();
@@ -1140,9 +1381,18 @@ impl Sim<'_> {
         if !self.idealised && st.kv_after as u64 > self.dep.max_context_tokens {
             self.over_context += 1;
             self.unpark(i);
-            let sid = i as SessionId;
-            let acts = self.planner.end(now, sid);
-            self.issue(now, acts);
+            match self.blocks.as_mut() {
+                // the connector never sees a step vLLM refuses; the oracle
+                // learns that the session does not come back as it was
+                Some(b) => {
+                    let sid = b.session(i);
+                    self.book.set(sid, None);
+                }
+                None => {
+                    let acts = self.planner.end(now, i as SessionId);
+                    self.issue(now, acts);
+                }
+            }
             self.gpu.take_cached(i);
             self.gpu.take_pinned(i);
             self.kv[i as usize] = 0;
@@ -1215,7 +1465,35 @@ impl Sim<'_> {
         };
         let mut src: Option<usize> = None;
         let mut load: Option<(Tier, u64)> = None;
-        if k > 0 {
+        // block planner: hit tokens by source, and the plan to run
+        let mut by_src = [0u64; 3];
+        let mut block_plan: Option<(Plan, u64, u64)> = None;
+        if let Some(b) = self.blocks.as_mut() {
+            let gpu_tokens = gpu_held / d.kv_bytes_per_token.max(1);
+            match b.admit(now, i, k, st.l as u64, st.cacheable as u64, gpu_tokens) {
+                Ok(a) => {
+                    by_src = [a.local_tokens, a.host_tokens, a.nvme_tokens];
+                    req.hit = by_src.iter().sum();
+                    let p = &mut self.prefetch;
+                    if a.prefetch_in_time {
+                        if a.host_tokens > 0 {
+                            p.early += 1;
+                        } else {
+                            p.wasted += 1;
+                        }
+                    }
+                    if a.prefetch_late {
+                        p.late += 1;
+                    } else if a.nvme_tokens > 0 && !a.prefetch_in_time {
+                        p.missed += 1;
+                    }
+                    block_plan = Some((a.plan, a.host_tokens, a.nvme_tokens));
+                }
+                Err(e) => {
+                    self.err.get_or_insert(e);
+                }
+            }
+        } else if k > 0 {
             let kv_prev = self.kv[i as usize].max(1);
             let frac = |held: u64| -> u64 {
                 if held >= kv_prev {
@@ -1278,8 +1556,11 @@ impl Sim<'_> {
             self.sum_l[0] += st.l as u128;
             self.sum_l[c] += st.l as u128;
             if let Some(s) = src {
-                self.hit[s][0] += hit as u128;
-                self.hit[s][c] += hit as u128;
+                by_src[s] = hit;
+            }
+            for (s, h) in by_src.iter().enumerate() {
+                self.hit[s][0] += *h as u128;
+                self.hit[s][c] += *h as u128;
             }
             self.sum_fresh += st.fresh as u128;
             self.miss_cacheable += (st.cacheable as u64).saturating_sub(hit) as u128;
@@ -1292,6 +1573,14 @@ impl Sim<'_> {
         let waits = req.waits_prefetch.is_some();
         self.reqs[rid as usize] = Some(req);
         if waits {
+            return;
+        }
+        if let Some((plan, host, nvme)) = block_plan {
+            let loads = !plan.loads.is_empty();
+            self.run_plan(now, plan, Some((rid, host, nvme)));
+            if !loads {
+                self.start_prefill(now, rid);
+            }
             return;
         }
         match load {
@@ -1321,6 +1610,10 @@ impl Sim<'_> {
         let sid = i as SessionId;
         self.gpu.running -= req.gpu_bytes;
         let bytes = self.dep.kv_bytes(st.kv_after as u64);
+        if self.blocks.is_some() {
+            self.finish_blocks(now, i, k, req.gpu_bytes, bytes);
+            return;
+        }
         if bytes < self.kv[i as usize] {
             // compaction: the old KV is invalid
             let acts = self.planner.end(now, sid);
@@ -1354,6 +1647,43 @@ impl Sim<'_> {
         }
     }
 
+    /// [`Self::finish`] with the block planner: vLLM's `request_finished`
+    /// (the planner is told nothing of a session's end, as the connector
+    /// is not).
+    fn finish_blocks(&mut self, now: u64, i: u32, k: u32, gpu_bytes: u64, bytes: u64) {
+        let steps = self.script.steps_of(i as usize);
+        let st = steps[k as usize];
+        self.kv[i as usize] = bytes;
+        let next = steps.get(k as usize + 1).map(|n| now.saturating_add(n.gap));
+        let Some(b) = self.blocks.as_mut() else {
+            return;
+        };
+        let sid = b.session(i);
+        self.book.set(sid, next);
+        let order = self.gpu_order(i, now);
+        self.gpu.insert(i, order, gpu_bytes);
+        let tool = (st.tool != u32::MAX).then(|| self.script.tools.name(st.tool));
+        let awaits = (st.next_awaits != Awaiting::Unknown).then_some((st.next_awaits, tool));
+        let Some(b) = self.blocks.as_mut() else {
+            return;
+        };
+        match b.finish(now, i, k, st.kv_after as u64, awaits) {
+            Ok((_, plan)) => self.run_plan(now, plan, None),
+            Err(e) => {
+                self.err.get_or_insert(e);
+            }
+        }
+        self.gpu.shrink();
+        self.gpu_gone();
+        if next.is_some() {
+            self.parked_of[i as usize] = bytes;
+            self.parked_now += bytes;
+            self.next_step(now, i, k);
+        } else if let Some(b) = self.blocks.as_mut() {
+            b.ended(i);
+        }
+    }
+
     fn next_step(&mut self, now: u64, i: u32, k: u32) {
         let steps = self.script.steps_of(i as usize);
         if let Some(n) = steps.get(k as usize + 1) {
@@ -1370,13 +1700,17 @@ pub fn run_policy(
     cfg: &SimConfig,
 ) -> Result<PolicyResult> {
     let wall = std::time::Instant::now();
+    // With the block planner, `kvpark` runs as in a connector without
+    // vLLM's KV-cache events; `kvpark:gpu-events` (and every other policy)
+    // hears the modelled GPU's evictions as those events.
+    let plain_kvpark = policy.starts_with("kvpark") && !policy.starts_with("kvpark:gpu-events");
     let env = PolicyEnv {
         nvme_read_bps: dep.nvme_read_bps.min(dep.decode_bps / dep.codec_ratio) * dep.codec_ratio,
         h2d_bps: dep.h2d_bps,
         kv_bytes_per_token: dep.kv_bytes_per_token,
         prefill_tps: dep.prefill_tps,
         prefill_halving: dep.prefill_halving,
-        gpu_reports: true,
+        gpu_reports: !(cfg.blocks && plain_kvpark),
     };
     let book = Arc::new(OracleBook::default());
     let pol = by_name(policy, env, Some(book.clone()))?;
@@ -1399,12 +1733,32 @@ pub fn run_policy(
         1.0
     };
     let n = script.sessions.len();
+    let (planner, blocks) = if cfg.blocks && !idealised {
+        let bs = dep.block_size;
+        let b = BlockSim::new(n, bs, dep.kv_bytes(bs as u64), cap, pol, !plain_kvpark)?;
+        // (never called: the block planner's core decides)
+        let idle = by_name("lmcache-lru", env, None)?;
+        (
+            Planner::new(
+                Capacity {
+                    host_bytes: 0,
+                    nvme_bytes: 0,
+                },
+                idle,
+            ),
+            Some(b),
+        )
+    } else {
+        (Planner::new(cap, pol), None)
+    };
     let mut sim = Sim {
         script,
         dep,
         cfg,
         idealised,
-        planner: Planner::new(cap, pol),
+        planner,
+        blocks,
+        err: None,
         book,
         gpu: Gpu {
             cap: if idealised {
@@ -1478,19 +1832,24 @@ pub fn run_policy(
                 if sim.wake_at == Some(t) {
                     sim.wake_at = None;
                 }
-                let acts = sim.planner.tick(t);
-                sim.issue(t, acts);
+                if let Some(b) = sim.blocks.as_mut() {
+                    let plan = b.planner_mut().tick_plan(t);
+                    sim.run_plan(t, plan, None);
+                } else {
+                    let acts = sim.planner.tick(t);
+                    sim.issue(t, acts);
+                }
             }
         }
         sim.try_admit(t);
         sim.reschedule(t);
         if cfg.check_invariants {
-            if let Err(m) = sim.planner.check() {
+            if let Err(m) = sim.core().check() {
                 return Err(crate::Error::internal(format!(
                     "planner invariant broken at t={t}: {m}"
                 )));
             }
-            let (h, nv) = sim.planner.occupancy();
+            let (h, nv) = sim.core().occupancy();
             if h > cap.host_bytes || nv > cap.nvme_bytes {
                 return Err(crate::Error::internal("tier over capacity"));
             }
@@ -1511,7 +1870,15 @@ pub fn run_policy(
     let span = sim.last_t.unwrap_or(0).saturating_sub(sim.first_t) as f64;
     let div = |a: u128, b: u128| if b == 0 { 0.0 } else { a as f64 / b as f64 };
     let hits: [u128; 3] = [0, 1, 2].map(|c| sim.hit[0][c] + sim.hit[1][c] + sim.hit[2][c]);
-    let ps = sim.planner.stats();
+    if let Some(e) = sim.err.take() {
+        return Err(e);
+    }
+    let ps = sim.core().stats();
+    if let Some(b) = &sim.blocks {
+        let c = b.planner().counters();
+        sim.prefetch.issued = c.prefetches;
+        sim.prefetch.wasted += c.prefetch_wasted;
+    }
     let occ = |i: usize| Occ {
         peak: sim.occ_peak[i],
         mean: if span > 0.0 {

@@ -8,6 +8,8 @@
 //!   `deployments/`, embedded; the codec table).
 //! - [`engine`]: the event-driven, closed-loop replay on a virtual clock
 //!   (GPU admission, compute sharing, bandwidth-conserving links).
+//! - [`blocks`]: the replay's side of vLLM's scheduler when it drives the
+//!   connector's block planner (`kvpark replay --blocks`).
 //! - [`report`], [`plot`]: tables, JSON and hand-written SVG.
 //! - [`predict_eval`]: `kvpark trace predict` (the gap predictors replayed
 //!   online over a trace: calibration and pinball loss).
@@ -32,6 +34,7 @@
 //! 357k-step trace), a few words per session, and state proportional to the
 //! requests and copies in flight.
 
+pub mod blocks;
 pub mod cli;
 pub mod deploy;
 pub mod engine;
@@ -159,6 +162,7 @@ fn replay_cli(a: cli::ReplayArgs) -> crate::Result<()> {
         progress: show.then(|| cfg_progress.clone()),
         check_invariants: false,
         record_links: false,
+        blocks: a.blocks,
     };
     let total = script.steps.len() as u64 * policies.len() as u64;
     let done = Arc::new(AtomicBool::new(false));

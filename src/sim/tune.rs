@@ -798,6 +798,7 @@ pub fn run_cli(a: super::cli::TuneArgs) -> Result<()> {
         progress: show.then(|| steps.clone()),
         check_invariants: false,
         record_links: false,
+        blocks: false,
     };
     let n_points = points.len();
     let finished = AtomicU64::new(0);
