@@ -211,7 +211,7 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     (
         "kvpark",
         "{}",
-        "knobs of the kvpark policies: prefetch_margin (2: a prefetch displaces only host copies expected back later than this many times its own wait), check_every (\"10s\": checkpoints, each may prefetch, at most this far apart in a suspend's first hour), first_check (\"500ms\": the first checkpoint); `kvpark tune` recommends them",
+        "knobs of the kvpark policies: prefetch_margin (2: a prefetch displaces only host copies expected back later than this many times its own wait), check_every (\"10s\": checkpoints, each may prefetch, at most this far apart in a suspend's first hour), first_check (\"500ms\": the first checkpoint), prefetch_until (1: a session is prefetched only while its wait is below this quantile of its predicted gap, past it it counts as gone; 0.9 suits a vLLM whose clients do not come back to every session, see BENCHMARKS.md); `kvpark tune` recommends them",
     ),
     (
         "io_threads",

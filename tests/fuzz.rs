@@ -233,6 +233,7 @@ const JSON_KEYS: &[&str] = &[
     "prefetch_margin",
     "check_every",
     "first_check",
+    "prefetch_until",
     "nvme_dir",
     "nvme_bytes",
     "nvme_segment_bytes",
@@ -896,6 +897,7 @@ fn check_knob(k: &kvpark::policy::Knobs) -> Result<(), TestCaseError> {
     prop_assert!((1.0..=100.0).contains(&k.prefetch_margin), "{k:?}");
     prop_assert!((100_000_000..=3_600_000_000_000).contains(&k.check_every));
     prop_assert!((10_000_000..=600_000_000_000).contains(&k.first_check));
+    prop_assert!((0.5..=1.0).contains(&k.prefetch_until), "{k:?}");
     let name = format!("kvpark@{}", k.suffix());
     let back = kvpark::policy::kvpark::parse_name(name.trim_end_matches('@'));
     prop_assert!(matches!(back, Some(Ok((_, b))) if b == *k), "{name}");

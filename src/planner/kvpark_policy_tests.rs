@@ -4,7 +4,7 @@
 //! [`crate::session`].
 
 use super::core::{Action, Awaiting, Capacity, Hint, Nanos, Planner, SessionId, Tier};
-use crate::policy::kvpark::{Kvpark, Variant};
+use crate::policy::kvpark::{Knobs, Kvpark, Variant};
 use crate::policy::{Policy, PolicyEnv, SessionView};
 
 const S: Nanos = 1_000_000_000;
@@ -24,7 +24,11 @@ fn trained(v: Variant, cap: Capacity) -> Planner {
 }
 
 fn trained_env(v: Variant, cap: Capacity, env: PolicyEnv) -> Planner {
-    let mut p = Planner::new(cap, Box::new(Kvpark::new(v, env)));
+    trained_knobs(v, Knobs::default(), cap, env)
+}
+
+fn trained_knobs(v: Variant, k: Knobs, cap: Capacity, env: PolicyEnv) -> Planner {
+    let mut p = Planner::new(cap, Box::new(Kvpark::with_knobs(v, k, env)));
     let mut now = 0;
     for round in 0..60u64 {
         for (id, a, gap) in [(100, Awaiting::Tool, S), (200, Awaiting::User, 300 * S)] {
@@ -141,6 +145,64 @@ fn prefetches_an_evicted_session_before_its_expected_return() {
             .iter()
             .all(|x| !matches!(x, Action::Copy { from: Some(_), .. })));
     }
+}
+
+#[test]
+fn a_session_silent_past_its_predicted_gap_is_not_prefetched() {
+    // humans here answer in 300 s; session 1 loses its host copy, and host
+    // has room again only at 1,000 s: by then 1 counts as gone (its wait
+    // is past the 0.9 quantile), unless the knob says to prefetch always
+    let cap = Capacity {
+        host_bytes: GB,
+        nvme_bytes: 100 * GB,
+    };
+    let t = 1_000_000 * S;
+    let prefetched = |until: f64| {
+        let k = Knobs {
+            prefetch_until: until,
+            ..Knobs::default()
+        };
+        let mut p = trained_knobs(Variant::FULL, k, cap, PolicyEnv::default());
+        for x in p.suspend(t, 1, GB, &hint(Awaiting::User)) {
+            p.completed(t, &x, true);
+        }
+        // (another human session: the margin keeps them from displacing
+        // each other)
+        for x in p.suspend(t + S, 2, GB, &hint(Awaiting::User)) {
+            p.completed(t + S, &x, true);
+        }
+        let mut now = t + S;
+        let mut n = 0;
+        while let Some(w) = p.next_wakeup() {
+            if w > t + 4 * 3600 * S || n > 10_000 {
+                break;
+            }
+            n += 1;
+            now = w.max(now);
+            if now >= t + 1000 * S && p.holding(2).is_some() {
+                p.resume(now, 2);
+                p.end(now, 2);
+            }
+            for x in p.tick(now) {
+                if matches!(
+                    x,
+                    Action::Copy {
+                        session: 1,
+                        from: Some(Tier::Nvme),
+                        to: Tier::Host,
+                        ..
+                    }
+                ) {
+                    return Some((now - t) / S);
+                }
+                p.completed(now, &x, true);
+            }
+        }
+        None
+    };
+    assert_eq!(prefetched(0.9), None);
+    let at = prefetched(1.0).expect("prefetched when the knob says always");
+    assert!(at >= 1000, "{at}");
 }
 
 #[test]

@@ -55,7 +55,13 @@
 //!   absolute chance of returning, and the margin keeps two sessions of
 //!   about the same rank from displacing each other at every checkpoint.
 //!   The simulator loads a request that arrives first (class 0), so a
-//!   prefetch never delays a waiting step.
+//!   prefetch never delays a waiting step. With [`Knobs::prefetch_until`]
+//!   below 1, a session whose wait has passed that quantile of its
+//!   predicted gap is not prefetched any more: nothing tells the connector
+//!   that a session ended, and replayed through the block planner
+//!   (`kvpark replay --blocks`, which is not told either) the policy spent
+//!   91% of its prefetches and 5× the NVMe reads of lmcache-lru on
+//!   sessions that never came back.
 //!
 //! Variants (ablations), by name:
 //! - `kvpark:recency`: host and NVMe evict by recency (last touch); a
@@ -182,6 +188,17 @@ pub struct Knobs {
     pub check_every: Nanos,
     /// The first checkpoint after a suspend (10 ms..=10 min).
     pub first_check: Nanos,
+    /// A session is prefetched only while its wait is below this quantile
+    /// of its predicted gap (0.5..=1; 1, the default: always). Past it, the
+    /// session is treated as gone: neither vLLM nor the connector learns
+    /// that a session ended, and one that never returns looks like a long
+    /// human wait, which the policy otherwise keeps prefetching. Replayed
+    /// through the block planner (which is not told of ends either), 0.9
+    /// cut the wasted prefetches of `kvpark:gpu-events` from 91% to 53%
+    /// and its NVMe reads 3.2×, at a better user TTFT p90; the
+    /// session-level replay, which ends sessions, loses a little by it
+    /// (BENCHMARKS.md, "Replay").
+    pub prefetch_until: f64,
 }
 
 impl Default for Knobs {
@@ -190,16 +207,22 @@ impl Default for Knobs {
             prefetch_margin: RANK_MARGIN,
             check_every: CHECK_EVERY,
             first_check: FIRST_CHECK,
+            prefetch_until: PREFETCH_UNTIL,
         }
     }
 }
 
 /// Keys of [`Knobs`] in a config object and (short form) in a policy name.
-const KNOB_KEYS: [(&str, &str); 3] = [
+const KNOB_KEYS: [(&str, &str); 4] = [
     ("prefetch_margin", "margin"),
     ("check_every", "every"),
     ("first_check", "first"),
+    ("prefetch_until", "until"),
 ];
+
+/// Default [`Knobs::prefetch_until`]: always (see the knob for why a
+/// connector may want 0.9).
+pub const PREFETCH_UNTIL: f64 = 1.0;
 
 impl Knobs {
     /// Sets one knob from its (long or short) key and a text value
@@ -212,7 +235,7 @@ impl Knobs {
             .ok_or_else(|| {
                 Error::invalid(format!(
                     "kvpark: unknown knob {key:?} (knobs: prefetch_margin (margin), \
-                     check_every (every), first_check (first))"
+                     check_every (every), first_check (first), prefetch_until (until))"
                 ))
             })?;
         let dur = |lo: Nanos, hi: Nanos| -> Result<Nanos> {
@@ -239,6 +262,17 @@ impl Knobs {
                 }
                 self.prefetch_margin = m;
             }
+            "prefetch_until" => {
+                let q: f64 = value.trim().parse().map_err(|_| {
+                    Error::invalid(format!("kvpark {long}: expected a number, got {value:?}"))
+                })?;
+                if !(0.5..=1.0).contains(&q) {
+                    return Err(Error::invalid(format!(
+                        "kvpark {long}: {value} is outside 0.5..=1"
+                    )));
+                }
+                self.prefetch_until = q;
+            }
             "check_every" => self.check_every = dur(100_000_000, 3_600_000_000_000)?,
             _ => self.first_check = dur(10_000_000, 600_000_000_000)?,
         }
@@ -248,6 +282,7 @@ impl Knobs {
     /// Knobs from the connector config's `kvpark` object (keys as
     /// [`Knobs`] names them; numbers or duration strings).
     pub fn from_json(v: &serde_json::Value) -> Result<Knobs> {
+        let numeric = |k: &str| k == "prefetch_margin" || k == "prefetch_until";
         let serde_json::Value::Object(m) = v else {
             return Err(Error::config(format!(
                 "kvpark: expected an object of knobs such as {{\"prefetch_margin\": 2, \"check_every\": \"10s\"}}, got {v}"
@@ -257,16 +292,16 @@ impl Knobs {
         for (key, val) in m {
             if !KNOB_KEYS.iter().any(|(l, _)| l == key) {
                 return Err(Error::config(format!(
-                    "kvpark: unknown knob {key:?} (knobs: prefetch_margin, check_every, first_check)"
+                    "kvpark: unknown knob {key:?} (knobs: prefetch_margin, check_every, first_check, prefetch_until)"
                 )));
             }
             let text = match val {
                 serde_json::Value::String(s) => s.clone(),
-                serde_json::Value::Number(n) if key == "prefetch_margin" => n.to_string(),
+                serde_json::Value::Number(n) if numeric(key) => n.to_string(),
                 _ => {
                     return Err(Error::config(format!(
                         "kvpark {key}: expected {}, got {val}",
-                        if key == "prefetch_margin" {
+                        if numeric(key) {
                             "a number"
                         } else {
                             "a duration such as \"10s\""
@@ -301,6 +336,12 @@ impl Knobs {
                 serde_json::json!(fmt_dur(self.first_check)),
             );
         }
+        if self.prefetch_until != d.prefetch_until {
+            m.insert(
+                "prefetch_until".into(),
+                serde_json::json!(self.prefetch_until),
+            );
+        }
         serde_json::Value::Object(m)
     }
 
@@ -310,6 +351,7 @@ impl Knobs {
             "prefetch_margin": self.prefetch_margin,
             "check_every": fmt_dur(self.check_every),
             "first_check": fmt_dur(self.first_check),
+            "prefetch_until": self.prefetch_until,
         })
     }
 
@@ -326,6 +368,9 @@ impl Knobs {
         }
         if self.first_check != d.first_check {
             v.push(format!("first={}", fmt_dur(self.first_check)));
+        }
+        if self.prefetch_until != d.prefetch_until {
+            v.push(format!("until={}", self.prefetch_until));
         }
         v.join(",")
     }
@@ -509,8 +554,15 @@ impl Kvpark {
         let e = now.saturating_sub(st.at);
         st.ret = st.at + remaining_median(st.dist.as_ref(), e, self.k.first_check);
         let next = next_check(e, &self.k).map(|n| st.at + n);
+        // past the chosen quantile of its predicted gap: treated as gone
+        let gone = self.k.prefetch_until < 1.0
+            && st
+                .dist
+                .as_ref()
+                .is_some_and(|d| d.cdf(e) >= self.k.prefetch_until);
         let fetch = self.v.prefetch
             && !on_gpu
+            && !gone
             && s.pending[0] == 0
             && s.held_in(Tier::Nvme) > s.held_in(Tier::Host);
         let over = fetch.then(|| {
@@ -702,14 +754,15 @@ mod tests {
 
     #[test]
     fn knobs_parse_from_names_and_config_and_round_trip() {
-        let (v, k) = parse_name("kvpark:no-hints@margin=4,every=2s,first=250ms")
+        let (v, k) = parse_name("kvpark:no-hints@margin=4,every=2s,first=250ms,until=0.75")
             .unwrap()
             .unwrap();
         assert_eq!(v, Variant::from_name("kvpark:no-hints").unwrap());
         assert_eq!(k.prefetch_margin, 4.0);
         assert_eq!(k.check_every, 2 * S);
         assert_eq!(k.first_check, 250_000_000);
-        assert_eq!(k.suffix(), "margin=4,every=2s,first=250ms");
+        assert_eq!(k.prefetch_until, 0.75);
+        assert_eq!(k.suffix(), "margin=4,every=2s,first=250ms,until=0.75");
         assert_eq!(Knobs::from_json(&k.to_json()).unwrap(), k);
         assert_eq!(Knobs::from_json(&k.to_json_full()).unwrap(), k);
         let (_, k2) = parse_name(&format!("kvpark@{}", k.suffix()))
@@ -726,6 +779,8 @@ mod tests {
             "kvpark@first=2h",
             "kvpark@speed=3",
             "kvpark@margin",
+            "kvpark@until=0.2",
+            "kvpark@until=1.5",
         ] {
             let e = parse_name(bad).unwrap().unwrap_err();
             assert!(
@@ -738,6 +793,7 @@ mod tests {
             serde_json::json!({"margin": 2}),
             serde_json::json!({"check_every": 10}),
             serde_json::json!({"prefetch_margin": "x"}),
+            serde_json::json!({"prefetch_until": 2}),
             serde_json::json!([1]),
         ] {
             assert!(Knobs::from_json(&bad).is_err(), "{bad}");
