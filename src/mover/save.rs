@@ -106,6 +106,27 @@ impl Registered {
         self.count_save(done, t0)
     }
 
+    /// Gathers vLLM's blocks into host slots, (vLLM block, slot) pairs, in
+    /// one engine call; false when a slot or the gather failed.
+    fn gather_into(&self, items: impl ExactSizeIterator<Item = (u32, SlotId)> + Clone) -> bool {
+        let n = items.len();
+        let mut guards = Vec::with_capacity(n);
+        for (_, slot) in items.clone() {
+            match self.arena.slot_mut(slot) {
+                Ok(g) => guards.push(g),
+                Err(_) => return false,
+            }
+        }
+        let mut ops: Vec<GatherOp<'_>> = items
+            .zip(guards.iter_mut())
+            .map(|((block, _), g)| GatherOp {
+                block,
+                dst: &mut g[..self.geom.block_bytes()],
+            })
+            .collect();
+        self.engine.gather(&self.kv, &mut ops).is_ok()
+    }
+
     /// Takes a host slot for NVMe-only `key` to be gathered from vLLM's
     /// `block` (the index's promotion states: the slot fills, then the block
     /// is on host and NVMe); `None` when the block or a slot is not there.
@@ -131,25 +152,7 @@ impl Registered {
         if todo.is_empty() {
             return;
         }
-        let mut guards = Vec::with_capacity(todo.len());
-        for t in &todo {
-            match self.arena.slot_mut(t.2) {
-                Ok(g) => guards.push(g),
-                Err(_) => break,
-            }
-        }
-        let ok = guards.len() == todo.len() && {
-            let mut ops: Vec<GatherOp<'_>> = todo
-                .iter()
-                .zip(guards.iter_mut())
-                .map(|(t, g)| GatherOp {
-                    block: t.1,
-                    dst: &mut g[..self.geom.block_bytes()],
-                })
-                .collect();
-            self.engine.gather(&self.kv, &mut ops).is_ok()
-        };
-        drop(guards);
+        let ok = self.gather_into(todo.iter().map(|t| (t.1, t.2)));
         for (key, _, slot) in todo {
             let (settled, session, seq) = {
                 let mut idx = self.index.lock();
@@ -197,25 +200,7 @@ impl Registered {
             return;
         }
         let todo = std::mem::take(batch);
-        let mut guards = Vec::with_capacity(todo.len());
-        for t in &todo {
-            match self.arena.slot_mut(t.2) {
-                Ok(g) => guards.push(g),
-                Err(_) => break,
-            }
-        }
-        let ok = guards.len() == todo.len() && {
-            let mut ops: Vec<GatherOp<'_>> = todo
-                .iter()
-                .zip(guards.iter_mut())
-                .map(|(t, g)| GatherOp {
-                    block: t.1,
-                    dst: &mut g[..self.geom.block_bytes()],
-                })
-                .collect();
-            self.engine.gather(&self.kv, &mut ops).is_ok()
-        };
-        drop(guards);
+        let ok = self.gather_into(todo.iter().map(|t| (t.1, t.2)));
         for &(key, _, slot, seq) in &todo {
             let freed = self.index.lock().finish_save(&key, ok);
             match freed {

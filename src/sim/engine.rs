@@ -980,24 +980,19 @@ impl Sim<'_> {
                     let r = self.worker_report(kind, &keys);
                     self.report(now, r);
                 }
-                MoveKind::Demote => {
+                // demotions write NVMe (class 2), prefetches read it (class 1)
+                MoveKind::Demote | MoveKind::Promote => {
+                    let (link, class) = if kind == MoveKind::Demote {
+                        (NVW, 2)
+                    } else {
+                        (NVR, 1)
+                    };
                     let then = vec![Then::Moved(kind, keys)];
                     self.transfer(
                         now,
-                        [NVW as u8, NO_LINK],
+                        [link as u8, NO_LINK],
                         [stored, 0],
-                        2,
-                        [then, vec![]],
-                        None,
-                    );
-                }
-                MoveKind::Promote => {
-                    let then = vec![Then::Moved(kind, keys)];
-                    self.transfer(
-                        now,
-                        [NVR as u8, NO_LINK],
-                        [stored, 0],
-                        1,
+                        class,
                         [then, vec![]],
                         None,
                     );
