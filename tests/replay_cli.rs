@@ -86,6 +86,38 @@ fn replay_reads_the_real_example() {
 }
 
 #[test]
+fn blocks_replays_the_same_steps_through_the_block_planner() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |blocks: bool| {
+        let out = dir.path().join(format!("r{blocks}.json"));
+        let mut args = vec![
+            "replay",
+            "--trace",
+            EXAMPLE,
+            "--policies",
+            "lmcache-lru,oracle",
+            "--json",
+            out.to_str().unwrap(),
+        ];
+        if blocks {
+            args.push("--blocks");
+        }
+        kvpark(&args).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+        v
+    };
+    let (s, b) = (run(false), run(true));
+    assert_eq!(s["planner"], "sessions");
+    assert_eq!(b["planner"], "blocks");
+    for i in 0..2 {
+        let (ps, pb) = (&s["policies"][i], &b["policies"][i]);
+        assert_eq!(ps["policy"], pb["policy"]);
+        assert_eq!(ps["steps"], pb["steps"], "{}", ps["policy"]);
+        assert!(pb["steps"].as_u64().unwrap() > 0);
+    }
+}
+
+#[test]
 fn errors_name_the_problem() {
     let e = kvpark(&["replay", "--trace", EXAMPLE, "--policies", "kvpark:fast"]).unwrap_err();
     assert!(

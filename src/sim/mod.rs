@@ -195,15 +195,21 @@ fn replay_cli(a: cli::ReplayArgs) -> crate::Result<()> {
         done.store(true, Ordering::Relaxed);
         r
     })?;
+    let planner = if a.blocks {
+        "block planner (--blocks)"
+    } else {
+        "session planner"
+    };
     let header = format!(
-        "kvpark replay — {label}: {} sessions, {} steps, time compression {tc}×",
+        "kvpark replay — {label}: {} sessions, {} steps, time compression {tc}×, {planner}",
         script.sessions.len(),
         script.steps.len()
     );
     print!("{}", report::render(&results, &dep, &header));
     let sweep = st.sweep();
     if let Some(j) = &a.json {
-        let v = report::to_json(&results, &dep, &label, tc, &sweep);
+        let mut v = report::to_json(&results, &dep, &label, tc, &sweep);
+        v["planner"] = serde_json::json!(if a.blocks { "blocks" } else { "sessions" });
         write_file(
             j,
             &serde_json::to_vec_pretty(&v).map_err(|e| crate::Error::internal(e.to_string()))?,
