@@ -218,11 +218,7 @@ pub(crate) struct ChainIndex {
 /// hash: structured hashes (short ones, tests) must spread over the table too.
 #[inline]
 fn hash_of(k: &BlockKey) -> u64 {
-    fn mix(mut z: u64) -> u64 {
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
+    use super::mix64 as mix;
     k.0.chunks_exact(8).fold(0x9e37_79b9_7f4a_7c15, |h, w| {
         mix(h ^ u64::from_le_bytes(w.try_into().expect("8 bytes")))
     })
@@ -388,9 +384,7 @@ impl ChainIndex {
 
     /// Where `k` lives, if some rank holds it.
     pub fn get(&self, k: &BlockKey) -> Option<Loc> {
-        let (c, p) = self.find(k)?;
-        let ch = self.chain(c);
-        Some(ch.runs.get(p).loc(ch.session))
+        self.get_near(None, k).map(|f| f.0)
     }
 
     pub fn contains(&self, k: &BlockKey) -> bool {
@@ -400,13 +394,7 @@ impl ChainIndex {
     /// Changes `k`'s location (not its session) with `f`; `None` when `k`
     /// is absent.
     pub fn update<R>(&mut self, k: &BlockKey, f: impl FnOnce(&mut Loc) -> R) -> Option<R> {
-        let (c, p) = self.find(k)?;
-        let ch = self.chains[c as usize].as_mut().expect("live chain");
-        let mut l = ch.runs.get(p).loc(ch.session);
-        let r = f(&mut l);
-        debug_assert_eq!(l.session, ch.session, "a block keeps its session");
-        ch.runs.set(p, State::of(&l));
-        Some(r)
+        self.update_near(None, k, f).map(|u| u.0)
     }
 
     /// Adds `k` (not present) at the end of its session's chain.

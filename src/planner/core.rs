@@ -555,8 +555,12 @@ impl Planner {
                 self.used[ti] -= bytes;
             }
             self.reindex(session);
-            // let the policy follow up (drop after demotion, chained copies)
-            self.set_timer(session, Some(now));
+            // let the policy follow up (drop after demotion, chained
+            // copies); after a failure it keeps its own schedule (asking
+            // again at the same instant could fail again forever)
+            if ok {
+                self.set_timer(session, Some(now));
+            }
         } else {
             sess.stale[ti] -= bytes;
             if ok {

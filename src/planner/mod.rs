@@ -62,11 +62,17 @@ impl std::hash::Hasher for KeyHasher {
 
     #[inline]
     fn finish(&self) -> u64 {
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        mix64(self.0)
     }
+}
+
+/// splitmix64's finaliser: a bijection of `u64` that spreads every input
+/// bit over the output (the block index's and [`KeyHasher`]'s last step).
+#[inline]
+pub fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 /// A map hashed with [`KeyHasher`].

@@ -109,10 +109,20 @@ fn saves_only_what_returns_evicts_the_latest_and_prefetches_in_time() {
     p.resume(10 * s, 3);
     p.end(10 * s, 3);
     let t = p.tick(due);
-    assert!(t.contains(&Action::Copy {
+    let fetch = Action::Copy {
         session: 1,
         from: Some(Tier::Nvme),
         to: Tier::Host,
-        bytes: 1_000_000_000
-    }));
+        bytes: 1_000_000_000,
+    };
+    assert!(t.contains(&fetch));
+    // the prefetch fails: the oracle is not asked again at the same instant
+    // (it would ask for the same prefetch, which could fail again forever)
+    p.completed(due, &fetch, false);
+    assert!(
+        p.next_wakeup().map_or(true, |w| w > due),
+        "{:?}",
+        p.next_wakeup()
+    );
+    assert!(p.tick(due).is_empty());
 }

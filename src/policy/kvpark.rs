@@ -250,29 +250,20 @@ impl Knobs {
             }
             Ok(d)
         };
+        let num = |lo: f64, hi: f64| -> Result<f64> {
+            let x: f64 = value.trim().parse().map_err(|_| {
+                Error::invalid(format!("kvpark {long}: expected a number, got {value:?}"))
+            })?;
+            if !(lo..=hi).contains(&x) {
+                return Err(Error::invalid(format!(
+                    "kvpark {long}: {value} is outside {lo}..={hi}"
+                )));
+            }
+            Ok(x)
+        };
         match long {
-            "prefetch_margin" => {
-                let m: f64 = value.trim().parse().map_err(|_| {
-                    Error::invalid(format!("kvpark {long}: expected a number, got {value:?}"))
-                })?;
-                if !(1.0..=100.0).contains(&m) {
-                    return Err(Error::invalid(format!(
-                        "kvpark {long}: {value} is outside 1..=100"
-                    )));
-                }
-                self.prefetch_margin = m;
-            }
-            "prefetch_until" => {
-                let q: f64 = value.trim().parse().map_err(|_| {
-                    Error::invalid(format!("kvpark {long}: expected a number, got {value:?}"))
-                })?;
-                if !(0.5..=1.0).contains(&q) {
-                    return Err(Error::invalid(format!(
-                        "kvpark {long}: {value} is outside 0.5..=1"
-                    )));
-                }
-                self.prefetch_until = q;
-            }
+            "prefetch_margin" => self.prefetch_margin = num(1.0, 100.0)?,
+            "prefetch_until" => self.prefetch_until = num(0.5, 1.0)?,
             "check_every" => self.check_every = dur(100_000_000, 3_600_000_000_000)?,
             _ => self.first_check = dur(10_000_000, 600_000_000_000)?,
         }

@@ -61,13 +61,6 @@ pub struct BlockSim {
     name: String,
 }
 
-fn mix(mut x: u64) -> u64 {
-    // splitmix64's finaliser: distinct inputs give distinct outputs
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
-}
-
 impl BlockSim {
     /// A planner for `sessions` sessions with `block_size`-token blocks of
     /// `block_bytes` bytes, capacity `cap`, running `policy`. With
@@ -130,7 +123,8 @@ impl BlockSim {
 
     fn fresh(&mut self) -> u64 {
         self.next_hash += 1;
-        mix(self.next_hash)
+        // (a bijection: distinct counters give distinct hashes)
+        crate::planner::mix64(self.next_hash)
     }
 
     /// Session `i`'s context as `tokens` tokens, of which the first `keep`
